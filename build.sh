@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Set up flexkv on a fresh Debian/Ubuntu machine: system packages, Python packages, the C build and an
+# editable install. Idempotent; the second run only rebuilds the C extensions that changed.
+#   ./build.sh            everything
+#   FLEXKV_SKIP_APT=1     do not touch system packages (no root, or managed elsewhere)
+set -euo pipefail
+cd "$(dirname "$0")"
+say() { printf '[build.sh] %s\n' "$*"; }
+die() { printf '[build.sh] ERROR: %s\n' "$*" >&2; exit 1; }
+
+PY=${PYTHON:-python3}
+command -v "$PY" >/dev/null || die "$PY not found"
+
+# --- system packages -------------------------------------------------------------------------
+APT_PKGS=(liburing-dev libxxhash-dev redis-server fio)
+missing=()
+for p in "${APT_PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  if [ -n "${FLEXKV_SKIP_APT:-}" ]; then
+    say "skipping apt (FLEXKV_SKIP_APT set); missing: ${missing[*]}"
+  elif [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    say "apt-get install ${missing[*]}"
+    apt-get update -qq || die "apt-get update failed"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null \
+      || die "apt-get install ${missing[*]} failed"
+  else
+    die "missing system packages: ${missing[*]} (install them as root, or run this script as root)"
+  fi
+else
+  say "system packages present: ${APT_PKGS[*]}"
+fi
+
+# --- Python packages -------------------------------------------------------------------------
+# torch is engine-facing and optional for flexkv itself: use whatever torch the user has. We never
+# install one here (a plain 'pip install torch' pulls a multi-GB CUDA build); CI installs the CPU wheel.
+PY_PKGS=(setuptools wheel "cffi>=1.16" "numpy>=1.24" "pyzmq>=25" "posix_ipc>=1.1" "msgspec>=0.18"
+         "xxhash>=3.0" "PyYAML>=6.0" "redis>=5.0" "hiredis>=2.0"
+         "pytest>=8" "pytest-timeout>=2.2" "hypothesis>=6.100" "ruff>=0.5" "mypy>=1.10")
+say "pip install (already satisfied requirements cost no download)"
+"$PY" -m pip install -q --disable-pip-version-check "${PY_PKGS[@]}" 2>&1 | grep -v -E "^WARNING: (Location|Running pip)" || true
+"$PY" -c "import cffi, zmq, posix_ipc, msgspec, xxhash, yaml, redis, numpy" || die "pip install failed"
+
+# --- C extensions + editable install ---------------------------------------------------------
+say "building C extensions (cffi) in place"
+"$PY" setup.py -q build_ext --inplace || die "C build failed (see the compiler output above)"
+if ! "$PY" -m pip show -q flexkv >/dev/null 2>&1 || ! "$PY" -c "import flexkv.native" 2>/dev/null \
+   || [ "$("$PY" -c 'import flexkv, os; print(os.path.dirname(os.path.dirname(os.path.abspath(flexkv.__file__))))')" != "$PWD" ]; then
+  say "pip install -e . (editable)"
+  "$PY" -m pip install -q --no-build-isolation --no-deps -e . || die "editable install failed"
+else
+  say "editable install present"
+fi
+"$PY" -c "import flexkv.native.hasher" || die "flexkv does not import after the build"
+say "done: try 'python examples/run_server.py' or 'python -m pytest'"

@@ -1,0 +1,297 @@
+"""Model and cache configuration, validated at construction, plus the user config in gigabytes.
+
+``ModelConfig`` describes the KV the engine produces; ``CacheConfig`` sizes flexkv's tiers in
+blocks. Users usually write a small config in gigabytes (a YAML/JSON file named by
+``FLEXKV_CONFIG_PATH``, else ``FLEXKV_*`` environment variables); :func:`load_cache_config`
+converts it to a ``CacheConfig``. Every error names the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import json
+import os
+from collections.abc import Mapping
+from typing import Any
+
+from flexkv.types import ConfigError, DType, EvictionPolicy
+
+GIB = 1 << 30
+
+
+def _require(ok: bool, field: str, msg: str) -> None:
+    if not ok:
+        raise ConfigError(f"{field}: {msg}")
+
+
+def _require_int(value: object, field: str, minimum: int) -> None:
+    _require(isinstance(value, int) and not isinstance(value, bool), field,
+             f"must be an integer, got {value!r}")
+    assert isinstance(value, int)
+    _require(value >= minimum, field, f"must be >= {minimum}, got {value}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the KV cache the engine produces (all TP ranks together)."""
+
+    num_layers: int
+    num_kv_heads: int
+    head_size: int
+    dtype: DType | str = DType.BFLOAT16
+    use_mla: bool = False
+    tp_size: int = 1
+    dp_size: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", DType.parse(self.dtype))
+        _require_int(self.num_layers, "num_layers", 1)
+        _require_int(self.num_kv_heads, "num_kv_heads", 1)
+        _require_int(self.head_size, "head_size", 1)
+        _require_int(self.tp_size, "tp_size", 1)
+        _require_int(self.dp_size, "dp_size", 1)
+        _require(isinstance(self.use_mla, bool), "use_mla", f"must be a bool, got {self.use_mla!r}")
+        if self.use_mla:
+            _require(self.num_kv_heads == 1, "num_kv_heads", f"must be 1 with use_mla, got {self.num_kv_heads}")
+        else:
+            _require(self.num_kv_heads % self.tp_size == 0, "num_kv_heads",
+                     f"{self.num_kv_heads} heads do not split over tp_size={self.tp_size}")
+
+    @property
+    def kv_dim(self) -> int:
+        """2 (K and V) for multi-head attention, 1 for MLA's single latent."""
+        return 1 if self.use_mla else 2
+
+    @property
+    def num_shards(self) -> int:
+        """Head shards per block in the CPU/SSD/remote tiers: tp_size, or 1 for MLA (ranks share)."""
+        return 1 if self.use_mla else self.tp_size
+
+    @property
+    def heads_per_shard(self) -> int:
+        return self.num_kv_heads // self.num_shards
+
+    @property
+    def itemsize(self) -> int:
+        assert isinstance(self.dtype, DType)
+        return self.dtype.itemsize
+
+    def chunk_bytes(self, tokens_per_block: int) -> int:
+        """Bytes of one block of one layer's K (or V) for one shard: T x heads_per_shard x D."""
+        return tokens_per_block * self.heads_per_shard * self.head_size * self.itemsize
+
+    def block_bytes(self, tokens_per_block: int) -> int:
+        """Bytes of one block-first block: every layer, K and V, every shard."""
+        return self.num_layers * self.kv_dim * self.num_shards * self.chunk_bytes(tokens_per_block)
+
+
+class RemoteBackend(enum.Enum):
+    REDIS = "redis"
+    FILESYSTEM = "filesystem"
+
+
+@dataclasses.dataclass(frozen=True)
+class RemoteConfig:
+    """Where the remote tier lives. Redis/Valkey by host/port, or a shared filesystem path."""
+
+    backend: RemoteBackend | str = RemoteBackend.REDIS
+    host: str = "127.0.0.1"
+    port: int = 6379
+    password: str | None = None
+    db: int = 0
+    tls: bool = False
+    path: str = ""
+    key_prefix: str = "flexkv"
+    ttl_s: int = 0  # 0 = keys never expire
+    required: bool = True  # unreachable at start: error (True) or warn and disable the tier (False)
+
+    def __post_init__(self) -> None:
+        try:
+            object.__setattr__(self, "backend", RemoteBackend(self.backend))
+        except ValueError:
+            allowed = ", ".join(b.value for b in RemoteBackend)
+            raise ConfigError(f"remote.backend: unsupported {self.backend!r}; allowed: {allowed}") from None
+        _require_int(self.port, "remote.port", 1)
+        _require(self.port <= 65535, "remote.port", f"must be <= 65535, got {self.port}")
+        _require_int(self.db, "remote.db", 0)
+        _require_int(self.ttl_s, "remote.ttl_s", 0)
+        _require(bool(self.key_prefix) and "{" not in self.key_prefix and "}" not in self.key_prefix,
+                 "remote.key_prefix", f"must be non-empty without braces, got {self.key_prefix!r}")
+        if self.backend is RemoteBackend.FILESYSTEM:
+            _require(bool(self.path), "remote.path", "is required for the filesystem backend")
+
+
+@dataclasses.dataclass(frozen=True)
+class CacheConfig:
+    """Sizes and switches of flexkv's tiers, in blocks of ``tokens_per_block`` tokens."""
+
+    tokens_per_block: int = 16
+    enable_cpu: bool = True
+    num_cpu_blocks: int = 1024
+    enable_ssd: bool = False
+    num_ssd_blocks: int = 0
+    ssd_cache_dir: tuple[str, ...] | list[str] | str = ()
+    ssd_max_file_bytes: int = 64 * GIB
+    io_uring_depth: int = 512
+    enable_remote: bool = False
+    num_remote_blocks: int = 0  # remote capacity we account for; 0 = the store decides (unbounded)
+    remote: RemoteConfig = dataclasses.field(default_factory=RemoteConfig)
+    eviction_policy: EvictionPolicy | str = EvictionPolicy.LRU
+
+    def __post_init__(self) -> None:
+        dirs = self.ssd_cache_dir
+        if isinstance(dirs, str):
+            dirs = tuple(d for d in dirs.split(";") if d)
+        object.__setattr__(self, "ssd_cache_dir", tuple(dirs))
+        try:
+            object.__setattr__(self, "eviction_policy", EvictionPolicy(self.eviction_policy))
+        except ValueError:
+            allowed = ", ".join(p.value for p in EvictionPolicy)
+            raise ConfigError(f"eviction_policy: unsupported {self.eviction_policy!r}; allowed: {allowed}") from None
+        t = self.tokens_per_block
+        _require_int(t, "tokens_per_block", 1)
+        _require(t & (t - 1) == 0, "tokens_per_block", f"must be a power of two, got {t}")
+        _require(self.enable_cpu, "enable_cpu", "the CPU tier is required (SSD and remote stage through it)")
+        _require_int(self.num_cpu_blocks, "num_cpu_blocks", 1)
+        _require_int(self.num_ssd_blocks, "num_ssd_blocks", 0)
+        _require_int(self.num_remote_blocks, "num_remote_blocks", 0)
+        _require_int(self.ssd_max_file_bytes, "ssd_max_file_bytes", 4096)
+        _require_int(self.io_uring_depth, "io_uring_depth", 1)
+        _require(self.io_uring_depth <= 32768, "io_uring_depth", f"must be <= 32768, got {self.io_uring_depth}")
+        if self.enable_ssd:
+            _require(self.num_ssd_blocks > 0, "num_ssd_blocks", "must be > 0 when enable_ssd is set")
+            _require(len(self.ssd_cache_dir) > 0, "ssd_cache_dir", "needs at least one directory when enable_ssd is set")
+        _require(isinstance(self.remote, RemoteConfig), "remote", "must be a RemoteConfig")
+
+
+# ---------------------------------------------------------------------------------------------
+# User config in gigabytes
+
+
+_USER_KEYS: dict[str, type] = {
+    "cpu_cache_gb": float,
+    "ssd_cache_gb": float,
+    "ssd_cache_dir": str,
+    "ssd_max_file_gb": float,
+    "tokens_per_block": int,
+    "io_uring_depth": int,
+    "eviction_policy": str,
+    "enable_remote": bool,
+    "remote_cache_gb": float,
+    "remote_backend": str,
+    "remote_host": str,
+    "remote_port": int,
+    "remote_password": str,
+    "remote_db": int,
+    "remote_tls": bool,
+    "remote_path": str,
+    "remote_key_prefix": str,
+    "remote_ttl_s": int,
+    "remote_required": bool,
+}
+# FLEXKV_* variables that are not config keys (read elsewhere).
+_NON_CONFIG_ENV = {"FLEXKV_CONFIG_PATH", "FLEXKV_LOG_LEVEL", "FLEXKV_RUNTIME_DIR", "FLEXKV_SERVER_ADDRESS"}
+
+
+def _coerce(key: str, value: Any, source: str) -> Any:
+    kind = _USER_KEYS[key]
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("1", "true", "yes", "on", "0", "false", "no", "off"):
+            return value.lower() in ("1", "true", "yes", "on")
+        raise ConfigError(f"{key} (from {source}): expected a boolean, got {value!r}")
+    if kind is str and isinstance(value, list):  # YAML list of SSD dirs
+        return ";".join(str(v) for v in value)
+    try:
+        if kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key} (from {source}): expected {kind.__name__}, got {value!r}") from None
+
+
+def read_user_config(env: Mapping[str, str] | None = None) -> tuple[dict[str, Any], str]:
+    """Read the user config: the file named by FLEXKV_CONFIG_PATH, else FLEXKV_* variables.
+
+    Returns (values, source description). Unknown keys are errors.
+    """
+    env = os.environ if env is None else env
+    path = env.get("FLEXKV_CONFIG_PATH")
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except OSError as e:
+            raise ConfigError(f"FLEXKV_CONFIG_PATH: cannot read {path}: {e.strerror}") from None
+        raw = _parse_config_text(text, path)
+        source = path
+    else:
+        raw = {}
+        for name, value in env.items():
+            if name.startswith("FLEXKV_") and name not in _NON_CONFIG_ENV:
+                raw[name.removeprefix("FLEXKV_").lower()] = value
+        source = "FLEXKV_* environment"
+    unknown = sorted(set(raw) - set(_USER_KEYS))
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {unknown} in {source}; allowed: {sorted(_USER_KEYS)}")
+    return {k: _coerce(k, v, source) for k, v in raw.items()}, source
+
+
+def _parse_config_text(text: str, path: str) -> dict[str, Any]:
+    try:
+        if path.endswith(".json"):
+            data = json.loads(text)
+        else:
+            import yaml
+
+            data = yaml.safe_load(text)
+    except Exception as e:  # noqa: BLE001 - any parse error becomes a ConfigError naming the file
+        raise ConfigError(f"FLEXKV_CONFIG_PATH: cannot parse {path}: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"FLEXKV_CONFIG_PATH: {path} must hold a mapping, got {type(data).__name__}")
+    return data
+
+
+def _gb_to_blocks(key: str, gb: float, block_bytes: int) -> int:
+    if gb < 0:
+        raise ConfigError(f"{key}: must be >= 0, got {gb}")
+    return int(gb * GIB) // block_bytes
+
+
+def cache_config_from_user(model: ModelConfig, values: Mapping[str, Any]) -> CacheConfig:
+    """Convert user values in gigabytes (GiB, 2**30 bytes) into a CacheConfig for ``model``."""
+    tokens_per_block = int(values.get("tokens_per_block", 16))
+    if tokens_per_block <= 0 or tokens_per_block & (tokens_per_block - 1):
+        raise ConfigError(f"tokens_per_block: must be a power of two, got {tokens_per_block}")
+    block_bytes = model.block_bytes(tokens_per_block)
+    kw: dict[str, Any] = {"tokens_per_block": tokens_per_block}
+    if "cpu_cache_gb" in values:
+        kw["num_cpu_blocks"] = _gb_to_blocks("cpu_cache_gb", values["cpu_cache_gb"], block_bytes)
+        if kw["num_cpu_blocks"] < 1:
+            raise ConfigError(f"cpu_cache_gb: {values['cpu_cache_gb']} GiB holds no {block_bytes}-byte block")
+    if values.get("ssd_cache_gb", 0) > 0:
+        kw["enable_ssd"] = True
+        kw["num_ssd_blocks"] = _gb_to_blocks("ssd_cache_gb", values["ssd_cache_gb"], block_bytes)
+        kw["ssd_cache_dir"] = values.get("ssd_cache_dir", "")
+    if "ssd_max_file_gb" in values:
+        kw["ssd_max_file_bytes"] = int(values["ssd_max_file_gb"] * GIB)
+    for key in ("io_uring_depth", "eviction_policy", "enable_remote"):
+        if key in values:
+            kw[key] = values[key]
+    if "remote_cache_gb" in values:
+        kw["num_remote_blocks"] = _gb_to_blocks("remote_cache_gb", values["remote_cache_gb"], block_bytes)
+    remote = {k.removeprefix("remote_"): v for k, v in values.items()
+              if k.startswith("remote_") and k != "remote_cache_gb"}
+    if remote:
+        kw["remote"] = RemoteConfig(**remote)
+    return CacheConfig(**kw)
+
+
+def load_cache_config(model: ModelConfig, env: Mapping[str, str] | None = None) -> CacheConfig:
+    """The CacheConfig the user asked for (FLEXKV_CONFIG_PATH file, else FLEXKV_* variables)."""
+    values, _ = read_user_config(env)
+    return cache_config_from_user(model, values)

@@ -1,0 +1,134 @@
+"""Enums and small value types shared by every process (the lowest layer; imports nothing of ours)."""
+
+from __future__ import annotations
+
+import enum
+from typing import NamedTuple
+
+import numpy as np
+import numpy.typing as npt
+
+
+class Medium(enum.IntEnum):
+    """Where bytes live. CPU, SSD and REMOTE are cache tiers; GPU is the engine's memory."""
+
+    GPU = 0
+    CPU = 1
+    SSD = 2
+    REMOTE = 3
+
+
+CACHE_TIERS: tuple[Medium, ...] = (Medium.CPU, Medium.SSD, Medium.REMOTE)
+
+
+class OpType(enum.IntEnum):
+    """A transfer op of a task's graph: (source medium, destination medium)."""
+
+    H2D = 0  # CPU pool -> GPU (engine) blocks
+    D2H = 1  # GPU (engine) blocks -> CPU pool
+    DISK2H = 2  # SSD -> CPU pool
+    H2DISK = 3  # CPU pool -> SSD
+    REMOTE2H = 4  # remote store -> CPU pool
+    H2REMOTE = 5  # CPU pool -> remote store
+
+    @property
+    def src(self) -> Medium:
+        return _OP_MEDIA[self][0]
+
+    @property
+    def dst(self) -> Medium:
+        return _OP_MEDIA[self][1]
+
+
+_OP_MEDIA: dict[OpType, tuple[Medium, Medium]] = {
+    OpType.H2D: (Medium.CPU, Medium.GPU),
+    OpType.D2H: (Medium.GPU, Medium.CPU),
+    OpType.DISK2H: (Medium.SSD, Medium.CPU),
+    OpType.H2DISK: (Medium.CPU, Medium.SSD),
+    OpType.REMOTE2H: (Medium.REMOTE, Medium.CPU),
+    OpType.H2REMOTE: (Medium.CPU, Medium.REMOTE),
+}
+
+
+class TaskType(enum.IntEnum):
+    GET = 0
+    PUT = 1
+
+
+class TaskStatus(enum.IntEnum):
+    """What ``wait``/``try_wait`` report for a task."""
+
+    SUCCESS = 0
+    NOTFOUND = 1  # unknown task id
+    UNREADY = 2  # still running (try_wait) or not launched yet
+    TIMEOUT = 3  # wait() gave up before the task finished
+    CANCELLED = 4
+    FAILED = 5
+
+
+class EvictionPolicy(enum.Enum):
+    LRU = "lru"
+
+
+class DType(enum.Enum):
+    """KV element types; the value is the name torch and numpy use."""
+
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+    FLOAT32 = "float32"
+    FLOAT8_E4M3FN = "float8_e4m3fn"
+    FLOAT8_E5M2 = "float8_e5m2"
+    UINT8 = "uint8"
+
+    @property
+    def itemsize(self) -> int:
+        return _ITEMSIZE[self]
+
+    @classmethod
+    def parse(cls, value: object) -> DType:
+        """Accept a DType, its name (``"bfloat16"``, ``"bf16"``) or a torch/numpy dtype."""
+        if isinstance(value, DType):
+            return value
+        name = str(value).removeprefix("torch.").lower()
+        name = _ALIASES.get(name, name)
+        try:
+            return cls(name)
+        except ValueError:
+            allowed = ", ".join(d.value for d in cls)
+            raise ValueError(f"dtype: unsupported {value!r}; allowed: {allowed}") from None
+
+
+_ITEMSIZE = {
+    DType.FLOAT16: 2,
+    DType.BFLOAT16: 2,
+    DType.FLOAT32: 4,
+    DType.FLOAT8_E4M3FN: 1,
+    DType.FLOAT8_E5M2: 1,
+    DType.UINT8: 1,
+}
+_ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp32": "float32", "float": "float32",
+            "fp8": "float8_e4m3fn", "fp8_e4m3": "float8_e4m3fn", "fp8_e5m2": "float8_e5m2"}
+
+
+class KVResponse(NamedTuple):
+    """One task's result from ``wait``/``try_wait``. ``return_mask`` marks the tokens moved."""
+
+    status: TaskStatus
+    task_id: int
+    return_mask: npt.NDArray[np.bool_] | None
+
+
+class FlexKVError(Exception):
+    """Base class of flexkv's own errors."""
+
+
+class ConfigError(FlexKVError, ValueError):
+    """A configuration value is invalid; the message names the field and what is allowed."""
+
+
+class InvalidRequest(FlexKVError, ValueError):
+    """A request is malformed (wrong dtype/length, unaligned slot mapping, unknown task, ...)."""
+
+
+class CapacityError(FlexKVError):
+    """A tier has no room for what a request needs right now (everything evictable is locked)."""

@@ -1,0 +1,53 @@
+"""Build and install flexkv.
+
+One top-level import name, ``flexkv``: the ``scheduler/`` and ``workers/`` folders are mapped to
+``flexkv.scheduler`` and ``flexkv.workers``. Every ``c_src/build_*.py`` is a cffi (API mode,
+out-of-line) build script whose module lands in ``flexkv.native``.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def cffi_modules() -> list[str]:
+    scripts = sorted(glob.glob(os.path.join(HERE, "c_src", "build_*.py")))
+    return [f"c_src/{os.path.basename(s)}:ffibuilder" for s in scripts]
+
+
+setup(
+    name="flexkv",
+    version="0.1.0",
+    description="KV-cache manager for LLM inference engines: CPU, SSD and remote tiers",
+    python_requires=">=3.11",
+    packages=[
+        "flexkv",
+        "flexkv.native",
+        "flexkv.scheduler",
+        "flexkv.workers",
+    ],
+    package_dir={
+        "flexkv": "flexkv",
+        "flexkv.scheduler": "scheduler",
+        "flexkv.workers": "workers",
+    },
+    cffi_modules=cffi_modules(),
+    install_requires=[
+        "cffi>=1.16",
+        "numpy>=1.24",
+        "pyzmq>=25",
+        "posix_ipc>=1.1",
+        "msgspec>=0.18",
+        "xxhash>=3.0",
+        "PyYAML>=6.0",
+        "redis>=5.0",
+    ],
+    extras_require={
+        "hiredis": ["hiredis>=2.0"],
+        "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100"],
+        "dev": ["ruff>=0.5", "mypy>=1.10"],
+    },
+    zip_safe=False,
+)
