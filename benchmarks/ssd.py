@@ -1,0 +1,146 @@
+"""SSD tier throughput: flexkv's SSDStore (io_uring, O_DIRECT) against fio on the same file.
+
+For each block size and queue depth, every block of a ``--size`` file is written once in random
+order from a memory pool, then read back once in random order, first by flexkv, then by fio
+(ioengine=io_uring, direct=1, same iodepth, block size and file). Each point runs ``--repeats``
+times; the table shows every run. Page cache is dropped before reads where permitted.
+
+    python benchmarks/ssd.py                      # 1 GiB in /tmp, 2 MiB and 256 KiB, depths 32/128/512
+    python benchmarks/ssd.py --dir /mnt/nvme0 --size 8 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import mmap
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+from flexkv.workers.ssd_store import SSDStore
+
+GIB = 1 << 30
+
+
+def parse_bytes(text: str) -> int:
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper()
+    if text and text[-1] in units:
+        return int(float(text[:-1]) * units[text[-1]])
+    return int(text)
+
+
+def drop_caches() -> bool:
+    """Drop the page cache (needs root); False when not permitted."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("1\n")
+        return True
+    except OSError:
+        return False
+
+
+def run_fio(path: str, is_write: bool, block_bytes: int, size: int, depth: int, extra: list[str]) -> float:
+    """fio's bandwidth in GB/s for one pass over ``path`` in random block order."""
+    cmd = ["fio", "--name=flexkv-ref", f"--filename={path}", f"--rw={'randwrite' if is_write else 'randread'}",
+           f"--bs={block_bytes}", f"--size={size}", f"--iodepth={depth}", "--ioengine=io_uring", "--direct=1",
+           "--randrepeat=0", "--output-format=json", *extra]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    job = json.loads(out[out.index("{"):])["jobs"][0]
+    return float(job["write" if is_write else "read"]["bw_bytes"]) / 1e9
+
+
+def run_flexkv(store: SSDStore, is_write: bool, pool_addr: int, block_bytes: int) -> float:
+    """flexkv's GB/s for one pass over every block in random order (random pool slots too)."""
+    rng = np.random.default_rng()
+    n = store.layout.num_blocks
+    ssd_ids, cpu_ids = rng.permutation(n), rng.permutation(n)
+    io = store.write_blocks if is_write else store.read_blocks
+    start = time.perf_counter()
+    results = io(ssd_ids, pool_addr, block_bytes, cpu_ids)
+    elapsed = time.perf_counter() - start
+    if np.any(results):
+        raise RuntimeError(f"{int(np.count_nonzero(results))} block I/O(s) failed, first {results[results != 0][0]}")
+    return n * block_bytes / elapsed / 1e9
+
+
+def measure_pair(args: argparse.Namespace, store: SSDStore, is_write: bool, depth: int, pool_addr: int,
+                 fio_first: bool) -> tuple[float, float]:
+    """(flexkv GB/s, fio GB/s) for one pass each; ``fio_first`` picks who runs first."""
+    block_bytes = store.layout.block_bytes
+    path, _ = store.locate(0)
+    order = ["fio", "flexkv"] if fio_first else ["flexkv", "fio"]
+    speeds = {"fio": float("nan")}
+    for who in order:
+        if who == "fio" and args.no_fio:
+            continue
+        if not is_write:
+            drop_caches()
+        if who == "flexkv":
+            speeds[who] = run_flexkv(store, is_write, pool_addr, block_bytes)
+        else:
+            speeds[who] = run_fio(path, is_write, block_bytes, store.layout.num_blocks * block_bytes, depth,
+                                  args.fio_extra.split())
+    return speeds["flexkv"], speeds["fio"]
+
+
+def bench_point(args: argparse.Namespace, block_bytes: int, depth: int, pool_addr: int) -> None:
+    num_blocks = args.size // block_bytes
+    with SSDStore([args.dir], num_blocks, block_bytes, num_blocks * block_bytes, depth=depth) as store:
+        run_flexkv(store, True, pool_addr, block_bytes)  # untimed: turn preallocated extents into written ones
+        for op in ("write", "read"):
+            for rep in range(args.repeats):
+                # Alternate who goes first: a virtual disk's burst budget favours the first runner.
+                fio_first = rep % 2 == 1
+                ours, ref = measure_pair(args, store, op == "write", depth, pool_addr, fio_first)
+                print(f"{op:5} {block_bytes >> 10:>7}K {depth:>5} {rep + 1:>3} {'fio' if fio_first else 'flexkv':>6}  "
+                      f"{ours:>11.3f} {ref:>9.3f} {ours / ref:>7.1%}", flush=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dir", default=None, help="directory on the drive to test (default: a temp dir in /tmp)")
+    parser.add_argument("--size", type=parse_bytes, default=GIB, help="file size, e.g. 1G (default), 8G")
+    parser.add_argument("--block-sizes", default="2M,256K", help="comma-separated block sizes")
+    parser.add_argument("--depths", default="32,128,512", help="comma-separated queue depths")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per point (the disk may be noisy)")
+    parser.add_argument("--no-fio", action="store_true", help="skip the fio reference")
+    parser.add_argument("--fio-extra", default="", help='extra fio options, e.g. "--fixedbufs=1 --registerfiles=1"')
+    args = parser.parse_args()
+    if not args.no_fio and shutil.which("fio") is None:
+        print("fio not found; install it or pass --no-fio", file=sys.stderr)
+        return 2
+    temp_dir = None
+    if args.dir is None:
+        args.dir = temp_dir = tempfile.mkdtemp(prefix="flexkv_ssd_bench_", dir="/tmp")
+    logging.basicConfig(level=logging.WARNING)
+    block_sizes = [parse_bytes(b) for b in args.block_sizes.split(",")]
+    depths = [int(d) for d in args.depths.split(",")]
+    print(f"dir {args.dir}, file {args.size / GIB:.2f} GiB, page cache drop "
+          f"{'ok' if drop_caches() else 'not permitted'}")
+    print(f"{'op':5} {'block':>8} {'depth':>5} {'run':>3} {'first':>6}  {'flexkv GB/s':>11} {'fio GB/s':>9} "
+          f"{'ratio':>7}")
+    pool = mmap.mmap(-1, args.size)
+    pool_addr = np.frombuffer(pool, dtype=np.uint8).ctypes.data
+    np.frombuffer(pool, dtype=np.uint8)[:] = np.random.default_rng(0).integers(0, 256, args.size, dtype=np.uint8)
+    try:
+        for block_bytes in block_sizes:
+            for depth in depths:
+                bench_point(args, block_bytes, depth, pool_addr)
+            SSDStore.remove_files([args.dir])
+    finally:
+        if temp_dir:
+            shutil.rmtree(temp_dir, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

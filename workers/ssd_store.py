@@ -1,0 +1,370 @@
+"""SSD tier storage: block slots in preallocated files striped over drives, moved by io_uring.
+
+Runs in the SSD worker process; the scheduler never touches it. Block ``b`` lives in directory
+``b % num_dirs`` (one directory per drive, so consecutive blocks hit different drives), at local
+slot ``b // num_dirs`` of that directory, which is split over files of at most ``max_file_bytes``.
+Slots are ``block_bytes`` rounded up to 4 KiB, so every block is one aligned O_DIRECT I/O.
+Each directory holds a small metadata file recording its layout; on restart files are reused when
+it matches and recreated (with a log line) when it does not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import glob
+import json
+import logging
+import mmap
+import os
+import stat
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from flexkv.native.uring import ResultArray, UringEngine
+from flexkv.types import ConfigError
+
+logger = logging.getLogger("flexkv.ssd")
+
+SLOT_ALIGN = 4096
+META_NAME = "flexkv_ssd.meta.json"
+DATA_GLOB = "flexkv_ssd_*.data"
+NO_DIRECT_ENV = "FLEXKV_SSD_NO_DIRECT"  # "1": never try O_DIRECT (tests, odd file systems)
+_META_FORMAT = "flexkv-ssd/1"
+
+
+def _round_up(value: int, align: int) -> int:
+    return (value + align - 1) // align * align
+
+
+def _data_name(file_idx: int) -> str:
+    return f"flexkv_ssd_{file_idx:04d}.data"
+
+
+@dataclasses.dataclass(frozen=True)
+class SSDLayout:
+    """Where each block lives: pure arithmetic over the store's configuration."""
+
+    num_dirs: int
+    num_blocks: int
+    block_bytes: int
+    slot_bytes: int
+    slots_per_file: int
+
+    def num_slots(self, dir_idx: int) -> int:
+        return (self.num_blocks - dir_idx + self.num_dirs - 1) // self.num_dirs
+
+    def file_sizes(self, dir_idx: int) -> list[int]:
+        slots = self.num_slots(dir_idx)
+        full, rest = divmod(slots, self.slots_per_file)
+        sizes = [self.slots_per_file * self.slot_bytes] * full
+        return [*sizes, rest * self.slot_bytes] if rest else sizes
+
+    def locate(self, ssd_ids: npt.NDArray[np.int64]) -> tuple[npt.NDArray[np.int64], ...]:
+        """(dir index, file index, byte offset) of each block id."""
+        local = ssd_ids // self.num_dirs
+        return ssd_ids % self.num_dirs, local // self.slots_per_file, (local % self.slots_per_file) * self.slot_bytes
+
+    def meta(self, dir_idx: int) -> dict[str, Any]:
+        return {"format": _META_FORMAT, "dir_index": dir_idx, **dataclasses.asdict(self),
+                "file_sizes": self.file_sizes(dir_idx)}
+
+
+def _check_dir(path: str) -> None:
+    """Raise an OSError naming ``path`` unless it is an existing, writable directory."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(errno.ENOENT, "SSD cache dir does not exist", path) from None
+    except PermissionError:
+        raise PermissionError(errno.EACCES, "SSD cache dir is not accessible", path) from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, "SSD cache dir is not a directory", path)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, "SSD cache dir is not writable", path)
+
+
+def _read_meta(path: str) -> dict[str, Any] | None:
+    try:
+        with open(os.path.join(path, META_NAME)) as f:
+            meta = json.load(f)
+        return meta if isinstance(meta, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _files_match(path: str, sizes: list[int]) -> bool:
+    for idx, size in enumerate(sizes):
+        try:
+            if os.stat(os.path.join(path, _data_name(idx))).st_size != size:
+                return False
+        except OSError:
+            return False
+    return True
+
+
+def _check_space(dirs: Sequence[str], needed: dict[str, int]) -> None:
+    """ConfigError naming the dirs when a file system lacks room for the files still to create."""
+    by_dev: dict[int, list[str]] = {}
+    for path in dirs:
+        if needed.get(path):
+            by_dev.setdefault(os.stat(path).st_dev, []).append(path)
+    for paths in by_dev.values():
+        total = sum(needed[p] for p in paths)
+        vfs = os.statvfs(paths[0])
+        free = vfs.f_bavail * vfs.f_frsize
+        if total > free:
+            raise ConfigError(f"ssd_cache_dir {', '.join(paths)}: needs {total / 2**30:.2f} GiB for the SSD "
+                              f"cache files but only {free / 2**30:.2f} GiB is free")
+
+
+def _create_files(path: str, layout: SSDLayout, dir_idx: int) -> None:
+    """Preallocate this dir's data files, then write its metadata (last, so a crash means 'recreate')."""
+    for idx, size in enumerate(layout.file_sizes(dir_idx)):
+        name = os.path.join(path, _data_name(idx))
+        fd = os.open(name, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o600)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot preallocate {size} bytes for the SSD cache: {e.strerror}", name) from None
+        finally:
+            os.close(fd)
+    tmp = os.path.join(path, META_NAME + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(layout.meta(dir_idx), f)
+    os.replace(tmp, os.path.join(path, META_NAME))
+
+
+def _open_files(dirs: Sequence[str], layout: SSDLayout, direct: bool) -> list[list[int]]:
+    """Open every data file (O_DIRECT when asked); closes what it opened and re-raises on error."""
+    flags = os.O_RDWR | os.O_CLOEXEC | (os.O_DIRECT if direct else 0)
+    fds: list[list[int]] = []
+    try:
+        for dir_idx, path in enumerate(dirs):
+            fds.append([])
+            for idx in range(len(layout.file_sizes(dir_idx))):
+                fds[-1].append(os.open(os.path.join(path, _data_name(idx)), flags))
+    except OSError:
+        _close_all(fds)
+        raise
+    return fds
+
+
+def _close_all(fds: list[list[int]]) -> None:
+    for row in fds:
+        for fd in row:
+            os.close(fd)
+
+
+def _probe_direct(engine: UringEngine, fd: int) -> bool:
+    """True unless an aligned O_DIRECT read is refused with EINVAL (FUSE and some network FS)."""
+    with mmap.mmap(-1, SLOT_ALIGN) as page:
+        addr = np.frombuffer(page, dtype=np.uint8).ctypes.data
+        res = int(engine.read([fd], [0], [addr], SLOT_ALIGN)[0])
+    return res != -errno.EINVAL
+
+
+class SSDStore:
+    """Block slots on local drives, read into and written from the shared-memory CPU pool.
+
+    Created in the SSD worker process. Raises ``ConfigError`` for bad sizes or too little free
+    space, and an ``OSError`` naming the directory for a missing/unwritable one. ``clean=True``
+    removes existing cache files first. ``try_direct_io=False`` (or env ``FLEXKV_SSD_NO_DIRECT=1``)
+    skips O_DIRECT; when the file system refuses it, buffered I/O is used with one log line.
+    """
+
+    def __init__(self, dirs: Sequence[str], num_blocks: int, block_bytes: int, max_file_bytes: int,
+                 depth: int = 512, clean: bool = False, try_direct_io: bool = True) -> None:
+        self.dirs = [os.path.abspath(d) for d in dirs]
+        self._check_config(num_blocks, block_bytes, max_file_bytes)
+        slot_bytes = _round_up(block_bytes, SLOT_ALIGN)
+        self.layout = SSDLayout(len(self.dirs), num_blocks, block_bytes, slot_bytes, max_file_bytes // slot_bytes)
+        for path in self.dirs:
+            _check_dir(path)
+        if clean:
+            self.remove_files(self.dirs)
+        self._prepare_files()
+        want_direct = try_direct_io and os.environ.get(NO_DIRECT_ENV, "") not in ("1", "true", "yes")
+        self._engine = UringEngine(depth)
+        self._direct_fds: list[list[int]] = []
+        self._buffered_fds: list[list[int]] = []
+        self._warned_unaligned_pool = False
+        try:
+            self.direct_io = self._open(want_direct)
+            self._fd_tables = self._build_fd_tables()
+        except BaseException:
+            self.close()
+            raise
+        logger.info("SSD store: %d blocks of %d bytes in %d dir(s), %s I/O, depth %d", num_blocks, block_bytes,
+                    len(self.dirs), "O_DIRECT" if self.direct_io else "buffered", depth)
+
+    def _check_config(self, num_blocks: int, block_bytes: int, max_file_bytes: int) -> None:
+        if not self.dirs:
+            raise ConfigError("ssd_cache_dir: at least one directory is required")
+        if len({os.path.realpath(d) for d in self.dirs}) != len(self.dirs):
+            raise ConfigError(f"ssd_cache_dir: directories must be distinct, got {self.dirs}")
+        if num_blocks < 1 or block_bytes < 1:
+            raise ConfigError(f"SSD store: num_blocks ({num_blocks}) and block_bytes ({block_bytes}) must be >= 1")
+        if max_file_bytes < _round_up(block_bytes, SLOT_ALIGN):
+            raise ConfigError(f"ssd_max_file_bytes: {max_file_bytes} is smaller than one block slot "
+                              f"({_round_up(block_bytes, SLOT_ALIGN)} bytes)")
+
+    def _prepare_files(self) -> None:
+        """Reuse each dir's files when its metadata matches, else (re)create them."""
+        stale = [i for i, path in enumerate(self.dirs) if not self._reusable(i, path)]
+        _check_space(self.dirs, {self.dirs[i]: sum(self.layout.file_sizes(i)) for i in stale})
+        for i in stale:
+            _create_files(self.dirs[i], self.layout, i)
+            logger.info("SSD cache dir %s: created %d file(s)", self.dirs[i], len(self.layout.file_sizes(i)))
+
+    def _reusable(self, dir_idx: int, path: str) -> bool:
+        meta = _read_meta(path)
+        if meta == self.layout.meta(dir_idx) and _files_match(path, self.layout.file_sizes(dir_idx)):
+            logger.info("SSD cache dir %s: reusing existing files", path)
+            return True
+        if meta is not None or glob.glob(os.path.join(path, DATA_GLOB)):
+            logger.warning("SSD cache dir %s: existing files do not match the configured layout; recreating", path)
+        self.remove_files([path])
+        return False
+
+    def _open(self, want_direct: bool) -> bool:
+        """Open the data files (buffered always, O_DIRECT when possible); returns whether O_DIRECT is in use."""
+        self._buffered_fds = _open_files(self.dirs, self.layout, direct=False)
+        if not want_direct:
+            return False
+        try:
+            self._direct_fds = _open_files(self.dirs, self.layout, direct=True)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise
+        if self._direct_fds and _probe_direct(self._engine, self._direct_fds[0][0]):
+            return True
+        _close_all(self._direct_fds)
+        self._direct_fds = []
+        logger.warning("SSD cache dir %s: file system refuses O_DIRECT; using buffered I/O", self.dirs[0])
+        return False
+
+    def _build_fd_tables(self) -> dict[bool, npt.NDArray[np.intc]]:
+        """Register every fd; map is_direct -> table of registered indices by (dir, file), -1 where unused."""
+        sets = {True: self._direct_fds, False: self._buffered_fds} if self._direct_fds else {False: self._buffered_fds}
+        self._engine.register_files([fd for fds in sets.values() for row in fds for fd in row])
+        tables, idx = {}, 0
+        for is_direct, fds in sets.items():
+            table = np.full((len(fds), max(len(r) for r in fds)), -1, dtype=np.intc)
+            for d, row in enumerate(fds):
+                table[d, : len(row)] = np.arange(idx, idx + len(row))
+                idx += len(row)
+            tables[is_direct] = table
+        return tables
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes between consecutive slots in a file: block_bytes rounded up to 4 KiB."""
+        return self.layout.slot_bytes
+
+    @property
+    def io_bytes(self) -> int:
+        """Bytes moved per block with O_DIRECT: slot_bytes (with buffered I/O: block_bytes)."""
+        return self.layout.slot_bytes if self.direct_io else self.layout.block_bytes
+
+    def locate(self, ssd_id: int) -> tuple[str, int]:
+        """(file path, byte offset) of block ``ssd_id``."""
+        d, f, off = self.layout.locate(self._check_ids(np.array([ssd_id]), "ssd_ids", self.layout.num_blocks))
+        return os.path.join(self.dirs[int(d[0])], _data_name(int(f[0]))), int(off[0])
+
+    def read_blocks(self, ssd_ids: npt.ArrayLike, pool_addr: int, pool_block_bytes: int,
+                    cpu_ids: npt.ArrayLike) -> ResultArray:
+        """Copy SSD block ``ssd_ids[i]`` into pool block ``cpu_ids[i]`` (at pool_addr + id * pool_block_bytes).
+
+        Returns int32 results, 0 or -errno per block (-ENODATA: the slot's file is shorter than
+        expected). Raises ``ValueError`` only for programming errors (ids out of range, lengths
+        differ, pool stride smaller than block_bytes). O_DIRECT needs a 4 KiB-aligned pool address
+        and stride (so each block's slot padding fits in the pool; reads then also fill the pool
+        bytes between block_bytes and slot_bytes); other pools get buffered I/O (one warning),
+        which is slower but correct. Blocking; call from one thread.
+        """
+        return self._rw(False, ssd_ids, pool_addr, pool_block_bytes, cpu_ids)
+
+    def write_blocks(self, ssd_ids: npt.ArrayLike, pool_addr: int, pool_block_bytes: int,
+                     cpu_ids: npt.ArrayLike) -> ResultArray:
+        """Copy pool block ``cpu_ids[i]`` into SSD block ``ssd_ids[i]``; results and errors as :meth:`read_blocks`."""
+        return self._rw(True, ssd_ids, pool_addr, pool_block_bytes, cpu_ids)
+
+    def _rw(self, is_write: bool, ssd_ids: npt.ArrayLike, pool_addr: int, pool_block_bytes: int,
+            cpu_ids: npt.ArrayLike) -> ResultArray:
+        ssd = self._check_ids(ssd_ids, "ssd_ids", self.layout.num_blocks)
+        cpu = self._check_ids(cpu_ids, "cpu_ids", None)
+        if ssd.shape != cpu.shape:
+            raise ValueError(f"ssd_ids ({ssd.shape[0]}) and cpu_ids ({cpu.shape[0]}) differ in length")
+        use_direct = self._use_direct(pool_addr, pool_block_bytes)
+        d, f, offsets = self.layout.locate(ssd)
+        addrs = pool_addr + cpu.astype(np.uint64) * np.uint64(pool_block_bytes)
+        io = self._engine.write if is_write else self._engine.read
+        io_len = self.layout.slot_bytes if use_direct else self.layout.block_bytes
+        try:
+            return io(self._fd_tables[use_direct][d, f], offsets, addrs, io_len, fixed_files=True)
+        except OSError as e:
+            return self._recover(e, ssd.shape[0])
+
+    def _recover(self, err: OSError, n: int) -> ResultArray:
+        """The ring itself failed: fail the whole batch and start a fresh ring."""
+        logger.error("SSD io_uring engine failed (%s); failing %d block(s) and recreating the ring", err, n)
+        self._engine.close()
+        self._engine = UringEngine(self._engine.depth)
+        self._fd_tables = self._build_fd_tables()
+        return np.full(n, -(err.errno or errno.EIO), dtype=np.int32)
+
+    @staticmethod
+    def _check_ids(ids: npt.ArrayLike, name: str, limit: int | None) -> npt.NDArray[np.int64]:
+        arr = np.asarray(ids)
+        if arr.ndim != 1 or (arr.size and arr.dtype.kind not in "iu"):
+            raise ValueError(f"{name} must be a 1-D integer array, got shape {arr.shape} dtype {arr.dtype}")
+        arr = arr.astype(np.int64, copy=False)
+        if arr.size and (arr.min() < 0 or (limit is not None and arr.max() >= limit)):
+            bound = f"0..{limit - 1}" if limit is not None else ">= 0"
+            raise ValueError(f"{name} out of range (must be {bound}): min {arr.min()}, max {arr.max()}")
+        return arr
+
+    def _use_direct(self, pool_addr: int, pool_block_bytes: int) -> bool:
+        """Whether this pool can take O_DIRECT I/O; ValueError for an invalid pool."""
+        if pool_addr <= 0 or pool_block_bytes < self.layout.block_bytes:
+            raise ValueError(f"pool: address {pool_addr:#x} / stride {pool_block_bytes} invalid "
+                             f"(stride must be >= block_bytes {self.layout.block_bytes})")
+        if not self.direct_io:
+            return False
+        if pool_addr % SLOT_ALIGN == 0 and pool_block_bytes % SLOT_ALIGN == 0:
+            return True
+        if not self._warned_unaligned_pool:
+            self._warned_unaligned_pool = True
+            logger.warning("SSD store: pool address %#x / stride %d is not %d-byte aligned; using buffered I/O "
+                           "for such pools (pad the pool's block stride to 4 KiB for O_DIRECT)",
+                           pool_addr, pool_block_bytes, SLOT_ALIGN)
+        return False
+
+    def close(self) -> None:
+        """Close the ring and the files (the files stay on disk for reuse). Idempotent."""
+        self._engine.close()
+        _close_all(self._direct_fds)
+        _close_all(self._buffered_fds)
+        self._direct_fds, self._buffered_fds = [], []
+
+    def __enter__(self) -> SSDStore:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    @staticmethod
+    def remove_files(dirs: Sequence[str]) -> None:
+        """Delete flexkv's cache files (data + metadata) from ``dirs``; other files and the dirs stay."""
+        for path in dirs:
+            for name in [*glob.glob(os.path.join(path, DATA_GLOB)), os.path.join(path, META_NAME)]:
+                try:
+                    os.unlink(name)
+                except FileNotFoundError:
+                    pass
