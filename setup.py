@@ -27,6 +27,7 @@ setup(
         "flexkv.native",
         "flexkv.scheduler",
         "flexkv.workers",
+        "flexkv.workers.remote",
     ],
     package_dir={
         "flexkv": "flexkv",

@@ -10,6 +10,10 @@ ffibuilder.cdef(
     """
     int64_t flexkv_hash_blocks(const int64_t *tokens, size_t num_tokens, size_t tokens_per_block,
                                const uint8_t *prefix, size_t prefix_len, uint64_t *out);
+    int64_t flexkv_hash_blocks_impl(int impl, const int64_t *tokens, size_t num_tokens, size_t tokens_per_block,
+                                    const uint8_t *prefix, size_t prefix_len, uint64_t *out);
+    const char *flexkv_hash_impl_name(int impl);
+    int flexkv_hash_impl_supported(int impl);
     """
 )
 ffibuilder.set_source(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import json
+import math
 import os
 from collections.abc import Mapping
 from typing import Any
@@ -45,7 +46,10 @@ class ModelConfig:
     dp_size: int = 1
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "dtype", DType.parse(self.dtype))
+        try:
+            object.__setattr__(self, "dtype", DType.parse(self.dtype))
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
         _require_int(self.num_layers, "num_layers", 1)
         _require_int(self.num_kv_heads, "num_kv_heads", 1)
         _require_int(self.head_size, "head_size", 1)
@@ -131,7 +135,7 @@ class CacheConfig:
     num_cpu_blocks: int = 1024
     enable_ssd: bool = False
     num_ssd_blocks: int = 0
-    ssd_cache_dir: tuple[str, ...] | list[str] | str = ()
+    ssd_cache_dir: tuple[str, ...] | str = ()  # a list or a ";"-separated string is accepted too
     ssd_max_file_bytes: int = 64 * GIB
     io_uring_depth: int = 512
     enable_remote: bool = False
@@ -142,8 +146,12 @@ class CacheConfig:
     def __post_init__(self) -> None:
         dirs = self.ssd_cache_dir
         if isinstance(dirs, str):
-            dirs = tuple(d for d in dirs.split(";") if d)
+            dirs = tuple(d.strip() for d in dirs.split(";") if d.strip())
+        _require(all(isinstance(d, str) and d for d in dirs), "ssd_cache_dir",
+                 f"must be non-empty directory paths, got {dirs!r}")
         object.__setattr__(self, "ssd_cache_dir", tuple(dirs))
+        for flag in ("enable_cpu", "enable_ssd", "enable_remote"):
+            _require(isinstance(getattr(self, flag), bool), flag, f"must be a bool, got {getattr(self, flag)!r}")
         try:
             object.__setattr__(self, "eviction_policy", EvictionPolicy(self.eviction_policy))
         except ValueError:
@@ -161,7 +169,8 @@ class CacheConfig:
         _require(self.io_uring_depth <= 32768, "io_uring_depth", f"must be <= 32768, got {self.io_uring_depth}")
         if self.enable_ssd:
             _require(self.num_ssd_blocks > 0, "num_ssd_blocks", "must be > 0 when enable_ssd is set")
-            _require(len(self.ssd_cache_dir) > 0, "ssd_cache_dir", "needs at least one directory when enable_ssd is set")
+            _require(len(self.ssd_cache_dir) > 0, "ssd_cache_dir",
+                     "needs at least one directory when enable_ssd is set")
         _require(isinstance(self.remote, RemoteConfig), "remote", "must be a RemoteConfig")
 
 
@@ -205,9 +214,14 @@ def _coerce(key: str, value: Any, source: str) -> Any:
     if kind is str and isinstance(value, list):  # YAML list of SSD dirs
         return ";".join(str(v) for v in value)
     try:
+        if isinstance(value, bool) and kind is not str:
+            raise ValueError
         if kind is int and isinstance(value, float) and not value.is_integer():
             raise ValueError
-        return kind(value)
+        result = kind(value)
+        if kind is float and not math.isfinite(result):
+            raise ValueError
+        return result
     except (TypeError, ValueError):
         raise ConfigError(f"{key} (from {source}): expected {kind.__name__}, got {value!r}") from None
 
@@ -233,7 +247,7 @@ def read_user_config(env: Mapping[str, str] | None = None) -> tuple[dict[str, An
             if name.startswith("FLEXKV_") and name not in _NON_CONFIG_ENV:
                 raw[name.removeprefix("FLEXKV_").lower()] = value
         source = "FLEXKV_* environment"
-    unknown = sorted(set(raw) - set(_USER_KEYS))
+    unknown = sorted(set(raw) - set(_USER_KEYS), key=str)
     if unknown:
         raise ConfigError(f"unknown config key(s) {unknown} in {source}; allowed: {sorted(_USER_KEYS)}")
     return {k: _coerce(k, v, source) for k, v in raw.items()}, source
@@ -276,8 +290,12 @@ def cache_config_from_user(model: ModelConfig, values: Mapping[str, Any]) -> Cac
     if values.get("ssd_cache_gb", 0) > 0:
         kw["enable_ssd"] = True
         kw["num_ssd_blocks"] = _gb_to_blocks("ssd_cache_gb", values["ssd_cache_gb"], block_bytes)
+        if kw["num_ssd_blocks"] < 1:
+            raise ConfigError(f"ssd_cache_gb: {values['ssd_cache_gb']} GiB holds no {block_bytes}-byte block")
         kw["ssd_cache_dir"] = values.get("ssd_cache_dir", "")
     if "ssd_max_file_gb" in values:
+        if values["ssd_max_file_gb"] <= 0:
+            raise ConfigError(f"ssd_max_file_gb: must be > 0, got {values['ssd_max_file_gb']}")
         kw["ssd_max_file_bytes"] = int(values["ssd_max_file_gb"] * GIB)
     for key in ("io_uring_depth", "eviction_policy", "enable_remote"):
         if key in values:
@@ -295,3 +313,20 @@ def load_cache_config(model: ModelConfig, env: Mapping[str, str] | None = None) 
     """The CacheConfig the user asked for (FLEXKV_CONFIG_PATH file, else FLEXKV_* variables)."""
     values, _ = read_user_config(env)
     return cache_config_from_user(model, values)
+
+
+# ---------------------------------------------------------------------------------------------
+# Passing configs to child processes (JSON; enums by value)
+
+
+def configs_to_json(model: ModelConfig, cache: CacheConfig) -> str:
+    import msgspec
+
+    return msgspec.json.encode({"model": model, "cache": cache}).decode()
+
+
+def configs_from_json(text: str) -> tuple[ModelConfig, CacheConfig]:
+    data = json.loads(text)
+    cache = dict(data["cache"])
+    cache["remote"] = RemoteConfig(**cache["remote"])
+    return ModelConfig(**data["model"]), CacheConfig(**cache)

@@ -116,6 +116,7 @@ class KVResponse(NamedTuple):
     status: TaskStatus
     task_id: int
     return_mask: npt.NDArray[np.bool_] | None
+    error: str = ""  # why a FAILED task failed
 
 
 class FlexKVError(Exception):

@@ -43,8 +43,9 @@ def as_token_array(token_ids: object) -> npt.NDArray[np.int64]:
     Accepts numpy arrays and torch tensors (CPU). Raises TypeError/ValueError naming the problem.
     """
     if hasattr(token_ids, "detach") and hasattr(token_ids, "numpy"):  # torch.Tensor
-        if getattr(token_ids, "device", None) is not None and str(token_ids.device) != "cpu":
-            raise ValueError(f"token_ids must be on the CPU, got device {token_ids.device}")
+        device = getattr(token_ids, "device", None)
+        if device is not None and str(device) != "cpu":
+            raise ValueError(f"token_ids must be on the CPU, got device {device}")
         token_ids = token_ids.detach().numpy()
     if not isinstance(token_ids, np.ndarray):
         raise TypeError(f"token_ids must be a numpy array or torch tensor, got {type(token_ids).__name__}")
@@ -55,22 +56,55 @@ def as_token_array(token_ids: object) -> npt.NDArray[np.int64]:
     return np.ascontiguousarray(token_ids)
 
 
+def hash_impls() -> tuple[str, ...]:
+    """Names of the C implementations this CPU can run, slowest first (the last one is the default).
+
+    All of them give identical output; tests and ``benchmarks/hashing.py`` use this to cover each.
+    """
+    names = []
+    impl = 0
+    while (name := lib.flexkv_hash_impl_name(impl)) != ffi.NULL:
+        if lib.flexkv_hash_impl_supported(impl) == 1:
+            names.append(ffi.string(name).decode())
+        impl += 1
+    return tuple(names)
+
+
+def _impl_number(impl: str) -> int:
+    number = 0
+    while (name := lib.flexkv_hash_impl_name(number)) != ffi.NULL:
+        if ffi.string(name).decode() == impl:
+            return number
+        number += 1
+    raise ValueError(f"unknown hash implementation {impl!r}; this build has {hash_impls()} on this CPU")
+
+
 def hash_blocks(
-    token_ids: npt.NDArray[np.int64], tokens_per_block: int, namespace: bytes = b""
+    token_ids: npt.NDArray[np.int64], tokens_per_block: int, namespace: bytes = b"", *, impl: str | None = None
 ) -> HashArray:
     """Hashes of every whole block of ``token_ids`` (the trailing partial block is ignored).
 
-    ``namespace`` is the output of :func:`encode_namespace`. Pure function; runs in any process.
+    ``namespace`` is the output of :func:`encode_namespace`. ``impl`` picks one implementation by
+    name (see :func:`hash_impls`; default: the fastest this CPU runs). Pure function; runs in any
+    process. Raises TypeError/ValueError for bad input, OSError if the C code rejects it.
     """
     tokens = as_token_array(token_ids)
+    if isinstance(tokens_per_block, bool) or not isinstance(tokens_per_block, int | np.integer):
+        raise TypeError(f"tokens_per_block must be an int, got {type(tokens_per_block).__name__}")
     if tokens_per_block <= 0:
         raise ValueError(f"tokens_per_block must be positive, got {tokens_per_block}")
+    if not isinstance(namespace, bytes):
+        raise TypeError(f"namespace must be bytes (see encode_namespace), got {type(namespace).__name__}")
     num_blocks = tokens.shape[0] // tokens_per_block
     out = np.empty(num_blocks, dtype=np.uint64)
     tok_ptr = ffi.from_buffer("int64_t[]", tokens) if tokens.size else ffi.NULL
     out_ptr = ffi.from_buffer("uint64_t[]", out, require_writable=True) if num_blocks else ffi.NULL
     ns_ptr = ffi.from_buffer("uint8_t[]", namespace) if namespace else ffi.NULL
-    rc = lib.flexkv_hash_blocks(tok_ptr, tokens.shape[0], tokens_per_block, ns_ptr, len(namespace), out_ptr)
+    args = (tok_ptr, tokens.shape[0], int(tokens_per_block), ns_ptr, len(namespace), out_ptr)
+    if impl is None:
+        rc = lib.flexkv_hash_blocks(*args)
+    else:
+        rc = lib.flexkv_hash_blocks_impl(_impl_number(impl), *args)
     if rc < 0:
         raise OSError(-rc, f"flexkv_hash_blocks: {os.strerror(-rc)}")
     assert rc == num_blocks

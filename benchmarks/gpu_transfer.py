@@ -1,0 +1,244 @@
+"""GPU <-> CPU-pool block transfer: every CudaCopyEngine path against the contiguous pinned ceiling.
+
+Llama-3-8B KV shape (32 layers, 8 KV heads, head 128, bf16) in vLLM per-layer tensors
+``[2, num_blocks, T, H, D]``; the pool is a /dev/shm file (POSIX shared memory) registered with
+cudaHostRegister. For each tokens-per-block value, ``--num-blocks`` random engine blocks go to random
+pool blocks (D2H), come back (H2D), and both at once on two engines/streams (put + get). The ceiling
+is one large copy of the same bytes between device memory and the same registered pool, measured in
+this run. SM use = sum over kernel launches of CTAs x kernel time (profile mode).
+
+    python benchmarks/gpu_transfer.py            # T=16 and 64, 1024 blocks (~1 min)
+    python benchmarks/gpu_transfer.py --quick    # T=16, 256 blocks (device check)
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import os
+import sys
+import threading
+import time
+from collections.abc import Callable
+from functools import partial
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from flexkv.config import ModelConfig
+from flexkv.layout import BlockFirstLayout, ChunkTable, KVCacheLayout, LayoutKind
+from flexkv.native import cudacopy
+from flexkv.native.cudacopy import CopyPath, CudaCopyEngine
+from flexkv.types import OpType
+
+MODEL = ModelConfig(num_layers=32, num_kv_heads=8, head_size=128, dtype="bfloat16")
+PATHS = (CopyPath.BATCH, CopyPath.STAGED, CopyPath.KERNEL)
+
+
+class ShmPool:
+    """A /dev/shm file mapped shared, like the CPU tier's POSIX shared-memory segment."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.path = f"/dev/shm/flexkv_bench_{os.getpid()}"
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, nbytes)
+            self.mm = mmap.mmap(fd, nbytes, mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+        self.arr = np.frombuffer(self.mm, dtype=np.uint8)
+        self.addr = int(self.arr.ctypes.data)
+        self.nbytes = nbytes
+
+    def close(self) -> None:
+        del self.arr
+        self.mm.close()
+        os.unlink(self.path)
+
+
+def best_of(repeats: int, fn: Callable[[], None]) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def contiguous_table(dev_ptr: int, nbytes: int, piece: int) -> tuple[ChunkTable, np.ndarray, np.ndarray]:
+    """A table whose consecutive blocks coalesce into ONE copy of nbytes (the ceiling)."""
+    n = nbytes // piece
+    table = ChunkTable(np.array([dev_ptr], dtype=np.uint64), piece, piece, n)
+    return table, np.zeros(1, dtype=np.uint64), np.arange(n, dtype=np.int64)
+
+
+class Case:
+    """One tokens-per-block setting: engine tensors, pool, ids and two engines."""
+
+    def __init__(self, args: argparse.Namespace, t: int) -> None:
+        import torch
+        self.t, self.n = t, args.num_blocks
+        engine_blocks = 2 * self.n
+        shape = (2, engine_blocks, t, MODEL.num_kv_heads, MODEL.head_size)
+        self.tensors = [torch.zeros(shape, dtype=torch.bfloat16, device="cuda") for _ in range(MODEL.num_layers)]
+        self.layout = KVCacheLayout.from_tensors(LayoutKind.VLLM_KV_FIRST, self.tensors, t)
+        self.table = self.layout.chunk_table([x.data_ptr() for x in self.tensors])
+        self.pool_layout = BlockFirstLayout(MODEL, t)
+        self.block_bytes = self.pool_layout.block_bytes
+        self.offs = self.pool_layout.shard_chunk_offsets(0)
+        self.pool = ShmPool(2 * self.n * self.block_bytes)  # first half: puts, second half: gets
+        rng = np.random.default_rng(0)
+        perm = rng.permutation(engine_blocks).astype(np.int64)
+        self.put_eng, self.get_eng = perm[: self.n], perm[self.n:]
+        self.put_pool = rng.permutation(self.n).astype(np.int64)
+        self.get_pool = self.put_pool + self.n
+        self.nbytes = self.n * self.block_bytes
+        self.dev = torch.empty(self.nbytes, dtype=torch.uint8, device="cuda")
+        self.engines = [CudaCopyEngine(0, staging_bytes=args.staging_mib << 20, kernel_ctas=args.kernel_ctas)
+                        for _ in range(2)]
+        t0 = time.perf_counter()
+        self.engines[0].register_host(self.pool.addr, self.pool.nbytes, chunk_bytes=512 * self.block_bytes)
+        self.register_s = time.perf_counter() - t0
+
+    def copy(self, eng: CudaCopyEngine, op: OpType, path: CopyPath, put: bool) -> None:
+        eng_ids, pool_ids = (self.put_eng, self.put_pool) if put else (self.get_eng, self.get_pool)
+        eng.copy_blocks(op, self.table, self.pool.addr, self.block_bytes, self.offs, 2 * self.n, eng_ids, pool_ids,
+                        path=path)
+
+    def ceiling(self, eng: CudaCopyEngine, op: OpType, put: bool) -> None:
+        table, offs, ids = contiguous_table(int(self.dev.data_ptr()), self.nbytes, self.block_bytes)
+        pool_ids = ids if put else ids + self.n
+        eng.copy_blocks(op, table, self.pool.addr, self.block_bytes, offs, 2 * self.n, ids, pool_ids,
+                        path=CopyPath.BATCH)
+
+    def block_dma(self, eng: CudaCopyEngine, op: OpType, put: bool) -> None:
+        """Whole shard blocks between device memory and random pool blocks: one DMA per block (STAGED's floor)."""
+        table, offs, ids = contiguous_table(int(self.dev.data_ptr()), self.nbytes, self.block_bytes)
+        pool_ids = self.put_pool if put else self.get_pool
+        eng.copy_blocks(op, table, self.pool.addr, self.block_bytes, offs, 2 * self.n, ids, pool_ids,
+                        path=CopyPath.BATCH)
+
+    def close(self) -> None:
+        self.engines[0].unregister_host()
+        for e in self.engines:
+            e.close()
+        self.pool.close()
+
+
+def one_way(case: Case, run: Callable[[CudaCopyEngine], None], repeats: int) -> float:
+    eng = case.engines[0]
+
+    def go() -> None:
+        run(eng)
+        eng.synchronize()
+    return case.nbytes / best_of(repeats, go) / 1e9
+
+
+def two_way(case: Case, put: Callable[[CudaCopyEngine], None], get: Callable[[CudaCopyEngine], None],
+            repeats: int) -> float:
+    def go() -> None:
+        errors: list[BaseException] = []
+
+        def worker(eng: CudaCopyEngine, fn: Callable[[CudaCopyEngine], None]) -> None:
+            try:
+                fn(eng)
+                eng.synchronize()
+            except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+                errors.append(e)
+        threads = [threading.Thread(target=worker, args=(case.engines[0], put)),
+                   threading.Thread(target=worker, args=(case.engines[1], get))]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+        if errors:
+            raise errors[0]
+    return 2 * case.nbytes / best_of(repeats, go) / 1e9
+
+
+def sm_use(case: Case, op: OpType, path: CopyPath) -> str:
+    if path is CopyPath.BATCH:
+        return "0 (copy engines)"
+    eng = case.engines[0]
+    eng.stats()
+    eng.set_profile(True)
+    t0 = time.perf_counter()
+    case.copy(eng, op=op, path=path, put=op is OpType.D2H)
+    eng.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3
+    s = eng.stats()
+    eng.set_profile(False)
+    share = s.cta_ms / (eng.info.num_sms * wall_ms) if wall_ms else 0.0
+    return f"{s.num_ctas} CTAs, {s.kernel_ms:.2f} ms, {s.cta_ms:.0f} CTA-ms ({share:.0%} of all SMs)"
+
+
+def run_case(args: argparse.Namespace, t: int) -> list[tuple[str, ...]]:
+    case = Case(args, t)
+    rows: list[tuple[str, ...]] = []
+    try:
+        eng = case.engines[0]
+        print(f"T={t}: {case.n} blocks x {case.block_bytes >> 10} KiB = {case.nbytes / 2**30:.2f} GiB each way; "
+              f"chunk {case.layout.chunk_bytes >> 10} KiB; pool registered in {case.register_s:.2f} s", flush=True)
+        d2h, h2d = OpType.D2H, OpType.H2D
+        ceil = {op: one_way(case, partial(case.ceiling, op=op, put=op is d2h), args.repeats) for op in (d2h, h2d)}
+        ceil_both = two_way(case, partial(case.ceiling, op=d2h, put=True), partial(case.ceiling, op=h2d, put=False),
+                            args.repeats)
+
+        def row(path: str, op: str, gbs: float, ceiling: float, note: str) -> None:
+            rows.append((str(t), path, op, f"{gbs:.1f}", f"{ceiling:.1f}", f"{gbs / ceiling:.1%}", note))
+
+        for op in (d2h, h2d):
+            row("block-DMA", op.name, one_way(case, partial(case.block_dma, op=op, put=op is d2h), args.repeats),
+                ceil[op], "reference: device buffer <-> random pool blocks")
+        row("block-DMA", "both", two_way(case, partial(case.block_dma, op=d2h, put=True),
+                                         partial(case.block_dma, op=h2d, put=False), args.repeats), ceil_both, "")
+        for path in args.paths:
+            why = eng.unavailable(path, cudacopy.prepare_copy(
+                d2h, case.table, case.pool.addr, case.block_bytes, case.offs, 2 * case.n, case.put_eng, case.put_pool))
+            if why:
+                rows.append((str(t), path.name, "-", "unavailable", "", "", why))
+                continue
+            for op in (d2h, h2d):
+                gbs = one_way(case, partial(case.copy, op=op, path=path, put=op is d2h), args.repeats)
+                row(path.name, op.name, gbs, ceil[op], sm_use(case, op, path))
+            gbs = two_way(case, partial(case.copy, op=d2h, path=path, put=True),
+                          partial(case.copy, op=h2d, path=path, put=False), args.repeats)
+            row(path.name, "both", gbs, ceil_both, "")
+            print(f"  {path.name} done", flush=True)
+    finally:
+        case.close()
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tokens-per-block", type=int, nargs="+", default=[16, 64])
+    ap.add_argument("--num-blocks", type=int, default=1024)
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--staging-mib", type=int, default=128)
+    ap.add_argument("--kernel-ctas", type=int, default=64)
+    ap.add_argument("--paths", type=lambda n: CopyPath[n.upper()], nargs="+", default=list(PATHS))
+    ap.add_argument("--quick", action="store_true", help="T=16, 256 blocks, 3 repeats")
+    args = ap.parse_args()
+    if args.quick:
+        args.tokens_per_block, args.num_blocks, args.repeats = [16], 256, 3
+    ok, why = cudacopy.cuda_available()
+    if not ok:
+        print(f"SKIP: {why}")
+        return
+    import torch
+    print(f"device: {torch.cuda.get_device_name(0)}; {why}; torch {torch.__version__}; "
+          f"staging {args.staging_mib} MiB, kernel CTAs {args.kernel_ctas}")
+    rows: list[tuple[str, ...]] = []
+    for t in args.tokens_per_block:
+        rows += run_case(args, t)
+    head = ("T", "path", "dir", "GB/s", "ceiling", "ratio", "SM use")
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    for r in [head, *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)))
+
+
+if __name__ == "__main__":
+    main()

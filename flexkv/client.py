@@ -1,0 +1,149 @@
+"""KVTPClient: one per TP rank; registers that rank's KV buffers with the server.
+
+Host buffers (CPU engines, tests) must live in shared memory so the device worker process can reach
+them: allocate them with :func:`allocate_host_kv_buffers`. CUDA tensors are shared through CUDA IPC
+handles (see docs/gpu.md). Registration returns once the rank's worker is running.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from flexkv.layout import KVCacheLayout, LayoutKind, tensor_addresses
+from flexkv.protocol import client_msgs as cm
+from flexkv.shm import SharedPool, make_pool_name
+from flexkv.transport import ServerConnection
+from flexkv.types import DType, InvalidRequest
+
+_NUMPY_DTYPES = {DType.FLOAT16: np.float16, DType.FLOAT32: np.float32, DType.UINT8: np.uint8}
+_PAGE = 4096
+
+
+@dataclasses.dataclass
+class HostKVBuffers:
+    """Engine-layout KV tensors of one TP rank in one shared-memory segment (owned by this process)."""
+
+    segment: SharedPool
+    arrays: list[np.ndarray]
+    layout: KVCacheLayout
+    dtype: DType
+
+    @property
+    def offsets(self) -> list[int]:
+        return [int(a.ctypes.data) - self.segment.address for a in self.arrays]
+
+    def torch_tensors(self) -> list[Any]:
+        """The same memory as torch tensors of the real dtype (bfloat16 included)."""
+        import torch
+
+        out = []
+        for a in self.arrays:
+            t = torch.from_numpy(a)
+            out.append(t.view(getattr(torch, self.dtype.value)))
+        return out
+
+    def close(self) -> None:
+        """Unmap and remove the segment (call after the server no longer uses it)."""
+        with _LOCK:
+            if self in _LIVE:
+                _LIVE.remove(self)
+        self.arrays = []
+        self.segment.close()
+        self.segment.unlink()
+
+
+_LIVE: list[HostKVBuffers] = []
+_LOCK = threading.Lock()
+
+
+def allocate_host_kv_buffers(layout: KVCacheLayout, dtype: DType | str, tag: str = "kv") -> HostKVBuffers:
+    """Allocate one rank's KV tensors (shapes from ``layout``) in a fresh shared-memory segment.
+
+    The arrays hold raw elements (bfloat16 as uint16); ``torch_tensors()`` gives typed torch views.
+    """
+    dtype = DType.parse(dtype)
+    if dtype.itemsize != layout.itemsize:
+        raise InvalidRequest(f"dtype {dtype.value} has itemsize {dtype.itemsize}, layout says {layout.itemsize}")
+    np_dtype = _NUMPY_DTYPES.get(dtype, {1: np.uint8, 2: np.uint16, 4: np.uint32}[dtype.itemsize])
+    sizes = [layout.tensor_bytes(i) for i in range(layout.num_tensors)]
+    offsets, total = [], 0
+    for size in sizes:
+        offsets.append(total)
+        total += -(-size // _PAGE) * _PAGE
+    segment = SharedPool.create(make_pool_name(tag), total, prefault=True)
+    arrays = []
+    for i, off in enumerate(offsets):
+        raw = np.frombuffer(segment.buffer, dtype=np.uint8, count=sizes[i], offset=off)
+        arrays.append(raw.view(np_dtype).reshape(layout.tensor_shape(i)))
+    bufs = HostKVBuffers(segment, arrays, layout, dtype)
+    with _LOCK:
+        _LIVE.append(bufs)
+    return bufs
+
+
+def _find_host_buffers(tensors: Sequence[Any]) -> tuple[HostKVBuffers, list[int]]:
+    addrs = tensor_addresses(tensors)
+    with _LOCK:
+        for bufs in _LIVE:
+            lo, hi = bufs.segment.address, bufs.segment.address + bufs.segment.nbytes
+            if all(lo <= a < hi for a in addrs):
+                return bufs, [a - lo for a in addrs]
+    raise InvalidRequest("host KV tensors must live in shared memory allocated by "
+                         "flexkv.allocate_host_kv_buffers() so the worker process can reach them")
+
+
+def _is_cuda(t: Any) -> bool:
+    return bool(getattr(t, "is_cuda", False))
+
+
+class KVTPClient:
+    """Registers one TP rank's KV buffers with a running server (``server_address``)."""
+
+    def __init__(self, server_address: str, dp_client_id: int = 0, tp_rank: int = 0, device_id: int = 0,
+                 timeout_s: float = 60.0) -> None:
+        self.dp_client_id, self.tp_rank, self.device_id = dp_client_id, tp_rank, device_id
+        self._conn = ServerConnection(server_address, dp_client_id, "tp", timeout_s)
+        self._conn.hello(timeout_s)
+        self._keep: list[Any] = []
+
+    def register(self, kv_tensors: Sequence[Any] | HostKVBuffers, layout: KVCacheLayout | LayoutKind | str,
+                 timeout_s: float = 120.0) -> KVCacheLayout:
+        """Register this rank's KV tensors laid out as ``layout`` (a KVCacheLayout, or a kind whose
+        shape is read off the tensors). Returns the layout. Raises InvalidRequest naming the problem."""
+        tensors: Sequence[Any] = kv_tensors.arrays if isinstance(kv_tensors, HostKVBuffers) else list(kv_tensors)
+        if not tensors:
+            raise InvalidRequest("register: no KV tensors given")
+        tpb = int(self._conn.server_info["tokens_per_block"])
+        if isinstance(layout, KVCacheLayout):
+            lay = layout
+        else:
+            try:
+                lay = KVCacheLayout.from_tensors(LayoutKind(layout), tensors, tpb)
+            except ValueError as e:
+                raise InvalidRequest(f"register: {e}") from None
+        fields: dict[str, Any] = {}
+        if all(_is_cuda(t) for t in tensors):
+            from flexkv.cuda_ipc import export_tensor
+
+            handles = [export_tensor(t) for t in tensors]
+            fields = {"cuda_handles": [h.handle for h in handles], "tensor_offsets": [h.offset for h in handles]}
+            self._keep = list(tensors)
+        elif any(_is_cuda(t) for t in tensors):
+            raise InvalidRequest("register: all KV tensors must be on the same kind of device")
+        else:
+            bufs, offsets = _find_host_buffers(tensors)
+            fields = {"host_segment": bufs.segment.name, "tensor_offsets": offsets}
+        self._conn.request(lambda rid: cm.RegisterKVMsg(
+            client_id=self.dp_client_id, req_id=rid, tp_rank=self.tp_rank, device_id=self.device_id,
+            layout_kind=lay.kind.value, num_blocks=lay.num_blocks, tokens_per_block=lay.tokens_per_block,
+            num_heads=lay.num_heads, head_size=lay.head_size, itemsize=lay.itemsize, num_layers=lay.num_layers,
+            **fields), timeout_s=timeout_s)
+        return lay
+
+    def close(self) -> None:
+        self._conn.close()

@@ -1,0 +1,289 @@
+"""KVManager: the engine-facing API of one DP client (DESIGN.md §2).
+
+With no ``server_address`` it runs in library mode: ``start()`` launches the server (and through it
+the workers) as a child process and ``shutdown()`` (or interpreter exit) stops it. With an address it
+connects to a running server. Task ids are chosen here (unique per client), so ``get_async``,
+``put_async``, ``launch`` and ``cancel`` are fire-and-forget; their errors surface at ``wait``.
+"""
+
+from __future__ import annotations
+
+import atexit
+import itertools
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import xxhash
+
+from flexkv.client import HostKVBuffers, KVTPClient
+from flexkv.config import CacheConfig, ModelConfig, configs_to_json
+from flexkv.layout import KVCacheLayout, LayoutKind
+from flexkv.protocol import client_msgs as cm
+from flexkv.transport import ServerConnection, ServerUnavailable
+from flexkv.types import FlexKVError, InvalidRequest, KVResponse, TaskStatus
+
+log = logging.getLogger("flexkv")
+
+IntArrayLike = Any  # numpy array or torch tensor
+
+
+def _int64(name: str, value: IntArrayLike) -> npt.NDArray[np.int64]:
+    if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch tensor, possibly on a GPU
+        value = value.detach().cpu().numpy()
+    if not isinstance(value, np.ndarray):
+        raise InvalidRequest(f"{name} must be a numpy array or torch tensor, got {type(value).__name__}")
+    if value.ndim != 1:
+        raise InvalidRequest(f"{name} must be 1-D, got shape {value.shape}")
+    if value.dtype not in (np.int64, np.int32):
+        raise InvalidRequest(f"{name} must be int64 (or int32), got {value.dtype}")
+    return np.ascontiguousarray(value, dtype=np.int64)
+
+
+def _mask(value: IntArrayLike | None, num_tokens: int) -> npt.NDArray[np.bool_] | None:
+    if value is None:
+        return None
+    if hasattr(value, "detach") and hasattr(value, "cpu"):
+        value = value.detach().cpu().numpy()
+    if not isinstance(value, np.ndarray) or value.dtype != np.bool_ or value.ndim != 1:
+        raise InvalidRequest("token_mask must be a 1-D bool array or tensor")
+    if value.shape[0] != num_tokens:
+        raise InvalidRequest(f"token_mask has {value.shape[0]} entries for {num_tokens} tokens")
+    return np.ascontiguousarray(value)
+
+
+class KVManager:
+    """One DP client of a flexkv server. Thread-safe for concurrent calls."""
+
+    def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, server_address: str | None = None,
+                 dp_client_id: int = 0, start_timeout_s: float = 120.0, request_timeout_s: float = 60.0) -> None:
+        self.model_config, self.cache_config = model_config, cache_config
+        self.dp_client_id = dp_client_id
+        self._address = server_address
+        self._library_mode = server_address is None
+        self._start_timeout_s = start_timeout_s
+        self._request_timeout_s = request_timeout_s
+        self._conn: ServerConnection | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._runtime_dir: str | None = None
+        self._task_ids = itertools.count(1)
+        self._launched: dict[int, int] = {}  # task id -> digest of the slot mapping it was launched with
+        self._tp_clients: list[KVTPClient] = []
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    @property
+    def server_address(self) -> str:
+        if self._address is None:
+            raise FlexKVError("KVManager not started: call start() first")
+        return self._address
+
+    def start(self) -> None:
+        """Start the server (library mode) or connect to it. Idempotent."""
+        if self._conn is not None:
+            return
+        if self._library_mode:
+            self._spawn_server()
+        self._conn = ServerConnection(self.server_address, self.dp_client_id, "manager", self._request_timeout_s)
+        deadline = time.monotonic() + self._start_timeout_s
+        while True:
+            try:
+                self._conn.hello(timeout_s=min(2.0, max(0.1, deadline - time.monotonic())))
+                break
+            except ServerUnavailable:
+                if self._proc is not None and self._proc.poll() is not None:
+                    self._cleanup_library()
+                    raise FlexKVError(f"flexkv server exited with code {self._proc.returncode} during start") from None
+                if time.monotonic() >= deadline:
+                    self.shutdown()
+                    raise
+        atexit.register(self.shutdown)
+
+    def _spawn_server(self) -> None:
+        self._runtime_dir = tempfile.mkdtemp(prefix="flexkv-")
+        self._address = f"ipc://{self._runtime_dir}/server.sock"
+        cmd = [sys.executable, "-m", "flexkv.scheduler.main", "--configs-json",
+               configs_to_json(self.model_config, self.cache_config), "--runtime-dir", self._runtime_dir,
+               "--address", self._address, "--parent-pid", str(os.getpid())]
+        self._proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
+
+    def shutdown(self) -> None:
+        """Stop using the server; in library mode stop it too (workers, shared memory, sockets). Idempotent."""
+        for tp in self._tp_clients:
+            tp.close()
+        self._tp_clients = []
+        if self._conn is not None and self._proc is not None and self._proc.poll() is None:
+            try:
+                self._conn.request(lambda rid: cm.QueryMsg(client_id=self.dp_client_id, req_id=rid, what="shutdown"),
+                                   timeout_s=5.0)
+            except FlexKVError:
+                self._proc.terminate()
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self._cleanup_library()
+        atexit.unregister(self.shutdown)
+
+    def _cleanup_library(self) -> None:
+        if self._proc is not None:
+            try:
+                self._proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self._proc.kill()
+                self._proc.wait()
+            self._proc = None
+        if self._runtime_dir is not None:
+            shutil.rmtree(self._runtime_dir, ignore_errors=True)
+            self._runtime_dir = None
+
+    def __enter__(self) -> KVManager:
+        self.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.shutdown()
+
+    @property
+    def _c(self) -> ServerConnection:
+        if self._conn is None:
+            raise FlexKVError("KVManager not started: call start() first")
+        return self._conn
+
+    def _query(self, what: str) -> dict[str, Any]:
+        reply, _ = self._c.request(lambda rid: cm.QueryMsg(client_id=self.dp_client_id, req_id=rid, what=what))
+        assert isinstance(reply, cm.OkReplyMsg)
+        return dict(reply.info)
+
+    def is_ready(self) -> bool:
+        """True once every TP rank of every DP client registered its KV buffers and all workers run."""
+        return bool(self._query("is_ready")["ready"])
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while not self.is_ready():
+            if time.monotonic() > deadline:
+                raise FlexKVError(f"server not ready after {timeout_s} s (are all TP ranks registered?)")
+            time.sleep(0.05)
+
+    def stats(self) -> dict[str, Any]:
+        return self._query("stats")
+
+    def check_invariants(self) -> None:
+        """Run the server's index/pool/task invariant checks (raises FlexKVError if one fails)."""
+        self._query("check")
+
+    def register_kv_buffers(self, kv_tensors: Sequence[Any] | HostKVBuffers, layout: KVCacheLayout | LayoutKind | str,
+                            tp_rank: int = 0, device_id: int = 0) -> KVCacheLayout:
+        """Register KV buffers from this process (single-process engines; no separate TP client)."""
+        tp = KVTPClient(self.server_address, self.dp_client_id, tp_rank, device_id)
+        self._tp_clients.append(tp)
+        return tp.register(kv_tensors, layout)
+
+    # -- tasks ----------------------------------------------------------------------------------
+    def _match(self, cls: type[cm.GetMatchMsg], token_ids: IntArrayLike, token_mask: IntArrayLike | None,
+               namespace: Sequence[str] | None) -> tuple[int, npt.NDArray[np.bool_]]:
+        tokens = _int64("token_ids", token_ids)
+        mask = _mask(token_mask, tokens.shape[0])
+        task_id = next(self._task_ids)
+        arrays: list[Any] = [tokens] + ([mask] if mask is not None else [])
+        ns = list(namespace) if namespace is not None else None
+        reply, frames = self._c.request(lambda rid: cls(client_id=self.dp_client_id, req_id=rid, task_id=task_id,
+                                                        namespace=ns, has_mask=mask is not None), arrays)
+        return task_id, np.frombuffer(frames[0], dtype=np.bool_).copy()
+
+    def get_match(self, token_ids: IntArrayLike, token_mask: IntArrayLike | None = None,
+                  namespace: Sequence[str] | None = None) -> tuple[int, npt.NDArray[np.bool_]]:
+        """Match only and reserve the plan; the mask marks the tokens that will be loaded."""
+        return self._match(cm.GetMatchMsg, token_ids, token_mask, namespace)
+
+    def put_match(self, token_ids: IntArrayLike, token_mask: IntArrayLike | None = None,
+                  namespace: Sequence[str] | None = None) -> tuple[int, npt.NDArray[np.bool_]]:
+        """Match only; the mask marks the tokens not yet cached, which will be stored."""
+        return self._match(cm.PutMatchMsg, token_ids, token_mask, namespace)
+
+    def launch(self, task_ids: int | Sequence[int], slot_mappings: IntArrayLike | Sequence[IntArrayLike]) -> None:
+        """Bind GPU slots to matched tasks and start their transfers (no reply; errors at wait)."""
+        ids = [task_ids] if isinstance(task_ids, int) else list(task_ids)
+        maps = [slot_mappings] if isinstance(task_ids, int) else list(slot_mappings)
+        if len(ids) != len(maps):
+            raise InvalidRequest(f"launch: {len(ids)} task ids but {len(maps)} slot mappings")
+        send_ids, send_maps = [], []
+        for tid, sm in zip(ids, maps, strict=True):
+            slots = _int64("slot_mapping", sm)
+            if self._check_relaunch(tid, slots):
+                send_ids.append(tid)
+                send_maps.append(slots)
+        if send_ids:
+            self._c.send(cm.LaunchMsg(client_id=self.dp_client_id, task_ids=send_ids), send_maps)
+
+    def _check_relaunch(self, task_id: int, slots: npt.NDArray[np.int64]) -> bool:
+        digest = xxhash.xxh3_64_intdigest(slots.tobytes())
+        old = self._launched.get(task_id)
+        if old is None:
+            self._launched[task_id] = digest
+            return True
+        if old != digest:
+            raise InvalidRequest(f"task {task_id} was already launched with a different slot_mapping")
+        return False
+
+    def _async(self, cls: type[cm.GetAsyncMsg], token_ids: IntArrayLike, slot_mapping: IntArrayLike,
+               token_mask: IntArrayLike | None, namespace: Sequence[str] | None) -> int:
+        tokens = _int64("token_ids", token_ids)
+        slots = _int64("slot_mapping", slot_mapping)
+        mask = _mask(token_mask, tokens.shape[0])
+        task_id = next(self._task_ids)
+        self._launched[task_id] = xxhash.xxh3_64_intdigest(slots.tobytes())
+        arrays: list[Any] = [tokens, slots] + ([mask] if mask is not None else [])
+        ns = list(namespace) if namespace is not None else None
+        self._c.send(cls(client_id=self.dp_client_id, task_id=task_id, namespace=ns, has_mask=mask is not None),
+                     arrays)
+        return task_id
+
+    def get_async(self, token_ids: IntArrayLike, slot_mapping: IntArrayLike, token_mask: IntArrayLike | None = None,
+                  namespace: Sequence[str] | None = None) -> int:
+        """Match + launch a GET in one message; returns the task id at once."""
+        return self._async(cm.GetAsyncMsg, token_ids, slot_mapping, token_mask, namespace)
+
+    def put_async(self, token_ids: IntArrayLike, slot_mapping: IntArrayLike, token_mask: IntArrayLike | None = None,
+                  namespace: Sequence[str] | None = None) -> int:
+        """Match + launch a PUT in one message; returns the task id at once."""
+        return self._async(cm.PutAsyncMsg, token_ids, slot_mapping, token_mask, namespace)
+
+    def cancel(self, task_ids: int | Sequence[int]) -> None:
+        """Release what not-yet-running plans reserved; running ones stop at the next op."""
+        ids = [task_ids] if isinstance(task_ids, int) else list(task_ids)
+        self._c.send(cm.CancelMsg(client_id=self.dp_client_id, task_ids=ids))
+
+    def wait(self, task_ids: int | Sequence[int], timeout: float = 20.0,
+             completely: bool = False) -> dict[int, KVResponse]:
+        """Block until every task is final or ``timeout`` seconds passed (those report TIMEOUT).
+
+        ``completely=False`` returns once the engine-side part is done (GET: H2D, PUT: D2H);
+        ``completely=True`` also waits for write-through to SSD/remote.
+        """
+        ids = [task_ids] if isinstance(task_ids, int) else list(task_ids)
+        reply, frames = self._c.request(
+            lambda rid: cm.WaitMsg(client_id=self.dp_client_id, req_id=rid, task_ids=ids, timeout_s=timeout,
+                                   completely=completely), timeout_s=timeout + self._request_timeout_s)
+        assert isinstance(reply, cm.WaitReplyMsg)
+        out: dict[int, KVResponse] = {}
+        for tid, status, error, frame in zip(reply.task_ids, reply.statuses, reply.errors, frames, strict=True):
+            st = TaskStatus(status)
+            mask = np.frombuffer(frame, dtype=np.bool_).copy() if frame.nbytes else None
+            out[tid] = KVResponse(st, tid, mask, error)
+            if st not in (TaskStatus.UNREADY, TaskStatus.TIMEOUT):
+                self._launched.pop(tid, None)
+        return out
+
+    def try_wait(self, task_ids: int | Sequence[int], completely: bool = False) -> dict[int, KVResponse]:
+        """Like wait() but never blocks: unfinished tasks report UNREADY."""
+        out = self.wait(task_ids, timeout=0.0, completely=completely)
+        return {tid: (r._replace(status=TaskStatus.UNREADY) if r.status is TaskStatus.TIMEOUT else r)
+                for tid, r in out.items()}

@@ -1,0 +1,67 @@
+"""Framing: one typed header frame (msgpack) plus raw array frames; one decoder per direction."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Generic, TypeVar
+
+import msgspec
+import numpy as np
+import numpy.typing as npt
+import zmq
+
+from flexkv.protocol.client_msgs import ClientRequest, ServerReplyMsg
+from flexkv.protocol.worker_msgs import ServerToWorkerMsg, WorkerToServer
+
+M = TypeVar("M")
+Frame = bytes | memoryview | zmq.Frame
+
+_encoder = msgspec.msgpack.Encoder()
+
+
+class ProtocolError(ValueError):
+    """A message could not be decoded (garbage, unknown type, missing frames)."""
+
+
+class Codec(Generic[M]):
+    """Encodes any message; decodes only the union of one direction."""
+
+    def __init__(self, union: Any) -> None:
+        self._decoder: msgspec.msgpack.Decoder[M] = msgspec.msgpack.Decoder(union)
+
+    def encode(self, msg: msgspec.Struct, arrays: Sequence[npt.NDArray[Any] | bytes] = ()) -> list[Frame]:
+        frames: list[Frame] = [_encoder.encode(msg)]
+        for a in arrays:
+            frames.append(a if isinstance(a, bytes) else memoryview(np.ascontiguousarray(a)).cast("B"))
+        return frames
+
+    def decode(self, frames: Sequence[Frame]) -> tuple[M, list[memoryview]]:
+        if not frames:
+            raise ProtocolError("empty message")
+        try:
+            msg = self._decoder.decode(_as_bytes(frames[0]))
+        except (msgspec.DecodeError, msgspec.ValidationError) as e:
+            raise ProtocolError(f"cannot decode message: {e}") from None
+        return msg, [_as_view(f) for f in frames[1:]]
+
+
+def _as_bytes(f: Frame) -> bytes | memoryview:
+    return f.buffer if isinstance(f, zmq.Frame) else f
+
+
+def _as_view(f: Frame) -> memoryview:
+    return f.buffer if isinstance(f, zmq.Frame) else memoryview(f)
+
+
+def frame_array(frame: memoryview, dtype: npt.DTypeLike, name: str) -> npt.NDArray[Any]:
+    """View a raw frame as a 1-D array of ``dtype``; ProtocolError naming ``name`` if the size is off."""
+    itemsize = np.dtype(dtype).itemsize
+    if frame.nbytes % itemsize:
+        raise ProtocolError(f"{name}: frame of {frame.nbytes} bytes is not a whole number of {np.dtype(dtype)}")
+    return np.frombuffer(frame, dtype=dtype)
+
+
+CLIENT_REQUESTS: Codec[ClientRequest] = Codec(ClientRequest)
+SERVER_REPLIES: Codec[ServerReplyMsg] = Codec(ServerReplyMsg)
+WORKER_TO_SERVER: Codec[WorkerToServer] = Codec(WorkerToServer)
+SERVER_TO_WORKER: Codec[ServerToWorkerMsg] = Codec(ServerToWorkerMsg)

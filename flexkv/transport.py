@@ -1,0 +1,82 @@
+"""The engine side of the client socket: a DEALER with request ids, timeouts and typed errors."""
+
+from __future__ import annotations
+
+import itertools
+import os
+import socket
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+import numpy.typing as npt
+import zmq
+
+from flexkv.protocol import client_msgs as cm
+from flexkv.protocol.codec import CLIENT_REQUESTS, SERVER_REPLIES
+from flexkv.types import CapacityError, ConfigError, FlexKVError, InvalidRequest
+
+_ERRORS: dict[str, type[FlexKVError]] = {
+    "InvalidRequest": InvalidRequest,
+    "ProtocolError": InvalidRequest,
+    "CapacityError": CapacityError,
+    "ConfigError": ConfigError,
+}
+
+
+class ServerUnavailable(FlexKVError):
+    """The server did not answer in time (not started, crashed, or wrong address)."""
+
+
+class ServerConnection:
+    """One DEALER connection to the server. Thread-safe: one request at a time."""
+
+    def __init__(self, address: str, client_id: int, role: str, timeout_s: float = 30.0) -> None:
+        self.address, self.client_id, self.role, self.timeout_s = address, client_id, role, timeout_s
+        self._ctx = zmq.Context()
+        self._sock: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.LINGER, 2000)
+        self._sock.connect(address)
+        self._req_ids = itertools.count(1)
+        self._lock = threading.Lock()
+        self.server_info: dict[str, Any] = {}
+
+    def hello(self, timeout_s: float) -> dict[str, Any]:
+        """Introduce ourselves; returns the server's info (tokens_per_block, pool name, ...)."""
+        reply, _ = self.request(lambda rid: cm.HelloMsg(client_id=self.client_id, req_id=rid, pid=os.getpid(),
+                                                        host=socket.gethostname(), role=self.role),
+                                timeout_s=timeout_s)
+        assert isinstance(reply, cm.OkReplyMsg)
+        self.server_info = dict(reply.info)
+        return self.server_info
+
+    def send(self, msg: msgspec.Struct, arrays: Sequence[npt.NDArray[Any] | bytes] = ()) -> None:
+        """Fire and forget."""
+        with self._lock:
+            self._sock.send_multipart(CLIENT_REQUESTS.encode(msg, arrays), copy=False)
+
+    def request(self, make_msg: Any, arrays: Sequence[npt.NDArray[Any] | bytes] = (),
+                timeout_s: float | None = None) -> tuple[cm.ServerReply, list[memoryview]]:
+        """Send ``make_msg(req_id)`` and wait for its reply; raises the error the server named."""
+        timeout = self.timeout_s if timeout_s is None else timeout_s
+        with self._lock:
+            req_id = next(self._req_ids)
+            self._sock.send_multipart(CLIENT_REQUESTS.encode(make_msg(req_id), arrays), copy=False)
+            deadline = time.monotonic() + timeout
+            while True:
+                left_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
+                if not self._sock.poll(left_ms):
+                    raise ServerUnavailable(f"server at {self.address} did not answer within {timeout:.1f} s")
+                reply, frames = SERVER_REPLIES.decode(self._sock.recv_multipart(copy=False))
+                if reply.req_id == req_id:
+                    break
+                if isinstance(reply, cm.ErrorReplyMsg) and reply.req_id < 0:
+                    raise InvalidRequest(f"server rejected a message: {reply.error}")
+        if isinstance(reply, cm.ErrorReplyMsg):
+            raise _ERRORS.get(reply.kind, FlexKVError)(reply.error)
+        return reply, frames
+
+    def close(self) -> None:
+        self._ctx.destroy(linger=0)

@@ -1,0 +1,236 @@
+"""ControlPlane: the server's whole decision state behind one single-threaded façade.
+
+The server loop (one thread) calls only this class. It owns one radix index + block pool per
+tier (CPU always; SSD and REMOTE when enabled), the task table and the op table. It never blocks,
+does no I/O and touches no KV bytes: it returns ``TransferOp``s for workers and learns their
+outcome through ``complete_op``. Every method validates its input first and raises
+``InvalidRequest`` naming the problem with no state changed.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+
+from flexkv.config import CacheConfig, ModelConfig
+from flexkv.native.hasher import hash_blocks
+from flexkv.scheduler.eviction import make_evictor
+from flexkv.scheduler.graph import OpNode, Reservation, TaskKey, TransferOp
+from flexkv.scheduler.index import RadixIndex
+from flexkv.scheduler.planner import Tiers, plan_get, plan_put
+from flexkv.scheduler.pool import BlockPool
+from flexkv.scheduler.tasks import (
+    Dispatched,
+    Task,
+    check_key,
+    check_namespace,
+    check_token_mask,
+    check_tokens,
+    gpu_blocks_from_slots,
+)
+from flexkv.types import EvictionPolicy, InvalidRequest, KVResponse, Medium, TaskStatus, TaskType
+
+__all__ = ["ControlPlane", "TaskKey", "TransferOp"]
+
+_UNBOUNDED_MIN_BLOCKS = 1024  # initial size of a growable (unbounded remote) pool
+
+
+class ControlPlane:
+    """Index + pools + tasks of one flexkv server. Not thread-safe: one owner thread."""
+
+    def __init__(self, model: ModelConfig, cache: CacheConfig) -> None:
+        self.model = model
+        self.cache = cache
+        self.tokens_per_block = cache.tokens_per_block
+        policy = EvictionPolicy(cache.eviction_policy)
+
+        def tier(medium: Medium, num_blocks: int) -> RadixIndex:
+            start = num_blocks or max(_UNBOUNDED_MIN_BLOCKS, cache.num_cpu_blocks)
+            pool = BlockPool(start, growable=num_blocks == 0)
+            return RadixIndex(medium, pool, make_evictor(policy))
+
+        self.tiers = Tiers(
+            cpu=tier(Medium.CPU, cache.num_cpu_blocks),
+            ssd=tier(Medium.SSD, cache.num_ssd_blocks) if cache.enable_ssd else None,
+            remote=tier(Medium.REMOTE, cache.num_remote_blocks) if cache.enable_remote else None,
+        )
+        self._tasks: dict[TaskKey, Task] = {}
+        self._ops: dict[int, tuple[Task, OpNode]] = {}
+        self._op_ids = itertools.count(1)
+        self._clock = 0
+        self._counters = dict.fromkeys(
+            ("num_get_matches", "num_put_matches", "get_query_blocks", "get_hit_blocks", "get_moved_blocks",
+             "put_query_blocks", "put_hit_blocks", "put_stored_blocks", "num_failed_ops"), 0)
+
+    # ---- match (prepare) -----------------------------------------------------------------
+
+    def get_match(self, key: TaskKey, token_ids: np.ndarray, token_mask: np.ndarray | None = None,
+                  namespace: bytes = b"") -> np.ndarray:
+        """Plan a GET: reserve the longest ready cached prefix (across tiers) within ``token_mask``.
+
+        Returns the bool mask of tokens that launch will load (whole blocks). Locks what is read,
+        allocates and inserts (unready) CPU blocks for SSD/REMOTE hits. Raises InvalidRequest for
+        a duplicate key or bad input.
+        """
+        return self._match(TaskType.GET, key, token_ids, token_mask, namespace)
+
+    def put_match(self, key: TaskKey, token_ids: np.ndarray, token_mask: np.ndarray | None = None,
+                  namespace: bytes = b"") -> np.ndarray:
+        """Plan a PUT: reserve CPU blocks (unready) for the whole blocks the CPU tier lacks, as far
+        as capacity allows, plus write-through to SSD/REMOTE. Returns the mask of tokens to store."""
+        return self._match(TaskType.PUT, key, token_ids, token_mask, namespace)
+
+    def _match(self, task_type: TaskType, key: TaskKey, token_ids: np.ndarray, token_mask: np.ndarray | None,
+               namespace: bytes) -> np.ndarray:
+        key = check_key(key)
+        if key in self._tasks:
+            raise InvalidRequest(f"task {key} already exists")
+        tokens = check_tokens(token_ids)
+        t = self.tokens_per_block
+        num_tokens = tokens.shape[0]
+        first_true = check_token_mask(token_mask, num_tokens, t)
+        hashes = hash_blocks(tokens, t, check_namespace(namespace))
+        self._clock += 1
+        first_block = -(-first_true // t)
+        planner = plan_get if task_type is TaskType.GET else plan_put
+        plan = planner(self.tiers, hashes, num_tokens, t, first_block, self._clock)
+        self._tasks[key] = Task(key, plan, num_tokens, first_true)
+        self._count_match(task_type, hashes.size, plan.num_hit_blocks, plan.num_moved_blocks)
+        return plan.mask
+
+    def _count_match(self, task_type: TaskType, num_blocks: int, num_hit: int, num_moved: int) -> None:
+        c = self._counters
+        if task_type is TaskType.GET:
+            c["num_get_matches"] += 1
+            c["get_query_blocks"] += num_blocks
+            c["get_hit_blocks"] += num_hit
+            c["get_moved_blocks"] += num_moved
+        else:
+            c["num_put_matches"] += 1
+            c["put_query_blocks"] += num_blocks
+            c["put_hit_blocks"] += num_hit
+            c["put_stored_blocks"] += num_moved
+
+    # ---- launch and completion -------------------------------------------------------------
+
+    def launch(self, key: TaskKey, slot_mapping: np.ndarray) -> list[TransferOp]:
+        """Bind GPU slots and return the ops runnable now (dispatch them to workers).
+
+        Launching again with the same GPU blocks returns []; with others, or a cancelled task,
+        raises InvalidRequest. A task that moves nothing finishes SUCCESS here with no ops.
+        """
+        task = self._task(key)
+        gpu_ids = gpu_blocks_from_slots(slot_mapping, task, self.tokens_per_block)
+        if task.launched:
+            if not np.array_equal(gpu_ids, task.gpu_block_ids):
+                raise InvalidRequest(f"task {key} was already launched with a different slot mapping")
+            return []
+        if task.cancelled:
+            raise InvalidRequest(f"task {key} was cancelled")
+        return self._track(task, task.launch(gpu_ids, self._new_op_id))
+
+    def complete_op(self, op_id: int, ok: bool, error: str = "") -> list[TransferOp]:
+        """A worker finished ``op_id``. Success publishes what it wrote and releases what it read;
+        failure fails its task (engine part too unless already done; ``error`` is reported by poll),
+        drops its undispatched ops and rolls back. Completions after the task failed or was
+        cancelled roll back whatever their outcome. Returns the ops that became runnable.
+        Unknown or already completed op id: InvalidRequest."""
+        entry = self._ops.pop(op_id, None) if isinstance(op_id, int) else None
+        if entry is None:
+            raise InvalidRequest(f"unknown or already completed op id {op_id!r}")
+        task, node = entry
+        if not ok:
+            self._counters["num_failed_ops"] += 1
+        ops, to_prune = task.complete(node, bool(ok), self._new_op_id, error)
+        self._prune(to_prune)
+        return self._track(task, ops)
+
+    def _track(self, task: Task, dispatched: Dispatched) -> list[TransferOp]:
+        ops = []
+        for node, op in dispatched:
+            self._ops[op.op_id] = (task, node)
+            ops.append(op)
+        return ops
+
+    def _new_op_id(self) -> int:
+        return next(self._op_ids)
+
+    # ---- cancel, poll, release ---------------------------------------------------------------
+
+    def cancel(self, key: TaskKey) -> None:
+        """Cancel a task: before launch everything is released now; after launch undispatched ops
+        are dropped and in-flight ops roll back as they complete. No-op once the engine-facing part
+        finished (write-through, if any, goes on). Unknown key: InvalidRequest."""
+        self._prune(self._task(key).cancel())
+
+    def poll(self, key: TaskKey, completely: bool = False) -> KVResponse:
+        """Status without blocking: NOTFOUND (unknown), UNREADY (not launched / running), SUCCESS
+        (engine part done, or with ``completely`` every op done), FAILED, CANCELLED."""
+        task = self._tasks.get(key) if isinstance(key, tuple) else None
+        if task is None:
+            task_id = key[1] if isinstance(key, tuple) and len(key) == 2 else -1
+            return KVResponse(TaskStatus.NOTFOUND, task_id, None)
+        return task.response(completely)
+
+    def release(self, key: TaskKey) -> None:
+        """Forget a task. A task whose engine part is still pending is cancelled first; write-through
+        still in flight finishes (and commits) after the key is gone. Unknown key: InvalidRequest."""
+        task = self._task(key)
+        self._prune(task.cancel())
+        del self._tasks[key]
+
+    def drop_client(self, client_id: int) -> list[int]:
+        """A client vanished: release all its tasks (cancelling unfinished ones). Returns the op ids
+        of its tasks still in flight; their completions must still be reported."""
+        for key in [k for k in self._tasks if k[0] == client_id]:
+            self.release(key)
+        return sorted(op_id for op_id, (task, _) in self._ops.items() if task.key[0] == client_id)
+
+    def _task(self, key: TaskKey) -> Task:
+        task = self._tasks.get(key) if isinstance(key, tuple) else None
+        if task is None:
+            raise InvalidRequest(f"unknown task {key!r}")
+        return task
+
+    def _prune(self, writes: list[Reservation]) -> None:
+        for res in writes:
+            assert res.path_hashes is not None
+            res.index.prune(res.path_hashes)
+
+    # ---- introspection -------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, int]:
+        """Counters: free/used/evicted blocks per tier, tasks, ops in flight, match hits."""
+        out = dict(self._counters)
+        for index in self.tiers.all():
+            out[f"{index.name}_free_blocks"] = index.pool.num_free_blocks
+            out[f"{index.name}_used_blocks"] = index.pool.num_used_blocks
+            out[f"{index.name}_evicted_blocks"] = index.num_evicted_blocks
+            out[f"{index.name}_nodes"] = index.num_nodes
+        out["num_tasks"] = len(self._tasks)
+        out["num_ops_in_flight"] = len(self._ops)
+        return out
+
+    def check_invariants(self) -> None:
+        """Index, pools and tasks agree; raises AssertionError naming the problem."""
+        tasks = {id(t): t for t in self._tasks.values()}
+        tasks.update({id(t): t for t, _ in self._ops.values()})
+        expected_locks = {id(i): np.zeros_like(i.lock_count) for i in self.tiers.all()}
+        writers = {id(i): np.zeros_like(i.lock_count) for i in self.tiers.all()}
+        for task in tasks.values():
+            for node in task.live_nodes():
+                for res in (*node.reads, *node.writes):
+                    np.add.at(expected_locks[id(res.index)], res.block_ids, 1)
+                for res in node.writes:
+                    np.add.at(writers[id(res.index)], res.block_ids, 1)
+            dispatched = {n.op_id for n in task.in_flight()}
+            assert all(self._ops.get(op_id, (None,))[0] is task for op_id in dispatched), (
+                f"task {task.key}: a dispatched op is missing from the op table")
+        for index in self.tiers.all():
+            index.check_invariants()
+            locks, ready, writer = index.lock_count, index.ready, writers[id(index)]
+            assert np.array_equal(locks, expected_locks[id(index)]), (
+                f"{index.name}: lock counts differ from the live ops' reservations")
+            assert np.array_equal(writer > 0, ~ready & (locks > 0)) and writer.max(initial=0) <= 1, (
+                f"{index.name}: an unready locked block must have exactly one writer, a ready one none")

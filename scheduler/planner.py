@@ -1,0 +1,207 @@
+"""Planner: turns a match request into a Plan, the first phase of the two-phase protocol.
+
+``plan_get`` / ``plan_put`` reserve everything the task will need (locks on blocks read, new
+blocks allocated and inserted unready, locked for their writer) and describe the ops in a
+``TaskGraph``. Nothing becomes visible as ready here; ``Task`` commits or rolls back each op's
+reservations as the ops finish. Server process only.
+
+Decisions beyond the brief, in one place:
+
+* GET promotes SSD/REMOTE hits into CPU from the end of the CPU ready prefix, even blocks before
+  the token mask's first True (the CPU tier must stay prefix-closed); H2D moves only masked blocks.
+* GET promotes nothing when the CPU tier holds an unready block where promotion would start
+  (another task is writing it): the match stops at the CPU ready prefix.
+* PUT write-through sources only ready CPU blocks or blocks this PUT writes; it stops before a
+  CPU block still being written by another task.
+* A match whose mask is all False reserves nothing: no ops, not even write-through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from flexkv.scheduler.graph import OpNode, Reservation, TaskGraph
+from flexkv.scheduler.index import HashArray, PathMatch, RadixIndex
+from flexkv.scheduler.pool import BlockIds
+from flexkv.types import Medium, OpType, TaskType
+
+
+@dataclass(frozen=True)
+class Tiers:
+    """The cache tiers of one server; SSD and REMOTE are optional."""
+
+    cpu: RadixIndex
+    ssd: RadixIndex | None = None
+    remote: RadixIndex | None = None
+
+    def all(self) -> list[RadixIndex]:
+        return [t for t in (self.cpu, self.ssd, self.remote) if t is not None]
+
+
+@dataclass
+class Plan:
+    """What a match reserved: the graph, the engine-facing mask and the moved block range."""
+
+    task_type: TaskType
+    graph: TaskGraph
+    mask: npt.NDArray[np.bool_]
+    first_block: int  # blocks [first_block, end_block) move between GPU and CPU
+    end_block: int
+    num_hit_blocks: int = 0  # GET: cached ready prefix (all tiers); PUT: blocks already in CPU
+
+    @property
+    def num_moved_blocks(self) -> int:
+        return self.end_block - self.first_block
+
+
+def _mask(num_tokens: int, tokens_per_block: int, first: int, end: int) -> npt.NDArray[np.bool_]:
+    mask = np.zeros(num_tokens, dtype=np.bool_)
+    mask[first * tokens_per_block:end * tokens_per_block] = True
+    return mask
+
+
+def _empty(task_type: TaskType, num_tokens: int, num_hit_blocks: int = 0) -> Plan:
+    return Plan(task_type, TaskGraph(), np.zeros(num_tokens, dtype=np.bool_), 0, 0, num_hit_blocks)
+
+
+@dataclass
+class _LowerHit:
+    """A ready prefix of SSD or REMOTE that extends beyond the faster tiers: blocks [start, stop)."""
+
+    index: RadixIndex
+    match: PathMatch
+    block_ids: BlockIds
+    start: int
+    stop: int
+
+
+def _lower_hits(tiers: Tiers, hashes: HashArray, start: int) -> list[_LowerHit]:
+    hits = []
+    for index in (tiers.ssd, tiers.remote):
+        if index is None:
+            continue
+        match = index.match(hashes)
+        ids = match.block_ids()
+        stop = index.ready_prefix(ids)
+        if stop > start:
+            hits.append(_LowerHit(index, match, ids, start, stop))
+            start = stop
+    return hits
+
+
+def plan_get(tiers: Tiers, hashes: HashArray, num_tokens: int, tokens_per_block: int, first_block: int,
+             now: int) -> Plan:
+    """Reserve a GET of blocks [first_block, end) where end is the longest ready prefix over all tiers.
+
+    Locks the CPU blocks H2D reads and the SSD/REMOTE blocks promotion reads; allocates CPU blocks
+    for the promotion (evicting unlocked CPU leaves, shortening the match if CPU runs out) and
+    inserts them unready. Refreshes recency of every path it reads.
+    """
+    cpu = tiers.cpu
+    cpu_match = cpu.match(hashes)
+    cpu_ids = cpu_match.block_ids()
+    num_cpu = cpu.ready_prefix(cpu_ids)
+    hits = _lower_hits(tiers, hashes, num_cpu) if cpu_match.num_blocks == num_cpu else []
+    end = hits[-1].stop if hits else num_cpu
+    if end <= first_block:
+        cpu.touch(cpu_match, num_cpu, now)
+        return _empty(TaskType.GET, num_tokens, end)
+    h2d_cpu = cpu_ids[first_block:num_cpu]
+    cpu.lock(h2d_cpu)
+    new_ids = cpu.allocate(end - num_cpu, cpu_match) if hits else cpu_ids[:0]
+    end = num_cpu + new_ids.size
+    if end <= first_block:
+        cpu.unlock(h2d_cpu)
+        cpu.pool.free(new_ids)
+        cpu.touch(cpu_match, num_cpu, now)
+        return _empty(TaskType.GET, num_tokens, end)
+    graph = TaskGraph()
+    promotions = tuple(_promote(graph, hit, hashes, new_ids, num_cpu, end, cpu, now) for hit in hits
+                       if hit.start < end)
+    cpu.insert(cpu_match, hashes[num_cpu:end], new_ids, now)
+    cpu.lock(new_ids)  # their writers (promotion ops)
+    new_read = new_ids[max(first_block - num_cpu, 0):]
+    cpu.lock(new_read)  # H2D reads them too
+    h2d_src = np.concatenate([h2d_cpu, new_read]) if new_read.size else h2d_cpu
+    h2d = graph.add(OpType.H2D, h2d_src, h2d_src, reads=(Reservation(cpu, h2d_src),), deps=promotions)
+    graph.depend(graph.end, (h2d,))
+    mask = _mask(num_tokens, tokens_per_block, first_block, end)
+    return Plan(TaskType.GET, graph, mask, first_block, end, end)
+
+
+def _promote(graph: TaskGraph, hit: _LowerHit, hashes: HashArray, new_ids: BlockIds, num_cpu: int, end: int,
+             cpu: RadixIndex, now: int) -> OpNode:
+    """Add the DISK2H/REMOTE2H op filling new CPU blocks [hit.start, min(hit.stop, end))."""
+    stop = min(hit.stop, end)
+    src = hit.block_ids[hit.start:stop]
+    dst = new_ids[hit.start - num_cpu:stop - num_cpu]
+    hit.index.lock(src)
+    hit.index.touch(hit.match, stop, now)
+    is_remote = hit.index.medium is Medium.REMOTE
+    return graph.add(OpType.REMOTE2H if is_remote else OpType.DISK2H, src, dst,
+                     reads=(Reservation(hit.index, src),), writes=(Reservation(cpu, dst, hashes[:stop]),),
+                     block_hashes=hashes[hit.start:stop] if is_remote else None)
+
+
+def plan_put(tiers: Tiers, hashes: HashArray, num_tokens: int, tokens_per_block: int, first_block: int,
+             now: int) -> Plan:
+    """Reserve a PUT of the blocks past the CPU tier's path (ready or being written), from
+    ``first_block`` on, as far as CPU capacity allows (evicting unlocked CPU leaves), plus
+    write-through of each lower tier from its own matched prefix to the end of the new CPU range.
+
+    Inserts the new CPU/SSD/REMOTE blocks unready and locked for their writers; locks the CPU
+    sources of write-through. Stores nothing if the CPU path ends before ``first_block``.
+    """
+    cpu = tiers.cpu
+    cpu_match = cpu.match(hashes)
+    start = cpu_match.num_blocks
+    if start < first_block or start == hashes.size:
+        cpu.touch(cpu_match, start, now)
+        return _empty(TaskType.PUT, num_tokens, start)
+    new_ids = cpu.allocate(hashes.size - start, cpu_match)
+    if new_ids.size == 0:
+        cpu.touch(cpu_match, start, now)
+        return _empty(TaskType.PUT, num_tokens, start)
+    end = start + new_ids.size
+    write_through = tiers.ssd is not None or tiers.remote is not None
+    cpu_ids = np.concatenate([cpu_match.block_ids(), new_ids]) if write_through else new_ids
+    cpu.insert(cpu_match, hashes[start:end], new_ids, now)
+    cpu.lock(new_ids)
+    graph = TaskGraph()
+    d2h = graph.add(OpType.D2H, new_ids, new_ids, writes=(Reservation(cpu, new_ids, hashes[:end]),))
+    graph.depend(graph.end, (d2h,))
+    for index, op_type in ((tiers.ssd, OpType.H2DISK), (tiers.remote, OpType.H2REMOTE)):
+        if index is not None:
+            _write_through(graph, index, op_type, cpu, cpu_ids, start, hashes[:end], d2h, now)
+    mask = _mask(num_tokens, tokens_per_block, start, end)
+    return Plan(TaskType.PUT, graph, mask, start, end, start)
+
+
+def _write_through(graph: TaskGraph, index: RadixIndex, op_type: OpType, cpu: RadixIndex, cpu_ids: BlockIds,
+                   num_old: int, hashes: HashArray, d2h: OpNode, now: int) -> None:
+    """Reserve copying CPU blocks [tier prefix, end) into ``index`` (fewer if it lacks room)."""
+    match = index.match(hashes)
+    begin = match.num_blocks
+    stop = hashes.size
+    if begin < num_old:  # existing CPU sources must be ready (another task may still write them)
+        ready = cpu.ready_prefix(cpu_ids[begin:num_old])
+        if begin + ready < num_old:
+            stop = begin + ready
+    if stop <= begin:
+        index.touch(match, begin, now)
+        return
+    new_ids = index.allocate(stop - begin, match)
+    if new_ids.size == 0:
+        index.touch(match, begin, now)
+        return
+    stop = begin + new_ids.size
+    index.insert(match, hashes[begin:stop], new_ids, now)
+    index.lock(new_ids)
+    src = cpu_ids[begin:stop]
+    cpu.lock(src)
+    graph.add(op_type, src, new_ids, reads=(Reservation(cpu, src),),
+              writes=(Reservation(index, new_ids, hashes[:stop]),), deps=(d2h,) if stop > num_old else (),
+              block_hashes=hashes[begin:stop] if op_type is OpType.H2REMOTE else None)

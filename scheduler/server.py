@@ -1,0 +1,488 @@
+"""The scheduler server: one process, one thread owning the control plane, two ZeroMQ ROUTERs.
+
+Engine clients (KVManager, KVTPClient) talk to the client ROUTER; worker processes to the worker
+ROUTER. Every message is decoded by the decoder of its socket and dispatched through one table that
+is checked complete at start-up. A malformed or unknown message gets an error reply (when it can be
+attributed) and the loop carries on: no input kills the server or leaves a reservation behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import time
+import typing
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import zmq
+
+from flexkv.config import CacheConfig, ModelConfig, configs_to_json
+from flexkv.layout import BlockFirstLayout
+from flexkv.native.hasher import encode_namespace
+from flexkv.protocol import client_msgs as cm
+from flexkv.protocol.codec import CLIENT_REQUESTS, SERVER_REPLIES, WORKER_TO_SERVER, ProtocolError, frame_array
+from flexkv.protocol.worker_msgs import OpsDoneMsg, WorkerHelloMsg
+from flexkv.scheduler.control import ControlPlane
+from flexkv.scheduler.graph import TransferOp
+from flexkv.scheduler.supervisor import OpResult, WorkerSupervisor, device_worker_id
+from flexkv.shm import SharedPool, make_pool_name
+from flexkv.types import FlexKVError, KVResponse, OpType, TaskStatus
+from flexkv.workers.device_worker import engine_layout
+
+log = logging.getLogger("flexkv.server")
+
+TaskKey = tuple[int, int]
+_FINAL = (TaskStatus.SUCCESS, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.NOTFOUND)
+_TICK_S = 0.1
+_RESULT_CACHE = 65536
+
+
+@dataclasses.dataclass
+class _Conn:
+    client_id: int
+    role: str
+    pid: int
+    host: str
+
+
+@dataclasses.dataclass
+class _Wait:
+    identity: bytes
+    req_id: int
+    client_id: int
+    task_ids: list[int]
+    deadline: float
+    completely: bool
+
+
+def default_runtime_dir() -> str:
+    """A private (0700) directory for the IPC socket files."""
+    base = os.environ.get("FLEXKV_RUNTIME_DIR") or None
+    return tempfile.mkdtemp(prefix="flexkv-", dir=base)
+
+
+class SchedulerServer:
+    """Owns index, pools, tasks and workers. Construct, then ``serve_forever()``; ``close()`` cleans up."""
+
+    def __init__(self, model: ModelConfig, cache: CacheConfig, client_address: str | None = None,
+                 runtime_dir: str | None = None, parent_pid: int | None = None) -> None:
+        self.model, self.cache = model, cache
+        self._own_runtime_dir = runtime_dir is None
+        self.runtime_dir = runtime_dir or default_runtime_dir()
+        os.chmod(self.runtime_dir, 0o700)
+        self.client_address = client_address or f"ipc://{self.runtime_dir}/server.sock"
+        self.worker_address = f"ipc://{self.runtime_dir}/workers.sock"
+        self._parent_pid = parent_pid
+        self._host = socket.gethostname()
+        self.control = ControlPlane(model, cache)
+        self.block_bytes = model.block_bytes(cache.tokens_per_block)
+        self.block_first = BlockFirstLayout(model, cache.tokens_per_block)
+        self.pool = SharedPool.create(make_pool_name("cpu"), cache.num_cpu_blocks * self.block_bytes,
+                                      progress=_prefault_progress)
+        self._ctx = zmq.Context()
+        self._clients = self._bind(zmq.ROUTER, self.client_address)
+        self._workers_sock = self._bind(zmq.ROUTER, self.worker_address)
+        base_spec = {"worker_address": self.worker_address, "pool_name": self.pool.name,
+                     "pool_block_bytes": self.block_bytes, "pool_num_blocks": cache.num_cpu_blocks,
+                     "configs": configs_to_json(model, cache)}
+        self.supervisor = WorkerSupervisor(self._workers_sock, base_spec, model.tp_size, model.use_mla)
+        self._conns: dict[bytes, _Conn] = {}
+        self._registered: set[tuple[int, int]] = set()
+        self._launched: set[TaskKey] = set()
+        self._errors: dict[TaskKey, str] = {}
+        self._delivered: set[TaskKey] = set()
+        self._results: OrderedDict[TaskKey, tuple[KVResponse, KVResponse]] = OrderedDict()
+        self._waits: list[_Wait] = []
+        self._running = False
+        self._handlers: dict[type, Callable[[bytes, Any, list[memoryview]], None]] = {
+            cm.HelloMsg: self._on_hello,
+            cm.GetMatchMsg: self._on_match,
+            cm.PutMatchMsg: self._on_match,
+            cm.GetAsyncMsg: self._on_async,
+            cm.PutAsyncMsg: self._on_async,
+            cm.LaunchMsg: self._on_launch,
+            cm.CancelMsg: self._on_cancel,
+            cm.WaitMsg: self._on_wait,
+            cm.RegisterKVMsg: self._on_register,
+            cm.QueryMsg: self._on_query,
+        }
+        missing = set(typing.get_args(cm.ClientRequest)) - set(self._handlers)
+        assert not missing, f"dispatch table incomplete: {missing}"
+        self._start_tier_workers()
+        log.info("flexkv server at %s: %d CPU blocks x %d bytes (%.2f GiB) in %s; SSD %s; remote %s",
+                 self.client_address, cache.num_cpu_blocks, self.block_bytes, self.pool.nbytes / 2**30,
+                 self.pool.name, cache.num_ssd_blocks if cache.enable_ssd else "off",
+                 cache.remote.backend.value if cache.enable_remote else "off")  # type: ignore[union-attr]
+
+    def _bind(self, kind: int, address: str) -> zmq.Socket[bytes]:
+        sock: zmq.Socket[bytes] = self._ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        sock.bind(address)
+        return sock
+
+    def _start_tier_workers(self) -> None:
+        if self.cache.enable_ssd:
+            self.supervisor.spawn("ssd-0", {"kind": "ssd", "op_types": [int(OpType.DISK2H), int(OpType.H2DISK)]})
+        if self.cache.enable_remote:
+            ops = [int(OpType.REMOTE2H), int(OpType.H2REMOTE)]
+            self.supervisor.spawn("remote-0", {"kind": "remote", "op_types": ops})
+
+    # -- loop -----------------------------------------------------------------------------------
+    def serve_forever(self) -> None:
+        """Run until a shutdown request, SIGINT/SIGTERM, or the parent process (library mode) is gone."""
+        self._running = True
+        poller = zmq.Poller()
+        poller.register(self._clients, zmq.POLLIN)
+        poller.register(self._workers_sock, zmq.POLLIN)
+        next_tick = 0.0
+        while self._running:
+            events = dict(poller.poll(timeout=int(_TICK_S * 1000)))
+            if self._workers_sock in events:
+                self._drain(self._workers_sock, self._on_worker_frames)
+            if self._clients in events:
+                self._drain(self._clients, self._on_client_frames)
+            now = time.monotonic()
+            if now >= next_tick:
+                next_tick = now + _TICK_S
+                self._tick()
+            self._check_waits()
+
+    def stop(self, *_: object) -> None:
+        self._running = False
+
+    def install_signal_handlers(self) -> None:
+        signal.signal(signal.SIGTERM, self.stop)
+        signal.signal(signal.SIGINT, self.stop)
+
+    def _drain(self, sock: zmq.Socket[bytes], handle: Callable[[list[zmq.Frame]], None]) -> None:
+        for _ in range(256):  # bounded so one busy socket cannot starve the other
+            try:
+                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            handle(frames)
+
+    def _tick(self) -> None:
+        self._complete(self.supervisor.check_liveness())
+        for identity, conn in list(self._conns.items()):
+            if conn.host == self._host and not _pid_alive(conn.pid):
+                self._client_gone(identity, conn)
+        if self._parent_pid is not None and not _pid_alive(self._parent_pid):
+            log.warning("parent process %d is gone; shutting down", self._parent_pid)
+            self._running = False
+
+    # -- client side ----------------------------------------------------------------------------
+    def _on_client_frames(self, frames: list[zmq.Frame]) -> None:
+        identity = frames[0].bytes
+        req_id = -1
+        try:
+            msg, arrays = CLIENT_REQUESTS.decode(frames[1:])
+            req_id = getattr(msg, "req_id", -1)
+            self._handlers[type(msg)](identity, msg, arrays)
+        except ProtocolError as e:
+            log.warning("bad client message: %s", e)
+            self._reply(identity, cm.ErrorReplyMsg(req_id=-1, error=str(e), kind="ProtocolError"))
+        except FlexKVError as e:
+            self._reply(identity, cm.ErrorReplyMsg(req_id=req_id, error=str(e), kind=type(e).__name__))
+        except Exception as e:  # noqa: BLE001 - the loop must survive any one request
+            log.exception("error handling a client message")
+            self._reply(identity, cm.ErrorReplyMsg(req_id=req_id, error=f"internal error: {e!r}", kind="InternalError"))
+
+    def _reply(self, identity: bytes, msg: cm.ServerReply, arrays: list[Any] | None = None) -> None:
+        if msg.req_id < 0 and not isinstance(msg, cm.ErrorReplyMsg):
+            return
+        self._clients.send_multipart([identity, *SERVER_REPLIES.encode(msg, arrays or [])], copy=False)
+
+    def _on_hello(self, identity: bytes, msg: cm.HelloMsg, _: list[memoryview]) -> None:
+        if not 0 <= msg.client_id < self.model.dp_size:
+            raise _invalid(f"dp_client_id {msg.client_id} out of range for dp_size={self.model.dp_size}")
+        self._conns[identity] = _Conn(msg.client_id, msg.role, msg.pid, msg.host)
+        info = {"tokens_per_block": self.cache.tokens_per_block, "pool_name": self.pool.name,
+                "num_cpu_blocks": self.cache.num_cpu_blocks, "block_bytes": self.block_bytes}
+        self._reply(identity, cm.OkReplyMsg(req_id=msg.req_id, info=info))
+
+    def _task_inputs(self, msg: Any, arrays: list[memoryview], with_slots: bool) -> tuple[Any, ...]:
+        want = 1 + int(with_slots) + int(msg.has_mask)
+        if len(arrays) != want:
+            raise ProtocolError(f"{type(msg).__name__}: expected {want} array frames, got {len(arrays)}")
+        tokens = frame_array(arrays[0], np.int64, "token_ids")
+        slots = frame_array(arrays[1], np.int64, "slot_mapping") if with_slots else None
+        mask = frame_array(arrays[-1], np.bool_, "token_mask") if msg.has_mask else None
+        return tokens, slots, mask, encode_namespace(msg.namespace)
+
+    def _match(self, key: TaskKey, is_get: bool, tokens: Any, mask: Any, ns: bytes) -> np.ndarray:
+        if key in self._launched or key in self._errors or self.control.poll(key).status is not TaskStatus.NOTFOUND:
+            raise _invalid(f"task id {key[1]} of client {key[0]} is already in use")
+        match = self.control.get_match if is_get else self.control.put_match
+        return match(key, tokens, mask, ns)
+
+    def _on_match(self, identity: bytes, msg: cm.GetMatchMsg, arrays: list[memoryview]) -> None:
+        tokens, _, mask, ns = self._task_inputs(msg, arrays, with_slots=False)
+        key = (msg.client_id, msg.task_id)
+        ret = self._match(key, not isinstance(msg, cm.PutMatchMsg), tokens, mask, ns)
+        self._reply(identity, cm.MatchReplyMsg(req_id=msg.req_id, task_id=msg.task_id), [ret])
+
+    def _on_async(self, _: bytes, msg: cm.GetAsyncMsg, arrays: list[memoryview]) -> None:
+        key = (msg.client_id, msg.task_id)
+        try:
+            tokens, slots, mask, ns = self._task_inputs(msg, arrays, with_slots=True)
+            self._match(key, not isinstance(msg, cm.PutAsyncMsg), tokens, mask, ns)
+            self._launch(key, slots)
+        except (FlexKVError, ProtocolError) as e:
+            self._fail_unstarted(key, str(e))
+
+    def _on_launch(self, _: bytes, msg: cm.LaunchMsg, arrays: list[memoryview]) -> None:
+        if len(arrays) != len(msg.task_ids):
+            for tid in msg.task_ids:
+                self._fail_unstarted((msg.client_id, tid), "launch: one slot_mapping frame per task id expected")
+            return
+        for tid, frame in zip(msg.task_ids, arrays, strict=True):
+            key = (msg.client_id, tid)
+            try:
+                self._launch(key, frame_array(frame, np.int64, "slot_mapping"))
+            except (FlexKVError, ProtocolError) as e:
+                self._fail_unstarted(key, str(e))
+
+    def _launch(self, key: TaskKey, slots: Any) -> None:
+        ops = self.control.launch(key, slots)
+        self._launched.add(key)
+        self._dispatch(ops)
+
+    def _fail_unstarted(self, key: TaskKey, error: str) -> None:
+        """A fire-and-forget request failed before it ran: roll back and report FAILED at wait."""
+        log.info("task %s failed: %s", key, error)
+        if key not in self._launched and self.control.poll(key).status is TaskStatus.UNREADY:
+            self.control.cancel(key)
+            self.control.release(key)
+        self._errors.setdefault(key, error)
+
+    def _on_cancel(self, _: bytes, msg: cm.CancelMsg, __: list[memoryview]) -> None:
+        for tid in msg.task_ids:
+            key = (msg.client_id, tid)
+            if self.control.poll(key).status is not TaskStatus.NOTFOUND:
+                self.control.cancel(key)
+                self._launched.add(key)  # cancelled tasks are final; waiting on them must not hang
+
+    def _on_wait(self, identity: bytes, msg: cm.WaitMsg, _: list[memoryview]) -> None:
+        deadline = time.monotonic() + max(0.0, msg.timeout_s)
+        self._waits.append(_Wait(identity, msg.req_id, msg.client_id, list(msg.task_ids), deadline, msg.completely))
+
+    def _on_register(self, identity: bytes, msg: cm.RegisterKVMsg, _: list[memoryview]) -> None:
+        if not 0 <= msg.tp_rank < self.model.tp_size:
+            raise _invalid(f"tp_rank {msg.tp_rank} out of range for tp_size={self.model.tp_size}")
+        if not 0 <= msg.client_id < self.model.dp_size:
+            raise _invalid(f"dp_client_id {msg.client_id} out of range for dp_size={self.model.dp_size}")
+        if msg.tokens_per_block != self.cache.tokens_per_block:
+            raise _invalid(f"tokens_per_block {msg.tokens_per_block} != server's {self.cache.tokens_per_block}")
+        reg = {f.name: getattr(msg, f.name) for f in dataclasses.fields(_RegFields)}
+        try:
+            self.block_first.check_engine_layout(engine_layout(reg))
+        except ValueError as e:
+            raise _invalid(f"register rank {msg.tp_rank}: {e}") from None
+        if not msg.cuda_handles and not msg.host_segment:
+            raise _invalid("register: neither a host segment nor CUDA handles given")
+        reg["cuda_handles"] = [h.hex() for h in msg.cuda_handles]
+        worker_id = device_worker_id(msg.client_id, msg.tp_rank)
+        handle = self.supervisor.spawn(worker_id, {"kind": "device", "dp_client_id": msg.client_id,
+                                                   "tp_rank": msg.tp_rank, "registration": reg})
+        key = (msg.client_id, msg.tp_rank)
+
+        def ready() -> None:
+            self._registered.add(key)
+            self._reply(identity, cm.OkReplyMsg(req_id=msg.req_id, info={"worker": worker_id}))
+
+        handle.on_ready.append(ready)
+
+    def _on_query(self, identity: bytes, msg: cm.QueryMsg, _: list[memoryview]) -> None:
+        info: dict[str, int | float | str | bool]
+        if msg.what == "is_ready":
+            info = {"ready": self.is_ready()}
+        elif msg.what == "stats":
+            info = {**self.control.stats(), "in_flight_ops": self.supervisor.num_in_flight,
+                    "num_workers": len(self.supervisor.workers)}
+        elif msg.what == "check":
+            self.control.check_invariants()
+            info = {"ok": True}
+        elif msg.what == "shutdown":
+            self._running = False
+            info = {"ok": True}
+        else:
+            raise _invalid(f"unknown query {msg.what!r}; allowed: is_ready, stats, check, shutdown")
+        self._reply(identity, cm.OkReplyMsg(req_id=msg.req_id, info=info))
+
+    def is_ready(self) -> bool:
+        want = {(d, r) for d in range(self.model.dp_size) for r in range(self.model.tp_size)}
+        tiers_ready = all(h.ready for h in self.supervisor.workers.values())
+        return want <= self._registered and tiers_ready
+
+    # -- tasks and waits ------------------------------------------------------------------------
+    def _status(self, key: TaskKey, completely: bool) -> KVResponse:
+        if key in self._errors:
+            return KVResponse(TaskStatus.FAILED, key[1], None)
+        if key in self._results:
+            engine, full = self._results[key]
+            return full if completely else engine
+        resp = self.control.poll(key, completely)
+        if resp.status is TaskStatus.UNREADY and key not in self._launched:
+            return resp  # matched but never launched: waiting cannot help
+        return resp
+
+    def _is_final(self, key: TaskKey, resp: KVResponse) -> bool:
+        return resp.status in _FINAL or (resp.status is TaskStatus.UNREADY and key not in self._launched)
+
+    def _check_waits(self) -> None:
+        if not self._waits:
+            return
+        now = time.monotonic()
+        keep: list[_Wait] = []
+        for w in self._waits:
+            keys = [(w.client_id, t) for t in w.task_ids]
+            resps = [self._status(k, w.completely) for k in keys]
+            done = all(self._is_final(k, r) for k, r in zip(keys, resps, strict=True))
+            if not done and now < w.deadline:
+                keep.append(w)
+                continue
+            statuses = [r.status if self._is_final(k, r) else TaskStatus.TIMEOUT
+                        for k, r in zip(keys, resps, strict=True)]
+            errors = [self._errors.get(k, "") for k in keys]
+            masks = [r.return_mask if r.return_mask is not None else b"" for r in resps]
+            reply = cm.WaitReplyMsg(req_id=w.req_id, task_ids=w.task_ids, statuses=[int(s) for s in statuses],
+                                    errors=errors)
+            self._reply(w.identity, reply, masks)
+            for k, s in zip(keys, statuses, strict=True):
+                if s in _FINAL:
+                    self._delivered.add(k)
+        self._waits = keep
+        self._retire_delivered()
+
+    def _retire_delivered(self) -> None:
+        """Forget tasks whose result was delivered and whose every op is done (results stay cached)."""
+        for key in list(self._delivered):
+            if key in self._errors:
+                self._delivered.discard(key)
+                continue
+            full = self.control.poll(key, completely=True)
+            if full.status is TaskStatus.UNREADY:
+                continue
+            if key not in self._results and full.status is not TaskStatus.NOTFOUND:
+                self._results[key] = (self.control.poll(key, completely=False), full)
+                if len(self._results) > _RESULT_CACHE:
+                    self._results.popitem(last=False)
+                self.control.release(key)
+            self._launched.discard(key)
+            self._delivered.discard(key)
+
+    # -- workers --------------------------------------------------------------------------------
+    def _on_worker_frames(self, frames: list[zmq.Frame]) -> None:
+        worker_id = frames[0].bytes.decode(errors="replace")
+        try:
+            msg, _ = WORKER_TO_SERVER.decode(frames[1:])
+        except ProtocolError as e:
+            log.warning("bad message from worker %r: %s", worker_id, e)
+            return
+        if isinstance(msg, WorkerHelloMsg):
+            self.supervisor.on_hello(worker_id, msg.op_types)
+        elif isinstance(msg, OpsDoneMsg):
+            self._complete(self.supervisor.on_done(worker_id, msg.op_ids, msg.errors))
+
+    def _dispatch(self, ops: list[TransferOp]) -> None:
+        pending = list(ops)
+        while pending:
+            op = pending.pop()
+            failure = self.supervisor.dispatch(op)
+            if failure is not None:
+                pending += self._complete_one(failure)
+
+    def _complete(self, results: list[OpResult]) -> None:
+        for result in results:
+            self._dispatch(self._complete_one(result))
+
+    def _complete_one(self, result: OpResult) -> list[TransferOp]:
+        op_id, error = result
+        if error:
+            log.warning("op %d failed: %s", op_id, error)
+        try:
+            return self.control.complete_op(op_id, not error)
+        except FlexKVError as e:  # e.g. an op of a task dropped meanwhile
+            log.debug("completion of op %d ignored: %s", op_id, e)
+            return []
+
+    # -- clients going away ---------------------------------------------------------------------
+    def _client_gone(self, identity: bytes, conn: _Conn) -> None:
+        del self._conns[identity]
+        log.warning("client %d (%s, pid %d) is gone; releasing its work", conn.client_id, conn.role, conn.pid)
+        if conn.role == "manager":
+            self.control.drop_client(conn.client_id)
+            self._waits = [w for w in self._waits if w.identity != identity]
+            for key in [k for k in self._launched | self._delivered | set(self._errors) if k[0] == conn.client_id]:
+                self._launched.discard(key)
+                self._delivered.discard(key)
+                self._errors.pop(key, None)
+        else:
+            for (dp, rank) in list(self._registered):
+                if dp == conn.client_id and not any(c.client_id == dp and c.role == "tp" for c in self._conns.values()):
+                    self._registered.discard((dp, rank))
+                    self._complete(self.supervisor.remove(device_worker_id(dp, rank), "its TP client is gone"))
+
+    # -- shutdown -------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Stop workers, unlink the shared-memory pool, remove socket files. Idempotent."""
+        if self._ctx.closed:
+            return
+        self.supervisor.stop_all()
+        self._ctx.destroy(linger=0)
+        self.pool.close()
+        self.pool.unlink()
+        if self._own_runtime_dir:
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        else:
+            for name in ("server.sock", "workers.sock"):
+                try:
+                    os.unlink(os.path.join(self.runtime_dir, name))
+                except FileNotFoundError:
+                    pass
+        log.info("flexkv server stopped")
+
+
+@dataclasses.dataclass
+class _RegFields:
+    layout_kind: str
+    num_blocks: int
+    tokens_per_block: int
+    num_heads: int
+    head_size: int
+    itemsize: int
+    num_layers: int
+    host_segment: str | None
+    tensor_offsets: list[int]
+    device_id: int
+
+
+def _invalid(msg: str) -> FlexKVError:
+    from flexkv.types import InvalidRequest
+
+    return InvalidRequest(msg)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _prefault_progress(done: int, total: int) -> None:
+    if total >= 4 << 30:
+        log.info("pre-faulting CPU pool: %.1f / %.1f GiB", done / 2**30, total / 2**30)

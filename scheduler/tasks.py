@@ -1,0 +1,192 @@
+"""Tasks: one engine request's plan as it runs, plus the checks of what engines send.
+
+A ``Task`` drives its ``TaskGraph``: launch binds GPU block ids and dispatches the runnable ops,
+each completion commits (success) or rolls back (failure) that op's reservations and dispatches
+the ops that became runnable. Once a task failed or was cancelled, undispatched ops are dropped
+at once and ops still in flight are rolled back when they complete, whatever their outcome (a
+worker may still be writing into their blocks until then). Server process only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import numpy.typing as npt
+
+from flexkv.native.hasher import as_token_array
+from flexkv.scheduler.graph import OpNode, OpState, Reservation, TaskKey, TransferOp, commit, rollback
+from flexkv.scheduler.planner import Plan
+from flexkv.scheduler.pool import BlockIds
+from flexkv.types import InvalidRequest, KVResponse, TaskStatus, TaskType
+
+Dispatched = list[tuple[OpNode, TransferOp]]  # ops handed to workers, with the node each came from
+
+
+class Task:
+    """One GET or PUT from match to release."""
+
+    def __init__(self, key: TaskKey, plan: Plan, num_tokens: int, slot_base: int) -> None:
+        self.key = key
+        self.plan = plan
+        self.num_tokens = num_tokens
+        self.slot_base = slot_base  # token index of a compact slot mapping's first entry
+        self.gpu_block_ids: BlockIds | None = None  # set at launch
+        self.engine_done = False  # the END marker ran: GET's H2D / PUT's D2H finished
+        self.failed = False
+        self.cancelled = False
+        self.error = ""  # why the task failed (the first failed op)
+
+    @property
+    def task_type(self) -> TaskType:
+        return self.plan.task_type
+
+    @property
+    def launched(self) -> bool:
+        return self.gpu_block_ids is not None
+
+    def live_nodes(self) -> list[OpNode]:
+        """Ops still holding reservations (waiting or dispatched)."""
+        return [n for n in self.plan.graph.nodes if n.is_live]
+
+    def in_flight(self) -> list[OpNode]:
+        return [n for n in self.plan.graph.nodes if n.state is OpState.DISPATCHED]
+
+    def status(self, completely: bool) -> TaskStatus:
+        """See ``ControlPlane.poll``."""
+        if self.cancelled:
+            return TaskStatus.CANCELLED
+        if not self.launched:
+            return TaskStatus.UNREADY
+        if self.engine_done and not completely:
+            return TaskStatus.SUCCESS
+        if self.failed:
+            return TaskStatus.FAILED
+        if completely and not self.live_nodes():
+            return TaskStatus.SUCCESS
+        return TaskStatus.UNREADY
+
+    def response(self, completely: bool) -> KVResponse:
+        status = self.status(completely)
+        return KVResponse(status, self.key[1], self.plan.mask, self.error if status is TaskStatus.FAILED else "")
+
+    def launch(self, gpu_block_ids: BlockIds, new_op_id: Callable[[], int]) -> Dispatched:
+        """Bind the GPU blocks of the moved range and dispatch the runnable ops."""
+        self.gpu_block_ids = gpu_block_ids
+        return self._dispatch(self.plan.graph.runnable(), new_op_id)
+
+    def complete(self, node: OpNode, ok: bool, new_op_id: Callable[[], int],
+                 error: str = "") -> tuple[Dispatched, list[Reservation]]:
+        """A dispatched op finished. Returns (ops now dispatched, written reservations to prune)."""
+        if ok and not (self.failed or self.cancelled):
+            return self._dispatch(commit(node), new_op_id), []
+        to_prune = rollback(node)
+        if not ok and not (self.failed or self.cancelled):
+            self.failed = True
+            name = node.op_type.name if node.op_type is not None else "END"
+            self.error = f"{name} op {node.op_id} failed" + (f": {error}" if error else "")
+            to_prune += self._drop_waiting()
+        return [], to_prune
+
+    def cancel(self) -> list[Reservation]:
+        """Cancel unless the engine-facing part already finished or failed (then a no-op): drop the
+        waiting ops now (returns their writes to prune); ops in flight roll back on completion."""
+        if self.engine_done or self.failed or self.cancelled:
+            return []
+        self.cancelled = True
+        return self._drop_waiting()
+
+    def _drop_waiting(self) -> list[Reservation]:
+        to_prune: list[Reservation] = []
+        for node in self.plan.graph.all_nodes():
+            if node.state is OpState.WAITING:
+                to_prune += rollback(node)
+        return to_prune
+
+    def _dispatch(self, runnable: list[OpNode], new_op_id: Callable[[], int]) -> Dispatched:
+        ops: Dispatched = []
+        end = self.plan.graph.end
+        gpu_ids = self.gpu_block_ids
+        assert gpu_ids is not None
+        for node in runnable:
+            if node is end:
+                commit(node)
+                self.engine_done = True
+            else:
+                ops.append((node, node.to_op(new_op_id(), self.key, gpu_ids)))
+        return ops
+
+
+# ---- input checks (each raises InvalidRequest naming the problem, before any state changes) ----
+
+
+def check_key(key: object) -> TaskKey:
+    if not (isinstance(key, tuple) and len(key) == 2 and all(isinstance(k, int) for k in key)):
+        raise InvalidRequest(f"task key must be (client_id, task_id) ints, got {key!r}")
+    return key
+
+
+def check_tokens(token_ids: object) -> npt.NDArray[np.int64]:
+    try:
+        return as_token_array(token_ids)
+    except (TypeError, ValueError) as e:
+        raise InvalidRequest(str(e)) from None
+
+
+def check_token_mask(token_mask: object, num_tokens: int, tokens_per_block: int) -> int:
+    """Validate a token mask (False* True*, first True block aligned); return its first True index
+    (``num_tokens`` when all False, 0 when no mask)."""
+    if token_mask is None:
+        return 0
+    if hasattr(token_mask, "detach") and hasattr(token_mask, "numpy"):
+        token_mask = token_mask.detach().cpu().numpy()
+    if not isinstance(token_mask, np.ndarray) or token_mask.dtype != np.bool_ or token_mask.ndim != 1:
+        raise InvalidRequest(f"token_mask must be a 1-D bool array, got {_describe(token_mask)}")
+    if token_mask.shape[0] != num_tokens:
+        raise InvalidRequest(f"token_mask has {token_mask.shape[0]} entries for {num_tokens} tokens")
+    first = int(np.argmax(token_mask)) if token_mask.any() else num_tokens
+    if not token_mask[first:].all():
+        raise InvalidRequest("token_mask must be a run of False followed by a run of True")
+    if first % tokens_per_block and first != num_tokens:
+        raise InvalidRequest(f"token_mask's first True ({first}) is not aligned to {tokens_per_block}-token blocks")
+    return first
+
+
+def check_namespace(namespace: object) -> bytes:
+    if not isinstance(namespace, bytes):
+        raise InvalidRequest(f"namespace must be encoded bytes, got {type(namespace).__name__}")
+    return namespace
+
+
+def gpu_blocks_from_slots(slot_mapping: object, task: Task, tokens_per_block: int) -> BlockIds:
+    """GPU block ids of the task's moved blocks from a token-level slot mapping (full or compact).
+
+    Every moved block's slots must be ``gpu_block_id * T + j``. Raises InvalidRequest otherwise.
+    """
+    if hasattr(slot_mapping, "detach") and hasattr(slot_mapping, "numpy"):
+        slot_mapping = slot_mapping.detach().cpu().numpy()
+    if not isinstance(slot_mapping, np.ndarray) or slot_mapping.dtype != np.int64 or slot_mapping.ndim != 1:
+        raise InvalidRequest(f"slot_mapping must be a 1-D int64 array, got {_describe(slot_mapping)}")
+    plan, t = task.plan, tokens_per_block
+    if plan.num_moved_blocks == 0:
+        return slot_mapping[:0].copy()
+    num_slots = slot_mapping.shape[0]
+    base = 0 if num_slots == task.num_tokens else task.slot_base
+    if base + num_slots > task.num_tokens or base + num_slots < plan.end_block * t:
+        raise InvalidRequest(f"slot_mapping has {num_slots} slots; need {task.num_tokens} (full) or at least "
+                             f"{plan.end_block * t - task.slot_base} starting at token {task.slot_base} (compact)")
+    slots = slot_mapping[plan.first_block * t - base:plan.end_block * t - base].reshape(-1, t)
+    first = slots[:, 0]
+    if (first < 0).any() or (first % t).any() or not np.array_equal(slots - first[:, None], _offsets(t, slots)):
+        raise InvalidRequest(f"slot_mapping: each moved block's {t} slots must be gpu_block_id*{t} + 0..{t - 1}")
+    return first // t
+
+
+def _offsets(tokens_per_block: int, like: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    return np.broadcast_to(np.arange(tokens_per_block, dtype=np.int64), like.shape)
+
+
+def _describe(value: object) -> str:
+    if isinstance(value, np.ndarray):
+        return f"ndarray dtype={value.dtype} shape={value.shape}"
+    return type(value).__name__

@@ -1,0 +1,68 @@
+"""Helpers for end-to-end tests: small models, host KV buffers, block-level byte checks."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from flexkv.client import HostKVBuffers, allocate_host_kv_buffers
+from flexkv.config import CacheConfig, ModelConfig
+from flexkv.layout import KVCacheLayout, LayoutKind
+
+T = 4  # tokens per block in these tests: small blocks, many of them
+
+
+def small_model(tp_size: int = 1, use_mla: bool = False, dp_size: int = 1) -> ModelConfig:
+    heads = 1 if use_mla else 4
+    return ModelConfig(num_layers=3, num_kv_heads=heads, head_size=8, dtype="float16", use_mla=use_mla,
+                       tp_size=tp_size, dp_size=dp_size)
+
+
+def small_cache(num_cpu_blocks: int = 64, **kw: object) -> CacheConfig:
+    return CacheConfig(tokens_per_block=T, num_cpu_blocks=num_cpu_blocks, **kw)  # type: ignore[arg-type]
+
+
+def rank_layout(model: ModelConfig, kind: LayoutKind, num_blocks: int) -> KVCacheLayout:
+    heads = 1 if model.use_mla else model.num_kv_heads // model.tp_size
+    if kind is not LayoutKind.MLA and model.use_mla:
+        kind = LayoutKind.MLA
+    return KVCacheLayout(kind=kind, num_layers=model.num_layers, num_blocks=num_blocks, tokens_per_block=T,
+                         num_heads=heads, head_size=model.head_size, itemsize=model.itemsize)
+
+
+def host_buffers(model: ModelConfig, kind: LayoutKind, num_blocks: int, seed: int) -> HostKVBuffers:
+    bufs = allocate_host_kv_buffers(rank_layout(model, kind, num_blocks), model.dtype, tag="test")
+    rng = np.random.default_rng(seed)
+    for a in bufs.arrays:
+        a.view(np.uint8)[...] = rng.integers(0, 256, a.nbytes, dtype=np.uint8).reshape(a.view(np.uint8).shape)
+    return bufs
+
+
+def block_bytes(bufs: HostKVBuffers, block_id: int) -> bytes:
+    """All bytes of engine block ``block_id`` across every tensor, in a fixed order."""
+    lay = bufs.layout
+    out = []
+    for layer in range(lay.num_layers):
+        for kv in range(lay.kv_dim):
+            t, off = lay.chunk_offset(layer, kv, block_id)
+            raw = bufs.arrays[t].reshape(-1).view(np.uint8)
+            out.append(raw[off: off + lay.chunk_bytes].tobytes())
+    return b"".join(out)
+
+
+def poison(bufs: HostKVBuffers, block_ids: list[int]) -> None:
+    lay = bufs.layout
+    for b in block_ids:
+        for layer in range(lay.num_layers):
+            for kv in range(lay.kv_dim):
+                t, off = lay.chunk_offset(layer, kv, b)
+                bufs.arrays[t].reshape(-1).view(np.uint8)[off: off + lay.chunk_bytes] = 0xAB
+
+
+def slots_for(block_ids: list[int], num_tokens: int) -> np.ndarray:
+    """Token-level slot mapping putting token i into block block_ids[i // T]."""
+    i = np.arange(num_tokens)
+    return (np.asarray(block_ids, dtype=np.int64)[i // T] * T + i % T).astype(np.int64)
+
+
+def tokens(n: int, seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 50_000, n, dtype=np.int64)

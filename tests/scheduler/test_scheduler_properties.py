@@ -1,0 +1,136 @@
+"""Property tests: random sequences of match / launch / complete (ok or failed) / cancel / release
+against a small ControlPlane under eviction pressure, with a fake data plane that moves "bytes".
+
+Each block's bytes are modelled as the block hash the engine would have written. Workers copy
+values between fake tiers when an op succeeds and scribble garbage into the destination when it
+fails. Properties, after every step: check_invariants() holds, and every H2D reads exactly the
+bytes of the blocks the GET asked for (nothing was visible before its bytes landed, nothing was
+evicted or overwritten while a transfer used it).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from flexkv.config import CacheConfig, ModelConfig
+from flexkv.native.hasher import hash_blocks
+from flexkv.scheduler.control import ControlPlane
+from flexkv.scheduler.graph import TransferOp
+from flexkv.types import Medium, TaskStatus
+
+T = 4
+MODEL = ModelConfig(num_layers=2, num_kv_heads=2, head_size=4, dtype="float16")
+GARBAGE = -1
+
+# A few prompts sharing prefixes: trunk, trunk+branch, other trunk.
+_TRUNK = np.arange(24, dtype=np.int64)
+PROMPTS = [
+    _TRUNK[:10], _TRUNK, np.concatenate([_TRUNK[:12], np.arange(500, 516)]),
+    np.concatenate([_TRUNK[:8], np.arange(900, 920)]), np.arange(1000, 1030, dtype=np.int64),
+    np.arange(2000, 2017, dtype=np.int64),
+]
+HASHES = [hash_blocks(p, T) for p in PROMPTS]
+
+
+class FakeDataPlane:
+    """Moves 'bytes' (block hashes) between tiers as workers would."""
+
+    def __init__(self) -> None:
+        self.tiers: dict[Medium, dict[int, int]] = {m: {} for m in (Medium.CPU, Medium.SSD, Medium.REMOTE)}
+
+    def run(self, op: TransferOp, prompt: int, ok: bool) -> None:
+        src_tier, dst_tier = op.op_type.src, op.op_type.dst
+        hashes = HASHES[prompt]
+        for src, dst in zip(op.src_block_ids.tolist(), op.dst_block_ids.tolist(), strict=True):
+            value = int(hashes[src]) if src_tier is Medium.GPU else self.tiers[src_tier].get(src, GARBAGE)
+            if dst_tier is Medium.GPU:
+                assert not ok or value == int(hashes[dst]), f"H2D read wrong bytes into GPU block {dst}"
+            else:
+                self.tiers[dst_tier][dst] = value if ok else GARBAGE
+        if op.block_hashes is not None:
+            assert op.src_block_ids.size == op.block_hashes.size
+
+
+actions = st.lists(
+    st.tuples(st.sampled_from(["get", "get", "put", "put", "launch", "ok", "ok", "ok", "fail", "drain", "drain",
+                               "cancel", "release"]),
+              st.integers(0, len(PROMPTS) - 1), st.integers(0, 3)),
+    min_size=25, max_size=80)
+
+
+def _slots(num_tokens: int) -> np.ndarray:
+    # GPU block id == block position, so the fake data plane can check H2D by position
+    return np.arange(num_tokens, dtype=np.int64)
+
+
+class Driver:
+    """Applies actions to a ControlPlane and the fake data plane."""
+
+    def __init__(self, ssd_blocks: int, remote_blocks: int) -> None:
+        cache = CacheConfig(tokens_per_block=T, num_cpu_blocks=8, enable_ssd=True, num_ssd_blocks=ssd_blocks,
+                            ssd_cache_dir=("/tmp/unused",), enable_remote=True, num_remote_blocks=remote_blocks)
+        self.cp = ControlPlane(MODEL, cache)
+        self.data = FakeDataPlane()
+        self.prompt_of: dict[tuple[int, int], int] = {}  # every task ever matched (ops may outlive release)
+        self.open_keys: list[tuple[int, int]] = []  # matched and not released
+        self.in_flight: list[TransferOp] = []
+        self.next_id = 0
+
+    def match(self, kind: str, prompt: int, mode: int) -> None:
+        self.next_id += 1
+        key = (self.next_id % 2, self.next_id)
+        tokens = PROMPTS[prompt]
+        token_mask = np.arange(tokens.size) >= 2 * T if mode >= 2 else None
+        mask = (self.cp.get_match if kind == "get" else self.cp.put_match)(key, tokens, token_mask)
+        assert mask.size == tokens.size and not mask[tokens.size // T * T:].any()
+        self.prompt_of[key] = prompt
+        self.open_keys.append(key)
+        if mode % 2:
+            self.launch(key)
+
+    def launch(self, key: tuple[int, int]) -> None:
+        if self.cp.poll(key).status is not TaskStatus.CANCELLED:
+            self.in_flight += self.cp.launch(key, _slots(PROMPTS[self.prompt_of[key]].size))
+
+    def complete(self, index: int, ok: bool) -> None:
+        op = self.in_flight.pop(index % len(self.in_flight))
+        self.data.run(op, self.prompt_of[op.task_key], ok)
+        self.in_flight += self.cp.complete_op(op.op_id, ok)
+        event(f"{op.op_type.name} {'ok' if ok else 'failed'}")
+
+    def step(self, action: str, prompt: int, mode: int) -> None:
+        keys = self.open_keys
+        if action in ("get", "put"):
+            self.match(action, prompt, mode)
+        elif action == "launch" and keys:
+            self.launch(keys[prompt % len(keys)])
+        elif action in ("ok", "fail") and self.in_flight:
+            self.complete(prompt, action == "ok")
+        elif action == "drain":
+            while self.in_flight:
+                self.complete(0, True)
+        elif action == "cancel" and keys:
+            self.cp.cancel(keys[prompt % len(keys)])
+        elif action == "release" and keys:
+            self.cp.release(keys.pop(prompt % len(keys)))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(steps=actions, ssd_blocks=st.sampled_from([6, 24]), remote_blocks=st.sampled_from([0, 12]))
+def test_random_operation_sequences_keep_invariants_and_bytes_right(steps: list[tuple[str, int, int]],
+                                                                    ssd_blocks: int, remote_blocks: int) -> None:
+    driver = Driver(ssd_blocks, remote_blocks)
+    event(f"steps {len(steps) // 10 * 10}+")
+    cp = driver.cp
+    for step in steps:
+        driver.step(*step)
+        cp.check_invariants()
+    # drain: every op completes; then releasing everything returns every lock
+    driver.step("drain", 0, 0)
+    while driver.open_keys:
+        driver.step("release", 0, 0)
+        cp.check_invariants()
+    for index in cp.tiers.all():
+        assert not index.lock_count.any(), f"{index.name}: locks left after every task ended"

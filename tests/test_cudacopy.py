@@ -1,0 +1,399 @@
+"""CUDA copy engine and CUDA IPC.
+
+CPU part (runs everywhere): the module builds and imports without CUDA, reports why CUDA is missing,
+refuses to build an engine with GPUUnavailable, and rejects bad copy arguments before touching CUDA.
+GPU part (skipped with the reason where there is no CUDA device): byte-exact round trips GPU -> pool
+-> GPU for every engine layout and every path, event ordering, a multi-GiB registration and CUDA
+IPC across a spawned process. Each GPU test prints what it ran (device, path, bytes).
+"""
+
+from __future__ import annotations
+
+import mmap
+import multiprocessing as mp
+import os
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import numpy as np
+import pytest
+
+from flexkv.config import ModelConfig
+from flexkv.cuda_ipc import CudaIpcEventHandle, CudaIpcHandle
+from flexkv.layout import BlockFirstLayout, ChunkTable, KVCacheLayout, LayoutKind
+from flexkv.native import cudacopy
+from flexkv.native.cudacopy import CopyPath, CudaCopyEngine, GPUUnavailable, prepare_copy
+from flexkv.types import FlexKVError, InvalidRequest, OpType
+
+CUDA_OK, CUDA_WHY = cudacopy.cuda_available()
+
+
+def _torch_cuda() -> tuple[bool, str]:
+    if not CUDA_OK:
+        return False, f"no CUDA here: {CUDA_WHY}"
+    try:
+        import torch
+    except ImportError:
+        return False, "torch is not installed"
+    return (True, "") if torch.cuda.is_available() else (False, "torch has no CUDA")
+
+
+GPU_OK, GPU_WHY = _torch_cuda()
+gpu = pytest.mark.skipif(not GPU_OK, reason=GPU_WHY)
+
+
+# ------------------------------------------------------------------ CPU: no CUDA needed
+
+def _table(num_chunks: int = 4, chunk_bytes: int = 4096, num_blocks: int = 8) -> ChunkTable:
+    stride = chunk_bytes
+    bases = np.array([(1 << 32) + c * num_blocks * stride for c in range(num_chunks)], dtype=np.uint64)
+    return ChunkTable(bases, stride, chunk_bytes, num_blocks)
+
+
+def _offsets(num_chunks: int = 4, chunk_bytes: int = 4096, shard: int = 0) -> np.ndarray:
+    return (np.arange(num_chunks, dtype=np.uint64) + np.uint64(shard * num_chunks)) * np.uint64(chunk_bytes)
+
+
+def _args(**over: Any) -> dict[str, Any]:
+    args: dict[str, Any] = dict(direction=OpType.D2H, table=_table(), pool_addr=1 << 40, pool_block_bytes=4 * 4096,
+                                pool_chunk_offsets=_offsets(), pool_num_blocks=16,
+                                engine_ids=np.array([0, 1, 5], dtype=np.int64),
+                                pool_ids=np.array([3, 4, 9], dtype=np.int64))
+    args.update(over)
+    return args
+
+
+def test_module_builds_and_imports_without_cuda() -> None:
+    # The extension was compiled without any CUDA header or library and loads here.
+    assert cudacopy.lib.FKV_PATH_BATCH == CopyPath.BATCH
+    ok, why = cudacopy.cuda_available()
+    assert isinstance(ok, bool) and why
+    print(f"cuda_available() -> {ok}, {why!r}")
+
+
+@pytest.mark.skipif(CUDA_OK, reason="this machine has CUDA; the no-GPU behaviour cannot be seen here")
+def test_no_cuda_reports_reason_and_engine_refuses() -> None:
+    ok, why = cudacopy.cuda_available()
+    assert not ok and ("libcuda" in why or "driver" in why or "device" in why), why
+    with pytest.raises(GPUUnavailable, match="CUDA") as exc:
+        CudaCopyEngine(0)
+    assert isinstance(exc.value, FlexKVError)
+    with pytest.raises(GPUUnavailable):
+        cudacopy.require_cuda()
+
+
+def test_ptx_built_when_nvcc_exists() -> None:
+    import shutil
+    if not (shutil.which("nvcc") or os.path.exists("/usr/local/cuda/bin/nvcc")):
+        pytest.skip("no nvcc: the kernel paths are expected to be unavailable")
+    with open(cudacopy.PTX_PATH) as f:
+        ptx = f.read()
+    assert ".entry fkv_copy_chunks" in ptx
+
+
+def test_prepare_copy_accepts_and_describes_a_valid_copy() -> None:
+    req = prepare_copy(**_args())
+    assert req.to_pool and req.num_bytes == 3 * 4 * 4096
+    assert req.shard_offset == 0 and req.shard_bytes == 4 * 4096  # the shard is one dense region
+    assert req.aligned16 and not req.block_runs  # chunks of one block are apart on the engine side
+
+
+def test_prepare_copy_shard_of_second_rank_and_block_first_engine() -> None:
+    # TP rank 1 of 2: its chunks start half-way into each pool block.
+    req = prepare_copy(**_args(pool_block_bytes=8 * 4096, pool_chunk_offsets=_offsets(shard=1)))
+    assert req.shard_offset == 4 * 4096 and req.shard_bytes == 4 * 4096
+    # An engine whose block holds all its chunks back to back: BATCH can move whole blocks.
+    bases = np.array([(1 << 32) + c * 4096 for c in range(4)], dtype=np.uint64)
+    req = prepare_copy(**_args(table=ChunkTable(bases, 4 * 4096, 4096, 8)))
+    assert req.block_runs
+
+
+@pytest.mark.parametrize("over, match", [
+    (dict(direction=OpType.H2DISK), "direction"),
+    (dict(engine_ids=np.array([0, 1, 2], dtype=np.int32)), "engine_ids must be a 1-D int64"),
+    (dict(pool_ids=[3, 4, 9]), "pool_ids must be a 1-D int64"),
+    (dict(engine_ids=np.array([0, 1], dtype=np.int64)), "engine_ids has 2 entries but pool_ids has 3"),
+    (dict(engine_ids=np.array([0, 8, 1], dtype=np.int64)), r"engine_ids holds 8, outside \[0, table.num_blocks=8\)"),
+    (dict(pool_ids=np.array([3, -1, 2], dtype=np.int64)), "pool_ids holds -1"),
+    (dict(pool_ids=np.array([3, 3, 2], dtype=np.int64)), "pool_ids .the destination. repeats"),
+    (dict(direction=OpType.H2D, engine_ids=np.array([1, 1, 2], dtype=np.int64)), "engine_ids .the destination."),
+    (dict(pool_chunk_offsets=_offsets()[:3]), "pool_chunk_offsets must be uint64 of shape"),
+    (dict(pool_chunk_offsets=_offsets().astype(np.int64)), "pool_chunk_offsets must be uint64"),
+    (dict(pool_block_bytes=3 * 4096), "overruns pool_block_bytes"),
+    (dict(pool_addr=0), "pool_addr=0"),
+    (dict(table=ChunkTable(_table().bases, 2048, 4096, 8)), "chunk_bytes <= block_stride"),
+    (dict(table=ChunkTable(_table().bases.astype(np.int64), 4096, 4096, 8)), "table.bases must be"),
+])
+def test_prepare_copy_rejects_bad_arguments(over: dict[str, Any], match: str) -> None:
+    with pytest.raises(InvalidRequest, match=match):
+        prepare_copy(**_args(**over))
+
+
+def test_prepare_copy_flags_unaligned_and_sparse_pools() -> None:
+    req = prepare_copy(**_args(pool_addr=(1 << 40) + 8))
+    assert not req.aligned16
+    sparse = _offsets() * np.uint64(2)  # gaps between chunks: not one dense region
+    req = prepare_copy(**_args(pool_block_bytes=8 * 4096, pool_chunk_offsets=sparse))
+    assert req.shard_bytes == 0
+
+
+def test_ipc_handles_round_trip_through_msgspec() -> None:
+    h = CudaIpcHandle(bytes(range(64)), 4096, 1 << 20, 0, (2, 16, 16, 8, 128), "bfloat16")
+    assert msgspec.msgpack.decode(msgspec.msgpack.encode(h), type=CudaIpcHandle) == h
+    e = CudaIpcEventHandle(b"\x01" * 64, 3)
+    assert msgspec.json.decode(msgspec.json.encode(e), type=CudaIpcEventHandle) == e
+
+
+# ------------------------------------------------------------------ GPU helpers
+
+LAYOUTS: dict[str, tuple[LayoutKind, ModelConfig, int]] = {  # name -> (engine layout, model, tp_rank)
+    "vllm_kv_first": (LayoutKind.VLLM_KV_FIRST, ModelConfig(4, 4, 64, "bfloat16"), 0),
+    "vllm_kv_first_tp2_rank1": (LayoutKind.VLLM_KV_FIRST, ModelConfig(4, 4, 64, "bfloat16", tp_size=2), 1),
+    "vllm_block_first": (LayoutKind.VLLM_BLOCK_FIRST, ModelConfig(4, 2, 64, "bfloat16"), 0),
+    "sglang": (LayoutKind.SGLANG, ModelConfig(4, 2, 64, "float16"), 0),
+    "mla": (LayoutKind.MLA, ModelConfig(3, 1, 576, "bfloat16", use_mla=True), 0),
+}
+T, ENGINE_BLOCKS, POOL_BLOCKS = 16, 40, 48
+
+
+def _engine_tensors(kind: LayoutKind, model: ModelConfig) -> list[Any]:
+    import torch
+    dt = getattr(torch, str(model.dtype.value))  # type: ignore[union-attr]
+    h, d, nb = model.heads_per_shard, model.head_size, ENGINE_BLOCKS
+    table: dict[LayoutKind, list[tuple[int, ...]]] = {LayoutKind.VLLM_KV_FIRST: [(2, nb, T, h, d)] * model.num_layers,
+              LayoutKind.VLLM_BLOCK_FIRST: [(nb, 2, T, h, d)] * model.num_layers,
+              LayoutKind.SGLANG: [(nb * T, h, d)] * (2 * model.num_layers),
+              LayoutKind.MLA: [(nb, T, d)] * model.num_layers}
+    shapes = table[kind]
+    gen = torch.Generator(device="cuda").manual_seed(1234)
+    out = []
+    for shape in shapes:
+        t = torch.empty(shape, dtype=dt, device="cuda")
+        t.view(torch.uint8).copy_(torch.randint(0, 256, t.view(torch.uint8).shape, generator=gen, device="cuda",
+                                                dtype=torch.uint8))
+        out.append(t)
+    return out
+
+
+def _host_bytes(tensors: list[Any]) -> list[np.ndarray]:
+    import torch
+    return [t.view(torch.uint8).cpu().numpy().reshape(-1) for t in tensors]
+
+
+def _chunk(layout: KVCacheLayout, host: list[np.ndarray], chunk: int, block: int) -> np.ndarray:
+    ti, off = layout.chunk_offset(chunk // layout.kv_dim, chunk % layout.kv_dim, block)
+    return host[ti][off:off + layout.chunk_bytes]
+
+
+class Pool:
+    """A page-aligned anonymous mmap standing in for the shared-memory CPU pool."""
+
+    def __init__(self, nbytes: int) -> None:
+        self.mm = mmap.mmap(-1, nbytes)
+        self.arr = np.frombuffer(self.mm, dtype=np.uint8)
+        self.addr = self.arr.ctypes.data
+
+
+def _pairs(rng: np.random.Generator, n: int, limit: int) -> np.ndarray:
+    # A run of consecutive ids (exercises coalescing) followed by random distinct ids.
+    run = np.arange(5, 5 + n // 2, dtype=np.int64)
+    rest = rng.choice(np.setdiff1d(np.arange(limit), run), n - run.size, replace=False).astype(np.int64)
+    return np.concatenate([run, rest])
+
+
+def _device_line(eng: CudaCopyEngine) -> str:
+    i = eng.info
+    return (f"device {i.device_id} cc {i.compute_capability} sms {i.num_sms} runtime {i.runtime_version} "
+            f"driver {i.driver_version} batch_api {i.has_batch_api} kernels {i.has_kernels}")
+
+
+# ------------------------------------------------------------------ GPU: round trips
+
+@gpu
+@pytest.mark.parametrize("path", [CopyPath.BATCH, CopyPath.STAGED, CopyPath.KERNEL, CopyPath.AUTO])
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_round_trip_gpu_pool_gpu_is_byte_exact(name: str, path: CopyPath) -> None:
+    import torch
+    kind, model, rank = LAYOUTS[name]
+    tensors = _engine_tensors(kind, model)
+    layout = KVCacheLayout.from_tensors(kind, tensors, T)
+    pool_layout = BlockFirstLayout(model, T)
+    shard = pool_layout.shard_of_rank(rank)
+    offs = pool_layout.shard_chunk_offsets(shard)
+    table = layout.chunk_table([t.data_ptr() for t in tensors])
+    pool = Pool(POOL_BLOCKS * pool_layout.block_bytes)
+    pool.arr[:] = 0xA5
+    original = _host_bytes(tensors)
+    rng = np.random.default_rng(7)
+    eng_ids, pool_ids = _pairs(rng, 12, ENGINE_BLOCKS), _pairs(rng, 12, POOL_BLOCKS)
+    with CudaCopyEngine(0, path) as eng:
+        eng.register_host(pool.addr, pool.arr.size)
+        req = prepare_copy(OpType.D2H, table, pool.addr, pool_layout.block_bytes, offs, POOL_BLOCKS, eng_ids, pool_ids)
+        print(f"\n{name} path {path.name} -> {eng.choose_path(req).name}: {req.num_bytes} B each way; "
+              f"{_device_line(eng)}")
+        if path is CopyPath.KERNEL or path is CopyPath.STAGED:
+            assert not eng.unavailable(path, req), eng.unavailable(path, req)
+        eng.copy_blocks(OpType.D2H, table, pool.addr, pool_layout.block_bytes, offs, POOL_BLOCKS, eng_ids, pool_ids)
+        eng.synchronize()
+        blocks = pool.arr.reshape(POOL_BLOCKS, pool_layout.block_bytes)
+        for e_id, p_id in zip(eng_ids, pool_ids, strict=True):
+            for c in range(offs.size):
+                got = blocks[p_id, int(offs[c]):int(offs[c]) + layout.chunk_bytes]
+                assert np.array_equal(got, _chunk(layout, original, c, e_id)), (name, e_id, p_id, c)
+        untouched = np.setdiff1d(np.arange(POOL_BLOCKS), pool_ids)
+        assert (blocks[untouched] == 0xA5).all()
+        if pool_layout.num_shards > 1:  # the other rank's part of each written block is untouched
+            other = pool_layout.shard_chunk_offsets(1 - shard)
+            lo = int(other.min())
+            assert (blocks[pool_ids, lo:lo + pool_layout.shard_bytes] == 0xA5).all()
+        # Poison the whole engine cache, bring the blocks back into other engine blocks.
+        for t in tensors:
+            t.view(torch.uint8).fill_(0x5A)
+        back = rng.permutation(ENGINE_BLOCKS)[:12].astype(np.int64)
+        eng.copy_blocks(OpType.H2D, table, pool.addr, pool_layout.block_bytes, offs, POOL_BLOCKS, back, pool_ids)
+        eng.synchronize()
+        eng.unregister_host()
+    now = _host_bytes(tensors)
+    for b_new, e_old in zip(back, eng_ids, strict=True):
+        for c in range(offs.size):
+            assert np.array_equal(_chunk(layout, now, c, b_new), _chunk(layout, original, c, e_old)), (b_new, c)
+    for b in np.setdiff1d(np.arange(ENGINE_BLOCKS), back):
+        assert (_chunk(layout, now, 0, b) == 0x5A).all()
+
+
+@gpu
+def test_copy_waits_for_the_engines_event() -> None:
+    """Ordering contract: the engine records an event after writing KV; the copy waits on it."""
+    import torch
+    kind, model, _ = LAYOUTS["vllm_kv_first"]
+    tensors = _engine_tensors(kind, model)
+    layout = KVCacheLayout.from_tensors(kind, tensors, T)
+    pool_layout = BlockFirstLayout(model, T)
+    offs = pool_layout.shard_chunk_offsets(0)
+    pool = Pool(POOL_BLOCKS * pool_layout.block_bytes)
+    ids = np.arange(8, dtype=np.int64)
+    with CudaCopyEngine(0, CopyPath.BATCH) as eng:
+        eng.register_host(pool.addr, pool.arr.size)
+        side = torch.cuda.Stream()
+        done = torch.cuda.Event()
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(200_000_000)  # ~0.1 s of GPU time before the KV write lands
+            for t in tensors:
+                t.view(torch.uint8).fill_(7)
+            done.record(side)
+        eng.copy_blocks(OpType.D2H, layout.chunk_table([t.data_ptr() for t in tensors]), pool.addr,
+                        pool_layout.block_bytes, offs, POOL_BLOCKS, ids, ids, wait_event=done.cuda_event)
+        eng.synchronize()
+        eng.unregister_host()
+    assert (pool.arr[: 8 * pool_layout.block_bytes] == 7).all()
+    print("\nD2H waited for the engine's event: pool holds the bytes written after a 0.1 s GPU sleep")
+
+
+@gpu
+def test_kernel_path_refuses_an_unregistered_pool() -> None:
+    kind, model, _ = LAYOUTS["mla"]
+    tensors = _engine_tensors(kind, model)
+    layout = KVCacheLayout.from_tensors(kind, tensors, T)
+    pool_layout = BlockFirstLayout(model, T)
+    pool = Pool(POOL_BLOCKS * pool_layout.block_bytes)
+    ids = np.arange(4, dtype=np.int64)
+    with CudaCopyEngine(0, CopyPath.KERNEL) as eng, pytest.raises(InvalidRequest, match="not registered"):
+        eng.copy_blocks(OpType.D2H, layout.chunk_table([t.data_ptr() for t in tensors]), pool.addr,
+                        pool_layout.block_bytes, pool_layout.shard_chunk_offsets(0), POOL_BLOCKS, ids, ids)
+
+
+@gpu
+def test_register_a_4_gib_pool_in_pieces_with_progress() -> None:
+    nbytes, piece = 4 << 30, 1 << 30
+    pool = Pool(nbytes)
+    seen: list[tuple[int, int]] = []
+
+    def progress(done: int, total: int) -> None:
+        seen.append((done, total))
+        print(f"registered {done >> 20} / {total >> 20} MiB")
+
+    with CudaCopyEngine(0) as eng:
+        eng.register_host(pool.addr, nbytes, chunk_bytes=piece, progress=progress)
+        assert seen == [(k * piece, nbytes) for k in range(1, 5)]
+        assert eng.is_registered(pool.addr + nbytes - 4096, 4096)
+        # A copy into the last GiB lands: 1 MiB from device memory.
+        src = cudacopy.device_alloc(0, 1 << 20)
+        try:
+            cudacopy.memcpy_sync(0, pool.addr + nbytes - (1 << 20), src, 1 << 20)
+        finally:
+            cudacopy.device_free(0, src)
+        eng.unregister_host()
+        assert not eng.is_registered(pool.addr, 4096)
+
+
+# ------------------------------------------------------------------ GPU: CUDA IPC across processes
+
+def _ipc_child(handles: list[bytes], pool_path: str, pool_bytes: int, result: Any) -> None:
+    from flexkv import cuda_ipc
+    try:
+        kind, model, _ = LAYOUTS["vllm_kv_first"]
+        hs = [msgspec.msgpack.decode(h, type=CudaIpcHandle) for h in handles]
+        opened = [cuda_ipc.open_handle(h) for h in hs]
+        num_allocs = cuda_ipc.num_open_allocations()
+        layout = KVCacheLayout.from_shapes(kind, [h.shape for h in hs], 2, T)
+        pool_layout = BlockFirstLayout(model, T)
+        with open(pool_path, "r+b") as f:
+            mm = mmap.mmap(f.fileno(), pool_bytes)
+        arr = np.frombuffer(mm, dtype=np.uint8)
+        ids = np.arange(ENGINE_BLOCKS, dtype=np.int64)
+        with CudaCopyEngine(hs[0].device_id) as eng:
+            eng.register_host(arr.ctypes.data, pool_bytes)
+            eng.copy_blocks(OpType.D2H, layout.chunk_table([p for p, _ in opened]), arr.ctypes.data,
+                            pool_layout.block_bytes, pool_layout.shard_chunk_offsets(0), POOL_BLOCKS, ids, ids)
+            eng.synchronize()
+        for _, close in opened:
+            close()
+        del arr
+        mm.flush()
+        mm.close()
+        result.put(("ok", num_allocs, cuda_ipc.num_open_allocations()))
+    except Exception as e:  # noqa: BLE001 - report any failure to the parent
+        result.put(("error", repr(e), 0))
+
+
+@gpu
+def test_ipc_export_then_open_and_copy_in_a_spawned_process(request: pytest.FixtureRequest) -> None:
+    import torch
+
+    from flexkv.cuda_ipc import export_tensor
+    kind, model, _ = LAYOUTS["vllm_kv_first"]
+    # All layers carved out of ONE allocation: the worker must open it once.
+    per_layer = 2 * ENGINE_BLOCKS * T * model.heads_per_shard * model.head_size
+    big = torch.randint(-1000, 1000, (model.num_layers * per_layer,), dtype=torch.int16, device="cuda")
+    shape = (2, ENGINE_BLOCKS, T, model.heads_per_shard, model.head_size)
+    tensors = [big[i * per_layer:(i + 1) * per_layer].view(torch.bfloat16).view(shape)
+               for i in range(model.num_layers)]
+    handles = [export_tensor(t) for t in tensors]
+    assert len({h.handle for h in handles}) == 1 and handles[1].offset - handles[0].offset == per_layer * 2
+    pool_layout = BlockFirstLayout(model, T)
+    pool_bytes = POOL_BLOCKS * pool_layout.block_bytes
+    # tmpfs (POSIX shared memory): cudaHostRegister refuses mappings of files on disk filesystems.
+    pool_path = Path(f"/dev/shm/flexkv_test_ipc_{os.getpid()}")
+    request.addfinalizer(lambda: pool_path.unlink(missing_ok=True))
+    pool_path.write_bytes(b"\xee" * pool_bytes)
+    torch.cuda.synchronize()
+    ctx = mp.get_context("spawn")
+    result = ctx.Queue()
+    child = ctx.Process(target=_ipc_child, args=([msgspec.msgpack.encode(h) for h in handles], str(pool_path),
+                                                 pool_bytes, result))
+    child.start()
+    status, num_allocs, left = result.get(timeout=90)
+    child.join(timeout=30)
+    assert status == "ok", num_allocs
+    assert num_allocs == 1 and left == 0
+    layout = KVCacheLayout.from_tensors(kind, tensors, T)
+    host = _host_bytes(tensors)
+    blocks = np.frombuffer(pool_path.read_bytes(), dtype=np.uint8).reshape(POOL_BLOCKS, -1)
+    offs = pool_layout.shard_chunk_offsets(0)
+    for b in range(ENGINE_BLOCKS):
+        for c in range(offs.size):
+            got = blocks[b, int(offs[c]):int(offs[c]) + layout.chunk_bytes]
+            assert np.array_equal(got, _chunk(layout, host, c, b)), (b, c)
+    assert (blocks[ENGINE_BLOCKS:] == 0xEE).all()
+    print(f"\nIPC: child opened {len(handles)} tensors from 1 allocation and copied {ENGINE_BLOCKS} blocks exactly")

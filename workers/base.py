@@ -1,0 +1,131 @@
+"""Worker process base: connect, announce, receive ops, batch them, execute, report per op.
+
+A worker never decides policy: it runs exactly the ops the server sends and reports each one's
+success or a typed failure message. Subclasses implement ``op_types`` and ``execute``.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import os
+import signal
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import zmq
+
+from flexkv.config import CacheConfig, ModelConfig, configs_from_json
+from flexkv.protocol.codec import SERVER_TO_WORKER, WORKER_TO_SERVER, ProtocolError, frame_array
+from flexkv.protocol.worker_msgs import ExecuteOpMsg, OpsDoneMsg, StopWorkerMsg, WorkerHelloMsg
+from flexkv.shm import SharedPool
+from flexkv.types import OpType
+
+log = logging.getLogger("flexkv.worker")
+
+MAX_BATCH = 256
+
+
+class Op:
+    """One op as a worker sees it."""
+
+    __slots__ = ("block_hashes", "dst_ids", "op_id", "op_type", "src_ids")
+
+    def __init__(self, op_id: int, op_type: OpType, src_ids: npt.NDArray[np.int64], dst_ids: npt.NDArray[np.int64],
+                 block_hashes: npt.NDArray[np.uint64] | None) -> None:
+        self.op_id, self.op_type = op_id, op_type
+        self.src_ids, self.dst_ids, self.block_hashes = src_ids, dst_ids, block_hashes
+
+
+class Worker(abc.ABC):
+    """Base of every worker process. ``spec`` is the JSON-able dict the server spawned us with."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        self.worker_id: str = spec["worker_id"]
+        self.model, self.cache = self._configs(spec)
+        self.pool = SharedPool.attach(spec["pool_name"])
+        self.pool_block_bytes: int = spec["pool_block_bytes"]
+        self.pool_num_blocks: int = spec["pool_num_blocks"]
+        self._ctx = zmq.Context()
+        self._sock: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
+        self._sock.setsockopt(zmq.IDENTITY, self.worker_id.encode())
+        self._sock.setsockopt(zmq.LINGER, 1000)
+        self._sock.connect(spec["worker_address"])
+        self._running = True
+
+    @staticmethod
+    def _configs(spec: dict[str, Any]) -> tuple[ModelConfig, CacheConfig]:
+        return configs_from_json(spec["configs"])
+
+    @abc.abstractmethod
+    def op_types(self) -> list[OpType]:
+        """The op types this worker executes."""
+
+    @abc.abstractmethod
+    def execute(self, ops: list[Op]) -> list[str]:
+        """Run a batch of ops; return one error message per op ("" = success). Must not raise."""
+
+    def close(self) -> None:
+        """Release what the worker opened (subclasses extend)."""
+        self.pool.close()
+
+    # -- loop -----------------------------------------------------------------------------------
+    def run(self) -> None:
+        signal.signal(signal.SIGTERM, lambda *_: self._stop())
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops us
+        hello = WorkerHelloMsg(worker_id=self.worker_id, pid=os.getpid(), op_types=[int(t) for t in self.op_types()])
+        self._sock.send_multipart(WORKER_TO_SERVER.encode(hello))
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        while self._running:
+            if not poller.poll(timeout=500):
+                if os.getppid() == 1:  # the server died without stopping us
+                    break
+                continue
+            batch = self._receive_batch()
+            if batch:
+                errors = self._execute_safely(batch)
+                done = OpsDoneMsg(worker_id=self.worker_id, op_ids=[op.op_id for op in batch], errors=errors)
+                self._sock.send_multipart(WORKER_TO_SERVER.encode(done))
+        self.close()
+        self._ctx.destroy(linger=1000)
+
+    def _stop(self) -> None:
+        self._running = False
+
+    def _receive_batch(self) -> list[Op]:
+        batch: list[Op] = []
+        while len(batch) < MAX_BATCH:
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            try:
+                msg, arrays = SERVER_TO_WORKER.decode(frames)
+            except ProtocolError as e:
+                log.error("%s: bad message from server: %s", self.worker_id, e)
+                continue
+            if isinstance(msg, StopWorkerMsg):
+                self._running = False
+                break
+            assert isinstance(msg, ExecuteOpMsg)
+            batch.append(self._decode_op(msg, arrays))
+        return batch
+
+    @staticmethod
+    def _decode_op(msg: ExecuteOpMsg, arrays: list[memoryview]) -> Op:
+        src = frame_array(arrays[0], np.int64, "src_block_ids")
+        dst = frame_array(arrays[1], np.int64, "dst_block_ids")
+        hashes = frame_array(arrays[2], np.uint64, "block_hashes") if len(arrays) > 2 else None
+        return Op(msg.op_id, OpType(msg.op_type), src, dst, hashes)
+
+    def _execute_safely(self, batch: list[Op]) -> list[str]:
+        try:
+            errors = self.execute(batch)
+            assert len(errors) == len(batch)
+            return errors
+        except Exception as e:  # noqa: BLE001 - a failing op must be reported, never kill the worker
+            log.exception("%s: batch failed", self.worker_id)
+            return [f"{type(e).__name__}: {e}"] * len(batch)

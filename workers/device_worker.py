@@ -1,0 +1,104 @@
+"""The device worker: moves KV between one TP rank's engine buffers and the shared-memory CPU pool.
+
+One process per (DP client, TP rank). The engine's buffers are either host shared memory registered
+by a KVTPClient (CPU engines and CPU-only CI: the "host-device" path, C memcpy over threads) or CUDA
+tensors shared through CUDA IPC handles (the GPU path, see docs/gpu.md). Either way it executes
+H2D (pool -> engine) and D2H (engine -> pool) ops for its rank's head shard of each block.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from flexkv.layout import BlockFirstLayout, ChunkTable, KVCacheLayout, LayoutKind
+from flexkv.native import hostcopy
+from flexkv.shm import SharedPool
+from flexkv.types import OpType
+from flexkv.workers.base import Op, Worker
+
+log = logging.getLogger("flexkv.worker")
+
+
+def engine_layout(reg: dict[str, Any]) -> KVCacheLayout:
+    """The KVCacheLayout described by a registration (RegisterKVMsg fields)."""
+    return KVCacheLayout(kind=LayoutKind(reg["layout_kind"]), num_layers=reg["num_layers"],
+                         num_blocks=reg["num_blocks"], tokens_per_block=reg["tokens_per_block"],
+                         num_heads=reg["num_heads"], head_size=reg["head_size"], itemsize=reg["itemsize"])
+
+
+class CopyBackend(abc.ABC):
+    """Moves chunks of blocks between engine buffers and the pool, for one TP rank."""
+
+    @abc.abstractmethod
+    def copy(self, op_type: OpType, engine_ids: npt.NDArray[np.int64], pool_ids: npt.NDArray[np.int64]) -> None:
+        """Copy whole blocks (this rank's shard); raise on failure, with nothing partially published."""
+
+    def close(self) -> None:
+        """Release buffers."""
+
+
+class HostCopyBackend(CopyBackend):
+    """Engine buffers in host shared memory: multi-threaded memcpy in C."""
+
+    def __init__(self, worker: DeviceWorker, layout: KVCacheLayout, reg: dict[str, Any]) -> None:
+        self._segment = SharedPool.attach(reg["host_segment"])
+        ptrs = [self._segment.address + off for off in reg["tensor_offsets"]]
+        if len(ptrs) != layout.num_tensors:
+            raise ValueError(f"registration has {len(ptrs)} tensors, layout needs {layout.num_tensors}")
+        self._table: ChunkTable = layout.chunk_table(ptrs)
+        self._worker = worker
+        self._threads = 2
+
+    def copy(self, op_type: OpType, engine_ids: npt.NDArray[np.int64], pool_ids: npt.NDArray[np.int64]) -> None:
+        w = self._worker
+        hostcopy.copy_blocks(hostcopy.CopyDirection.from_op(op_type), self._table, w.pool.address,
+                             w.pool_block_bytes, w.shard_offsets, w.pool_num_blocks, engine_ids, pool_ids,
+                             num_threads=self._threads)
+
+    def close(self) -> None:
+        self._segment.close()
+
+
+class DeviceWorker(Worker):
+    def __init__(self, spec: dict[str, Any]) -> None:
+        super().__init__(spec)
+        reg = spec["registration"]
+        self.tp_rank: int = spec["tp_rank"]
+        self.layout = engine_layout(reg)
+        block_first = BlockFirstLayout(self.model, self.cache.tokens_per_block)
+        block_first.check_engine_layout(self.layout)
+        self.shard_offsets = block_first.shard_chunk_offsets(block_first.shard_of_rank(self.tp_rank))
+        self.backend: CopyBackend
+        if reg.get("cuda_handles"):
+            from flexkv.workers.gpu_backend import CudaCopyBackend
+
+            self.backend = CudaCopyBackend(self, self.layout, reg)
+        else:
+            self.backend = HostCopyBackend(self, self.layout, reg)
+
+    def op_types(self) -> list[OpType]:
+        return [OpType.H2D, OpType.D2H]
+
+    def execute(self, ops: list[Op]) -> list[str]:
+        errors: list[str] = []
+        for op in ops:
+            try:
+                if op.op_type is OpType.H2D:
+                    self.backend.copy(op.op_type, engine_ids=op.dst_ids, pool_ids=op.src_ids)
+                elif op.op_type is OpType.D2H:
+                    self.backend.copy(op.op_type, engine_ids=op.src_ids, pool_ids=op.dst_ids)
+                else:
+                    raise ValueError(f"device worker cannot run {op.op_type.name}")
+                errors.append("")
+            except Exception as e:  # noqa: BLE001 - reported per op
+                errors.append(f"{op.op_type.name} on rank {self.tp_rank}: {type(e).__name__}: {e}")
+        return errors
+
+    def close(self) -> None:
+        self.backend.close()
+        super().close()

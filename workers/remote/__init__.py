@@ -1,0 +1,36 @@
+"""The remote tier's stores: Redis/Valkey (standalone or cluster) and a shared filesystem path.
+
+Runs inside a remote worker process. ``open_remote_store`` picks the backend from the config and
+checks the store answers; the worker then calls ``put_blocks``/``get_blocks``/``count_prefix``.
+"""
+
+from __future__ import annotations
+
+from flexkv.config import RemoteBackend, RemoteConfig
+
+from .base import RemoteStore, RemoteUnavailable
+from .fs_store import FilesystemStore
+from .redis_store import RedisStore
+
+__all__ = ["FilesystemStore", "RedisStore", "RemoteStore", "RemoteUnavailable", "open_remote_store"]
+
+
+def open_remote_store(config: RemoteConfig, namespace_tag: str = "") -> RemoteStore:
+    """Open the store ``config`` names and check it answers.
+
+    ``namespace_tag`` (e.g. a model/layout fingerprint) is appended to ``config.key_prefix`` so
+    deployments whose blocks differ never read each other's bytes; it must not contain braces or
+    ``/``. Raises RemoteUnavailable naming ``host:port`` (or the path) when the store cannot be
+    reached; whether that is fatal (``config.required``) is the caller's decision.
+    """
+    store: RemoteStore
+    if config.backend is RemoteBackend.FILESYSTEM:
+        store = FilesystemStore(config, namespace_tag)
+    else:
+        store = RedisStore(config, namespace_tag)
+    try:
+        store.ping()
+    except RemoteUnavailable:
+        store.close()
+        raise
+    return store
