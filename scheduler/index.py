@@ -143,6 +143,7 @@ class RadixIndex:
             num_blocks -= run
             if not node.children:
                 self.evictor.offer(node)
+        self._maybe_rebuild_queue()
 
     # ---- block state ---------------------------------------------------------------------
 
@@ -198,6 +199,7 @@ class RadixIndex:
             parent.children[int(hashes[0])] = node
             self.num_nodes += 1
         self.evictor.offer(node)
+        self._maybe_rebuild_queue()
 
     def evict(self, num_blocks: int) -> int:
         """Free up to ``num_blocks`` unlocked leaf-tail blocks in policy order; returns how many."""
@@ -299,6 +301,7 @@ class RadixIndex:
         self.lock_count = np.concatenate([self.lock_count, np.zeros(extra, dtype=np.int32)])
 
     def _maybe_rebuild_queue(self) -> None:
+        """Every access queues an entry; drop the stale ones before they outnumber the nodes."""
         if len(self.evictor) > 4 * self.num_nodes + 4096:
             self.evictor.rebuild(n for n in self.iter_nodes() if not n.children)
 
@@ -317,7 +320,10 @@ class RadixIndex:
         return self.pool.num_used_blocks
 
     def check_invariants(self) -> None:
-        """Tree shape, id ownership and block state; raises AssertionError naming the problem."""
+        """Tree shape (every node reachable from the root by its first hash, so the tier is
+        prefix-closed), every leaf queued for eviction, indexed ids == allocated ids (no leak, no
+        double use), lock counts >= 0, free blocks neither locked nor ready. Raises AssertionError
+        naming the problem. (Lock counts against live reservations: ``ControlPlane.check_invariants``.)"""
         self.pool.check_invariants()
         nodes = self.iter_nodes()
         queued = self.evictor.queued()

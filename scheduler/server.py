@@ -308,7 +308,9 @@ class SchedulerServer:
             info = {"ready": self.is_ready()}
         elif msg.what == "stats":
             info = {**self.control.stats(), "in_flight_ops": self.supervisor.num_in_flight,
-                    "num_workers": len(self.supervisor.workers)}
+                    "num_workers": len(self.supervisor.workers), "server_pid": os.getpid()}
+            for worker_id, handle in self.supervisor.workers.items():
+                info[f"pid:{worker_id}"] = handle.proc.pid if handle.proc is not None else -1
         elif msg.what == "check":
             self.control.check_invariants()
             info = {"ok": True}
@@ -353,7 +355,7 @@ class SchedulerServer:
                 continue
             statuses = [r.status if self._is_final(k, r) else TaskStatus.TIMEOUT
                         for k, r in zip(keys, resps, strict=True)]
-            errors = [self._errors.get(k, "") for k in keys]
+            errors = [self._errors.get(k, r.error) for k, r in zip(keys, resps, strict=True)]
             masks = [r.return_mask if r.return_mask is not None else b"" for r in resps]
             reply = cm.WaitReplyMsg(req_id=w.req_id, task_ids=w.task_ids, statuses=[int(s) for s in statuses],
                                     errors=errors)
@@ -411,7 +413,7 @@ class SchedulerServer:
         if error:
             log.warning("op %d failed: %s", op_id, error)
         try:
-            return self.control.complete_op(op_id, not error)
+            return self.control.complete_op(op_id, not error, error)
         except FlexKVError as e:  # e.g. an op of a task dropped meanwhile
             log.debug("completion of op %d ignored: %s", op_id, e)
             return []

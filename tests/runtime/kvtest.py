@@ -66,3 +66,36 @@ def slots_for(block_ids: list[int], num_tokens: int) -> np.ndarray:
 
 def tokens(n: int, seed: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 50_000, n, dtype=np.int64)
+
+
+def tp_rank_process(address: str, model: ModelConfig, kind: str, num_blocks: int, rank: int, dp_client_id: int,
+                    conn: object) -> None:
+    """A TP rank in its own process: allocate, fill, register; answer ("block", id) / ("poison", ids) / "stop"."""
+    from flexkv.client import KVTPClient
+
+    bufs = host_buffers(model, LayoutKind(kind), num_blocks, seed=100 + rank)
+    client = KVTPClient(address, dp_client_id=dp_client_id, tp_rank=rank)
+    client.register(bufs, bufs.layout)
+    conn.send("registered")  # type: ignore[attr-defined]
+    while True:
+        req = conn.recv()  # type: ignore[attr-defined]
+        if req == "stop":
+            break
+        if req[0] == "block":
+            conn.send(block_bytes(bufs, req[1]))  # type: ignore[attr-defined]
+        elif req[0] == "poison":
+            poison(bufs, req[1])
+            conn.send("ok")  # type: ignore[attr-defined]
+    client.close()
+    bufs.close()
+
+
+def start_server(model: ModelConfig, cache: CacheConfig, address: str) -> object:
+    """A server process in server mode (what examples/run_server.py runs)."""
+    import subprocess
+    import sys
+
+    from flexkv.config import configs_to_json
+
+    return subprocess.Popen([sys.executable, "-m", "flexkv.scheduler.main", "--configs-json",
+                             configs_to_json(model, cache), "--address", address])
