@@ -99,7 +99,7 @@ class Case:
         self.engines = [CudaCopyEngine(0, staging_bytes=args.staging_mib << 20, kernel_ctas=args.kernel_ctas)
                         for _ in range(2)]
         t0 = time.perf_counter()
-        self.engines[0].register_host(self.pool.addr, self.pool.nbytes, chunk_bytes=512 * self.block_bytes)
+        self.engines[0].register_host(self.pool.addr, self.pool.nbytes, block_bytes=self.block_bytes)
         self.register_s = time.perf_counter() - t0
 
     def copy(self, eng: CudaCopyEngine, op: OpType, path: CopyPath, put: bool) -> None:

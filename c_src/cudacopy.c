@@ -289,6 +289,7 @@ struct fkv_engine {
 	size_t sizes[FKV_BATCH_MAX];
 	size_t num_batched;
 	uint64_t run_dst, run_src, run_bytes; /* the run being coalesced */
+	uint64_t piece_base, piece_bytes;     /* registration pieces of the pool: runs never span two */
 	void *staging;
 	cuda_event_t ev_up, ev_dma[2], ev_kern[2];
 	struct fkv_desc_slot ring[FKV_RING];
@@ -563,12 +564,23 @@ static int flush_run(struct fkv_engine *e, struct fkv_err *err)
 	return e->num_batched == FKV_BATCH_MAX ? issue_batch(e, err) : 0;
 }
 
-/* Append one copy; extend the current run when both sides continue it. */
-static int emit(struct fkv_engine *e, uint64_t dst, uint64_t src, uint64_t bytes, struct fkv_err *err)
+/* A DMA spanning two separately registered host ranges is refused by CUDA (invalid argument). */
+static int spans_pieces(const struct fkv_engine *e, uint64_t start, uint64_t end)
 {
+	if (!e->piece_bytes)
+		return 0;
+	return (start - e->piece_base) / e->piece_bytes != (end - 1 - e->piece_base) / e->piece_bytes;
+}
+
+/* Append one copy; extend the current run when both sides continue it within one host piece. */
+static int emit(struct fkv_engine *e, uint64_t dst, uint64_t src, uint64_t bytes, int pool_is_dst,
+		struct fkv_err *err)
+{
+	uint64_t pool_start = pool_is_dst ? e->run_dst : e->run_src;
 	int rc;
 
-	if (e->run_bytes && dst == e->run_dst + e->run_bytes && src == e->run_src + e->run_bytes) {
+	if (e->run_bytes && dst == e->run_dst + e->run_bytes && src == e->run_src + e->run_bytes &&
+	    !spans_pieces(e, pool_start, pool_start + e->run_bytes + bytes)) {
 		e->run_bytes += bytes;
 		return 0;
 	}
@@ -582,7 +594,7 @@ static int emit(struct fkv_engine *e, uint64_t dst, uint64_t src, uint64_t bytes
 static int emit_pair(struct fkv_engine *e, int to_pool, uint64_t eng, uint64_t pool, uint64_t bytes,
 		     struct fkv_err *err)
 {
-	return to_pool ? emit(e, pool, eng, bytes, err) : emit(e, eng, pool, bytes, err);
+	return to_pool ? emit(e, pool, eng, bytes, 1, err) : emit(e, eng, pool, bytes, 0, err);
 }
 
 static int finish_emits(struct fkv_engine *e, struct fkv_err *err)
@@ -883,6 +895,8 @@ int64_t fkv_engine_copy(struct fkv_engine *e, const struct fkv_copy_desc *d, int
 	if (d->num_pairs == 0)
 		return 0;
 	RT("cudaSetDevice", cu.SetDevice(e->device));
+	e->piece_base = d->pool_piece_base;
+	e->piece_bytes = d->pool_piece_bytes;
 	copies_before = e->stats.num_copies;
 	if (path == FKV_PATH_BATCH)
 		rc = copy_batch(e, d, err);

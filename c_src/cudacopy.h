@@ -31,6 +31,8 @@ struct fkv_copy_desc {
 	uint64_t pool_block_bytes;
 	uint64_t shard_offset;         /* STAGED: min(pool_offsets); the shard's part starts here */
 	uint64_t shard_bytes;          /* STAGED: num_chunks * chunk_bytes, contiguous in the pool */
+	uint64_t pool_piece_base;      /* the pool's host registration: pieces of pool_piece_bytes */
+	uint64_t pool_piece_bytes;     /* from here; no DMA may span two pieces (0 = one piece) */
 	uint64_t num_pairs;
 	const int64_t *engine_ids;
 	const int64_t *pool_ids;

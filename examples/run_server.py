@@ -41,6 +41,7 @@ def parse_args() -> argparse.Namespace:
     c.add_argument("--ssd-cache-dir", default="", help="';'-separated directories, one per drive")
     c.add_argument("--ssd-cache-gb", type=float, default=None)
     c.add_argument("--num-ssd-blocks", type=int, default=None)
+    c.add_argument("--ssd-clean", action="store_true", help="delete flexkv's SSD cache files before starting")
     c.add_argument("--enable-remote", action="store_true")
     c.add_argument("--remote-host", default="127.0.0.1")
     c.add_argument("--remote-port", type=int, default=6379)
@@ -89,7 +90,16 @@ def main() -> int:
     except ConfigError as e:
         print(f"run_server.py: config error: {e}", file=sys.stderr)
         return 2
-    server = SchedulerServer(model, cache, client_address=args.server_address)
+    if args.ssd_clean and cache.enable_ssd:
+        from flexkv.workers.ssd_store import SSDStore
+
+        SSDStore.remove_files(list(cache.ssd_cache_dir))  # type: ignore[arg-type]
+        print(f"removed flexkv SSD cache files in {';'.join(cache.ssd_cache_dir)}", flush=True)
+    try:
+        server = SchedulerServer(model, cache, client_address=args.server_address)
+    except ConfigError as e:
+        print(f"run_server.py: cannot start: {e}", file=sys.stderr)
+        return 2
     server.install_signal_handlers()
     print(f"flexkv server listening on {server.client_address}  (CPU pool {cache.num_cpu_blocks} blocks, "
           f"{cache.num_cpu_blocks * model.block_bytes(cache.tokens_per_block) / GIB:.2f} GiB)  -- Ctrl-C to stop",

@@ -330,3 +330,17 @@ def configs_from_json(text: str) -> tuple[ModelConfig, CacheConfig]:
     cache = dict(data["cache"])
     cache["remote"] = RemoteConfig(**cache["remote"])
     return ModelConfig(**data["model"]), CacheConfig(**cache)
+
+
+def kv_fingerprint(model: ModelConfig, tokens_per_block: int) -> str:
+    """A short tag naming the byte layout of a block (shape, dtype, TP sharding, block size).
+
+    Servers whose blocks are laid out differently must never read each other's blocks from a shared
+    remote store, so it is part of every remote key.
+    """
+    import xxhash
+
+    assert isinstance(model.dtype, DType)
+    desc = (f"L{model.num_layers}H{model.num_kv_heads}D{model.head_size}{model.dtype.value}"
+            f"M{int(model.use_mla)}TP{model.num_shards}T{tokens_per_block}")
+    return xxhash.xxh3_64_hexdigest(desc.encode())[:8]

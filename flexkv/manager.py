@@ -28,6 +28,7 @@ from flexkv.client import HostKVBuffers, KVTPClient
 from flexkv.config import CacheConfig, ModelConfig, configs_to_json
 from flexkv.layout import KVCacheLayout, LayoutKind
 from flexkv.protocol import client_msgs as cm
+from flexkv.scheduler.main import STARTUP_ERROR_FILE
 from flexkv.transport import ServerConnection, ServerUnavailable
 from flexkv.types import FlexKVError, InvalidRequest, KVResponse, TaskStatus
 
@@ -99,8 +100,16 @@ class KVManager:
                 break
             except ServerUnavailable:
                 if self._proc is not None and self._proc.poll() is not None:
+                    reason = f"flexkv server exited with code {self._proc.returncode} during start"
+                    try:
+                        with open(os.path.join(str(self._runtime_dir), STARTUP_ERROR_FILE), encoding="utf-8") as f:
+                            reason += f": {f.read()}"
+                    except OSError:
+                        pass
+                    self._conn.close()
+                    self._conn = None
                     self._cleanup_library()
-                    raise FlexKVError(f"flexkv server exited with code {self._proc.returncode} during start") from None
+                    raise FlexKVError(reason) from None
                 if time.monotonic() >= deadline:
                     self.shutdown()
                     raise

@@ -13,6 +13,9 @@ import sys
 
 from flexkv.config import configs_from_json
 from flexkv.scheduler.server import SchedulerServer
+from flexkv.types import FlexKVError
+
+STARTUP_ERROR_FILE = "startup-error"
 
 
 def setup_logging() -> None:
@@ -28,8 +31,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--parent-pid", type=int, default=None)
     args = p.parse_args(argv)
     setup_logging()
-    model, cache = configs_from_json(args.configs_json)
-    server = SchedulerServer(model, cache, args.address, args.runtime_dir, args.parent_pid)
+    try:
+        model, cache = configs_from_json(args.configs_json)
+        server = SchedulerServer(model, cache, args.address, args.runtime_dir, args.parent_pid)
+    except (FlexKVError, OSError) as e:
+        logging.getLogger("flexkv.server").error("cannot start: %s", e)
+        if args.runtime_dir:  # library mode: the KVManager that started us reports this
+            with open(os.path.join(args.runtime_dir, STARTUP_ERROR_FILE), "w", encoding="utf-8") as f:
+                f.write(f"{type(e).__name__}: {e}")
+        return 2
     server.install_signal_handlers()
     try:
         server.serve_forever()

@@ -34,7 +34,7 @@ from flexkv.scheduler.control import ControlPlane
 from flexkv.scheduler.graph import TransferOp
 from flexkv.scheduler.supervisor import OpResult, WorkerSupervisor, device_worker_id
 from flexkv.shm import SharedPool, make_pool_name
-from flexkv.types import FlexKVError, KVResponse, OpType, TaskStatus
+from flexkv.types import ConfigError, FlexKVError, KVResponse, OpType, TaskStatus
 from flexkv.workers.device_worker import engine_layout
 
 log = logging.getLogger("flexkv.server")
@@ -116,7 +116,11 @@ class SchedulerServer:
         }
         missing = set(typing.get_args(cm.ClientRequest)) - set(self._handlers)
         assert not missing, f"dispatch table incomplete: {missing}"
-        self._start_tier_workers()
+        try:
+            self._start_tier_workers()
+        except BaseException:
+            self.close()
+            raise
         log.info("flexkv server at %s: %d CPU blocks x %d bytes (%.2f GiB) in %s; SSD %s; remote %s",
                  self.client_address, cache.num_cpu_blocks, self.block_bytes, self.pool.nbytes / 2**30,
                  self.pool.name, cache.num_ssd_blocks if cache.enable_ssd else "off",
@@ -129,12 +133,27 @@ class SchedulerServer:
         sock.bind(address)
         return sock
 
-    def _start_tier_workers(self) -> None:
+    def _start_tier_workers(self, timeout_s: float = 120.0) -> None:
+        """Start the SSD/remote workers and wait until they run; a worker that cannot start (missing
+        directory, no space, store unreachable) fails the server's start with its reason logged above."""
         if self.cache.enable_ssd:
+            for d in self.cache.ssd_cache_dir:
+                if not os.path.isdir(d) or not os.access(d, os.W_OK | os.X_OK):
+                    raise ConfigError(f"ssd_cache_dir: {d!r} is not a writable directory")
             self.supervisor.spawn("ssd-0", {"kind": "ssd", "op_types": [int(OpType.DISK2H), int(OpType.H2DISK)]})
         if self.cache.enable_remote:
             ops = [int(OpType.REMOTE2H), int(OpType.H2REMOTE)]
             self.supervisor.spawn("remote-0", {"kind": "remote", "op_types": ops})
+        deadline = time.monotonic() + timeout_s
+        while not all(h.ready for h in self.supervisor.workers.values()):
+            for h in self.supervisor.workers.values():
+                if h.proc is not None and h.proc.poll() is not None:
+                    raise ConfigError(f"{h.worker_id} worker could not start (exit code {h.proc.returncode}); "
+                                      "its error is logged above")
+            if time.monotonic() > deadline:
+                raise ConfigError(f"tier workers not ready after {timeout_s:.0f} s")
+            if self._workers_sock.poll(100):
+                self._drain(self._workers_sock, self._on_worker_frames)
 
     # -- loop -----------------------------------------------------------------------------------
     def serve_forever(self) -> None:

@@ -228,7 +228,9 @@ def test_round_trip_gpu_pool_gpu_is_byte_exact(name: str, path: CopyPath) -> Non
     rng = np.random.default_rng(7)
     eng_ids, pool_ids = _pairs(rng, 12, ENGINE_BLOCKS), _pairs(rng, 12, POOL_BLOCKS)
     with CudaCopyEngine(0, path) as eng:
-        eng.register_host(pool.addr, pool.arr.size)
+        # Pieces of 4 blocks: the consecutive ids 5..10 cross a registration boundary (DMA runs must split).
+        eng.register_host(pool.addr, pool.arr.size, chunk_bytes=4 * pool_layout.block_bytes + 1,
+                          block_bytes=pool_layout.block_bytes)
         req = prepare_copy(OpType.D2H, table, pool.addr, pool_layout.block_bytes, offs, POOL_BLOCKS, eng_ids, pool_ids)
         print(f"\n{name} path {path.name} -> {eng.choose_path(req).name}: {req.num_bytes} B each way; "
               f"{_device_line(eng)}")
@@ -291,16 +293,21 @@ def test_copy_waits_for_the_engines_event() -> None:
 
 
 @gpu
-def test_kernel_path_refuses_an_unregistered_pool() -> None:
+def test_copy_refuses_an_unregistered_or_straddling_pool() -> None:
     kind, model, _ = LAYOUTS["mla"]
     tensors = _engine_tensors(kind, model)
     layout = KVCacheLayout.from_tensors(kind, tensors, T)
     pool_layout = BlockFirstLayout(model, T)
     pool = Pool(POOL_BLOCKS * pool_layout.block_bytes)
     ids = np.arange(4, dtype=np.int64)
-    with CudaCopyEngine(0, CopyPath.KERNEL) as eng, pytest.raises(InvalidRequest, match="not registered"):
-        eng.copy_blocks(OpType.D2H, layout.chunk_table([t.data_ptr() for t in tensors]), pool.addr,
-                        pool_layout.block_bytes, pool_layout.shard_chunk_offsets(0), POOL_BLOCKS, ids, ids)
+    args = (OpType.D2H, layout.chunk_table([t.data_ptr() for t in tensors]), pool.addr, pool_layout.block_bytes,
+            pool_layout.shard_chunk_offsets(0), POOL_BLOCKS, ids, ids)
+    with CudaCopyEngine(0, CopyPath.KERNEL) as eng:
+        with pytest.raises(InvalidRequest, match="not registered"):  # a kernel would fault on it
+            eng.copy_blocks(*args)
+        eng.register_host(pool.addr, pool.arr.size, chunk_bytes=41 * 4096)  # not whole blocks
+        with pytest.raises(InvalidRequest, match="straddle"):
+            eng.copy_blocks(*args)
 
 
 @gpu

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from flexkv.config import kv_fingerprint
 from flexkv.types import OpType
 from flexkv.workers.base import Op, Worker
 from flexkv.workers.remote import RemoteUnavailable, open_remote_store
@@ -20,7 +21,8 @@ log = logging.getLogger("flexkv.remote")
 class RemoteWorker(Worker):
     def __init__(self, spec: dict[str, Any]) -> None:
         super().__init__(spec)
-        self.store = open_remote_store(self.cache.remote)  # type: ignore[arg-type]
+        tag = kv_fingerprint(self.model, self.cache.tokens_per_block)
+        self.store = open_remote_store(self.cache.remote, namespace_tag=tag)  # type: ignore[arg-type]
         self._outage = False
 
     def op_types(self) -> list[OpType]:

@@ -13,6 +13,8 @@ import enum
 import errno
 import glob
 import importlib.util
+import math
+import mmap
 import os
 import threading
 from collections.abc import Callable
@@ -280,7 +282,7 @@ def prepare_copy(direction: OpType, table: Any, pool_addr: int, pool_block_bytes
 
 # ------------------------------------------------------------------ the engine
 
-_host_ranges: list[tuple[int, int]] = []  # registration is process-wide: every engine's ranges
+_host_ranges: list[tuple[int, int, int]] = []  # process-wide registrations: (addr, nbytes, piece_bytes)
 
 class EngineInfo(NamedTuple):
     device_id: int
@@ -363,15 +365,18 @@ class CudaCopyEngine:
     # -- host registration
 
     def register_host(self, addr: int, nbytes: int, chunk_bytes: int = 1 << 30,
-                      progress: Callable[[int, int], None] | None = None) -> None:
-        """cudaHostRegister ``[addr, addr + nbytes)`` in pieces of ``chunk_bytes``; ``progress(done, total)``
-        after each. On failure the pieces already registered by this call are unregistered and the
-        error raised. Pick ``chunk_bytes`` a multiple of the pool block size so no block straddles two pieces.
+                      progress: Callable[[int, int], None] | None = None, block_bytes: int = 0) -> None:
+        """cudaHostRegister ``[addr, addr + nbytes)`` in pieces of ``chunk_bytes`` (rounded down to whole pages,
+        and to whole ``block_bytes`` when given, so no pool block straddles two pieces); ``progress(done, total)`` after
+        each. On failure the pieces this call registered are unregistered and the error raised. Every copy's
+        pool must lie in one registered range; no single DMA spans two pieces (CUDA refuses that).
         """
-        if addr <= 0 or nbytes <= 0 or chunk_bytes <= 0:
-            raise InvalidRequest(f"register_host(addr={addr}, nbytes={nbytes}, chunk_bytes={chunk_bytes}): "
-                                 "all must be positive")
-        if any(addr < a + n and a < addr + nbytes for a, n in _host_ranges):
+        if addr <= 0 or nbytes <= 0 or chunk_bytes <= 0 or block_bytes < 0:
+            raise InvalidRequest(f"register_host(addr={addr}, nbytes={nbytes}, chunk_bytes={chunk_bytes}, "
+                                 f"block_bytes={block_bytes}): sizes must be positive")
+        unit = math.lcm(block_bytes or 1, mmap.PAGESIZE)  # whole pages; whole blocks when block_bytes is given
+        chunk_bytes = max(unit, chunk_bytes - chunk_bytes % unit)
+        if any(addr < a + n and a < addr + nbytes for a, n, _ in _host_ranges):
             raise InvalidRequest(f"[{addr:#x}, +{nbytes}) overlaps a range already registered in this process")
         pieces: list[int] = []
         try:
@@ -386,21 +391,40 @@ class CudaCopyEngine:
                 lib.fkv_host_unregister(self.device_id, start, ffi.new("struct fkv_err *"))
             raise
         self._pools.append((addr, nbytes, pieces))
-        _host_ranges.append((addr, nbytes))
+        _host_ranges.append((addr, nbytes, chunk_bytes if nbytes > chunk_bytes else 0))
 
     def unregister_host(self) -> None:
         """cudaHostUnregister every range :meth:`register_host` registered (after finishing queued copies)."""
         if self._pools:
             self.synchronize()
         pools, self._pools = self._pools, []
-        for addr, nbytes, pieces in pools:
-            _host_ranges.remove((addr, nbytes))
+        for addr, _, pieces in pools:
+            _host_ranges[:] = [r for r in _host_ranges if r[0] != addr]
             for start in pieces:
                 _call("unregister", lib.fkv_host_unregister, self.device_id, start)
 
     def is_registered(self, addr: int, nbytes: int) -> bool:
         """Whether ``[addr, addr + nbytes)`` lies in one range registered by any engine of this process."""
-        return any(a <= addr and addr + nbytes <= a + n for a, n in _host_ranges)
+        return self._registration(addr, nbytes) is not None
+
+    @staticmethod
+    def _registration(addr: int, nbytes: int) -> tuple[int, int] | None:
+        """(base, piece_bytes) of the registered range holding ``[addr, addr + nbytes)``."""
+        for a, n, piece in _host_ranges:
+            if a <= addr and addr + nbytes <= a + n:
+                return a, piece
+        return None
+
+    def _pool_pieces(self, req: CopyRequest) -> tuple[int, int]:
+        reg = self._registration(req.pool_addr, req.pool_num_blocks * req.pool_block_bytes)
+        if reg is None:
+            raise InvalidRequest(f"the pool [{req.pool_addr:#x}, {req.pool_num_blocks} blocks) is not registered "
+                                 "with register_host in this process")
+        base, piece = reg
+        if piece and (piece % req.pool_block_bytes or (req.pool_addr - base) % req.pool_block_bytes):
+            raise InvalidRequest(f"pool blocks of {req.pool_block_bytes} B straddle registration pieces of {piece} B; "
+                                 "register with block_bytes=pool_block_bytes")
+        return reg
 
     # -- copies
 
@@ -418,14 +442,12 @@ class CudaCopyEngine:
             if req.shard_bytes > self.info.staging_bytes // 2:
                 return f"one shard block ({req.shard_bytes} B) exceeds half the staging buffer"
             return ""
-        pool_bytes = req.pool_num_blocks * req.pool_block_bytes
-        if not self.is_registered(req.pool_addr, pool_bytes):
-            return "the pool is not registered with register_host (the kernel would fault)"
         return ""
 
     def choose_path(self, req: CopyRequest, path: CopyPath | None = None) -> CopyPath:
         """The path a copy will take; raises InvalidRequest when an explicit path cannot run it."""
         path = self.path if path is None else CopyPath(path)
+        self._pool_pieces(req)
         if path is not CopyPath.AUTO:
             why = self.unavailable(path, req)
             if why:
@@ -450,6 +472,7 @@ class CudaCopyEngine:
         req = prepare_copy(direction, table, pool_addr, pool_block_bytes, pool_chunk_offsets, pool_num_blocks,
                            engine_ids, pool_ids)
         chosen = self.choose_path(req, path)
+        piece_base, piece_bytes = self._pool_pieces(req)
         eng = self._live()
         if wait_event:
             _call("wait event", lib.fkv_engine_wait_event, eng, wait_event)
@@ -461,6 +484,7 @@ class CudaCopyEngine:
         d.block_stride, d.chunk_bytes = req.block_stride, req.chunk_bytes
         d.pool_addr, d.pool_block_bytes = req.pool_addr, req.pool_block_bytes
         d.shard_offset, d.shard_bytes = req.shard_offset, req.shard_bytes
+        d.pool_piece_base, d.pool_piece_bytes = piece_base, piece_bytes
         _call(f"copy_blocks({direction.name}, {chosen.name})", lib.fkv_engine_copy, eng, d, int(chosen))
 
     def record_event(self, event: int) -> None:
