@@ -13,8 +13,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def cffi_modules() -> list[str]:
+    """Every c_src/build_<name>.py, less the names in FLEXKV_SKIP_EXTENSIONS (comma-separated; for
+    machines that lack a library, e.g. liburing, and only need the other modules)."""
+    skip = {n.strip() for n in os.environ.get("FLEXKV_SKIP_EXTENSIONS", "").split(",") if n.strip()}
     scripts = sorted(glob.glob(os.path.join(HERE, "c_src", "build_*.py")))
-    return [f"c_src/{os.path.basename(s)}:ffibuilder" for s in scripts]
+    names = [os.path.basename(s)[len("build_"):-len(".py")] for s in scripts]
+    return [f"c_src/build_{n}.py:ffibuilder" for n in names if n not in skip]
 
 
 setup(
@@ -35,6 +39,7 @@ setup(
         "flexkv.workers": "workers",
     },
     cffi_modules=cffi_modules(),
+    package_data={"flexkv.native": ["*.ptx"]},  # copy kernels built by c_src/build_cudacopy.py when nvcc exists
     install_requires=[
         "cffi>=1.16",
         "numpy>=1.24",

@@ -81,7 +81,7 @@ def rank_main(address: str, model: ModelConfig, kind: str, num_blocks: int, tpb:
               use_cuda: bool, conn: Any) -> None:
     """One TP rank: allocate, fill, register; then answer byte-check requests until told to stop."""
     bufs = RankBuffers(rank_layout(model, LayoutKind(kind), num_blocks, tpb), model, use_cuda, rank)
-    bufs.fill(seed=1000 * (rank + 1))
+    bufs.fill(seed=1000 if model.use_mla else 1000 * (rank + 1))  # MLA: every rank holds the same latent
     client = KVTPClient(address, dp_client_id=0, tp_rank=rank, device_id=rank)
     client.register(bufs.tensors, bufs.layout)
     conn.send("registered")
@@ -107,6 +107,7 @@ def main() -> int:
     p.add_argument("--layout", default="vllm_kv_first", choices=[k.value for k in LayoutKind if k.value != "block_first"])
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=1000)
+    p.add_argument("--num-layers", type=int, default=8, help="model layers (32 = Llama-3-8B shape)")
     p.add_argument("--cpu", action="store_true", help="use host buffers even when a GPU is present")
     args = p.parse_args()
 
@@ -119,7 +120,7 @@ def main() -> int:
         except ImportError:
             pass
     use_mla = args.layout == "mla"
-    model = ModelConfig(num_layers=8, num_kv_heads=1 if use_mla else 8, head_size=128, dtype="bfloat16",
+    model = ModelConfig(num_layers=args.num_layers, num_kv_heads=1 if use_mla else 8, head_size=128, dtype="bfloat16",
                         use_mla=use_mla, tp_size=args.tp_size)
     tpb = 16
     blocks_per_prompt = -(-args.prompt_tokens // tpb)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -213,6 +213,11 @@ class KVCacheLayout:
         if tt != t or kv != (1 if kind is LayoutKind.MLA else 2):
             raise bad
         return cls(kind, max(layers, 1), nb, t, h, d, itemsize)
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, Any]) -> KVCacheLayout:
+        """The layout named by a mapping with this class's field names (e.g. a registration message's)."""
+        return cls(**{f.name: fields[f.name] for f in dataclasses.fields(cls)})
 
     @classmethod
     def from_tensors(cls, kind: LayoutKind, tensors: Sequence[Any], tokens_per_block: int) -> KVCacheLayout:

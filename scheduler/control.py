@@ -5,6 +5,11 @@ tier (CPU always; SSD and REMOTE when enabled), the task table and the op table.
 does no I/O and touches no KV bytes: it returns ``TransferOp``s for workers and learns their
 outcome through ``complete_op``. Every method validates its input first and raises
 ``InvalidRequest`` naming the problem with no state changed.
+
+The remote tier is a local ``RadixIndex`` of what this server stored, unless a ``RemoteLookup``
+is given: then the shared store itself is the index (``flexkv.scheduler.remote_lookup``), and what
+any node stored there is found here. Matching then asks the store (at most one batched call per
+match, bounded by the store's timeouts); nothing else here does I/O.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from flexkv.scheduler.graph import OpNode, Reservation, TaskKey, TransferOp
 from flexkv.scheduler.index import RadixIndex
 from flexkv.scheduler.planner import Tiers, plan_get, plan_put
 from flexkv.scheduler.pool import BlockPool
+from flexkv.scheduler.remote_lookup import RemoteLookup, RemoteTier
 from flexkv.scheduler.tasks import (
     Dispatched,
     Task,
@@ -29,7 +35,7 @@ from flexkv.scheduler.tasks import (
     check_tokens,
     gpu_blocks_from_slots,
 )
-from flexkv.types import EvictionPolicy, InvalidRequest, KVResponse, Medium, TaskStatus, TaskType
+from flexkv.types import EvictionPolicy, InvalidRequest, KVResponse, Medium, OpType, TaskStatus, TaskType
 
 __all__ = ["ControlPlane", "TaskKey", "TransferOp"]
 
@@ -39,7 +45,10 @@ _UNBOUNDED_MIN_BLOCKS = 1024  # initial size of a growable (unbounded remote) po
 class ControlPlane:
     """Index + pools + tasks of one flexkv server. Not thread-safe: one owner thread."""
 
-    def __init__(self, model: ModelConfig, cache: CacheConfig) -> None:
+    def __init__(self, model: ModelConfig, cache: CacheConfig, remote_lookup: RemoteLookup | None = None) -> None:
+        """``remote_lookup`` (used only if ``cache.enable_remote``): index the remote tier by the
+        shared store itself instead of by what this server stored; ``num_remote_blocks`` is then
+        not enforced (the store evicts by itself)."""
         self.model = model
         self.cache = cache
         self.tokens_per_block = cache.tokens_per_block
@@ -50,10 +59,12 @@ class ControlPlane:
             pool = BlockPool(start, growable=num_blocks == 0)
             return RadixIndex(medium, pool, make_evictor(policy))
 
+        by_store = cache.enable_remote and remote_lookup is not None
         self.tiers = Tiers(
             cpu=tier(Medium.CPU, cache.num_cpu_blocks),
             ssd=tier(Medium.SSD, cache.num_ssd_blocks) if cache.enable_ssd else None,
-            remote=tier(Medium.REMOTE, cache.num_remote_blocks) if cache.enable_remote else None,
+            remote=tier(Medium.REMOTE, cache.num_remote_blocks) if cache.enable_remote and not by_store else None,
+            remote_store=RemoteTier(remote_lookup) if by_store and remote_lookup is not None else None,
         )
         self._tasks: dict[TaskKey, Task] = {}
         self._ops: dict[int, tuple[Task, OpNode]] = {}
@@ -61,7 +72,7 @@ class ControlPlane:
         self._clock = 0
         self._counters = dict.fromkeys(
             ("num_get_matches", "num_put_matches", "get_query_blocks", "get_hit_blocks", "get_moved_blocks",
-             "put_query_blocks", "put_hit_blocks", "put_stored_blocks", "num_failed_ops"), 0)
+             "put_query_blocks", "put_hit_blocks", "put_stored_blocks", "num_failed_ops", "get_lost_blocks"), 0)
 
     # ---- match (prepare) -----------------------------------------------------------------
 
@@ -142,9 +153,18 @@ class ControlPlane:
         task, node = entry
         if not ok:
             self._counters["num_failed_ops"] += 1
+            self._note_remote_miss(node)
+        num_lost = task.num_lost_blocks
         ops, to_prune = task.complete(node, bool(ok), self._new_op_id, error)
+        self._counters["get_lost_blocks"] += task.num_lost_blocks - num_lost
         self._prune(to_prune)
         return self._track(task, ops)
+
+    def _note_remote_miss(self, node: OpNode) -> None:
+        """A failed REMOTE2H: the store no longer holds (some of) its keys, or is gone; forget them."""
+        store = self.tiers.remote_store
+        if store is not None and node.op_type is OpType.REMOTE2H and node.block_hashes is not None:
+            store.lookup.note_missing(node.block_hashes)
 
     def _track(self, task: Task, dispatched: Dispatched) -> list[TransferOp]:
         ops = []
@@ -208,6 +228,8 @@ class ControlPlane:
             out[f"{index.name}_used_blocks"] = index.pool.num_used_blocks
             out[f"{index.name}_evicted_blocks"] = index.num_evicted_blocks
             out[f"{index.name}_nodes"] = index.num_nodes
+        if self.tiers.remote_store is not None:
+            out.update(self.tiers.remote_store.stats())
         out["num_tasks"] = len(self._tasks)
         out["num_ops_in_flight"] = len(self._ops)
         return out
@@ -234,3 +256,18 @@ class ControlPlane:
                 f"{index.name}: lock counts differ from the live ops' reservations")
             assert np.array_equal(writer > 0, ~ready & (locks > 0)) and writer.max(initial=0) <= 1, (
                 f"{index.name}: an unready locked block must have exactly one writer, a ready one none")
+        self._check_remote_store(list(tasks.values()))
+
+    def _check_remote_store(self, tasks: list[Task]) -> None:
+        """Lookup mode: the keys counted as being written are exactly those of live H2REMOTE ops."""
+        store = self.tiers.remote_store
+        if store is None:
+            return
+        store.lookup.check_invariants()
+        expected: dict[int, int] = {}
+        for task in tasks:
+            for node in task.live_nodes():
+                if node.op_type is OpType.H2REMOTE and node.block_hashes is not None:
+                    for h in node.block_hashes.tolist():
+                        expected[h] = expected.get(h, 0) + 1
+        assert store.writing_counts() == expected, "remote: keys being written differ from the live H2REMOTE ops"

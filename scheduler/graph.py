@@ -5,12 +5,15 @@ GET: ``[DISK2H, REMOTE2H] -> H2D -> END``; PUT: ``D2H -> END`` and ``D2H -> [H2D
 is done (``wait(completely=False)`` may return). Each op holds the locks of the blocks it reads
 and writes; ``commit`` (op succeeded) publishes what it wrote and drops its locks, ``rollback``
 (op failed, dropped, or finished after its task failed) drops its locks and leaves what it wrote
-dead, to be pruned. Server process only.
+dead, to be pruned. Either one calls the op's ``on_finish`` hook once (the remote tier in lookup
+mode tracks its in-flight writes with it). ``truncate`` shortens a waiting read-only op (a GET's
+H2D whose remote part could not be fetched). Server process only.
 """
 
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,7 +32,8 @@ class TransferOp:
 
     Block ids by type: H2D cpu -> gpu, D2H gpu -> cpu, DISK2H ssd -> cpu, H2DISK cpu -> ssd,
     REMOTE2H remote -> cpu, H2REMOTE cpu -> remote. ``block_hashes`` (uint64, one per block) are
-    the remote store's keys, set for REMOTE2H/H2REMOTE only.
+    the remote store's keys, set for REMOTE2H/H2REMOTE only. When the remote tier is indexed by the
+    store itself (``RemoteLookup``) there are no remote block ids: that side holds -1 per block.
     """
 
     op_id: int  # unique in this ControlPlane
@@ -72,6 +76,7 @@ class OpNode:
     num_deps_left: int = 0
     state: OpState = OpState.WAITING
     op_id: int = -1
+    on_finish: Callable[[bool], None] | None = None  # called once: True on commit, False on rollback
 
     @property
     def is_live(self) -> bool:
@@ -85,7 +90,7 @@ class OpNode:
         self.op_id = op_id
         src, dst = self.src_block_ids, self.dst_block_ids
         if self.op_type is OpType.H2D:
-            dst = gpu_block_ids
+            dst = gpu_block_ids[:src.shape[0]]  # shorter than the task's range once truncated
         elif self.op_type is OpType.D2H:
             src = gpu_block_ids
         return TransferOp(op_id, key, self.op_type, src, dst, self.block_hashes)
@@ -100,8 +105,8 @@ class TaskGraph:
 
     def add(self, op_type: OpType, src: BlockIds, dst: BlockIds, *, reads: tuple[Reservation, ...] = (),
             writes: tuple[Reservation, ...] = (), deps: tuple[OpNode, ...] = (),
-            block_hashes: HashArray | None = None) -> OpNode:
-        node = OpNode(op_type, src, dst, block_hashes, reads, writes)
+            block_hashes: HashArray | None = None, on_finish: Callable[[bool], None] | None = None) -> OpNode:
+        node = OpNode(op_type, src, dst, block_hashes, reads, writes, on_finish=on_finish)
         self.depend(node, deps)
         self.nodes.append(node)
         return node
@@ -128,6 +133,8 @@ def commit(node: OpNode) -> list[OpNode]:
     for res in node.reads:
         res.index.unlock(res.block_ids)
     node.state = OpState.DONE
+    if node.on_finish is not None:
+        node.on_finish(True)
     runnable = []
     for succ in node.successors:
         succ.num_deps_left -= 1
@@ -143,4 +150,20 @@ def rollback(node: OpNode) -> list[Reservation]:
     for res in (*node.reads, *node.writes):
         res.index.unlock(res.block_ids)
     node.state = OpState.DROPPED
+    if node.on_finish is not None:
+        node.on_finish(False)
     return list(node.writes)
+
+
+def truncate(node: OpNode, num_blocks: int) -> None:
+    """Keep only the first ``num_blocks`` blocks of a waiting op that writes no tier (a GET's H2D):
+    the read locks of the dropped blocks are released now. Each read reservation must list its
+    blocks in the op's order (the planner's H2D has one, equal to its sources)."""
+    assert node.state is OpState.WAITING and not node.writes, "only a waiting read-only op can be truncated"
+    reads = []
+    for res in node.reads:
+        res.index.unlock(res.block_ids[num_blocks:])
+        reads.append(Reservation(res.index, res.block_ids[:num_blocks]))
+    node.reads = tuple(reads)
+    node.src_block_ids = node.src_block_ids[:num_blocks]
+    node.dst_block_ids = node.dst_block_ids[:num_blocks]

@@ -14,10 +14,26 @@ Decisions beyond the brief, in one place:
 * PUT write-through sources only ready CPU blocks or blocks this PUT writes; it stops before a
   CPU block still being written by another task.
 * A match whose mask is all False reserves nothing: no ops, not even write-through.
+
+The remote tier has two modes. Without a lookup it is a ``RadixIndex`` of what this server stored.
+With one (``Tiers.remote_store``, a ``RemoteTier``) the store itself is the index, shared by every
+node using it:
+
+* GET: the blocks beyond CPU and SSD that the store holds (``RemoteTier.readable_prefix``: cached
+  positives + one batched existence check, never a key this server is still writing) are remote
+  hits, promoted into CPU by one REMOTE2H keyed by their hashes. Nothing is locked in the store: it
+  may evict a key before the read. Then the REMOTE2H fails and the GET still delivers the local
+  prefix (see ``Task``): its H2D is cut before the remote part and its mask shrinks to match.
+* PUT: write-through covers the blocks the store lacks from its known prefix to the end of the
+  new CPU range, minus keys this server is already writing (the store is prefix-closed as far as
+  we know; a hole after the known prefix is rewritten, which is harmless). While the store is
+  unavailable PUTs plan no H2REMOTE at all. The store evicts by itself: ``num_remote_blocks`` is
+  not enforced in this mode.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import numpy as np
@@ -26,18 +42,22 @@ import numpy.typing as npt
 from flexkv.scheduler.graph import OpNode, Reservation, TaskGraph
 from flexkv.scheduler.index import HashArray, PathMatch, RadixIndex
 from flexkv.scheduler.pool import BlockIds
+from flexkv.scheduler.remote_lookup import RemoteTier
 from flexkv.types import Medium, OpType, TaskType
 
 
 @dataclass(frozen=True)
 class Tiers:
-    """The cache tiers of one server; SSD and REMOTE are optional."""
+    """The cache tiers of one server; SSD and REMOTE are optional. REMOTE is either a local index
+    (``remote``) or the shared store itself (``remote_store``), never both."""
 
     cpu: RadixIndex
     ssd: RadixIndex | None = None
     remote: RadixIndex | None = None
+    remote_store: RemoteTier | None = None
 
     def all(self) -> list[RadixIndex]:
+        """The radix indexes (a store-indexed remote tier has none)."""
         return [t for t in (self.cpu, self.ssd, self.remote) if t is not None]
 
 
@@ -51,6 +71,7 @@ class Plan:
     first_block: int  # blocks [first_block, end_block) move between GPU and CPU
     end_block: int
     num_hit_blocks: int = 0  # GET: cached ready prefix (all tiers); PUT: blocks already in CPU
+    tokens_per_block: int = 1
 
     @property
     def num_moved_blocks(self) -> int:
@@ -69,11 +90,12 @@ def _empty(task_type: TaskType, num_tokens: int, num_hit_blocks: int = 0) -> Pla
 
 @dataclass
 class _LowerHit:
-    """A ready prefix of SSD or REMOTE that extends beyond the faster tiers: blocks [start, stop)."""
+    """A ready prefix of SSD or REMOTE that extends beyond the faster tiers: blocks [start, stop).
+    ``index`` None: the remote store itself (no local ids, nothing to lock)."""
 
-    index: RadixIndex
-    match: PathMatch
-    block_ids: BlockIds
+    index: RadixIndex | None
+    match: PathMatch | None
+    block_ids: BlockIds | None
     start: int
     stop: int
 
@@ -89,6 +111,10 @@ def _lower_hits(tiers: Tiers, hashes: HashArray, start: int) -> list[_LowerHit]:
         if stop > start:
             hits.append(_LowerHit(index, match, ids, start, stop))
             start = stop
+    if tiers.remote_store is not None and start < hashes.size:
+        stop = start + tiers.remote_store.readable_prefix(hashes[start:])
+        if stop > start:
+            hits.append(_LowerHit(None, None, None, start, stop))
     return hits
 
 
@@ -129,20 +155,25 @@ def plan_get(tiers: Tiers, hashes: HashArray, num_tokens: int, tokens_per_block:
     h2d = graph.add(OpType.H2D, h2d_src, h2d_src, reads=(Reservation(cpu, h2d_src),), deps=promotions)
     graph.depend(graph.end, (h2d,))
     mask = _mask(num_tokens, tokens_per_block, first_block, end)
-    return Plan(TaskType.GET, graph, mask, first_block, end, end)
+    return Plan(TaskType.GET, graph, mask, first_block, end, end, tokens_per_block)
 
 
 def _promote(graph: TaskGraph, hit: _LowerHit, hashes: HashArray, new_ids: BlockIds, num_cpu: int, end: int,
              cpu: RadixIndex, now: int) -> OpNode:
     """Add the DISK2H/REMOTE2H op filling new CPU blocks [hit.start, min(hit.stop, end))."""
     stop = min(hit.stop, end)
-    src = hit.block_ids[hit.start:stop]
     dst = new_ids[hit.start - num_cpu:stop - num_cpu]
+    writes = (Reservation(cpu, dst, hashes[:stop]),)
+    if hit.index is None:  # the store itself: keyed by hashes, nothing local to lock
+        return graph.add(OpType.REMOTE2H, np.full(dst.shape, -1, dtype=np.int64), dst, writes=writes,
+                         block_hashes=hashes[hit.start:stop])
+    assert hit.block_ids is not None and hit.match is not None
+    src = hit.block_ids[hit.start:stop]
     hit.index.lock(src)
     hit.index.touch(hit.match, stop, now)
     is_remote = hit.index.medium is Medium.REMOTE
     return graph.add(OpType.REMOTE2H if is_remote else OpType.DISK2H, src, dst,
-                     reads=(Reservation(hit.index, src),), writes=(Reservation(cpu, dst, hashes[:stop]),),
+                     reads=(Reservation(hit.index, src),), writes=writes,
                      block_hashes=hashes[hit.start:stop] if is_remote else None)
 
 
@@ -166,7 +197,7 @@ def plan_put(tiers: Tiers, hashes: HashArray, num_tokens: int, tokens_per_block:
         cpu.touch(cpu_match, start, now)
         return _empty(TaskType.PUT, num_tokens, start)
     end = start + new_ids.size
-    write_through = tiers.ssd is not None or tiers.remote is not None
+    write_through = tiers.ssd is not None or tiers.remote is not None or tiers.remote_store is not None
     cpu_ids = np.concatenate([cpu_match.block_ids(), new_ids]) if write_through else new_ids
     cpu.insert(cpu_match, hashes[start:end], new_ids, now)
     cpu.lock(new_ids)
@@ -176,8 +207,19 @@ def plan_put(tiers: Tiers, hashes: HashArray, num_tokens: int, tokens_per_block:
     for index, op_type in ((tiers.ssd, OpType.H2DISK), (tiers.remote, OpType.H2REMOTE)):
         if index is not None:
             _write_through(graph, index, op_type, cpu, cpu_ids, start, hashes[:end], d2h, now)
+    if tiers.remote_store is not None:
+        _write_through_store(graph, tiers.remote_store, cpu, cpu_ids, start, hashes[:end], d2h)
     mask = _mask(num_tokens, tokens_per_block, start, end)
-    return Plan(TaskType.PUT, graph, mask, start, end, start)
+    return Plan(TaskType.PUT, graph, mask, start, end, start, tokens_per_block)
+
+
+def _ready_sources_stop(cpu: RadixIndex, cpu_ids: BlockIds, begin: int, num_old: int, stop: int) -> int:
+    """Cut [begin, stop) before the first existing CPU source still being written by another task."""
+    if begin < num_old:
+        ready = cpu.ready_prefix(cpu_ids[begin:num_old])
+        if begin + ready < num_old:
+            return begin + ready
+    return stop
 
 
 def _write_through(graph: TaskGraph, index: RadixIndex, op_type: OpType, cpu: RadixIndex, cpu_ids: BlockIds,
@@ -185,11 +227,7 @@ def _write_through(graph: TaskGraph, index: RadixIndex, op_type: OpType, cpu: Ra
     """Reserve copying CPU blocks [tier prefix, end) into ``index`` (fewer if it lacks room)."""
     match = index.match(hashes)
     begin = match.num_blocks
-    stop = hashes.size
-    if begin < num_old:  # existing CPU sources must be ready (another task may still write them)
-        ready = cpu.ready_prefix(cpu_ids[begin:num_old])
-        if begin + ready < num_old:
-            stop = begin + ready
+    stop = _ready_sources_stop(cpu, cpu_ids, begin, num_old, hashes.size)
     if stop <= begin:
         index.touch(match, begin, now)
         return
@@ -205,3 +243,24 @@ def _write_through(graph: TaskGraph, index: RadixIndex, op_type: OpType, cpu: Ra
     graph.add(op_type, src, new_ids, reads=(Reservation(cpu, src),),
               writes=(Reservation(index, new_ids, hashes[:stop]),), deps=(d2h,) if stop > num_old else (),
               block_hashes=hashes[begin:stop] if op_type is OpType.H2REMOTE else None)
+
+
+def _write_through_store(graph: TaskGraph, store: RemoteTier, cpu: RadixIndex, cpu_ids: BlockIds, num_old: int,
+                         hashes: HashArray, d2h: OpNode) -> None:
+    """Reserve an H2REMOTE of the CPU blocks the shared store lacks (lookup mode): from its known
+    prefix to the end, minus keys this server already writes, minus a tail whose CPU source another
+    task still writes. Locks the CPU sources; the keys count as being written until the op ends."""
+    begin = store.lookup.known_prefix(hashes)
+    if not store.available:
+        return
+    stop = _ready_sources_stop(cpu, cpu_ids, begin, num_old, hashes.size)
+    positions = store.unwritten(hashes[:stop], begin)
+    if positions.size == 0:
+        return
+    src = cpu_ids[positions]
+    keys = hashes[positions]
+    cpu.lock(src)
+    store.begin_write(keys)
+    graph.add(OpType.H2REMOTE, src, np.full(src.shape, -1, dtype=np.int64), reads=(Reservation(cpu, src),),
+              deps=(d2h,) if positions[-1] >= num_old else (), block_hashes=keys,
+              on_finish=functools.partial(store.end_write, keys))

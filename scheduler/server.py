@@ -25,7 +25,7 @@ import numpy as np
 import zmq
 
 from flexkv.config import CacheConfig, ModelConfig, configs_to_json
-from flexkv.layout import BlockFirstLayout
+from flexkv.layout import BlockFirstLayout, KVCacheLayout
 from flexkv.native.hasher import encode_namespace
 from flexkv.protocol import client_msgs as cm
 from flexkv.protocol.codec import CLIENT_REQUESTS, SERVER_REPLIES, WORKER_TO_SERVER, ProtocolError, frame_array
@@ -35,7 +35,6 @@ from flexkv.scheduler.graph import TransferOp
 from flexkv.scheduler.supervisor import OpResult, WorkerSupervisor, device_worker_id
 from flexkv.shm import SharedPool, make_pool_name
 from flexkv.types import ConfigError, FlexKVError, KVResponse, OpType, TaskStatus
-from flexkv.workers.device_worker import engine_layout
 
 log = logging.getLogger("flexkv.server")
 
@@ -302,9 +301,10 @@ class SchedulerServer:
             raise _invalid(f"dp_client_id {msg.client_id} out of range for dp_size={self.model.dp_size}")
         if msg.tokens_per_block != self.cache.tokens_per_block:
             raise _invalid(f"tokens_per_block {msg.tokens_per_block} != server's {self.cache.tokens_per_block}")
-        reg = {f.name: getattr(msg, f.name) for f in dataclasses.fields(_RegFields)}
+        reg: dict[str, Any] = {name: getattr(msg, name) for name in _REG_FIELDS}
+        reg["kind"] = msg.layout_kind
         try:
-            self.block_first.check_engine_layout(engine_layout(reg))
+            self.block_first.check_engine_layout(KVCacheLayout.from_fields(reg))
         except ValueError as e:
             raise _invalid(f"register rank {msg.tp_rank}: {e}") from None
         if not msg.cuda_handles and not msg.host_segment:
@@ -474,18 +474,8 @@ class SchedulerServer:
         log.info("flexkv server stopped")
 
 
-@dataclasses.dataclass
-class _RegFields:
-    layout_kind: str
-    num_blocks: int
-    tokens_per_block: int
-    num_heads: int
-    head_size: int
-    itemsize: int
-    num_layers: int
-    host_segment: str | None
-    tensor_offsets: list[int]
-    device_id: int
+_REG_FIELDS = ("num_layers", "num_blocks", "tokens_per_block", "num_heads", "head_size", "itemsize",
+               "host_segment", "tensor_offsets", "device_id")
 
 
 def _invalid(msg: str) -> FlexKVError:

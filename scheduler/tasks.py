@@ -5,6 +5,18 @@ each completion commits (success) or rolls back (failure) that op's reservations
 the ops that became runnable. Once a task failed or was cancelled, undispatched ops are dropped
 at once and ops still in flight are rolled back when they complete, whatever their outcome (a
 worker may still be writing into their blocks until then). Server process only.
+
+Two failures do not fail the engine-facing part:
+
+* A GET's REMOTE2H failing (the store evicted a key after the match, is gone, or returned a corrupt
+  block) is a late miss: its promoted CPU blocks roll back, the H2D is cut to the blocks before
+  the remote part and still runs (after any DISK2H), and the task ends SUCCESS with a return mask
+  shorter than the match's mask -- the engine loads the local prefix and recomputes the rest. If
+  nothing before the remote part was to be loaded, the task is SUCCESS with an all-False mask.
+  A DISK2H failure still fails the GET (SSD errors are faults, remote misses are expected).
+* A PUT's write-through (H2DISK/H2REMOTE, after D2H) failing rolls back only that op: the blocks
+  stay in CPU (``wait(completely=False)`` is SUCCESS), sibling write-throughs still commit, and
+  ``wait(completely=True)`` reports FAILED, naming the op, once every op has finished.
 """
 
 from __future__ import annotations
@@ -15,10 +27,10 @@ import numpy as np
 import numpy.typing as npt
 
 from flexkv.native.hasher import as_token_array
-from flexkv.scheduler.graph import OpNode, OpState, Reservation, TaskKey, TransferOp, commit, rollback
+from flexkv.scheduler.graph import OpNode, OpState, Reservation, TaskKey, TransferOp, commit, rollback, truncate
 from flexkv.scheduler.planner import Plan
 from flexkv.scheduler.pool import BlockIds
-from flexkv.types import InvalidRequest, KVResponse, TaskStatus, TaskType
+from flexkv.types import InvalidRequest, KVResponse, OpType, TaskStatus, TaskType
 
 Dispatched = list[tuple[OpNode, TransferOp]]  # ops handed to workers, with the node each came from
 
@@ -33,9 +45,12 @@ class Task:
         self.slot_base = slot_base  # token index of a compact slot mapping's first entry
         self.gpu_block_ids: BlockIds | None = None  # set at launch
         self.engine_done = False  # the END marker ran: GET's H2D / PUT's D2H finished
-        self.failed = False
+        self.failed = False  # the engine-facing part failed
+        self.write_through_failed = False  # a write-through op failed after the engine part was done
         self.cancelled = False
         self.error = ""  # why the task failed (the first failed op)
+        self.mask = plan.mask  # tokens loaded/stored; a GET's shrinks if its REMOTE2H fails
+        self.num_lost_blocks = 0  # GET blocks matched but not loaded (REMOTE2H failed)
 
     @property
     def task_type(self) -> TaskType:
@@ -63,12 +78,12 @@ class Task:
         if self.failed:
             return TaskStatus.FAILED
         if completely and not self.live_nodes():
-            return TaskStatus.SUCCESS
+            return TaskStatus.FAILED if self.write_through_failed else TaskStatus.SUCCESS
         return TaskStatus.UNREADY
 
     def response(self, completely: bool) -> KVResponse:
         status = self.status(completely)
-        return KVResponse(status, self.key[1], self.plan.mask, self.error if status is TaskStatus.FAILED else "")
+        return KVResponse(status, self.key[1], self.mask, self.error if status is TaskStatus.FAILED else "")
 
     def launch(self, gpu_block_ids: BlockIds, new_op_id: Callable[[], int]) -> Dispatched:
         """Bind the GPU blocks of the moved range and dispatch the runnable ops."""
@@ -77,16 +92,46 @@ class Task:
 
     def complete(self, node: OpNode, ok: bool, new_op_id: Callable[[], int],
                  error: str = "") -> tuple[Dispatched, list[Reservation]]:
-        """A dispatched op finished. Returns (ops now dispatched, written reservations to prune)."""
+        """A dispatched op finished. Returns (ops now dispatched, written reservations to prune).
+        See the module docstring for the failures that do not fail the task."""
         if ok and not (self.failed or self.cancelled):
             return self._dispatch(commit(node), new_op_id), []
         to_prune = rollback(node)
-        if not ok and not (self.failed or self.cancelled):
+        if ok or self.failed or self.cancelled:
+            return [], to_prune
+        if node.op_type is OpType.REMOTE2H and self.task_type is TaskType.GET:
+            return self._load_local_part(node, new_op_id), to_prune  # a late miss, not an error
+        self._note_error(node, error)
+        if self.engine_done:
+            self.write_through_failed = True
+        else:
             self.failed = True
-            name = node.op_type.name if node.op_type is not None else "END"
-            self.error = f"{name} op {node.op_id} failed" + (f": {error}" if error else "")
             to_prune += self._drop_waiting()
         return [], to_prune
+
+    def _note_error(self, node: OpNode, error: str) -> None:
+        if not self.error:
+            name = node.op_type.name if node.op_type is not None else "END"
+            self.error = f"{name} op {node.op_id} failed" + (f": {error}" if error else "")
+
+    def _load_local_part(self, remote2h: OpNode, new_op_id: Callable[[], int]) -> Dispatched:
+        """The GET's REMOTE2H failed (already rolled back): cut its H2D before the first block the
+        REMOTE2H was to fetch, shrink the mask, and run the H2D once its other inputs are in."""
+        runnable = []
+        for h2d in remote2h.successors:
+            keep = _leading_not_in(h2d.src_block_ids, remote2h.dst_block_ids)
+            self.num_lost_blocks += h2d.src_block_ids.shape[0] - keep
+            truncate(h2d, keep)
+            h2d.num_deps_left -= 1
+            self._shrink_mask(self.plan.first_block + keep)
+            if h2d.num_deps_left == 0 and h2d.state is OpState.WAITING:
+                runnable.append(h2d)
+        return self._dispatch(runnable, new_op_id)
+
+    def _shrink_mask(self, end_block: int) -> None:
+        mask = self.mask.copy()  # never mutate the array the match returned
+        mask[end_block * self.plan.tokens_per_block:] = False
+        self.mask = mask
 
     def cancel(self) -> list[Reservation]:
         """Cancel unless the engine-facing part already finished or failed (then a no-op): drop the
@@ -108,13 +153,23 @@ class Task:
         end = self.plan.graph.end
         gpu_ids = self.gpu_block_ids
         assert gpu_ids is not None
-        for node in runnable:
+        pending = list(runnable)
+        while pending:
+            node = pending.pop(0)
             if node is end:
                 commit(node)
                 self.engine_done = True
+            elif node.src_block_ids.shape[0] == 0:  # cut to nothing (see _load_local_part)
+                pending += commit(node)
             else:
                 ops.append((node, node.to_op(new_op_id(), self.key, gpu_ids)))
         return ops
+
+
+def _leading_not_in(ids: BlockIds, others: BlockIds) -> int:
+    """How many leading ``ids`` are not in ``others``."""
+    found = np.isin(ids, others)
+    return int(np.argmax(found)) if found.any() else int(ids.shape[0])
 
 
 # ---- input checks (each raises InvalidRequest naming the problem, before any state changes) ----

@@ -15,20 +15,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from flexkv.layout import BlockFirstLayout, ChunkTable, KVCacheLayout, LayoutKind
+from flexkv.layout import BlockFirstLayout, ChunkTable, KVCacheLayout
 from flexkv.native import hostcopy
 from flexkv.shm import SharedPool
 from flexkv.types import OpType
 from flexkv.workers.base import Op, Worker
 
 log = logging.getLogger("flexkv.worker")
-
-
-def engine_layout(reg: dict[str, Any]) -> KVCacheLayout:
-    """The KVCacheLayout described by a registration (RegisterKVMsg fields)."""
-    return KVCacheLayout(kind=LayoutKind(reg["layout_kind"]), num_layers=reg["num_layers"],
-                         num_blocks=reg["num_blocks"], tokens_per_block=reg["tokens_per_block"],
-                         num_heads=reg["num_heads"], head_size=reg["head_size"], itemsize=reg["itemsize"])
 
 
 class CopyBackend(abc.ABC):
@@ -69,7 +62,7 @@ class DeviceWorker(Worker):
         super().__init__(spec)
         reg = spec["registration"]
         self.tp_rank: int = spec["tp_rank"]
-        self.layout = engine_layout(reg)
+        self.layout = KVCacheLayout.from_fields(reg)
         block_first = BlockFirstLayout(self.model, self.cache.tokens_per_block)
         block_first.check_engine_layout(self.layout)
         self.shard_offsets = block_first.shard_chunk_offsets(block_first.shard_of_rank(self.tp_rank))

@@ -73,7 +73,7 @@ def tp_rank_process(address: str, model: ModelConfig, kind: str, num_blocks: int
     """A TP rank in its own process: allocate, fill, register; answer ("block", id) / ("poison", ids) / "stop"."""
     from flexkv.client import KVTPClient
 
-    bufs = host_buffers(model, LayoutKind(kind), num_blocks, seed=100 + rank)
+    bufs = host_buffers(model, LayoutKind(kind), num_blocks, seed=100 if model.use_mla else 100 + rank)
     client = KVTPClient(address, dp_client_id=dp_client_id, tp_rank=rank)
     client.register(bufs, bufs.layout)
     conn.send("registered")  # type: ignore[attr-defined]

@@ -52,9 +52,10 @@ def _stop_ranks(ranks: list[tuple[Any, Any]]) -> None:
         assert p.exitcode == 0
 
 
-@pytest.mark.parametrize("kind", [LayoutKind.VLLM_BLOCK_FIRST, LayoutKind.SGLANG])
+@pytest.mark.parametrize("kind", [LayoutKind.VLLM_BLOCK_FIRST, LayoutKind.SGLANG, LayoutKind.MLA])
 def test_tp2_ranks_in_their_own_processes_get_their_own_head_shards(kind: LayoutKind) -> None:
-    model = small_model(tp_size=2)
+    """Each rank holds its own head shard (MLA: the same latent; rank 0 writes, both read)."""
+    model = small_model(tp_size=2, use_mla=kind is LayoutKind.MLA)
     with KVManager(model, small_cache()) as kvm:
         ranks = _spawn_ranks(kvm.server_address, model, kind, num_blocks=24)
         try:

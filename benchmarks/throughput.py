@@ -1,0 +1,221 @@
+"""Put and get throughput through the whole stack (host-device worker) beside memcpy in the same run.
+
+KVManager in library mode (server + device worker per TP rank as child processes), engine KV buffers
+in host shared memory from ``allocate_host_kv_buffers`` registered with ``register_kv_buffers``
+(one per TP rank, all from this process). Llama-3-8B shape (32 layers, 8 KV heads, head 128, bf16)
+at 16 tokens per block = 2 MiB per block, per-layer vLLM tensors ``[2, num_blocks, T, H, D]``.
+
+Each round stores ``engine_blocks / prompt_blocks`` new prompts whose blocks sit at random engine
+block ids (put_async all, then wait all), then restores every prompt into another prompt's slots
+(get_async all, then wait all). GB/s = bytes of the full-model blocks moved / wall time from the
+first call to the return of the wait (control plane included). Ceilings, measured in each round:
+
+* memcpy: one ``np.copyto`` of the whole engine buffer (1 GiB by default; the copy is also the
+  snapshot that restored bytes are checked against);
+* memcpy x2: the same copy split over two threads (the host-device worker copies with two threads);
+* gather: ``np.take`` of the same number of 2 MiB blocks in random order between two numpy arrays.
+
+Restored bytes of a sample of blocks (``--verify-all``: every block) are compared with the snapshot,
+so a broken path cannot look fast. Goal: >= 80% of memcpy.
+
+    python benchmarks/throughput.py                     # TP=1 and TP=2, 3 rounds each, ~30 s
+    python benchmarks/throughput.py --tp 1 --rounds 5 --verify-all
+    python benchmarks/throughput.py --engine-blocks 1024 --cpu-blocks 1100 --prompt-blocks 128
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from flexkv.client import HostKVBuffers, allocate_host_kv_buffers
+from flexkv.config import CacheConfig, ModelConfig
+from flexkv.layout import KVCacheLayout, LayoutKind
+from flexkv.manager import KVManager
+from flexkv.types import TaskStatus
+
+T = 16
+
+
+@dataclasses.dataclass
+class RoundResult:
+    put_s: float
+    get_s: float
+    memcpy_s: float
+    memcpy2_s: float
+    gather_s: float
+    num_checked: int
+
+
+class Rank:
+    """One TP rank's engine buffers and a snapshot of them (the memcpy ceiling's destination)."""
+
+    def __init__(self, model: ModelConfig, num_blocks: int, rank: int) -> None:
+        layout = KVCacheLayout(LayoutKind.VLLM_KV_FIRST, model.num_layers, num_blocks, T,
+                               model.num_kv_heads // model.tp_size, model.head_size, model.itemsize)
+        self.bufs: HostKVBuffers = allocate_host_kv_buffers(layout, model.dtype, tag=f"bench{rank}")
+        self.flat = np.frombuffer(self.bufs.segment.buffer, dtype=np.uint8, count=self.bufs.segment.nbytes)
+        fill_unique(self.flat.view(np.uint64), rank)
+        self.snapshot = np.ones_like(self.flat)  # ones, not empty: fault its pages in now
+        self.snap_arrays = [self.snapshot[off:off + a.nbytes].view(a.dtype).reshape(a.shape)
+                            for off, a in zip(self.bufs.offsets, self.bufs.arrays, strict=True)]
+
+    def take_snapshot(self) -> float:
+        t0 = time.perf_counter()
+        np.copyto(self.snapshot, self.flat)
+        return time.perf_counter() - t0
+
+    def take_snapshot_2threads(self, pool: ThreadPoolExecutor) -> float:
+        half = self.flat.size // 2
+        t0 = time.perf_counter()
+        parts = [pool.submit(np.copyto, self.snapshot[s], self.flat[s]) for s in (slice(0, half), slice(half, None))]
+        for f in parts:
+            f.result()
+        return time.perf_counter() - t0
+
+    def num_mismatched(self, dst_ids: np.ndarray, src_ids: np.ndarray) -> int:
+        """Blocks whose restored bytes (engine block dst) differ from the snapshot of engine block src."""
+        bad = np.zeros(dst_ids.size, dtype=bool)
+        for now, before in zip(self.bufs.arrays, self.snap_arrays, strict=True):  # one tensor per layer
+            got, want = now[:, dst_ids], before[:, src_ids]
+            bad |= (got != want).reshape(2, dst_ids.size, -1).any(axis=(0, 2))
+        return int(bad.sum())
+
+    def close(self) -> None:
+        self.snap_arrays = []
+        self.flat = self.snapshot = np.empty(0, dtype=np.uint8)
+        self.bufs.close()
+
+
+def fill_unique(words: np.ndarray, rank: int) -> None:
+    """Give every 8-byte word of every rank a distinct value, so any misplaced byte range is caught."""
+    step = 1 << 23
+    for lo in range(0, words.size, step):
+        idx = np.arange(lo, min(lo + step, words.size), dtype=np.uint64)
+        words[lo:lo + idx.size] = idx * np.uint64(0x9E3779B97F4A7C15) + np.uint64(rank << 56)
+
+
+def slots_for(block_ids: np.ndarray) -> np.ndarray:
+    i = np.arange(block_ids.size * T)
+    return block_ids[i // T] * T + i % T
+
+
+def run_phase(kvm: KVManager, start: str, prompts: list[np.ndarray], block_ids: list[np.ndarray]) -> float:
+    """put_async or get_async every prompt into its blocks, wait for all; seconds, all or nothing."""
+    call = kvm.put_async if start == "put" else kvm.get_async
+    t0 = time.perf_counter()
+    ids = [call(toks, slots_for(b)) for toks, b in zip(prompts, block_ids, strict=True)]
+    res = kvm.wait(ids, timeout=120)
+    dt = time.perf_counter() - t0
+    for toks, tid in zip(prompts, ids, strict=True):
+        r = res[tid]
+        moved = int(r.return_mask.sum()) if r.return_mask is not None else 0
+        if r.status is not TaskStatus.SUCCESS or moved != toks.size:
+            raise RuntimeError(f"{start} task {tid}: {r.status.name}, {moved}/{toks.size} tokens ({r.error})")
+    return dt
+
+
+class Gather:
+    """The gather ceiling: random-order 2 MiB block copies between two numpy arrays."""
+
+    def __init__(self, num_blocks: int, block_bytes: int) -> None:
+        self.src = np.ones((num_blocks, block_bytes), dtype=np.uint8)
+        self.dst = np.zeros_like(self.src)
+
+    def run(self, rng: np.random.Generator) -> float:
+        order = rng.permutation(self.src.shape[0])
+        t0 = time.perf_counter()
+        np.take(self.src, order, axis=0, out=self.dst, mode="clip")  # "raise" would buffer the output
+        return time.perf_counter() - t0
+
+
+def one_round(kvm: KVManager, ranks: list[Rank], gather: Gather, threads: ThreadPoolExecutor,
+              args: argparse.Namespace, rng: np.random.Generator) -> RoundResult:
+    num_prompts = args.engine_blocks // args.prompt_blocks
+    memcpy2_s = sum(r.take_snapshot_2threads(threads) for r in ranks)
+    memcpy_s = sum(r.take_snapshot() for r in ranks)
+    perm = rng.permutation(args.engine_blocks)[:num_prompts * args.prompt_blocks].astype(np.int64)
+    put_ids = list(perm.reshape(num_prompts, args.prompt_blocks))
+    get_ids = put_ids[1:] + put_ids[:1]  # prompt i lands in prompt i+1's blocks: no block stays in place
+    prompts = [rng.integers(0, 1 << 40, args.prompt_blocks * T, dtype=np.int64) for _ in range(num_prompts)]
+    put_s = run_phase(kvm, "put", prompts, put_ids)
+    get_s = run_phase(kvm, "get", prompts, get_ids)
+    gather_s = gather.run(rng)
+    src, dst = np.concatenate(put_ids), np.concatenate(get_ids)
+    if not args.verify_all:
+        pick = rng.choice(src.size, size=min(args.verify_blocks, src.size), replace=False)
+        src, dst = src[pick], dst[pick]
+    for rank_id, r in enumerate(ranks):
+        bad = r.num_mismatched(dst, src)
+        if bad:
+            raise RuntimeError(f"rank {rank_id}: {bad} of {src.size} restored blocks differ from what was stored")
+    return RoundResult(put_s, get_s, memcpy_s, memcpy2_s, gather_s, int(src.size))
+
+
+def run_config(tp: int, args: argparse.Namespace) -> list[RoundResult]:
+    model = ModelConfig(32, 8, 128, "bfloat16", tp_size=tp)
+    kvm = KVManager(model, CacheConfig(tokens_per_block=T, num_cpu_blocks=args.cpu_blocks))
+    ranks: list[Rank] = []
+    threads = ThreadPoolExecutor(2)
+    try:
+        kvm.start()
+        ranks = [Rank(model, args.engine_blocks, r) for r in range(tp)]
+        for r, rank in enumerate(ranks):
+            kvm.register_kv_buffers(rank.bufs, rank.bufs.layout, tp_rank=r)
+        kvm.wait_ready(120)
+        gather = Gather(args.engine_blocks, model.block_bytes(T))
+        rng = np.random.default_rng(tp)
+        for _ in range(args.warmup_rounds):
+            one_round(kvm, ranks, gather, threads, args, rng)
+        results = [one_round(kvm, ranks, gather, threads, args, rng) for _ in range(args.rounds)]
+        kvm.check_invariants()
+        return results
+    finally:
+        threads.shutdown()
+        kvm.shutdown()
+        for rank in ranks:
+            rank.close()
+
+
+def print_rows(tp: int, results: list[RoundResult], moved: int) -> None:
+    """One row per round and a median row; ratios are to one-thread memcpy and to two-thread memcpy."""
+    names = ("put_s", "get_s", "memcpy_s", "memcpy2_s", "gather_s")
+    rows: list[tuple[str, list[float], str]] = [
+        (str(i), [getattr(r, k) for k in names], str(r.num_checked)) for i, r in enumerate(results)]
+    rows.append(("med", [float(np.median([getattr(r, k) for r in results])) for k in names], ""))
+    for label, secs, checked in rows:
+        put, get, mem, mem2, gat = (moved / s / 1e9 for s in secs)
+        print(f"{tp:>3} {label:>5} {put:>7.2f} {get:>7.2f} {mem:>7.2f} {mem2:>9.2f} {gat:>7.2f} "
+              f"{put / mem:>8.0%} {get / mem:>8.0%} {put / mem2:>9.0%} {get / mem2:>9.0%} {checked:>8}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="tensor-parallel sizes to run")
+    ap.add_argument("--engine-blocks", type=int, default=512, help="engine KV blocks (2 MiB each, all ranks)")
+    ap.add_argument("--cpu-blocks", type=int, default=600, help="CPU pool blocks (2 MiB each)")
+    ap.add_argument("--prompt-blocks", type=int, default=64, help="blocks per prompt")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--warmup-rounds", type=int, default=1)
+    ap.add_argument("--verify-blocks", type=int, default=64, help="restored blocks checked per round")
+    ap.add_argument("--verify-all", action="store_true", help="check every restored block")
+    args = ap.parse_args()
+    num_prompts = args.engine_blocks // args.prompt_blocks
+    if num_prompts < 2 or num_prompts * args.prompt_blocks > args.cpu_blocks:
+        ap.error("need >= 2 prompts per round, and the CPU pool must hold one round's blocks")
+    block_bytes = ModelConfig(32, 8, 128, "bfloat16").block_bytes(T)
+    moved = num_prompts * args.prompt_blocks * block_bytes
+    print(f"{num_prompts} prompts x {args.prompt_blocks} blocks x {block_bytes >> 20} MiB = {moved / 2**30:.2f} GiB "
+          f"per phase; CPU pool {args.cpu_blocks} blocks; GB/s = 1e9 B/s; ceilings measured in each round")
+    print(f"{'tp':>3} {'round':>5} {'put':>7} {'get':>7} {'memcpy':>7} {'memcpy x2':>9} {'gather':>7} "
+          f"{'put/mem':>8} {'get/mem':>8} {'put/mem2':>9} {'get/mem2':>9} {'checked':>8}")
+    for tp in args.tp:
+        print_rows(tp, run_config(tp, args), moved)
+
+
+if __name__ == "__main__":
+    main()
