@@ -42,7 +42,6 @@ from flexkv.config import CacheConfig, ModelConfig
 from flexkv.layout import KVCacheLayout, LayoutKind
 from flexkv.manager import KVManager
 from flexkv.protocol import client_msgs as cm
-from flexkv.protocol.codec import CLIENT_REQUESTS, SERVER_REPLIES
 from flexkv.scheduler.control import ControlPlane
 from flexkv.types import TaskStatus
 
@@ -60,7 +59,7 @@ def echo_server(address: str) -> None:
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.bind(address)
-    header = SERVER_REPLIES.encode(cm.MatchReplyMsg(req_id=1, task_id=1))[0]
+    header = msgspec.msgpack.encode(cm.MatchReplyMsg(req_id=1, task_id=1))  # as SERVER_REPLIES encodes it
     masks: dict[int, bytes] = {}
     while True:
         frames = sock.recv_multipart(copy=False)

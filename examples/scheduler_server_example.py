@@ -80,9 +80,14 @@ class RankBuffers:
 def rank_main(address: str, model: ModelConfig, kind: str, num_blocks: int, tpb: int, rank: int,
               use_cuda: bool, conn: Any) -> None:
     """One TP rank: allocate, fill, register; then answer byte-check requests until told to stop."""
-    bufs = RankBuffers(rank_layout(model, LayoutKind(kind), num_blocks, tpb), model, use_cuda, rank)
+    device_id = rank
+    if use_cuda:
+        import torch
+
+        device_id = rank % torch.cuda.device_count()  # fewer GPUs than ranks: ranks share a GPU
+    bufs = RankBuffers(rank_layout(model, LayoutKind(kind), num_blocks, tpb), model, use_cuda, device_id)
     bufs.fill(seed=1000 if model.use_mla else 1000 * (rank + 1))  # MLA: every rank holds the same latent
-    client = KVTPClient(address, dp_client_id=0, tp_rank=rank, device_id=rank)
+    client = KVTPClient(address, dp_client_id=0, tp_rank=rank, device_id=device_id)
     client.register(bufs.tensors, bufs.layout)
     conn.send("registered")
     while True:
