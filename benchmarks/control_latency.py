@@ -17,8 +17,8 @@ hits them alike:
 
 Goal: p50 <= 0.3 ms at 32K tokens and <= 0.5 ms at 128K.
 
-    python benchmarks/control_latency.py                  # ~30 s
-    python benchmarks/control_latency.py --iters 1000     # tighter p99
+    python benchmarks/control_latency.py                  # 1000 iterations per size, ~10 s
+    python benchmarks/control_latency.py --iters 5000     # tighter p99 (~40 s)
     python benchmarks/control_latency.py --sizes 32768 131072
 """
 

@@ -2,14 +2,15 @@
 # On a CUDA machine (2 GPUs for the TP=2 part), from the repo root, with the wheels of
 # ../shared/tools/device_wheels.sh in .whl/: build without liburing, run the CUDA tests, the runtime
 # tests, the end-to-end example on CUDA for every layout at TP=2, a Llama-3-8B-shaped run through the
-# whole stack, and the copy-engine benchmark. Prints PASS/FAIL per step.
+# whole stack, and the copy-engine benchmark. Prints PASS/FAIL per step. Headers the machine lacks
+# (xxhash.h) may be carried in .devinc/.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 say() { printf '[gpu_e2e] %s\n' "$*"; }
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH="$PWD:/tmp/site"
 ln -sfn ../scheduler flexkv/scheduler && ln -sfn ../workers flexkv/workers   # what the install's package_dir does
-FLEXKV_SKIP_EXTENSIONS=uring python3 setup.py -q build_ext --inplace > /tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }
+CFLAGS="-I$PWD/.devinc ${CFLAGS:-}" FLEXKV_SKIP_EXTENSIONS=uring python3 setup.py -q build_ext --inplace > /tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 ngpu=$(nvidia-smi -L | wc -l)
 rc=0

@@ -13,12 +13,19 @@ first call to the return of the wait (control plane included). Ceilings, measure
 * memcpy: one ``np.copyto`` of the whole engine buffer (1 GiB by default; the copy is also the
   snapshot that restored bytes are checked against);
 * memcpy x2: the same copy split over two threads (the host-device worker copies with two threads);
-* gather: ``np.take`` of the same number of 2 MiB blocks in random order between two numpy arrays.
+* gather: ``np.take`` of the same number of 2 MiB blocks in random order between two numpy arrays;
+* engine: the copy engine the worker runs (``hostcopy.copy_blocks``, 2 threads) called in this process
+  on the same engine buffers and block ids (TO_POOL for put, FROM_POOL for get, ranks one after the
+  other) with a private pool: stack / engine is what the processes and sockets cost.
+
+The warm-up rounds (rows w*, not in the median) are where the worker processes first touch the
+shared-memory pool and engine buffers they mapped: their puts pay those page faults (the last column
+counts the workers' minor faults per phase, from /proc).
 
 Restored bytes of a sample of blocks (``--verify-all``: every block) are compared with the snapshot,
 so a broken path cannot look fast. Goal: >= 80% of memcpy.
 
-    python benchmarks/throughput.py                     # TP=1 and TP=2, 3 rounds each, ~30 s
+    python benchmarks/throughput.py                     # TP=1 and TP=2, 2 warm-up + 5 rounds each, ~30 s
     python benchmarks/throughput.py --tp 1 --rounds 5 --verify-all
     python benchmarks/throughput.py --engine-blocks 1024 --cpu-blocks 1100 --prompt-blocks 128
 """
@@ -34,8 +41,9 @@ import numpy as np
 
 from flexkv.client import HostKVBuffers, allocate_host_kv_buffers
 from flexkv.config import CacheConfig, ModelConfig
-from flexkv.layout import KVCacheLayout, LayoutKind
+from flexkv.layout import BlockFirstLayout, KVCacheLayout, LayoutKind, tensor_addresses
 from flexkv.manager import KVManager
+from flexkv.native.hostcopy import CopyDirection, copy_blocks
 from flexkv.types import TaskStatus
 
 T = 16
@@ -48,7 +56,10 @@ class RoundResult:
     memcpy_s: float
     memcpy2_s: float
     gather_s: float
-    num_checked: int
+    engine_put_s: float
+    engine_get_s: float
+    put_faults: int
+    get_faults: int
 
 
 class Rank:
@@ -58,6 +69,8 @@ class Rank:
         layout = KVCacheLayout(LayoutKind.VLLM_KV_FIRST, model.num_layers, num_blocks, T,
                                model.num_kv_heads // model.tp_size, model.head_size, model.itemsize)
         self.bufs: HostKVBuffers = allocate_host_kv_buffers(layout, model.dtype, tag=f"bench{rank}")
+        self.table = layout.chunk_table(tensor_addresses(self.bufs.arrays))
+        self.shard_offsets = BlockFirstLayout(model, T).shard_chunk_offsets(rank)
         self.flat = np.frombuffer(self.bufs.segment.buffer, dtype=np.uint8, count=self.bufs.segment.nbytes)
         fill_unique(self.flat.view(np.uint64), rank)
         self.snapshot = np.ones_like(self.flat)  # ones, not empty: fault its pages in now
@@ -77,6 +90,14 @@ class Rank:
             f.result()
         return time.perf_counter() - t0
 
+    def engine_copy(self, direction: CopyDirection, pool: np.ndarray, engine_ids: np.ndarray,
+                    pool_ids: np.ndarray) -> float:
+        """The worker's copy engine called here: this rank's shard of blocks engine <-> ``pool``."""
+        t0 = time.perf_counter()
+        copy_blocks(direction, self.table, int(pool.ctypes.data), pool.shape[1], self.shard_offsets, pool.shape[0],
+                    engine_ids, pool_ids, num_threads=2)
+        return time.perf_counter() - t0
+
     def num_mismatched(self, dst_ids: np.ndarray, src_ids: np.ndarray) -> int:
         """Blocks whose restored bytes (engine block dst) differ from the snapshot of engine block src."""
         bad = np.zeros(dst_ids.size, dtype=bool)
@@ -93,10 +114,10 @@ class Rank:
 
 def fill_unique(words: np.ndarray, rank: int) -> None:
     """Give every 8-byte word of every rank a distinct value, so any misplaced byte range is caught."""
-    step = 1 << 23
+    step, base = 1 << 23, rank << 48
     for lo in range(0, words.size, step):
-        idx = np.arange(lo, min(lo + step, words.size), dtype=np.uint64)
-        words[lo:lo + idx.size] = idx * np.uint64(0x9E3779B97F4A7C15) + np.uint64(rank << 56)
+        hi = min(lo + step, words.size)
+        words[lo:hi] = np.arange(base + lo, base + hi, dtype=np.uint64)
 
 
 def slots_for(block_ids: np.ndarray) -> np.ndarray:
@@ -104,19 +125,35 @@ def slots_for(block_ids: np.ndarray) -> np.ndarray:
     return block_ids[i // T] * T + i % T
 
 
-def run_phase(kvm: KVManager, start: str, prompts: list[np.ndarray], block_ids: list[np.ndarray]) -> float:
-    """put_async or get_async every prompt into its blocks, wait for all; seconds, all or nothing."""
+def worker_faults(worker_pids: list[int]) -> int:
+    """Minor page faults of the worker processes so far (-1 where /proc is unavailable)."""
+    try:
+        total = 0
+        for pid in worker_pids:
+            with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+                total += int(f.read().rsplit(")", 1)[1].split()[7])  # field 10: minflt
+        return total
+    except (OSError, ValueError, IndexError):
+        return -1
+
+
+def run_phase(kvm: KVManager, start: str, prompts: list[np.ndarray], block_ids: list[np.ndarray],
+              worker_pids: list[int]) -> tuple[float, int]:
+    """put_async or get_async every prompt into its blocks, wait for all, all or nothing.
+    Returns (seconds, minor page faults the workers took meanwhile)."""
     call = kvm.put_async if start == "put" else kvm.get_async
+    faults = worker_faults(worker_pids)
     t0 = time.perf_counter()
     ids = [call(toks, slots_for(b)) for toks, b in zip(prompts, block_ids, strict=True)]
     res = kvm.wait(ids, timeout=120)
     dt = time.perf_counter() - t0
+    faults = worker_faults(worker_pids) - faults if faults >= 0 else -1
     for toks, tid in zip(prompts, ids, strict=True):
         r = res[tid]
         moved = int(r.return_mask.sum()) if r.return_mask is not None else 0
         if r.status is not TaskStatus.SUCCESS or moved != toks.size:
             raise RuntimeError(f"{start} task {tid}: {r.status.name}, {moved}/{toks.size} tokens ({r.error})")
-    return dt
+    return dt, faults
 
 
 class Gather:
@@ -136,14 +173,19 @@ class Gather:
 def one_round(kvm: KVManager, ranks: list[Rank], gather: Gather, threads: ThreadPoolExecutor,
               args: argparse.Namespace, rng: np.random.Generator) -> RoundResult:
     num_prompts = args.engine_blocks // args.prompt_blocks
+    perm = rng.permutation(args.engine_blocks)[:num_prompts * args.prompt_blocks].astype(np.int64)
+    pool_ids = rng.permutation(args.engine_blocks)[:perm.size].astype(np.int64)
+    # engine ceiling: blocks out to a private pool and back into the same blocks (bytes unchanged)
+    engine_put_s = sum(r.engine_copy(CopyDirection.TO_POOL, gather.dst, perm, pool_ids) for r in ranks)
+    engine_get_s = sum(r.engine_copy(CopyDirection.FROM_POOL, gather.dst, perm, pool_ids) for r in ranks)
     memcpy2_s = sum(r.take_snapshot_2threads(threads) for r in ranks)
     memcpy_s = sum(r.take_snapshot() for r in ranks)
-    perm = rng.permutation(args.engine_blocks)[:num_prompts * args.prompt_blocks].astype(np.int64)
     put_ids = list(perm.reshape(num_prompts, args.prompt_blocks))
     get_ids = put_ids[1:] + put_ids[:1]  # prompt i lands in prompt i+1's blocks: no block stays in place
     prompts = [rng.integers(0, 1 << 40, args.prompt_blocks * T, dtype=np.int64) for _ in range(num_prompts)]
-    put_s = run_phase(kvm, "put", prompts, put_ids)
-    get_s = run_phase(kvm, "get", prompts, get_ids)
+    worker_pids = [int(v) for k, v in kvm.stats().items() if k.startswith("pid:")]
+    put_s, put_faults = run_phase(kvm, "put", prompts, put_ids, worker_pids)
+    get_s, get_faults = run_phase(kvm, "get", prompts, get_ids, worker_pids)
     gather_s = gather.run(rng)
     src, dst = np.concatenate(put_ids), np.concatenate(get_ids)
     if not args.verify_all:
@@ -153,10 +195,12 @@ def one_round(kvm: KVManager, ranks: list[Rank], gather: Gather, threads: Thread
         bad = r.num_mismatched(dst, src)
         if bad:
             raise RuntimeError(f"rank {rank_id}: {bad} of {src.size} restored blocks differ from what was stored")
-    return RoundResult(put_s, get_s, memcpy_s, memcpy2_s, gather_s, int(src.size))
+    return RoundResult(put_s, get_s, memcpy_s, memcpy2_s, gather_s, engine_put_s, engine_get_s, put_faults,
+                       get_faults)
 
 
-def run_config(tp: int, args: argparse.Namespace) -> list[RoundResult]:
+def run_config(tp: int, args: argparse.Namespace) -> tuple[list[RoundResult], list[RoundResult]]:
+    """(warm-up rounds, measured rounds) for one TP size, on a fresh server."""
     model = ModelConfig(32, 8, 128, "bfloat16", tp_size=tp)
     kvm = KVManager(model, CacheConfig(tokens_per_block=T, num_cpu_blocks=args.cpu_blocks))
     ranks: list[Rank] = []
@@ -169,11 +213,10 @@ def run_config(tp: int, args: argparse.Namespace) -> list[RoundResult]:
         kvm.wait_ready(120)
         gather = Gather(args.engine_blocks, model.block_bytes(T))
         rng = np.random.default_rng(tp)
-        for _ in range(args.warmup_rounds):
-            one_round(kvm, ranks, gather, threads, args, rng)
+        warmups = [one_round(kvm, ranks, gather, threads, args, rng) for _ in range(args.warmup_rounds)]
         results = [one_round(kvm, ranks, gather, threads, args, rng) for _ in range(args.rounds)]
         kvm.check_invariants()
-        return results
+        return warmups, results
     finally:
         threads.shutdown()
         kvm.shutdown()
@@ -181,16 +224,22 @@ def run_config(tp: int, args: argparse.Namespace) -> list[RoundResult]:
             rank.close()
 
 
-def print_rows(tp: int, results: list[RoundResult], moved: int) -> None:
-    """One row per round and a median row; ratios are to one-thread memcpy and to two-thread memcpy."""
-    names = ("put_s", "get_s", "memcpy_s", "memcpy2_s", "gather_s")
+HEADER = (f"{'tp':>3} {'round':>5} {'put':>6} {'get':>6} {'memcpy':>6} {'memcpy2':>7} {'gather':>6} {'engD2H':>6} "
+          f"{'engH2D':>6} {'put/mem':>7} {'get/mem':>7} {'put/eng':>7} {'get/eng':>7} {'faults put/get':>15}")
+
+
+def print_rows(tp: int, warmups: list[RoundResult], results: list[RoundResult], moved: int) -> None:
+    """One row per round (w*: warm-up) and a median of the measured rounds."""
+    names = ("put_s", "get_s", "memcpy_s", "memcpy2_s", "gather_s", "engine_put_s", "engine_get_s")
     rows: list[tuple[str, list[float], str]] = [
-        (str(i), [getattr(r, k) for k in names], str(r.num_checked)) for i, r in enumerate(results)]
+        (f"w{i}", [getattr(r, k) for k in names], f"{r.put_faults}/{r.get_faults}") for i, r in enumerate(warmups)]
+    rows += [(str(i), [getattr(r, k) for k in names], f"{r.put_faults}/{r.get_faults}")
+             for i, r in enumerate(results)]
     rows.append(("med", [float(np.median([getattr(r, k) for r in results])) for k in names], ""))
-    for label, secs, checked in rows:
-        put, get, mem, mem2, gat = (moved / s / 1e9 for s in secs)
-        print(f"{tp:>3} {label:>5} {put:>7.2f} {get:>7.2f} {mem:>7.2f} {mem2:>9.2f} {gat:>7.2f} "
-              f"{put / mem:>8.0%} {get / mem:>8.0%} {put / mem2:>9.0%} {get / mem2:>9.0%} {checked:>8}")
+    for label, secs, faults in rows:
+        put, get, mem, mem2, gat, eput, eget = (moved / s / 1e9 for s in secs)
+        print(f"{tp:>3} {label:>5} {put:>6.1f} {get:>6.1f} {mem:>6.1f} {mem2:>7.1f} {gat:>6.1f} {eput:>6.1f} "
+              f"{eget:>6.1f} {put / mem:>7.0%} {get / mem:>7.0%} {put / eput:>7.0%} {get / eget:>7.0%} {faults:>15}")
 
 
 def main() -> None:
@@ -199,22 +248,26 @@ def main() -> None:
     ap.add_argument("--engine-blocks", type=int, default=512, help="engine KV blocks (2 MiB each, all ranks)")
     ap.add_argument("--cpu-blocks", type=int, default=600, help="CPU pool blocks (2 MiB each)")
     ap.add_argument("--prompt-blocks", type=int, default=64, help="blocks per prompt")
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--warmup-rounds", type=int, default=1)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--warmup-rounds", type=int, default=2,
+                    help="unreported rounds first (2 by default: the workers first touch every pool block)")
     ap.add_argument("--verify-blocks", type=int, default=64, help="restored blocks checked per round")
     ap.add_argument("--verify-all", action="store_true", help="check every restored block")
     args = ap.parse_args()
     num_prompts = args.engine_blocks // args.prompt_blocks
-    if num_prompts < 2 or num_prompts * args.prompt_blocks > args.cpu_blocks:
-        ap.error("need >= 2 prompts per round, and the CPU pool must hold one round's blocks")
+    if num_prompts < 2 or args.engine_blocks % args.prompt_blocks or args.engine_blocks > args.cpu_blocks:
+        ap.error("--engine-blocks must be a multiple (>= 2x) of --prompt-blocks and fit in --cpu-blocks")
     block_bytes = ModelConfig(32, 8, 128, "bfloat16").block_bytes(T)
     moved = num_prompts * args.prompt_blocks * block_bytes
+    checked = "every restored block" if args.verify_all else f"{args.verify_blocks} random restored blocks"
     print(f"{num_prompts} prompts x {args.prompt_blocks} blocks x {block_bytes >> 20} MiB = {moved / 2**30:.2f} GiB "
-          f"per phase; CPU pool {args.cpu_blocks} blocks; GB/s = 1e9 B/s; ceilings measured in each round")
-    print(f"{'tp':>3} {'round':>5} {'put':>7} {'get':>7} {'memcpy':>7} {'memcpy x2':>9} {'gather':>7} "
-          f"{'put/mem':>8} {'get/mem':>8} {'put/mem2':>9} {'get/mem2':>9} {'checked':>8}")
+          f"per phase; CPU pool {args.cpu_blocks} blocks; GB/s (1e9 B/s), ceilings measured in each round:\n"
+          "memcpy = np.copyto 1 thread, memcpy2 = 2 threads, gather = np.take of 2 MiB blocks, engD2H/engH2D = "
+          "copy engine in-process;\n"
+          f"{checked} byte-checked per round; faults = workers' minor page faults in the phase")
+    print(HEADER)
     for tp in args.tp:
-        print_rows(tp, run_config(tp, args), moved)
+        print_rows(tp, *run_config(tp, args), moved)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ ffibuilder.cdef(
     #define FLEXKV_COPY_FROM_POOL ...
     #define FLEXKV_HOSTCOPY_MIN_BYTES_PER_THREAD ...
     #define FLEXKV_HOSTCOPY_MAX_THREADS ...
+    #define FLEXKV_HOSTCOPY_STREAM_MIN_BYTES ...
     int flexkv_host_copy(int direction, const uint64_t *engine_bases, size_t num_chunks,
                          uint64_t engine_block_stride, int64_t engine_num_blocks, uint8_t *pool_base,
                          uint64_t pool_block_bytes, const uint64_t *pool_chunk_offsets, int64_t pool_num_blocks,
@@ -24,6 +25,7 @@ ffibuilder.set_source(
     '#include "hostcopy.h"',
     sources=[os.path.join(HERE, "hostcopy.c")],
     include_dirs=[HERE],
+    depends=[os.path.join(HERE, "hostcopy.h")],  # rebuild when only the header changes
     extra_compile_args=["-O3", "-std=gnu11", "-Wall", "-Wextra", "-pthread"],
     extra_link_args=["-pthread"],
 )

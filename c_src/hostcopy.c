@@ -1,27 +1,25 @@
 /*
  * Host copy engine: move KV chunks between an engine's tensors and flexkv's block-first pool, both in
  * host memory. The caller's thread does one share of the blocks and short-lived pthreads do the rest;
- * runs of chunks that are adjacent on both sides are merged into one copy.
+ * runs of chunks that are adjacent on both sides are merged into one copy. Large jobs use streaming
+ * (non-temporal) stores on x86-64: the destination is not read back soon, and skipping the
+ * read-for-ownership of every destination line measured ~20% faster per thread than memcpy.
  */
 #include <errno.h>
 #include <pthread.h>
 #include <string.h>
 #if defined(__x86_64__)
-#include <immintrin.h>
+#include <emmintrin.h>
 #endif
 
 #include "hostcopy.h"
 
-#ifndef NT
-#define NT 1
-#endif
-#ifndef NT_MIN_SEG
-#define NT_MIN_SEG 4096
-#endif
+/* Segments shorter than this go through memcpy even in a streaming job. */
+#define STREAM_MIN_SEG_BYTES 4096
 
 struct copy_job {
 	int direction;
-	int streaming;
+	int streaming; /* non-temporal stores for long segments */
 	const uint64_t *engine_bases;
 	size_t num_chunks;
 	uint64_t engine_block_stride;
@@ -48,43 +46,8 @@ struct copy_seg {
 };
 
 #if defined(__x86_64__)
-#ifndef PF
-#define PF 0
-#endif
-__attribute__((target("avx"))) static void stream_copy_avx(uint8_t *dst, const uint8_t *src, size_t len,
-							   const uint8_t *next, size_t next_len)
-{
-	const size_t head = (32 - ((uintptr_t)dst & 31)) & 31;
-	size_t pf = 0;
-
-	memcpy(dst, src, head);
-	dst += head;
-	src += head;
-	len -= head;
-	for (; len >= 128; len -= 128, src += 128, dst += 128) {
-		if (PF && next && pf < next_len) {
-			if (PF == 1) {
-				_mm_prefetch((const char *)next + pf, _MM_HINT_T0);
-				_mm_prefetch((const char *)next + pf + 64, _MM_HINT_T0);
-			} else {
-				_mm_prefetch((const char *)next + pf, _MM_HINT_NTA);
-				_mm_prefetch((const char *)next + pf + 64, _MM_HINT_NTA);
-			}
-			pf += 128;
-		}
-		__m256i a = _mm256_loadu_si256((const __m256i *)src);
-		__m256i b = _mm256_loadu_si256((const __m256i *)(src + 32));
-		__m256i c = _mm256_loadu_si256((const __m256i *)(src + 64));
-		__m256i d = _mm256_loadu_si256((const __m256i *)(src + 96));
-		_mm256_stream_si256((__m256i *)dst, a);
-		_mm256_stream_si256((__m256i *)(dst + 32), b);
-		_mm256_stream_si256((__m256i *)(dst + 64), c);
-		_mm256_stream_si256((__m256i *)(dst + 96), d);
-	}
-	memcpy(dst, src, len);
-}
-
-static void stream_copy_sse(uint8_t *dst, const uint8_t *src, size_t len)
+/* memcpy with 16-byte non-temporal stores (SSE2 is part of x86-64); the caller fences. */
+static void stream_copy(uint8_t *dst, const uint8_t *src, size_t len)
 {
 	const size_t head = (16 - ((uintptr_t)dst & 15)) & 15;
 
@@ -97,6 +60,7 @@ static void stream_copy_sse(uint8_t *dst, const uint8_t *src, size_t len)
 		__m128i b = _mm_loadu_si128((const __m128i *)(src + 16));
 		__m128i c = _mm_loadu_si128((const __m128i *)(src + 32));
 		__m128i d = _mm_loadu_si128((const __m128i *)(src + 48));
+
 		_mm_stream_si128((__m128i *)dst, a);
 		_mm_stream_si128((__m128i *)(dst + 16), b);
 		_mm_stream_si128((__m128i *)(dst + 32), c);
@@ -106,30 +70,26 @@ static void stream_copy_sse(uint8_t *dst, const uint8_t *src, size_t len)
 }
 #endif
 
-static void copy_bytes(int streaming, uint8_t *dst, const uint8_t *src, size_t len, const uint8_t *next, size_t next_len)
+static void copy_bytes(int streaming, uint8_t *dst, const uint8_t *src, size_t len)
 {
 #if defined(__x86_64__)
-	if (streaming == 2 && len >= NT_MIN_SEG) {
-		stream_copy_avx(dst, src, len, next, next_len);
-		return;
-	}
-	if (streaming == 1 && len >= NT_MIN_SEG) {
-		stream_copy_sse(dst, src, len);
+	if (streaming && len >= STREAM_MIN_SEG_BYTES) {
+		stream_copy(dst, src, len);
 		return;
 	}
 #endif
+	(void)streaming;
 	memcpy(dst, src, len);
 }
 
-static void flush_seg(int direction, int streaming, const struct copy_seg *seg, const uint8_t *next_engine,
-		      const uint8_t *next_pool, size_t next_len)
+static void flush_seg(const struct copy_job *job, const struct copy_seg *seg)
 {
 	if (!seg->len)
 		return;
-	if (direction == FLEXKV_COPY_TO_POOL)
-		copy_bytes(streaming, seg->pool, seg->engine, seg->len, next_engine, next_len);
+	if (job->direction == FLEXKV_COPY_TO_POOL)
+		copy_bytes(job->streaming, seg->pool, seg->engine, seg->len);
 	else
-		copy_bytes(streaming, seg->engine, seg->pool, seg->len, next_pool, next_len);
+		copy_bytes(job->streaming, seg->engine, seg->pool, seg->len);
 }
 
 static void copy_range(const struct copy_job *job, size_t begin, size_t end)
@@ -150,15 +110,16 @@ static void copy_range(const struct copy_job *job, size_t begin, size_t end)
 				seg.len += len;
 				continue;
 			}
-			flush_seg(job->direction, job->streaming, &seg, engine, pool, len);
+			flush_seg(job, &seg);
 			seg.engine = engine;
 			seg.pool = pool;
 			seg.len = len;
 		}
 	}
-	flush_seg(job->direction, job->streaming, &seg, NULL, NULL, 0);
+	flush_seg(job, &seg);
 #if defined(__x86_64__)
-	_mm_sfence();
+	if (job->streaming)
+		_mm_sfence(); /* streaming stores are weakly ordered: make them visible before we report done */
 #endif
 }
 
@@ -193,9 +154,8 @@ static int check_pool_offsets(const uint64_t *offsets, size_t n, uint64_t chunk_
 }
 
 /* How many threads are worth starting: at least MIN_BYTES_PER_THREAD each, at most one per block. */
-static size_t count_parts(const struct copy_job *job, size_t num_blocks, int num_threads)
+static size_t count_parts(uint64_t total, size_t num_blocks, int num_threads)
 {
-	const uint64_t total = (uint64_t)num_blocks * job->num_chunks * job->chunk_bytes;
 	uint64_t parts = total / FLEXKV_HOSTCOPY_MIN_BYTES_PER_THREAD;
 
 	if (parts > (uint64_t)num_threads)
@@ -233,9 +193,19 @@ int flexkv_host_copy(int direction, const uint64_t *engine_bases, size_t num_chu
 		     const uint64_t *pool_chunk_offsets, int64_t pool_num_blocks, uint64_t chunk_bytes,
 		     const int64_t *engine_ids, const int64_t *pool_ids, size_t num_blocks, int num_threads)
 {
-	struct copy_job job = { direction,	  NT,	engine_bases,	      num_chunks, engine_block_stride,
-				pool_base,	  pool_block_bytes,   pool_chunk_offsets, chunk_bytes,
-				engine_ids,	  pool_ids };
+	struct copy_job job = {
+		.direction = direction,
+		.engine_bases = engine_bases,
+		.num_chunks = num_chunks,
+		.engine_block_stride = engine_block_stride,
+		.pool_base = pool_base,
+		.pool_block_bytes = pool_block_bytes,
+		.pool_chunk_offsets = pool_chunk_offsets,
+		.chunk_bytes = chunk_bytes,
+		.engine_ids = engine_ids,
+		.pool_ids = pool_ids,
+	};
+	uint64_t total;
 	int ret;
 
 	if (direction != FLEXKV_COPY_TO_POOL && direction != FLEXKV_COPY_FROM_POOL)
@@ -256,6 +226,8 @@ int flexkv_host_copy(int direction, const uint64_t *engine_bases, size_t num_chu
 		ret = check_ids(pool_ids, num_blocks, pool_num_blocks);
 	if (ret)
 		return ret;
-	run_parts(&job, num_blocks, count_parts(&job, num_blocks, num_threads));
+	total = (uint64_t)num_blocks * num_chunks * chunk_bytes;
+	job.streaming = total >= FLEXKV_HOSTCOPY_STREAM_MIN_BYTES;
+	run_parts(&job, num_blocks, count_parts(total, num_blocks, num_threads));
 	return 0;
 }

@@ -192,6 +192,8 @@ def plan_put(tiers: Tiers, hashes: HashArray, num_tokens: int, tokens_per_block:
     if start < first_block or start == hashes.size:
         cpu.touch(cpu_match, start, now)
         return _empty(TaskType.PUT, num_tokens, start)
+    store = tiers.remote_store
+    store_known = store.lookup.known_prefix(hashes) if store is not None else 0  # I/O before reserving anything
     new_ids = cpu.allocate(hashes.size - start, cpu_match)
     if new_ids.size == 0:
         cpu.touch(cpu_match, start, now)
@@ -207,8 +209,8 @@ def plan_put(tiers: Tiers, hashes: HashArray, num_tokens: int, tokens_per_block:
     for index, op_type in ((tiers.ssd, OpType.H2DISK), (tiers.remote, OpType.H2REMOTE)):
         if index is not None:
             _write_through(graph, index, op_type, cpu, cpu_ids, start, hashes[:end], d2h, now)
-    if tiers.remote_store is not None:
-        _write_through_store(graph, tiers.remote_store, cpu, cpu_ids, start, hashes[:end], d2h)
+    if store is not None and store.available:
+        _write_through_store(graph, store, min(store_known, end), cpu, cpu_ids, start, hashes[:end], d2h)
     mask = _mask(num_tokens, tokens_per_block, start, end)
     return Plan(TaskType.PUT, graph, mask, start, end, start, tokens_per_block)
 
@@ -245,14 +247,12 @@ def _write_through(graph: TaskGraph, index: RadixIndex, op_type: OpType, cpu: Ra
               block_hashes=hashes[begin:stop] if op_type is OpType.H2REMOTE else None)
 
 
-def _write_through_store(graph: TaskGraph, store: RemoteTier, cpu: RadixIndex, cpu_ids: BlockIds, num_old: int,
-                         hashes: HashArray, d2h: OpNode) -> None:
+def _write_through_store(graph: TaskGraph, store: RemoteTier, begin: int, cpu: RadixIndex, cpu_ids: BlockIds,
+                         num_old: int, hashes: HashArray, d2h: OpNode) -> None:
     """Reserve an H2REMOTE of the CPU blocks the shared store lacks (lookup mode): from its known
-    prefix to the end, minus keys this server already writes, minus a tail whose CPU source another
-    task still writes. Locks the CPU sources; the keys count as being written until the op ends."""
-    begin = store.lookup.known_prefix(hashes)
-    if not store.available:
-        return
+    prefix ``begin`` to the end, minus keys this server already writes, minus a tail whose CPU
+    source another task still writes. Locks the CPU sources; the keys count as being written until
+    the op ends."""
     stop = _ready_sources_stop(cpu, cpu_ids, begin, num_old, hashes.size)
     positions = store.unwritten(hashes[:stop], begin)
     if positions.size == 0:

@@ -13,7 +13,10 @@ store stops at the first missing key, so an evicted key in the middle ends the p
 
 Both run in the server process, on the thread that owns the control plane. A lookup makes at most
 one store call, none during an outage's retry delay, so it never blocks longer than the store's
-own timeouts; the server should open its lookup store with short ones (it stalls the loop).
+own timeouts; the server should open its lookup store with short ones (it stalls the loop)::
+
+    store = open_remote_store(cache.remote, namespace_tag)  # the tag the remote workers use
+    control = ControlPlane(model, cache, RemoteLookup(store.count_prefix))
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ class RemoteLookup:
         self._expiry: OrderedDict[int, float] = OrderedDict()  # insertion order == expiry order
         self._down_since: float | None = None  # when the current outage began
         self._retry_at = 0.0
-        self._counters = dict.fromkeys(("lookups", "store_calls", "cached_blocks", "found_blocks", "outages"), 0)
+        self._counters = dict.fromkeys(("lookups", "store_calls", "cache_hit_blocks", "store_hit_blocks", "outages"), 0)
 
     @property
     def available(self) -> bool:
@@ -80,15 +83,15 @@ class RemoteLookup:
             return 0
         num_cached = self._cached_prefix(hashes)
         if num_cached == hashes.size:
-            self._counters["cached_blocks"] += num_cached
+            self._counters["cache_hit_blocks"] += num_cached
             return num_cached
         tail = hashes[num_cached:]
         num_found = self._ask_store(tail, now)
         if num_found is None:
             return 0
         self._remember(tail[:num_found], now)
-        self._counters["cached_blocks"] += num_cached
-        self._counters["found_blocks"] += num_found
+        self._counters["cache_hit_blocks"] += num_cached
+        self._counters["store_hit_blocks"] += num_found
         return num_cached + num_found
 
     def note_stored(self, hashes: HashArray) -> None:

@@ -100,6 +100,9 @@ def _raise_for(rc: int, err: Any, what: str) -> None:
 
 
 def _call(what: str, fn: Callable[..., int], *args: Any) -> None:
+    ok, why = _load()  # every entry point needs the libraries; loading is once per process
+    if not ok:
+        raise GPUUnavailable(f"{what}: CUDA libraries unavailable: {why}")
     err = ffi.new("struct fkv_err *")
     _raise_for(fn(*args, err), err, what)
 

@@ -3,7 +3,7 @@
 The data path of the host-device worker (engine KV in host shared memory) and of CPU engines. The engine
 side is a :class:`~flexkv.layout.ChunkTable`; the pool side is a base address, a block size and the
 chunk offsets of one shard (:meth:`~flexkv.layout.BlockFirstLayout.shard_chunk_offsets`). The copy runs
-in the calling process with the GIL released; it splits over threads only when each gets a few MiB.
+in the calling process with the GIL released; it splits over threads only when each gets MIN_BYTES_PER_THREAD.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from flexkv.types import InvalidRequest, OpType
 
 MIN_BYTES_PER_THREAD: int = lib.FLEXKV_HOSTCOPY_MIN_BYTES_PER_THREAD
 MAX_THREADS: int = lib.FLEXKV_HOSTCOPY_MAX_THREADS
+STREAM_MIN_BYTES: int = lib.FLEXKV_HOSTCOPY_STREAM_MIN_BYTES  # from here on, non-temporal stores (x86-64)
 
 
 class CopyDirection(enum.IntEnum):
