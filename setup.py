@@ -31,7 +31,7 @@ setup(
         "flexkv.native",
         "flexkv.scheduler",
         "flexkv.workers",
-        "flexkv.workers.remote",
+        "flexkv.remote",
     ],
     package_dir={
         "flexkv": "flexkv",

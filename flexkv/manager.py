@@ -28,6 +28,7 @@ from flexkv.client import HostKVBuffers, KVTPClient
 from flexkv.config import CacheConfig, ModelConfig, configs_to_json
 from flexkv.layout import KVCacheLayout, LayoutKind
 from flexkv.protocol import client_msgs as cm
+from flexkv.protocol.codec import range_to_mask
 from flexkv.scheduler.main import STARTUP_ERROR_FILE
 from flexkv.transport import ServerConnection, ServerUnavailable
 from flexkv.types import FlexKVError, InvalidRequest, KVResponse, TaskStatus
@@ -205,7 +206,10 @@ class KVManager:
         ns = list(namespace) if namespace is not None else None
         reply, frames = self._c.request(lambda rid: cls(client_id=self.dp_client_id, req_id=rid, task_id=task_id,
                                                         namespace=ns, has_mask=mask is not None), arrays)
-        return task_id, np.frombuffer(frames[0], dtype=np.bool_).copy()
+        assert isinstance(reply, cm.MatchReplyMsg)
+        mask = range_to_mask(reply.num_tokens, reply.mask_begin, reply.mask_end, frames)
+        assert mask is not None
+        return task_id, mask
 
     def get_match(self, token_ids: IntArrayLike, token_mask: IntArrayLike | None = None,
                   namespace: Sequence[str] | None = None) -> tuple[int, npt.NDArray[np.bool_]]:
@@ -283,9 +287,9 @@ class KVManager:
                                    completely=completely), timeout_s=timeout + self._request_timeout_s)
         assert isinstance(reply, cm.WaitReplyMsg)
         out: dict[int, KVResponse] = {}
-        for tid, status, error, frame in zip(reply.task_ids, reply.statuses, reply.errors, frames, strict=True):
-            st = TaskStatus(status)
-            mask = np.frombuffer(frame, dtype=np.bool_).copy() if frame.nbytes else None
+        for i, tid in enumerate(reply.task_ids):
+            st, error = TaskStatus(reply.statuses[i]), reply.errors[i]
+            mask = range_to_mask(reply.num_tokens[i], reply.mask_begins[i], reply.mask_ends[i], frames)
             out[tid] = KVResponse(st, tid, mask, error)
             if st not in (TaskStatus.UNREADY, TaskStatus.TIMEOUT):
                 self._launched.pop(tid, None)

@@ -24,13 +24,22 @@ from typing import Any
 import numpy as np
 import zmq
 
-from flexkv.config import CacheConfig, ModelConfig, configs_to_json
+from flexkv.config import CacheConfig, ModelConfig, RemoteConfig, configs_to_json, kv_fingerprint
 from flexkv.layout import BlockFirstLayout, KVCacheLayout
 from flexkv.native.hasher import encode_namespace
 from flexkv.protocol import client_msgs as cm
-from flexkv.protocol.codec import CLIENT_REQUESTS, SERVER_REPLIES, WORKER_TO_SERVER, ProtocolError, frame_array
+from flexkv.protocol.codec import (
+    CLIENT_REQUESTS,
+    SERVER_REPLIES,
+    WORKER_TO_SERVER,
+    ProtocolError,
+    frame_array,
+    mask_to_range,
+)
 from flexkv.protocol.worker_msgs import OpsDoneMsg, WorkerHelloMsg
+from flexkv.remote import RemoteStore, RemoteUnavailable, open_remote_store
 from flexkv.scheduler.control import ControlPlane
+from flexkv.scheduler.remote_lookup import RemoteLookup
 from flexkv.scheduler.graph import TransferOp
 from flexkv.scheduler.supervisor import OpResult, WorkerSupervisor, device_worker_id
 from flexkv.shm import SharedPool, make_pool_name
@@ -81,7 +90,10 @@ class SchedulerServer:
         self.worker_address = f"ipc://{self.runtime_dir}/workers.sock"
         self._parent_pid = parent_pid
         self._host = socket.gethostname()
-        self.control = ControlPlane(model, cache)
+        self._lookup_store: RemoteStore | None = None
+        cache = self._open_remote_lookup(model, cache)
+        self.cache = cache
+        self.control = ControlPlane(model, cache, remote_lookup=self._remote_lookup)
         self.block_bytes = model.block_bytes(cache.tokens_per_block)
         self.block_first = BlockFirstLayout(model, cache.tokens_per_block)
         self.pool = SharedPool.create(make_pool_name("cpu"), cache.num_cpu_blocks * self.block_bytes,
@@ -95,9 +107,9 @@ class SchedulerServer:
         self.supervisor = WorkerSupervisor(self._workers_sock, base_spec, model.tp_size, model.use_mla)
         self._conns: dict[bytes, _Conn] = {}
         self._registered: set[tuple[int, int]] = set()
-        self._launched: set[TaskKey] = set()
-        self._errors: dict[TaskKey, str] = {}
-        self._delivered: set[TaskKey] = set()
+        self._launched: set[TaskKey] = set()  # launched (or cancelled) tasks still in the control plane
+        self._op_keys: dict[int, TaskKey] = {}  # dispatched op -> its task
+        # Final results of retired tasks, (engine part, every op), kept for later waits; bounded.
         self._results: OrderedDict[TaskKey, tuple[KVResponse, KVResponse]] = OrderedDict()
         self._waits: list[_Wait] = []
         self._running = False
@@ -124,6 +136,27 @@ class SchedulerServer:
                  self.client_address, cache.num_cpu_blocks, self.block_bytes, self.pool.nbytes / 2**30,
                  self.pool.name, cache.num_ssd_blocks if cache.enable_ssd else "off",
                  cache.remote.backend.value if cache.enable_remote else "off")  # type: ignore[union-attr]
+
+    def _open_remote_lookup(self, model: ModelConfig, cache: CacheConfig) -> CacheConfig:
+        """Open the server's own connection to the remote store, used for existence checks (the remote
+        tier's index is the store, so several servers share prefixes). Unreachable at start: an error
+        when ``remote.required``, else one warning and the remote tier is disabled."""
+        self._remote_lookup: RemoteLookup | None = None
+        if not cache.enable_remote:
+            return cache
+        assert isinstance(cache.remote, RemoteConfig)
+        try:
+            store = open_remote_store(cache.remote, kv_fingerprint(model, cache.tokens_per_block),
+                                      connect_timeout_s=0.5, op_timeout_s=1.0)
+        except RemoteUnavailable as e:
+            if cache.remote.required:
+                raise ConfigError(f"remote store unreachable at start: {e} (set remote.required=false to start "
+                                  "without the remote tier)") from None
+            log.warning("remote store unreachable at start (%s); remote tier disabled", e)
+            return dataclasses.replace(cache, enable_remote=False)
+        self._lookup_store = store
+        self._remote_lookup = RemoteLookup(store.count_prefix, unavailable=(RemoteUnavailable, OSError))
+        return cache
 
     def _bind(self, kind: int, address: str) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = self._ctx.socket(kind)
@@ -238,7 +271,7 @@ class SchedulerServer:
         return tokens, slots, mask, encode_namespace(msg.namespace)
 
     def _match(self, key: TaskKey, is_get: bool, tokens: Any, mask: Any, ns: bytes) -> np.ndarray:
-        if key in self._launched or key in self._errors or self.control.poll(key).status is not TaskStatus.NOTFOUND:
+        if key in self._launched or key in self._results or self.control.poll(key).status is not TaskStatus.NOTFOUND:
             raise _invalid(f"task id {key[1]} of client {key[0]} is already in use")
         match = self.control.get_match if is_get else self.control.put_match
         return match(key, tokens, mask, ns)
@@ -247,7 +280,9 @@ class SchedulerServer:
         tokens, _, mask, ns = self._task_inputs(msg, arrays, with_slots=False)
         key = (msg.client_id, msg.task_id)
         ret = self._match(key, not isinstance(msg, cm.PutMatchMsg), tokens, mask, ns)
-        self._reply(identity, cm.MatchReplyMsg(req_id=msg.req_id, task_id=msg.task_id), [ret])
+        n, begin, end, frame = mask_to_range(ret)
+        reply = cm.MatchReplyMsg(req_id=msg.req_id, task_id=msg.task_id, num_tokens=n, mask_begin=begin, mask_end=end)
+        self._reply(identity, reply, [frame] if frame is not None else [])
 
     def _on_async(self, _: bytes, msg: cm.GetAsyncMsg, arrays: list[memoryview]) -> None:
         key = (msg.client_id, msg.task_id)
@@ -274,6 +309,7 @@ class SchedulerServer:
         ops = self.control.launch(key, slots)
         self._launched.add(key)
         self._dispatch(ops)
+        self._retire([key])  # a task with nothing to move is already done
 
     def _fail_unstarted(self, key: TaskKey, error: str) -> None:
         """A fire-and-forget request failed before it ran: roll back and report FAILED at wait."""
@@ -281,7 +317,9 @@ class SchedulerServer:
         if key not in self._launched and self.control.poll(key).status is TaskStatus.UNREADY:
             self.control.cancel(key)
             self.control.release(key)
-        self._errors.setdefault(key, error)
+        if key not in self._launched and key not in self._results:
+            failed = KVResponse(TaskStatus.FAILED, key[1], None, error)
+            self._remember(key, failed, failed)
 
     def _on_cancel(self, _: bytes, msg: cm.CancelMsg, __: list[memoryview]) -> None:
         for tid in msg.task_ids:
@@ -289,6 +327,7 @@ class SchedulerServer:
             if self.control.poll(key).status is not TaskStatus.NOTFOUND:
                 self.control.cancel(key)
                 self._launched.add(key)  # cancelled tasks are final; waiting on them must not hang
+                self._retire([key])
 
     def _on_wait(self, identity: bytes, msg: cm.WaitMsg, _: list[memoryview]) -> None:
         deadline = time.monotonic() + max(0.0, msg.timeout_s)
@@ -347,8 +386,6 @@ class SchedulerServer:
 
     # -- tasks and waits ------------------------------------------------------------------------
     def _status(self, key: TaskKey, completely: bool) -> KVResponse:
-        if key in self._errors:
-            return KVResponse(TaskStatus.FAILED, key[1], None)
         if key in self._results:
             engine, full = self._results[key]
             return full if completely else engine
@@ -374,33 +411,31 @@ class SchedulerServer:
                 continue
             statuses = [r.status if self._is_final(k, r) else TaskStatus.TIMEOUT
                         for k, r in zip(keys, resps, strict=True)]
-            errors = [self._errors.get(k, r.error) for k, r in zip(keys, resps, strict=True)]
-            masks = [r.return_mask if r.return_mask is not None else b"" for r in resps]
+            errors = [r.error for r in resps]
+            ranges = [mask_to_range(r.return_mask) for r in resps]
             reply = cm.WaitReplyMsg(req_id=w.req_id, task_ids=w.task_ids, statuses=[int(s) for s in statuses],
-                                    errors=errors)
-            self._reply(w.identity, reply, masks)
-            for k, s in zip(keys, statuses, strict=True):
-                if s in _FINAL:
-                    self._delivered.add(k)
+                                    errors=errors, num_tokens=[r[0] for r in ranges],
+                                    mask_begins=[r[1] for r in ranges], mask_ends=[r[2] for r in ranges])
+            self._reply(w.identity, reply, [r[3] for r in ranges if r[3] is not None])
         self._waits = keep
-        self._retire_delivered()
 
-    def _retire_delivered(self) -> None:
-        """Forget tasks whose result was delivered and whose every op is done (results stay cached)."""
-        for key in list(self._delivered):
-            if key in self._errors:
-                self._delivered.discard(key)
+    def _retire(self, keys: list[TaskKey]) -> None:
+        """Move tasks whose every op is done out of the control plane into the bounded result cache,
+        whether or not anyone waited for them (an engine that never waits must not grow the server)."""
+        for key in keys:
+            if key not in self._launched:
                 continue
             full = self.control.poll(key, completely=True)
             if full.status is TaskStatus.UNREADY:
                 continue
-            if key not in self._results and full.status is not TaskStatus.NOTFOUND:
-                self._results[key] = (self.control.poll(key, completely=False), full)
-                if len(self._results) > _RESULT_CACHE:
-                    self._results.popitem(last=False)
-                self.control.release(key)
+            self._remember(key, self.control.poll(key, completely=False), full)
+            self.control.release(key)
             self._launched.discard(key)
-            self._delivered.discard(key)
+
+    def _remember(self, key: TaskKey, engine: KVResponse, full: KVResponse) -> None:
+        self._results[key] = (engine, full)
+        if len(self._results) > _RESULT_CACHE:
+            self._results.popitem(last=False)
 
     # -- workers --------------------------------------------------------------------------------
     def _on_worker_frames(self, frames: list[zmq.Frame]) -> None:
@@ -419,6 +454,7 @@ class SchedulerServer:
         pending = list(ops)
         while pending:
             op = pending.pop()
+            self._op_keys[op.op_id] = op.task_key
             failure = self.supervisor.dispatch(op)
             if failure is not None:
                 pending += self._complete_one(failure)
@@ -431,11 +467,15 @@ class SchedulerServer:
         op_id, error = result
         if error:
             log.warning("op %d failed: %s", op_id, error)
+        key = self._op_keys.pop(op_id, None)
         try:
-            return self.control.complete_op(op_id, not error, error)
+            ops = self.control.complete_op(op_id, not error, error)
         except FlexKVError as e:  # e.g. an op of a task dropped meanwhile
             log.debug("completion of op %d ignored: %s", op_id, e)
             return []
+        if key is not None and not ops:
+            self._retire([key])
+        return ops
 
     # -- clients going away ---------------------------------------------------------------------
     def _client_gone(self, identity: bytes, conn: _Conn) -> None:
@@ -444,10 +484,7 @@ class SchedulerServer:
         if conn.role == "manager":
             self.control.drop_client(conn.client_id)
             self._waits = [w for w in self._waits if w.identity != identity]
-            for key in [k for k in self._launched | self._delivered | set(self._errors) if k[0] == conn.client_id]:
-                self._launched.discard(key)
-                self._delivered.discard(key)
-                self._errors.pop(key, None)
+            self._launched = {k for k in self._launched if k[0] != conn.client_id}
         else:
             for (dp, rank) in list(self._registered):
                 if dp == conn.client_id and not any(c.client_id == dp and c.role == "tp" for c in self._conns.values()):
@@ -463,6 +500,8 @@ class SchedulerServer:
         self._ctx.destroy(linger=0)
         self.pool.close()
         self.pool.unlink()
+        if self._lookup_store is not None:
+            self._lookup_store.close()
         if self._own_runtime_dir:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
         else:

@@ -18,6 +18,8 @@ from flexkv.protocol.codec import (
     Codec,
     ProtocolError,
     frame_array,
+    mask_to_range,
+    range_to_mask,
 )
 
 SAMPLES: list[tuple[Codec[typing.Any], msgspec.Struct]] = [
@@ -35,8 +37,9 @@ SAMPLES: list[tuple[Codec[typing.Any], msgspec.Struct]] = [
                                        cuda_handles=[b"\x01" * 64])),
     (CLIENT_REQUESTS, cm.QueryMsg(client_id=0, req_id=6, what="stats")),
     (SERVER_REPLIES, cm.OkReplyMsg(req_id=1, info={"a": 1, "b": "x", "c": True, "d": 0.5})),
-    (SERVER_REPLIES, cm.MatchReplyMsg(req_id=1, task_id=2)),
-    (SERVER_REPLIES, cm.WaitReplyMsg(req_id=1, task_ids=[1], statuses=[0], errors=[""])),
+    (SERVER_REPLIES, cm.MatchReplyMsg(req_id=1, task_id=2, num_tokens=40, mask_begin=16, mask_end=32)),
+    (SERVER_REPLIES, cm.WaitReplyMsg(req_id=1, task_ids=[1], statuses=[0], errors=[""], num_tokens=[-1],
+                                     mask_begins=[0], mask_ends=[0])),
     (SERVER_REPLIES, cm.ErrorReplyMsg(req_id=1, error="bad", kind="InvalidRequest")),
     (WORKER_TO_SERVER, wm.WorkerHelloMsg(worker_id="w", pid=1, op_types=[0, 1])),
     (WORKER_TO_SERVER, wm.OpsDoneMsg(worker_id="w", op_ids=[1, 2], errors=["", "EIO"])),
@@ -79,3 +82,23 @@ def test_garbage_is_a_protocol_error(garbage: bytes) -> None:
 def test_frame_array_checks_sizes() -> None:
     with pytest.raises(ProtocolError, match="token_ids"):
         frame_array(memoryview(b"\x00" * 7), np.int64, "token_ids")
+
+
+@pytest.mark.parametrize("mask", [None, [], [False] * 5, [True] * 5, [False, True, True, False],
+                                  [True, False, True], [False, False, True]])
+def test_masks_travel_as_ranges_and_come_back_equal(mask: list[bool] | None) -> None:
+    arr = None if mask is None else np.array(mask, dtype=np.bool_)
+    n, begin, end, frame = mask_to_range(arr)
+    frames = [memoryview(frame.tobytes())] if frame is not None else []
+    if arr is not None and arr.any() and (frame is None):
+        assert end - begin == arr.sum(), "a contiguous mask needs no frame"
+    back = range_to_mask(n, begin, end, frames)
+    assert (back is None) if arr is None else (back is not None and back.tolist() == arr.tolist())
+    assert not frames, "the frame was consumed"
+
+
+def test_bad_ranges_are_protocol_errors() -> None:
+    with pytest.raises(ProtocolError, match="outside"):
+        range_to_mask(4, 2, 9, [])
+    with pytest.raises(ProtocolError, match="missing"):
+        range_to_mask(4, -1, -1, [])

@@ -13,7 +13,7 @@ from typing import Any
 from flexkv.config import kv_fingerprint
 from flexkv.types import OpType
 from flexkv.workers.base import Op, Worker
-from flexkv.workers.remote import RemoteUnavailable, open_remote_store
+from flexkv.remote import RemoteUnavailable, open_remote_store
 
 log = logging.getLogger("flexkv.remote")
 

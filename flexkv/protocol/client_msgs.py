@@ -110,17 +110,24 @@ class OkReplyMsg(ServerReply, frozen=True, tag=True, kw_only=True):
 
 
 class MatchReplyMsg(ServerReply, frozen=True, tag=True, kw_only=True):
-    """Frame: the returned mask (bool, len == num_tokens)."""
+    """The returned mask as a token range (``codec.mask_to_range``); a frame only if it is not one run."""
 
     task_id: int
+    num_tokens: int
+    mask_begin: int
+    mask_end: int
 
 
 class WaitReplyMsg(ServerReply, frozen=True, tag=True, kw_only=True):
-    """Frames: one return mask per task (empty frame when there is none)."""
+    """Per task: status, error text, and the return mask as a token range (``codec.mask_to_range``;
+    num_tokens -1 = no mask); frames only for masks that are not one run, in task order."""
 
     task_ids: list[int]
     statuses: list[int]
     errors: list[str]
+    num_tokens: list[int]
+    mask_begins: list[int]
+    mask_ends: list[int]
 
 
 class ErrorReplyMsg(ServerReply, frozen=True, tag=True, kw_only=True):

@@ -65,3 +65,41 @@ CLIENT_REQUESTS: Codec[ClientRequest] = Codec(ClientRequest)
 SERVER_REPLIES: Codec[ServerReplyMsg] = Codec(ServerReplyMsg)
 WORKER_TO_SERVER: Codec[WorkerToServer] = Codec(WorkerToServer)
 SERVER_TO_WORKER: Codec[ServerToWorkerMsg] = Codec(ServerToWorkerMsg)
+
+
+# Masks travel as token ranges: every mask flexkv returns is one contiguous run of whole blocks, and a
+# (num_tokens, begin, end) triple is far cheaper than num_tokens bytes on the wire. A mask that is not
+# one run (never produced today) still travels, as a raw frame, marked by begin = -1.
+NO_MASK = -1
+
+
+def mask_to_range(mask: npt.NDArray[np.bool_] | None) -> tuple[int, int, int, npt.NDArray[np.bool_] | None]:
+    """(num_tokens, begin, end, frame or None); num_tokens == NO_MASK when there is no mask."""
+    if mask is None:
+        return NO_MASK, 0, 0, None
+    n = int(mask.shape[0])
+    count = int(np.count_nonzero(mask))
+    if count == 0:
+        return n, 0, 0, None
+    begin = int(np.argmax(mask))
+    if bool(mask[begin: begin + count].all()):
+        return n, begin, begin + count, None
+    return n, -1, -1, mask
+
+
+def range_to_mask(num_tokens: int, begin: int, end: int, frames: list[memoryview]) -> npt.NDArray[np.bool_] | None:
+    """Inverse of :func:`mask_to_range`; pops the frame of a non-contiguous mask from ``frames``."""
+    if num_tokens == NO_MASK:
+        return None
+    if begin < 0:
+        if not frames:
+            raise ProtocolError("mask frame missing")
+        mask = frame_array(frames.pop(0), np.bool_, "mask").copy()
+        if mask.shape[0] != num_tokens:
+            raise ProtocolError(f"mask frame has {mask.shape[0]} entries, expected {num_tokens}")
+        return mask
+    if not 0 <= begin <= end <= num_tokens:
+        raise ProtocolError(f"mask range [{begin}, {end}) outside [0, {num_tokens}]")
+    mask = np.zeros(num_tokens, dtype=np.bool_)
+    mask[begin:end] = True
+    return mask

@@ -94,3 +94,24 @@ def test_cancel_after_match_releases_reservations() -> None:
         assert {k: v for k, v in after.items() if "free" in k or "used" in k} == \
                {k: v for k, v in before.items() if "free" in k or "used" in k}
         kvm.check_invariants()
+
+
+def test_tasks_nobody_waits_for_do_not_pile_up_in_the_server() -> None:
+    model = small_model()
+    with KVManager(model, small_cache()) as kvm:
+        bufs = host_buffers(model, LayoutKind.VLLM_KV_FIRST, num_blocks=16, seed=6)
+        try:
+            kvm.register_kv_buffers(bufs, bufs.layout)
+            toks = tokens(4 * T, seed=8)
+            for _ in range(50):
+                tid, _mask = kvm.get_match(toks)
+                kvm.cancel(tid)
+            for _ in range(20):
+                kvm.put_async(toks, slots_for([0, 1, 2, 3], len(toks)))  # fire and forget, never waited
+            last = kvm.put_async(toks, slots_for([0, 1, 2, 3], len(toks)))  # one worker runs ops in order
+            assert kvm.wait(last)[last].status is TaskStatus.SUCCESS
+            assert kvm.stats()["num_tasks"] == 0, "finished and cancelled tasks leave the control plane"
+            assert kvm.wait(last)[last].status is TaskStatus.SUCCESS, "a retired result can still be read"
+        finally:
+            kvm.shutdown()
+            bufs.close()

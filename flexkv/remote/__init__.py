@@ -1,6 +1,6 @@
 """The remote tier's stores: Redis/Valkey (standalone or cluster) and a shared filesystem path.
 
-Runs inside a remote worker process. ``open_remote_store`` picks the backend from the config and
+Used by remote worker processes (bytes) and by the server (existence checks for the remote index). ``open_remote_store`` picks the backend from the config and
 checks the store answers; the worker then calls ``put_blocks``/``get_blocks``/``count_prefix``.
 """
 
@@ -15,19 +15,21 @@ from .redis_store import RedisStore
 __all__ = ["FilesystemStore", "RedisStore", "RemoteStore", "RemoteUnavailable", "open_remote_store"]
 
 
-def open_remote_store(config: RemoteConfig, namespace_tag: str = "") -> RemoteStore:
+def open_remote_store(config: RemoteConfig, namespace_tag: str = "", *, connect_timeout_s: float = 1.0,
+                      op_timeout_s: float = 5.0) -> RemoteStore:
     """Open the store ``config`` names and check it answers.
 
     ``namespace_tag`` (e.g. a model/layout fingerprint) is appended to ``config.key_prefix`` so
     deployments whose blocks differ never read each other's bytes; it must not contain braces or
-    ``/``. Raises RemoteUnavailable naming ``host:port`` (or the path) when the store cannot be
+    ``/``. The timeouts bound every Redis call (the server's existence checks use short ones so a
+    hung store cannot stall its loop). Raises RemoteUnavailable naming ``host:port`` (or the path) when the store cannot be
     reached; whether that is fatal (``config.required``) is the caller's decision.
     """
     store: RemoteStore
     if config.backend is RemoteBackend.FILESYSTEM:
         store = FilesystemStore(config, namespace_tag)
     else:
-        store = RedisStore(config, namespace_tag)
+        store = RedisStore(config, namespace_tag, connect_timeout_s=connect_timeout_s, op_timeout_s=op_timeout_s)
     try:
         store.ping()
     except RemoteUnavailable:
