@@ -11,6 +11,7 @@ Segments are plain files under /dev/shm on Linux: :func:`list_flexkv_segments` l
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import logging
 import math
@@ -43,6 +44,11 @@ ProgressFn = Callable[[int, int], None]
 
 class PoolInUseError(FlexKVError):
     """A pool with that name exists and its creator is alive (or it is not a flexkv pool)."""
+
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_LIBC.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+_MADV_POPULATE_WRITE = 23
 
 
 def make_pool_name(tag: str) -> str:
@@ -179,6 +185,29 @@ class SharedPool:
     def _check_open(self) -> None:
         if self._mmap is None:
             raise ValueError(f"shared-memory pool {self.name!r} is closed")
+
+    def populate_in_background(self) -> threading.Thread:
+        """Map every page of the pool into this process's page tables, in a daemon thread.
+
+        A process that attaches a pool otherwise takes one page fault per 4 KiB the first time it
+        touches each page (a first put ran at 2-5 GB/s instead of ~19 here). Uses
+        madvise(MADV_POPULATE_WRITE) (Linux 5.14+; no-op where refused) through ctypes, which drops
+        the GIL, in 256 MiB steps so close() is never held up for long.
+        """
+        addr, nbytes = self.address, self.nbytes
+
+        def run() -> None:
+            step = 256 << 20
+            for off in range(0, nbytes, step):
+                if self._mmap is None:
+                    return
+                if _LIBC.madvise(ctypes.c_void_p(addr + off), ctypes.c_size_t(min(step, nbytes - off)),
+                                 _MADV_POPULATE_WRITE) != 0:
+                    return  # older kernel: pages fault in on first use instead
+
+        thread = threading.Thread(target=run, name=f"populate {self.name}", daemon=True)
+        thread.start()
+        return thread
 
     # -- teardown --------------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ class Worker(abc.ABC):
         self.worker_id: str = spec["worker_id"]
         self.model, self.cache = self._configs(spec)
         self.pool = SharedPool.attach(spec["pool_name"])
+        self.pool.populate_in_background()  # no page fault per 4 KiB on the first copy into each block
         self.pool_block_bytes: int = spec["pool_block_bytes"]
         self.pool_num_blocks: int = spec["pool_num_blocks"]
         self._ctx = zmq.Context()

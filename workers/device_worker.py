@@ -40,6 +40,7 @@ class HostCopyBackend(CopyBackend):
 
     def __init__(self, worker: DeviceWorker, layout: KVCacheLayout, reg: dict[str, Any]) -> None:
         self._segment = SharedPool.attach(reg["host_segment"])
+        self._segment.populate_in_background()
         ptrs = [self._segment.address + off for off in reg["tensor_offsets"]]
         if len(ptrs) != layout.num_tensors:
             raise ValueError(f"registration has {len(ptrs)} tensors, layout needs {layout.num_tensors}")

@@ -1,0 +1,183 @@
+"""The remote tier end to end on a real redis-server (and a shared directory): write-through,
+promotion, two nodes sharing prefixes, the store going away and coming back, evicted keys."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from flexkv.client import HostKVBuffers
+from flexkv.config import CacheConfig, ModelConfig, RemoteConfig
+from flexkv.layout import LayoutKind
+from flexkv.manager import KVManager
+from flexkv.types import FlexKVError, TaskStatus
+from tests.redis_server import RedisServer, free_port
+from tests.runtime.kvtest import T, block_bytes, host_buffers, poison, slots_for, tokens
+
+pytestmark = pytest.mark.timeout(120)
+MODEL = ModelConfig(num_layers=2, num_kv_heads=2, head_size=16, dtype="float16")
+
+
+@pytest.fixture
+def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
+    (tmp_path / "redis").mkdir()
+    with RedisServer(str(tmp_path / "redis"), port=free_port()) as server:
+        yield server
+
+
+def remote_cache(remote: RemoteConfig, num_cpu_blocks: int = 16) -> CacheConfig:
+    return CacheConfig(tokens_per_block=T, num_cpu_blocks=num_cpu_blocks, enable_remote=True, remote=remote)
+
+
+class Node:
+    """One flexkv server ("node") with its own CPU pool and one engine's host KV buffers."""
+
+    def __init__(self, cache: CacheConfig, seed: int) -> None:
+        self.kvm = KVManager(MODEL, cache)
+        self.kvm.start()
+        self.bufs: HostKVBuffers = host_buffers(MODEL, LayoutKind.VLLM_KV_FIRST, num_blocks=48, seed=seed)
+        self.kvm.register_kv_buffers(self.bufs, self.bufs.layout)
+
+    def put(self, toks: object, blocks: list[int], completely: bool = True) -> TaskStatus:
+        tid = self.kvm.put_async(toks, slots_for(blocks, len(toks)))  # type: ignore[arg-type]
+        return self.kvm.wait(tid, timeout=30, completely=completely)[tid].status
+
+    def get(self, toks: object, blocks: list[int]) -> tuple[TaskStatus, int]:
+        poison(self.bufs, blocks)
+        tid = self.kvm.get_async(toks, slots_for(blocks, len(toks)))  # type: ignore[arg-type]
+        res = self.kvm.wait(tid, timeout=30)[tid]
+        loaded = int(res.return_mask.sum()) if res.return_mask is not None else 0
+        return res.status, loaded
+
+    def close(self) -> None:
+        self.kvm.shutdown()
+        self.bufs.close()
+
+
+def _redis_config(server: RedisServer, **kw: object) -> RemoteConfig:
+    return RemoteConfig(host="127.0.0.1", port=server.port, **kw)  # type: ignore[arg-type]
+
+
+def _push_out_of_cpu(node: Node, seeds: range) -> None:
+    for s in seeds:
+        assert node.put(tokens(8 * T, seed=s), list(range(8, 16))) is TaskStatus.SUCCESS
+
+
+def test_blocks_evicted_from_cpu_come_back_from_redis_byte_exact(redis_server: RedisServer) -> None:
+    node = Node(remote_cache(_redis_config(redis_server)), seed=1)
+    try:
+        prompt = tokens(8 * T, seed=100)
+        assert node.put(prompt, list(range(8))) is TaskStatus.SUCCESS
+        assert len(redis_server.client().keys("*")) == 8, "write-through stored every block in redis"
+        _push_out_of_cpu(node, range(101, 103))
+        status, loaded = node.get(prompt, list(range(20, 28)))
+        assert status is TaskStatus.SUCCESS and loaded == 8 * T
+        assert all(block_bytes(node.bufs, d) == block_bytes(node.bufs, s) for s, d in zip(range(8), range(20, 28)))
+        node.kvm.check_invariants()
+    finally:
+        node.close()
+
+
+def test_two_nodes_share_prefixes_through_one_store(redis_server: RedisServer) -> None:
+    a = Node(remote_cache(_redis_config(redis_server)), seed=2)
+    b = Node(remote_cache(_redis_config(redis_server)), seed=3)
+    try:
+        prompt = tokens(6 * T, seed=200)
+        assert a.put(prompt, list(range(6))) is TaskStatus.SUCCESS
+        tid, mask = b.kvm.get_match(prompt)
+        assert mask.all(), "node B finds what node A stored"
+        poison(b.bufs, list(range(30, 36)))
+        b.kvm.launch(tid, slots_for(list(range(30, 36)), len(prompt)))
+        assert b.kvm.wait(tid, timeout=30)[tid].status is TaskStatus.SUCCESS
+        for s, d in zip(range(6), range(30, 36), strict=True):
+            assert block_bytes(b.bufs, d) == block_bytes(a.bufs, s), "B restored A's bytes"
+        tid, mask = b.kvm.get_match(prompt, namespace=["tenant-x"])
+        assert not mask.any(), "another namespace never matches"
+        b.kvm.cancel(tid)
+        a.kvm.check_invariants()
+        b.kvm.check_invariants()
+    finally:
+        a.close()
+        b.close()
+
+
+def test_the_store_going_away_falls_back_to_local_and_recovers(redis_server: RedisServer) -> None:
+    node = Node(remote_cache(_redis_config(redis_server)), seed=4)
+    try:
+        only_remote = tokens(8 * T, seed=300)
+        assert node.put(only_remote, list(range(8))) is TaskStatus.SUCCESS
+        _push_out_of_cpu(node, range(301, 303))
+        redis_server.stop()
+        local = tokens(4 * T, seed=304)
+        assert node.put(local, list(range(16, 20)), completely=False) is TaskStatus.SUCCESS, "a put completes locally"
+        status, loaded = node.get(only_remote, list(range(20, 28)))
+        assert status is TaskStatus.SUCCESS and loaded == 0, "the store is gone: a miss, not an error"
+        status, loaded = node.get(local, list(range(28, 32)))
+        assert status is TaskStatus.SUCCESS and loaded == 4 * T, "local tiers still serve"
+        node.kvm.check_invariants()
+
+        redis_server.start()  # same port, empty (no persistence): recovery, then new data flows again
+        deadline = time.monotonic() + 15
+        again = tokens(4 * T, seed=305)
+        while time.monotonic() < deadline:
+            node.put(again, list(range(36, 40)))
+            if len(redis_server.client().keys("*")) >= 4:
+                break
+            again = tokens(4 * T, seed=int(time.monotonic() * 1000) % 100000 + 1000)
+            time.sleep(0.3)
+        assert len(redis_server.client().keys("*")) >= 4, "write-through resumed after the store came back"
+        node.kvm.check_invariants()
+    finally:
+        node.close()
+
+
+def test_keys_evicted_by_the_store_are_misses_never_corrupt(redis_server: RedisServer) -> None:
+    node = Node(remote_cache(_redis_config(redis_server)), seed=5)
+    try:
+        prompt = tokens(8 * T, seed=400)
+        assert node.put(prompt, list(range(8))) is TaskStatus.SUCCESS
+        _push_out_of_cpu(node, range(401, 403))
+        client = redis_server.client()
+        keys = sorted(client.keys("*"))
+        client.flushall()
+        status, loaded = node.get(prompt, list(range(20, 28)))
+        assert status is TaskStatus.SUCCESS and loaded == 0
+        assert all(set(block_bytes(node.bufs, d)) == {0xAB} for d in range(20, 28)), "nothing was written"
+        assert keys, "there were keys to evict"
+        node.kvm.check_invariants()
+    finally:
+        node.close()
+
+
+def test_an_unreachable_store_at_start(tmp_path: Path) -> None:
+    dead = RemoteConfig(host="127.0.0.1", port=free_port())
+    kvm = KVManager(MODEL, remote_cache(dead), start_timeout_s=30)
+    with pytest.raises(FlexKVError, match="unreachable"):
+        kvm.start()
+    kvm.shutdown()
+    optional = dataclasses.replace(dead, required=False)
+    with KVManager(MODEL, remote_cache(optional)) as kvm:
+        tid, mask = kvm.put_match(tokens(4 * T, seed=6))  # works, without the remote tier
+        assert mask.all()
+        kvm.cancel(tid)
+
+
+def test_two_nodes_share_prefixes_through_a_shared_directory(tmp_path: Path) -> None:
+    shared = RemoteConfig(backend="filesystem", path=str(tmp_path / "shared-fs"))
+    (tmp_path / "shared-fs").mkdir()
+    a = Node(remote_cache(shared), seed=7)
+    b = Node(remote_cache(shared), seed=8)
+    try:
+        prompt = tokens(5 * T, seed=500)
+        assert a.put(prompt, list(range(5))) is TaskStatus.SUCCESS
+        status, loaded = b.get(prompt, list(range(30, 35)))
+        assert status is TaskStatus.SUCCESS and loaded == 5 * T
+        for s, d in zip(range(5), range(30, 35), strict=True):
+            assert block_bytes(b.bufs, d) == block_bytes(a.bufs, s)
+    finally:
+        a.close()
+        b.close()
