@@ -50,24 +50,23 @@ SIZES = (1024, 8192, 32768, 131072)
 GOALS_MS = {32768: 0.3, 131072: 0.5}
 LLAMA3_8B = ModelConfig(32, 8, 128, "bfloat16")
 TINY = ModelConfig(2, 1, 16, "bfloat16")
-RETIRE_EVERY = 64  # cancelled tasks stay in the server's table until a wait delivers them
+RETIRE_EVERY = 64  # check that cancelled tasks report CANCELLED in batches of this many
 
 
 # -- the ceiling: a bare echo process ---------------------------------------------------------------
 def echo_server(address: str) -> None:
-    """ROUTER that answers [header, token frame] with [reply header, one byte per token] until b"stop"."""
+    """ROUTER that answers [header, token frame] with the reply header (the mask travels as a token
+    range, like the server's MatchReplyMsg) until b"stop"."""
     ctx = zmq.Context()
     sock = ctx.socket(zmq.ROUTER)
     sock.bind(address)
-    header = msgspec.msgpack.encode(cm.MatchReplyMsg(req_id=1, task_id=1))  # as SERVER_REPLIES encodes it
-    masks: dict[int, bytes] = {}
+    header = msgspec.msgpack.encode(cm.MatchReplyMsg(req_id=1, task_id=1, num_tokens=131072, mask_begin=0,
+                                                     mask_end=131072))  # as SERVER_REPLIES encodes it
     while True:
         frames = sock.recv_multipart(copy=False)
         if frames[1].bytes == b"stop":
             break
-        num_tokens = len(frames[2].buffer) // 8
-        mask = masks.setdefault(num_tokens, bytes(num_tokens))
-        sock.send_multipart([frames[0], header, mask], copy=False)
+        sock.send_multipart([frames[0], header], copy=False)
     ctx.destroy(linger=0)
 
 
@@ -80,7 +79,8 @@ class EchoClient:
         self._sock.connect(address)
 
     def round_trip(self, header: bytes, tokens: np.ndarray) -> None:
-        self._sock.send_multipart([header, tokens.data], copy=False)
+        # KVManager sends the block hashes it computed (8 bytes per block), not the token ids
+        self._sock.send_multipart([header, tokens[: tokens.shape[0] // T].data], copy=False)
         if not self._sock.poll(10_000):
             raise RuntimeError("echo server did not answer")
         self._sock.recv_multipart(copy=False)
@@ -92,7 +92,8 @@ class EchoClient:
 
 
 def match_header(num_tokens: int) -> bytes:
-    msg = cm.GetMatchMsg(client_id=0, req_id=num_tokens, task_id=10**6 + num_tokens, namespace=None, has_mask=False)
+    msg = cm.GetMatchMsg(client_id=0, req_id=num_tokens, task_id=10**6 + num_tokens, namespace=None, has_mask=False,
+                         num_tokens=num_tokens)
     return msgspec.msgpack.encode(msg)  # the header frame KVManager sends (codec.CLIENT_REQUESTS)
 
 

@@ -28,6 +28,7 @@ from flexkv.client import HostKVBuffers, KVTPClient
 from flexkv.config import CacheConfig, ModelConfig, configs_to_json
 from flexkv.layout import KVCacheLayout, LayoutKind
 from flexkv.protocol import client_msgs as cm
+from flexkv.native.hasher import encode_namespace, hash_blocks
 from flexkv.protocol.codec import range_to_mask
 from flexkv.scheduler.main import STARTUP_ERROR_FILE
 from flexkv.transport import ServerConnection, ServerUnavailable
@@ -62,6 +63,15 @@ def _mask(value: IntArrayLike | None, num_tokens: int) -> npt.NDArray[np.bool_] 
     return np.ascontiguousarray(value)
 
 
+def _namespace(namespace: Sequence[str] | None) -> list[str] | None:
+    if namespace is None:
+        return None
+    if isinstance(namespace, str) or not all(isinstance(p, str) for p in namespace):
+        raise InvalidRequest("namespace must be a list of strings (e.g. [lora_name, tenant]), not "
+                             f"{type(namespace).__name__}")
+    return list(namespace)
+
+
 class KVManager:
     """One DP client of a flexkv server. Thread-safe for concurrent calls."""
 
@@ -79,6 +89,7 @@ class KVManager:
         self._task_ids = itertools.count(1)
         self._launched: dict[int, int] = {}  # task id -> digest of the slot mapping it was launched with
         self._tp_clients: list[KVTPClient] = []
+        self._tokens_per_block = cache_config.tokens_per_block  # the server's, once connected
 
     # -- lifecycle ------------------------------------------------------------------------------
     @property
@@ -114,6 +125,7 @@ class KVManager:
                 if time.monotonic() >= deadline:
                     self.shutdown()
                     raise
+        self._tokens_per_block = int(self._conn.server_info["tokens_per_block"])
         atexit.register(self.shutdown)
 
     def _spawn_server(self) -> None:
@@ -199,13 +211,18 @@ class KVManager:
     # -- tasks ----------------------------------------------------------------------------------
     def _match(self, cls: type[cm.GetMatchMsg], token_ids: IntArrayLike, token_mask: IntArrayLike | None,
                namespace: Sequence[str] | None) -> tuple[int, npt.NDArray[np.bool_]]:
+        conn = self._c
         tokens = _int64("token_ids", token_ids)
         mask = _mask(token_mask, tokens.shape[0])
         task_id = next(self._task_ids)
-        arrays: list[Any] = [tokens] + ([mask] if mask is not None else [])
-        ns = list(namespace) if namespace is not None else None
-        reply, frames = self._c.request(lambda rid: cls(client_id=self.dp_client_id, req_id=rid, task_id=task_id,
-                                                        namespace=ns, has_mask=mask is not None), arrays)
+        # Hash here (C, ~45 us per 128K tokens): 8 bytes a block cross the socket instead of 8 a token,
+        # and the server's one thread does less.
+        ns = encode_namespace(_namespace(namespace))
+        hashes = hash_blocks(tokens, self._tokens_per_block, ns)
+        arrays: list[Any] = [hashes] + ([mask] if mask is not None else [])
+        reply, frames = conn.request(lambda rid: cls(client_id=self.dp_client_id, req_id=rid, task_id=task_id,
+                                                     has_mask=mask is not None, num_tokens=tokens.shape[0]),
+                                        arrays)
         assert isinstance(reply, cm.MatchReplyMsg)
         mask = range_to_mask(reply.num_tokens, reply.mask_begin, reply.mask_end, frames)
         assert mask is not None
@@ -254,7 +271,7 @@ class KVManager:
         task_id = next(self._task_ids)
         self._launched[task_id] = xxhash.xxh3_64_intdigest(slots.tobytes())
         arrays: list[Any] = [tokens, slots] + ([mask] if mask is not None else [])
-        ns = list(namespace) if namespace is not None else None
+        ns = _namespace(namespace)
         self._c.send(cls(client_id=self.dp_client_id, task_id=task_id, namespace=ns, has_mask=mask is not None),
                      arrays)
         return task_id

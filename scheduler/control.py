@@ -92,16 +92,33 @@ class ControlPlane:
         as capacity allows, plus write-through to SSD/REMOTE. Returns the mask of tokens to store."""
         return self._match(TaskType.PUT, key, token_ids, token_mask, namespace)
 
+    def match_hashes(self, task_type: TaskType, key: TaskKey, block_hashes: np.ndarray, num_tokens: int,
+                     token_mask: np.ndarray | None = None) -> np.ndarray:
+        """get_match/put_match for a client that hashed its tokens itself (``hash_blocks`` with the
+        namespace; one uint64 per whole block of ``num_tokens`` tokens). Same reservations and errors."""
+        if not isinstance(num_tokens, int) or num_tokens < 0:
+            raise InvalidRequest(f"num_tokens must be a non-negative int, got {num_tokens!r}")
+        if (not isinstance(block_hashes, np.ndarray) or block_hashes.dtype != np.uint64 or block_hashes.ndim != 1
+                or block_hashes.shape[0] != num_tokens // self.tokens_per_block):
+            raise InvalidRequest(f"block_hashes must be 1-D uint64 with {num_tokens // self.tokens_per_block} "
+                                 f"entries for {num_tokens} tokens")
+        return self._plan(task_type, check_key(key), block_hashes, num_tokens, token_mask)
+
     def _match(self, task_type: TaskType, key: TaskKey, token_ids: np.ndarray, token_mask: np.ndarray | None,
                namespace: bytes) -> np.ndarray:
         key = check_key(key)
+        tokens = check_tokens(token_ids)
+        return self._plan(task_type, key, None, tokens.shape[0], token_mask, tokens, check_namespace(namespace))
+
+    def _plan(self, task_type: TaskType, key: TaskKey, hashes: np.ndarray | None, num_tokens: int,
+              token_mask: np.ndarray | None, tokens: np.ndarray | None = None, namespace: bytes = b"") -> np.ndarray:
         if key in self._tasks:
             raise InvalidRequest(f"task {key} already exists")
-        tokens = check_tokens(token_ids)
         t = self.tokens_per_block
-        num_tokens = tokens.shape[0]
         first_true = check_token_mask(token_mask, num_tokens, t)
-        hashes = hash_blocks(tokens, t, check_namespace(namespace))
+        if hashes is None:
+            assert tokens is not None
+            hashes = hash_blocks(tokens, t, namespace)
         self._clock += 1
         first_block = -(-first_true // t)
         planner = plan_get if task_type is TaskType.GET else plan_put

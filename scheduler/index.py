@@ -96,7 +96,7 @@ class RadixIndex:
 
     def match(self, hashes: HashArray) -> PathMatch:
         """Follow ``hashes`` (uint64, contiguous) from the root as far as the tree holds them."""
-        q = memoryview(hashes.data)
+        q = memoryview(hashes.data).cast("B").cast("Q")  # native "Q" whatever buffer the array came from
         num = len(q)
         node, pos, nodes, offset = self.root, 0, [], 0
         while pos < num:

@@ -39,11 +39,11 @@ from flexkv.protocol.codec import (
 from flexkv.protocol.worker_msgs import OpsDoneMsg, WorkerHelloMsg
 from flexkv.remote import RemoteStore, RemoteUnavailable, open_remote_store
 from flexkv.scheduler.control import ControlPlane
-from flexkv.scheduler.remote_lookup import RemoteLookup
 from flexkv.scheduler.graph import TransferOp
+from flexkv.scheduler.remote_lookup import RemoteLookup
 from flexkv.scheduler.supervisor import OpResult, WorkerSupervisor, device_worker_id
 from flexkv.shm import SharedPool, make_pool_name
-from flexkv.types import ConfigError, FlexKVError, KVResponse, OpType, TaskStatus
+from flexkv.types import ConfigError, FlexKVError, KVResponse, OpType, TaskStatus, TaskType
 
 log = logging.getLogger("flexkv.server")
 
@@ -244,7 +244,7 @@ class SchedulerServer:
             self._reply(identity, cm.ErrorReplyMsg(req_id=-1, error=str(e), kind="ProtocolError"))
         except FlexKVError as e:
             self._reply(identity, cm.ErrorReplyMsg(req_id=req_id, error=str(e), kind=type(e).__name__))
-        except Exception as e:  # noqa: BLE001 - the loop must survive any one request
+        except Exception as e:
             log.exception("error handling a client message")
             self._reply(identity, cm.ErrorReplyMsg(req_id=req_id, error=f"internal error: {e!r}", kind="InternalError"))
 
@@ -270,16 +270,29 @@ class SchedulerServer:
         mask = frame_array(arrays[-1], np.bool_, "token_mask") if msg.has_mask else None
         return tokens, slots, mask, encode_namespace(msg.namespace)
 
-    def _match(self, key: TaskKey, is_get: bool, tokens: Any, mask: Any, ns: bytes) -> np.ndarray:
+    def _check_new_key(self, key: TaskKey) -> None:
         if key in self._launched or key in self._results or self.control.poll(key).status is not TaskStatus.NOTFOUND:
             raise _invalid(f"task id {key[1]} of client {key[0]} is already in use")
+
+    def _match(self, key: TaskKey, is_get: bool, tokens: Any, mask: Any, ns: bytes) -> np.ndarray:
+        self._check_new_key(key)
         match = self.control.get_match if is_get else self.control.put_match
         return match(key, tokens, mask, ns)
 
     def _on_match(self, identity: bytes, msg: cm.GetMatchMsg, arrays: list[memoryview]) -> None:
-        tokens, _, mask, ns = self._task_inputs(msg, arrays, with_slots=False)
         key = (msg.client_id, msg.task_id)
-        ret = self._match(key, not isinstance(msg, cm.PutMatchMsg), tokens, mask, ns)
+        is_get = not isinstance(msg, cm.PutMatchMsg)
+        if msg.num_tokens >= 0:  # the client hashed its tokens
+            if len(arrays) != 1 + int(msg.has_mask):
+                raise ProtocolError(f"{type(msg).__name__}: expected {1 + int(msg.has_mask)} array frames")
+            hashes = frame_array(arrays[0], np.uint64, "block_hashes")
+            mask = frame_array(arrays[1], np.bool_, "token_mask") if msg.has_mask else None
+            self._check_new_key(key)
+            ret = self.control.match_hashes(TaskType.GET if is_get else TaskType.PUT, key, hashes, msg.num_tokens,
+                                            mask)
+        else:
+            tokens, _, mask, ns = self._task_inputs(msg, arrays, with_slots=False)
+            ret = self._match(key, is_get, tokens, mask, ns)
         n, begin, end, frame = mask_to_range(ret)
         reply = cm.MatchReplyMsg(req_id=msg.req_id, task_id=msg.task_id, num_tokens=n, mask_begin=begin, mask_end=end)
         self._reply(identity, reply, [frame] if frame is not None else [])

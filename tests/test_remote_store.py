@@ -16,8 +16,8 @@ import pytest
 from redis.crc import key_slot
 
 from flexkv.config import RemoteConfig
-from flexkv.types import InvalidRequest
 from flexkv.remote import FilesystemStore, RedisStore, RemoteStore, RemoteUnavailable, open_remote_store
+from flexkv.types import InvalidRequest
 from tests.redis_server import RedisCluster, RedisServer, free_port
 
 BLOCK_BYTES = 64 * 1024

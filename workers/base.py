@@ -127,6 +127,6 @@ class Worker(abc.ABC):
             errors = self.execute(batch)
             assert len(errors) == len(batch)
             return errors
-        except Exception as e:  # noqa: BLE001 - a failing op must be reported, never kill the worker
+        except Exception as e:
             log.exception("%s: batch failed", self.worker_id)
             return [f"{type(e).__name__}: {e}"] * len(batch)

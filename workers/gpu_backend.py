@@ -21,7 +21,6 @@ from flexkv.cuda_ipc import CudaIpcHandle, open_handle
 from flexkv.layout import KVCacheLayout
 from flexkv.native.cudacopy import CudaCopyEngine
 from flexkv.types import OpType
-
 from flexkv.workers.device_worker import CopyBackend
 
 if TYPE_CHECKING:

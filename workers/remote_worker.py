@@ -11,9 +11,9 @@ import logging
 from typing import Any
 
 from flexkv.config import kv_fingerprint
+from flexkv.remote import RemoteUnavailable, open_remote_store
 from flexkv.types import OpType
 from flexkv.workers.base import Op, Worker
-from flexkv.remote import RemoteUnavailable, open_remote_store
 
 log = logging.getLogger("flexkv.remote")
 

@@ -27,12 +27,15 @@ class HelloMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
 
 
 class GetMatchMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
-    """Frames: token_ids (int64), then token_mask (bool) if ``has_mask``. Reply: MatchReplyMsg + mask."""
+    """Frames: token_ids (int64) — or, when ``num_tokens`` >= 0, the client's block hashes (uint64,
+    namespace already folded in) for ``num_tokens`` tokens — then token_mask (bool) if ``has_mask``.
+    Reply: MatchReplyMsg."""
 
     req_id: int
     task_id: int
     namespace: list[str] | None = None
     has_mask: bool = False
+    num_tokens: int = -1
 
 
 class PutMatchMsg(GetMatchMsg, frozen=True, tag=True, kw_only=True):

@@ -166,3 +166,10 @@ def test_calls_before_start_are_clear_errors() -> None:
     with pytest.raises(FlexKVError, match="start"):
         m.get_match(np.arange(8, dtype=np.int64))
     m.shutdown()
+
+
+def test_a_bare_string_namespace_is_rejected(kvm: KVManager) -> None:
+    with pytest.raises(InvalidRequest, match="list of strings"):
+        kvm.get_match(tokens(T, seed=1), namespace="tenant")  # type: ignore[arg-type]
+    with pytest.raises(InvalidRequest, match="list of strings"):
+        kvm.put_async(tokens(T, seed=1), slots_for([0], T), namespace=["a", 3])  # type: ignore[list-item]

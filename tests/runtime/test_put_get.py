@@ -8,7 +8,6 @@ import pytest
 from flexkv.layout import LayoutKind
 from flexkv.manager import KVManager
 from flexkv.types import TaskStatus
-
 from tests.runtime.kvtest import T, block_bytes, host_buffers, poison, slots_for, small_cache, small_model, tokens
 
 pytestmark = pytest.mark.timeout(90)

@@ -18,11 +18,11 @@ from hypothesis import strategies as st
 
 from flexkv.config import CacheConfig, ModelConfig
 from flexkv.native.hasher import encode_namespace, hash_blocks
+from flexkv.remote import RemoteUnavailable
 from flexkv.scheduler.control import ControlPlane
 from flexkv.scheduler.graph import TransferOp
 from flexkv.scheduler.remote_lookup import RemoteLookup, RemoteTier
 from flexkv.types import InvalidRequest, OpType, TaskStatus
-from flexkv.remote import RemoteUnavailable
 
 T = 4
 MODEL = ModelConfig(num_layers=2, num_kv_heads=2, head_size=4, dtype="float16")
