@@ -189,9 +189,9 @@ def main() -> None:
             plain_dir = os.path.join(root, "plain")
             os.makedirs(plain_dir)
             config = RemoteConfig(backend="filesystem", path=root)
-            stores = {k: FilesystemStore(config, num_threads=k) for k in args.fs_threads}
+            fs_stores = {k: FilesystemStore(config, num_threads=k) for k in args.fs_threads}
             for _ in range(args.repeat):
-                fs_round(bench, stores, plain_dir)
+                fs_round(bench, fs_stores, plain_dir)
         rows += [("plain file write", None)] + [(f"flexkv fs put ({k} threads)", "plain file write")
                                                  for k in args.fs_threads]
         rows += [("plain file read", None)] + [(f"flexkv fs get ({k} threads)", "plain file read")

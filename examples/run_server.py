@@ -13,8 +13,10 @@ their KV buffers with ``KVTPClient(server_address, dp_client_id, tp_rank, device
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
+from typing import Any
 
 from flexkv.config import GIB, CacheConfig, ModelConfig, RemoteConfig, cache_config_from_user, read_user_config
 from flexkv.scheduler.main import setup_logging
@@ -65,7 +67,7 @@ def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, CacheConfig]:
         values["ssd_cache_dir"] = args.ssd_cache_dir or values.get("ssd_cache_dir", "")
         values.setdefault("ssd_cache_gb", args.ssd_cache_gb if args.ssd_cache_gb is not None else 4.0)
     cache = cache_config_from_user(model, values)
-    updates: dict[str, object] = {}
+    updates: dict[str, Any] = {}
     if args.num_cpu_blocks is not None:
         updates["num_cpu_blocks"] = args.num_cpu_blocks
     elif "cpu_cache_gb" not in values:
@@ -76,8 +78,6 @@ def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, CacheConfig]:
         updates["enable_remote"] = True
         updates["remote"] = RemoteConfig(host=args.remote_host, port=args.remote_port)
     if updates:
-        import dataclasses
-
         cache = dataclasses.replace(cache, **updates)
     return model, cache
 
@@ -93,7 +93,7 @@ def main() -> int:
     if args.ssd_clean and cache.enable_ssd:
         from flexkv.workers.ssd_store import SSDStore
 
-        SSDStore.remove_files(list(cache.ssd_cache_dir))  # type: ignore[arg-type]
+        SSDStore.remove_files(list(cache.ssd_cache_dir))
         print(f"removed flexkv SSD cache files in {';'.join(cache.ssd_cache_dir)}", flush=True)
     try:
         server = SchedulerServer(model, cache, client_address=args.server_address)

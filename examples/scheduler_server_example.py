@@ -109,7 +109,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description="flexkv end-to-end example")
     p.add_argument("--server-address", default=None)
     p.add_argument("--tp-size", type=int, default=1)
-    p.add_argument("--layout", default="vllm_kv_first", choices=[k.value for k in LayoutKind if k.value != "block_first"])
+    p.add_argument("--layout", default="vllm_kv_first",
+                   choices=[k.value for k in LayoutKind if k is not LayoutKind.BLOCK_FIRST])
     p.add_argument("--num-prompts", type=int, default=8)
     p.add_argument("--prompt-tokens", type=int, default=1000)
     p.add_argument("--num-layers", type=int, default=8, help="model layers (32 = Llama-3-8B shape)")

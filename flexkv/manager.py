@@ -27,8 +27,8 @@ import xxhash
 from flexkv.client import HostKVBuffers, KVTPClient
 from flexkv.config import CacheConfig, ModelConfig, configs_to_json
 from flexkv.layout import KVCacheLayout, LayoutKind
-from flexkv.protocol import client_msgs as cm
 from flexkv.native.hasher import encode_namespace, hash_blocks
+from flexkv.protocol import client_msgs as cm
 from flexkv.protocol.codec import range_to_mask
 from flexkv.scheduler.main import STARTUP_ERROR_FILE
 from flexkv.transport import ServerConnection, ServerUnavailable

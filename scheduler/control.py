@@ -151,7 +151,7 @@ class ControlPlane:
         task = self._task(key)
         gpu_ids = gpu_blocks_from_slots(slot_mapping, task, self.tokens_per_block)
         if task.launched:
-            if not np.array_equal(gpu_ids, task.gpu_block_ids):
+            if task.gpu_block_ids is None or not np.array_equal(gpu_ids, task.gpu_block_ids):
                 raise InvalidRequest(f"task {key} was already launched with a different slot mapping")
             return []
         if task.cancelled:

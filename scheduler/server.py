@@ -257,7 +257,8 @@ class SchedulerServer:
         if not 0 <= msg.client_id < self.model.dp_size:
             raise _invalid(f"dp_client_id {msg.client_id} out of range for dp_size={self.model.dp_size}")
         self._conns[identity] = _Conn(msg.client_id, msg.role, msg.pid, msg.host)
-        info = {"tokens_per_block": self.cache.tokens_per_block, "pool_name": self.pool.name,
+        info: dict[str, int | float | str | bool] = {
+                "tokens_per_block": self.cache.tokens_per_block, "pool_name": self.pool.name,
                 "num_cpu_blocks": self.cache.num_cpu_blocks, "block_bytes": self.block_bytes}
         self._reply(identity, cm.OkReplyMsg(req_id=msg.req_id, info=info))
 

@@ -31,6 +31,7 @@ class CopyBackend(abc.ABC):
     def copy(self, op_type: OpType, engine_ids: npt.NDArray[np.int64], pool_ids: npt.NDArray[np.int64]) -> None:
         """Copy whole blocks (this rank's shard); raise on failure, with nothing partially published."""
 
+    @abc.abstractmethod
     def close(self) -> None:
         """Release buffers."""
 

@@ -22,7 +22,7 @@ class RemoteWorker(Worker):
     def __init__(self, spec: dict[str, Any]) -> None:
         super().__init__(spec)
         tag = kv_fingerprint(self.model, self.cache.tokens_per_block)
-        self.store = open_remote_store(self.cache.remote, namespace_tag=tag)  # type: ignore[arg-type]
+        self.store = open_remote_store(self.cache.remote, namespace_tag=tag)
         self._outage = False
 
     def op_types(self) -> list[OpType]:

@@ -21,7 +21,7 @@ class SSDWorker(Worker):
     def __init__(self, spec: dict[str, Any]) -> None:
         super().__init__(spec)
         c = self.cache
-        self.store = SSDStore(list(c.ssd_cache_dir), c.num_ssd_blocks, self.pool_block_bytes,  # type: ignore[arg-type]
+        self.store = SSDStore(list(c.ssd_cache_dir), c.num_ssd_blocks, self.pool_block_bytes,
                               c.ssd_max_file_bytes, depth=c.io_uring_depth)
 
     def op_types(self) -> list[OpType]:

@@ -32,7 +32,7 @@ class Codec(Generic[M]):
     def encode(self, msg: msgspec.Struct, arrays: Sequence[npt.NDArray[Any] | bytes] = ()) -> list[Frame]:
         frames: list[Frame] = [_encoder.encode(msg)]
         for a in arrays:
-            frames.append(a if isinstance(a, bytes) else memoryview(np.ascontiguousarray(a)).cast("B"))
+            frames.append(a if isinstance(a, bytes) else np.ascontiguousarray(a).data.cast("B"))
         return frames
 
     def decode(self, frames: Sequence[Frame]) -> tuple[M, list[memoryview]]:

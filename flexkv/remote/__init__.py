@@ -1,6 +1,7 @@
 """The remote tier's stores: Redis/Valkey (standalone or cluster) and a shared filesystem path.
 
-Used by remote worker processes (bytes) and by the server (existence checks for the remote index). ``open_remote_store`` picks the backend from the config and
+Used by remote worker processes (bytes) and by the server (existence checks for the remote index).
+``open_remote_store`` picks the backend from the config and
 checks the store answers; the worker then calls ``put_blocks``/``get_blocks``/``count_prefix``.
 """
 
@@ -22,8 +23,8 @@ def open_remote_store(config: RemoteConfig, namespace_tag: str = "", *, connect_
     ``namespace_tag`` (e.g. a model/layout fingerprint) is appended to ``config.key_prefix`` so
     deployments whose blocks differ never read each other's bytes; it must not contain braces or
     ``/``. The timeouts bound every Redis call (the server's existence checks use short ones so a
-    hung store cannot stall its loop). Raises RemoteUnavailable naming ``host:port`` (or the path) when the store cannot be
-    reached; whether that is fatal (``config.required``) is the caller's decision.
+    hung store cannot stall its loop). Raises RemoteUnavailable naming ``host:port`` (or the path)
+    when the store cannot be reached; whether that is fatal (``config.required``) is the caller's decision.
     """
     store: RemoteStore
     if config.backend is RemoteBackend.FILESYSTEM:

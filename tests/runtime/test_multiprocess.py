@@ -39,7 +39,7 @@ def _spawn_ranks(address: str, model: Any, kind: LayoutKind, num_blocks: int, dp
         p = CTX.Process(target=tp_rank_process, args=(address, model, kind.value, num_blocks, rank, dp, child))
         p.start()
         ranks.append((p, parent))
-    for p, conn in ranks:
+    for _, conn in ranks:
         assert conn.poll(60), "TP rank did not register in time"
         assert conn.recv() == "registered"
     return ranks

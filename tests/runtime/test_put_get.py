@@ -34,7 +34,8 @@ def test_put_then_get_restores_exact_bytes(kind: LayoutKind) -> None:
             get = kvm.get_async(toks, slots_for(dst_blocks, len(toks)))
             res = kvm.wait([get])[get]
             assert res.status is TaskStatus.SUCCESS, res
-            assert res.return_mask is not None and res.return_mask[: 10 * T].all() and not res.return_mask[10 * T:].any()
+            assert res.return_mask is not None
+            assert res.return_mask[: 10 * T].all() and not res.return_mask[10 * T:].any()
             for s, d in zip(src_blocks[:10], dst_blocks[:10], strict=True):
                 assert block_bytes(bufs, d) == block_bytes(bufs, s), f"block {s} -> {d} differs"
             assert set(block_bytes(bufs, dst_blocks[10])) == {0xAB}, "the partial block must not be written"

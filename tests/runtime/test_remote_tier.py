@@ -76,7 +76,8 @@ def test_blocks_evicted_from_cpu_come_back_from_redis_byte_exact(redis_server: R
         _push_out_of_cpu(node, range(101, 103))
         status, loaded = node.get(prompt, list(range(20, 28)))
         assert status is TaskStatus.SUCCESS and loaded == 8 * T
-        assert all(block_bytes(node.bufs, d) == block_bytes(node.bufs, s) for s, d in zip(range(8), range(20, 28)))
+        for s, d in zip(range(8), range(20, 28), strict=True):
+            assert block_bytes(node.bufs, d) == block_bytes(node.bufs, s)
         node.kvm.check_invariants()
     finally:
         node.close()

@@ -108,7 +108,7 @@ def test_an_ssd_read_error_fails_the_get_and_never_publishes_bad_blocks(
     assert res.status is TaskStatus.FAILED and "DISK2H" in res.error
     assert all(set(block_bytes(bufs, d)) == {0xAB} for d in dst), "nothing reached the engine"
     kvm.check_invariants()
-    tid, mask = kvm.get_match(prompt)  # the failed promotion left no ready CPU copy behind
+    tid, _ = kvm.get_match(prompt)  # the failed promotion left no ready CPU copy behind
     assert kvm.stats()["cpu_used_blocks"] <= 16
     kvm.cancel(tid)
     kvm.check_invariants()
@@ -118,6 +118,6 @@ def test_a_missing_ssd_directory_is_a_clear_error_at_start(tmp_path: Path) -> No
     cache = CacheConfig(tokens_per_block=T, num_cpu_blocks=8, enable_ssd=True, num_ssd_blocks=8,
                         ssd_cache_dir=(str(tmp_path / "does-not-exist"),))
     kvm = KVManager(MODEL, cache, start_timeout_s=30)
-    with pytest.raises(FlexKVError, match="does-not-exist.* is not a writable directory"):
+    with pytest.raises(FlexKVError, match=r"does-not-exist.* is not a writable directory"):
         kvm.start()
     kvm.shutdown()
