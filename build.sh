@@ -45,12 +45,15 @@ say "pip install (already satisfied requirements cost no download)"
 # --- C extensions + editable install ---------------------------------------------------------
 say "building C extensions (cffi) in place"
 "$PY" setup.py -q build_ext --inplace || die "C build failed (see the compiler output above)"
-if ! "$PY" -m pip show -q flexkv >/dev/null 2>&1 || ! "$PY" -c "import flexkv.native" 2>/dev/null \
-   || [ "$("$PY" -c 'import flexkv, os; print(os.path.dirname(os.path.dirname(os.path.abspath(flexkv.__file__))))')" != "$PWD" ]; then
-  say "pip install -e . (editable)"
-  "$PY" -m pip install -q --no-build-isolation --no-deps -e . || die "editable install failed"
+# Check from / so the checkout on sys.path cannot mask where the installed package really points.
+installed_at=$(cd / && "$PY" -c 'import os, flexkv.scheduler as s; print(os.path.dirname(os.path.dirname(os.path.abspath(s.__file__))))' 2>/dev/null || true)
+if [ "$installed_at" != "$PWD" ]; then
+  say "pip install -e . (editable${installed_at:+; was installed from $installed_at})"
+  "$PY" -m pip install -q --no-build-isolation --no-deps -e . 2>&1 | grep -v -E "^WARNING: Running pip" || true
+  installed_at=$(cd / && "$PY" -c 'import os, flexkv.scheduler as s; print(os.path.dirname(os.path.dirname(os.path.abspath(s.__file__))))' 2>/dev/null || true)
+  [ "$installed_at" = "$PWD" ] || die "editable install failed (flexkv resolves to '${installed_at:-nothing}')"
 else
   say "editable install present"
 fi
-"$PY" -c "import flexkv.native.hasher" || die "flexkv does not import after the build"
+(cd / && "$PY" -c "import flexkv.native.hasher, flexkv.scheduler, flexkv.workers") || die "flexkv does not import after the build"
 say "done: try 'python examples/run_server.py' or 'python -m pytest'"
