@@ -50,13 +50,14 @@ class RankBuffers:
             self.host = allocate_host_kv_buffers(layout, model.dtype, tag="example")
             self.tensors = self.host.arrays
 
-    def raw(self, i: int) -> np.ndarray:
+    def chunk(self, i: int, offset: int, nbytes: int) -> bytes:
+        """Bytes [offset, offset + nbytes) of tensor i (sliced on the GPU first: only the chunk moves)."""
         t = self.tensors[i]
         if self.host is not None:
-            return t.reshape(-1).view(np.uint8)
+            return t.reshape(-1).view(np.uint8)[offset: offset + nbytes].tobytes()
         import torch
 
-        return t.view(torch.uint8).reshape(-1).cpu().numpy()
+        return bytes(t.view(torch.uint8).reshape(-1)[offset: offset + nbytes].cpu().numpy())
 
     def fill(self, seed: int) -> None:
         for i, t in enumerate(self.tensors):
@@ -73,7 +74,7 @@ class RankBuffers:
         for layer in range(lay.num_layers):
             for kv in range(lay.kv_dim):
                 t, off = lay.chunk_offset(layer, kv, block_id)
-                parts.append(self.raw(t)[off: off + lay.chunk_bytes].tobytes())
+                parts.append(self.chunk(t, off, lay.chunk_bytes))
         return b"".join(parts)
 
 
