@@ -1,7 +1,7 @@
 /*
  * Our own declarations of the few CUDA runtime and driver entry points flexkv uses.
  *
- * Nothing here links against CUDA: cudacopy.c resolves every function with dlsym() at run time, so
+ * Nothing here links against CUDA: cuda_runtime.c resolves every function with dlsym() at run time, so
  * the package builds, imports and runs its CPU paths on machines without CUDA. Types are opaque
  * pointers or plain integers with the ABI of the official headers; only the values we use are named.
  */

@@ -21,8 +21,8 @@ from flexkv.native.hostcopy import (
     copy_blocks,
 )
 from flexkv.types import InvalidRequest, OpType
+from tests.test_layout import T, make_tensors
 
-T = 4
 POISON = 0xABAB  # 0xAB in every byte of a uint16
 ENGINE_KINDS = [LayoutKind.VLLM_KV_FIRST, LayoutKind.VLLM_BLOCK_FIRST, LayoutKind.SGLANG, LayoutKind.MLA,
                 LayoutKind.BLOCK_FIRST]
@@ -34,18 +34,10 @@ class Engine:
     def __init__(self, kind: LayoutKind, num_layers: int, num_blocks: int, heads: int, head_size: int,
                  rng: np.random.Generator | None = None) -> None:
         self.kind, self.num_layers = kind, num_layers
-        nb, h, d = num_blocks, heads, head_size
-        shape, count = {
-            LayoutKind.VLLM_KV_FIRST: ((2, nb, T, h, d), num_layers),
-            LayoutKind.VLLM_BLOCK_FIRST: ((nb, 2, T, h, d), num_layers),
-            LayoutKind.SGLANG: ((nb * T, h, d), 2 * num_layers),
-            LayoutKind.MLA: ((nb, T, d), num_layers),
-            LayoutKind.BLOCK_FIRST: ((nb, num_layers, 2, T, h, d), 1),
-        }[kind]
+        self.tensors = make_tensors(kind, num_layers, num_blocks, heads, head_size, rng or np.random.default_rng(0))
         if rng is None:
-            self.tensors = [np.full(shape, POISON, dtype=np.uint16) for _ in range(count)]
-        else:
-            self.tensors = [rng.integers(0, 1 << 16, size=shape, dtype=np.uint16) for _ in range(count)]
+            for t in self.tensors:
+                t.fill(POISON)
         self.layout = KVCacheLayout.from_tensors(kind, self.tensors, T)
         self.table = self.layout.chunk_table(tensor_addresses(self.tensors))
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import abc
 import logging
+import os
 from typing import Any
 
 import numpy as np
@@ -47,7 +48,9 @@ class HostCopyBackend(CopyBackend):
             raise ValueError(f"registration has {len(ptrs)} tensors, layout needs {layout.num_tensors}")
         self._table: ChunkTable = layout.chunk_table(ptrs)
         self._worker = worker
-        self._threads = 2
+        # Every rank's worker copies at once: share the cores instead of oversubscribing them.
+        ranks = worker.model.tp_size * worker.model.dp_size
+        self._threads = max(1, min(4, (os.cpu_count() or 2) // ranks))
 
     def copy(self, op_type: OpType, engine_ids: npt.NDArray[np.int64], pool_ids: npt.NDArray[np.int64]) -> None:
         w = self._worker

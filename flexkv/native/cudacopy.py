@@ -1,6 +1,6 @@
 """CUDA copy engine: KV blocks between an engine's GPU chunks and the block-first host pool.
 
-Wraps ``c_src/cudacopy.c`` (the only module importing ``flexkv.native._cudacopy``). libcudart and
+Wraps ``c_src/cudacopy.h`` (the only module importing ``flexkv.native._cudacopy``). libcudart and
 libcuda are loaded with dlopen on first use, so this module imports on machines without CUDA; there
 :func:`cuda_available` is ``(False, reason)`` and :class:`CudaCopyEngine` raises :class:`GPUUnavailable`.
 Runs in the GPU worker process; one engine is driven by one thread at a time. The ordering contract
