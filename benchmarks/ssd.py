@@ -96,7 +96,7 @@ def bench_point(args: argparse.Namespace, block_bytes: int, depth: int, pool_add
     num_blocks = args.size // block_bytes
     with SSDStore([args.dir], num_blocks, block_bytes, num_blocks * block_bytes, depth=depth) as store:
         run_flexkv(store, True, pool_addr, block_bytes)  # untimed: turn preallocated extents into written ones
-        for op in ("write", "read"):
+        for op in args.ops.split(","):
             for rep in range(args.repeats):
                 # Alternate who goes first: a virtual disk's burst budget favours the first runner.
                 fio_first = rep % 2 == 1
@@ -108,6 +108,9 @@ def bench_point(args: argparse.Namespace, block_bytes: int, depth: int, pool_add
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dir", default=None, help="directory on the drive to test (default: a temp dir in /tmp)")
+    parser.add_argument("--ops", default="write,read",
+                        help="which passes to time, in order (default write,read; 'read' alone measures reads "
+                             "without the write passes before them, which slow this virtual disk's reads)")
     parser.add_argument("--size", type=parse_bytes, default=GIB, help="file size, e.g. 1G (default), 8G")
     parser.add_argument("--block-sizes", default="2M,256K", help="comma-separated block sizes")
     parser.add_argument("--depths", default="32,128,512", help="comma-separated queue depths")
