@@ -82,7 +82,8 @@ class SchedulerServer:
 
     def __init__(self, model: ModelConfig, cache: CacheConfig, client_address: str | None = None,
                  runtime_dir: str | None = None, parent_pid: int | None = None) -> None:
-        self.model, self.cache = model, cache
+        self.model = model
+        self._closed = False
         self._own_runtime_dir = runtime_dir is None
         self.runtime_dir = runtime_dir or default_runtime_dir()
         os.chmod(self.runtime_dir, 0o700)
@@ -91,16 +92,20 @@ class SchedulerServer:
         self._parent_pid = parent_pid
         self._host = socket.gethostname()
         self._lookup_store: RemoteStore | None = None
-        cache = self._open_remote_lookup(model, cache)
-        self.cache = cache
-        self.control = ControlPlane(model, cache, remote_lookup=self._remote_lookup)
-        self.block_bytes = model.block_bytes(cache.tokens_per_block)
-        self.block_first = BlockFirstLayout(model, cache.tokens_per_block)
-        self.pool = SharedPool.create(make_pool_name("cpu"), cache.num_cpu_blocks * self.block_bytes,
-                                      progress=_prefault_progress)
         self._ctx = zmq.Context()
-        self._clients = self._bind(zmq.ROUTER, self.client_address)
-        self._workers_sock = self._bind(zmq.ROUTER, self.worker_address)
+        try:
+            cache = self._open_remote_lookup(model, cache)
+            self.cache = cache
+            self.control = ControlPlane(model, cache, remote_lookup=self._remote_lookup)
+            self.block_bytes = model.block_bytes(cache.tokens_per_block)
+            self.block_first = BlockFirstLayout(model, cache.tokens_per_block)
+            self.pool = SharedPool.create(make_pool_name("cpu"), cache.num_cpu_blocks * self.block_bytes,
+                                          progress=_prefault_progress)
+            self._clients = self._bind(zmq.ROUTER, self.client_address)
+            self._workers_sock = self._bind(zmq.ROUTER, self.worker_address)
+        except BaseException:
+            self.close()  # e.g. the address is taken: leave no segment or socket file behind
+            raise
         base_spec = {"worker_address": self.worker_address, "pool_name": self.pool.name,
                      "pool_block_bytes": self.block_bytes, "pool_num_blocks": cache.num_cpu_blocks,
                      "configs": configs_to_json(model, cache)}
@@ -507,13 +512,18 @@ class SchedulerServer:
 
     # -- shutdown -------------------------------------------------------------------------------
     def close(self) -> None:
-        """Stop workers, unlink the shared-memory pool, remove socket files. Idempotent."""
-        if self._ctx.closed:
+        """Stop workers, unlink the shared-memory pool, remove socket files. Idempotent; also undoes a
+        start that failed half way."""
+        if self._closed:
             return
-        self.supervisor.stop_all()
+        self._closed = True
+        if hasattr(self, "supervisor"):
+            self.supervisor.stop_all()
         self._ctx.destroy(linger=0)
-        self.pool.close()
-        self.pool.unlink()
+        pool: SharedPool | None = getattr(self, "pool", None)
+        if pool is not None:
+            pool.close()
+            pool.unlink()
         if self._lookup_store is not None:
             self._lookup_store.close()
         if self._own_runtime_dir:

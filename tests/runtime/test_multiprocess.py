@@ -6,14 +6,17 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+import zmq
 
 from flexkv.layout import LayoutKind
 from flexkv.manager import KVManager
+from flexkv.scheduler.server import SchedulerServer
 from flexkv.shm import list_flexkv_segments
 from flexkv.types import TaskStatus
 from tests.runtime.kvtest import (
@@ -214,3 +217,16 @@ def test_worker_killed_mid_run_fails_its_ops_and_is_restarted() -> None:
         finally:
             kvm.shutdown()
             bufs.close()
+
+
+def test_a_taken_address_fails_the_start_and_leaves_nothing_behind(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        before = set(list_flexkv_segments())
+        with pytest.raises(zmq.ZMQError, match=r"[Aa]ddress"):
+            SchedulerServer(small_model(), small_cache(), client_address=f"tcp://127.0.0.1:{port}",
+                            runtime_dir=str(tmp_path))
+    assert set(list_flexkv_segments()) == before, "the pool of the failed start was unlinked"
+    assert not list(tmp_path.iterdir()), "no socket file left"
