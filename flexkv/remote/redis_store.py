@@ -202,19 +202,19 @@ class RedisStore(RemoteStore):
     def put_blocks(self, hashes: np.ndarray, pool_addr: int, pool_block_bytes: int, cpu_ids: np.ndarray,
                    block_bytes: int) -> npt.NDArray[np.bool_]:
         batch = BlockBatch.from_pool(hashes, pool_addr, pool_block_bytes, cpu_ids, block_bytes)
-        keys = [self.key(h) for h in batch.hashes]
-        ok = np.zeros(len(keys), dtype=np.bool_)
-        for node, indices in self._topology.group(keys, range(len(keys))).items():
-            self._put_on(node, indices, keys, batch, ok)
-        return ok
+        return self._per_node(batch, self._put_on)
 
     def get_blocks(self, hashes: np.ndarray, pool_addr: int, pool_block_bytes: int, cpu_ids: np.ndarray,
                    block_bytes: int) -> npt.NDArray[np.bool_]:
         batch = BlockBatch.from_pool(hashes, pool_addr, pool_block_bytes, cpu_ids, block_bytes)
+        return self._per_node(batch, self._get_on)
+
+    def _per_node(self, batch: BlockBatch, run: Callable[..., None]) -> npt.NDArray[np.bool_]:
+        """Run ``run(node, indices, keys, batch, ok)`` for the blocks each node (shard) owns."""
         keys = [self.key(h) for h in batch.hashes]
         ok = np.zeros(len(keys), dtype=np.bool_)
         for node, indices in self._topology.group(keys, range(len(keys))).items():
-            self._get_on(node, indices, keys, batch, ok)
+            run(node, indices, keys, batch, ok)
         return ok
 
     def count_prefix(self, hashes: np.ndarray) -> int:

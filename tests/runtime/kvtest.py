@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from flexkv.client import HostKVBuffers, allocate_host_kv_buffers
 from flexkv.config import CacheConfig, ModelConfig
 from flexkv.layout import KVCacheLayout, LayoutKind
+
+if TYPE_CHECKING:
+    from flexkv.manager import KVManager
 
 T = 4  # tokens per block in these tests: small blocks, many of them
 
@@ -99,3 +106,20 @@ def start_server(model: ModelConfig, cache: CacheConfig, address: str) -> object
 
     return subprocess.Popen([sys.executable, "-m", "flexkv.scheduler.main", "--configs-json",
                              configs_to_json(model, cache), "--address", address])
+
+
+@contextlib.contextmanager
+def serving(model: ModelConfig, cache: CacheConfig, kind: LayoutKind, num_blocks: int,
+            seed: int) -> Iterator[tuple[KVManager, HostKVBuffers]]:
+    """A library-mode KVManager with one rank's random host KV buffers registered; both cleaned up."""
+    from flexkv.manager import KVManager
+
+    bufs = host_buffers(model, kind, num_blocks, seed)
+    kvm = KVManager(model, cache)
+    try:
+        kvm.start()
+        kvm.register_kv_buffers(bufs, bufs.layout)
+        yield kvm, bufs
+    finally:
+        kvm.shutdown()
+        bufs.close()

@@ -23,6 +23,7 @@ from tests.runtime.kvtest import (
     T,
     block_bytes,
     host_buffers,
+    serving,
     slots_for,
     small_cache,
     small_model,
@@ -150,25 +151,19 @@ def test_a_killed_client_does_not_wedge_the_server(tmp_path: Path) -> None:
 
 def test_wait_times_out_while_a_worker_is_stopped_then_succeeds() -> None:
     model = small_model()
-    with KVManager(model, small_cache()) as kvm:
-        bufs = host_buffers(model, LayoutKind.VLLM_KV_FIRST, 16, seed=3)
+    with serving(model, small_cache(), LayoutKind.VLLM_KV_FIRST, 16, seed=3) as (kvm, _bufs):
+        worker_pid = int(kvm.stats()["pid:device-0-0"])
+        os.kill(worker_pid, signal.SIGSTOP)
         try:
-            kvm.register_kv_buffers(bufs, bufs.layout)
-            worker_pid = int(kvm.stats()["pid:device-0-0"])
-            os.kill(worker_pid, signal.SIGSTOP)
-            try:
-                toks = tokens(4 * T, seed=14)
-                put = kvm.put_async(toks, slots_for([0, 1, 2, 3], len(toks)))
-                t0 = time.monotonic()
-                assert kvm.wait(put, timeout=0.3)[put].status is TaskStatus.TIMEOUT
-                assert 0.25 < time.monotonic() - t0 < 5
-                assert kvm.try_wait(put)[put].status is TaskStatus.UNREADY
-            finally:
-                os.kill(worker_pid, signal.SIGCONT)
-            assert kvm.wait(put, timeout=10)[put].status is TaskStatus.SUCCESS
+            toks = tokens(4 * T, seed=14)
+            put = kvm.put_async(toks, slots_for([0, 1, 2, 3], len(toks)))
+            t0 = time.monotonic()
+            assert kvm.wait(put, timeout=0.3)[put].status is TaskStatus.TIMEOUT
+            assert 0.25 < time.monotonic() - t0 < 5
+            assert kvm.try_wait(put)[put].status is TaskStatus.UNREADY
         finally:
-            kvm.shutdown()
-            bufs.close()
+            os.kill(worker_pid, signal.SIGCONT)
+        assert kvm.wait(put, timeout=10)[put].status is TaskStatus.SUCCESS
 
 
 def test_shutdown_leaves_no_process_socket_or_segment() -> None:
@@ -195,28 +190,22 @@ def test_shutdown_leaves_no_process_socket_or_segment() -> None:
 
 def test_worker_killed_mid_run_fails_its_ops_and_is_restarted() -> None:
     model = small_model()
-    with KVManager(model, small_cache()) as kvm:
-        bufs = host_buffers(model, LayoutKind.VLLM_KV_FIRST, 16, seed=5)
-        try:
-            kvm.register_kv_buffers(bufs, bufs.layout)
-            pid = int(kvm.stats()["pid:device-0-0"])
-            os.kill(pid, signal.SIGSTOP)
-            toks = tokens(4 * T, seed=15)
-            put = kvm.put_async(toks, slots_for([0, 1, 2, 3], len(toks)))
-            kvm.wait(put, timeout=0.2)
-            os.kill(pid, signal.SIGKILL)
-            res = kvm.wait(put, timeout=10)[put]
-            assert res.status is TaskStatus.FAILED and "died" in res.error
-            kvm.check_invariants()
-            deadline = time.monotonic() + 20
-            while int(kvm.stats()["pid:device-0-0"]) == pid and time.monotonic() < deadline:
-                time.sleep(0.1)
-            kvm.wait_ready(20)
-            put = kvm.put_async(toks, slots_for([0, 1, 2, 3], len(toks)))
-            assert kvm.wait(put, timeout=10)[put].status is TaskStatus.SUCCESS, "the restarted worker runs ops"
-        finally:
-            kvm.shutdown()
-            bufs.close()
+    with serving(model, small_cache(), LayoutKind.VLLM_KV_FIRST, 16, seed=5) as (kvm, _bufs):
+        pid = int(kvm.stats()["pid:device-0-0"])
+        os.kill(pid, signal.SIGSTOP)
+        toks = tokens(4 * T, seed=15)
+        put = kvm.put_async(toks, slots_for([0, 1, 2, 3], len(toks)))
+        kvm.wait(put, timeout=0.2)
+        os.kill(pid, signal.SIGKILL)
+        res = kvm.wait(put, timeout=10)[put]
+        assert res.status is TaskStatus.FAILED and "died" in res.error
+        kvm.check_invariants()
+        deadline = time.monotonic() + 20
+        while int(kvm.stats()["pid:device-0-0"]) == pid and time.monotonic() < deadline:
+            time.sleep(0.1)
+        kvm.wait_ready(20)
+        put = kvm.put_async(toks, slots_for([0, 1, 2, 3], len(toks)))
+        assert kvm.wait(put, timeout=10)[put].status is TaskStatus.SUCCESS, "the restarted worker runs ops"
 
 
 def test_a_taken_address_fails_the_start_and_leaves_nothing_behind(tmp_path: Path) -> None:

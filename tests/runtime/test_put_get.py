@@ -10,7 +10,16 @@ import pytest
 from flexkv.layout import LayoutKind
 from flexkv.manager import KVManager
 from flexkv.types import TaskStatus
-from tests.runtime.kvtest import T, block_bytes, host_buffers, poison, slots_for, small_cache, small_model, tokens
+from tests.runtime.kvtest import (
+    T,
+    block_bytes,
+    poison,
+    serving,
+    slots_for,
+    small_cache,
+    small_model,
+    tokens,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -19,67 +28,55 @@ pytestmark = pytest.mark.timeout(90)
                                   LayoutKind.MLA])
 def test_put_then_get_restores_exact_bytes(kind: LayoutKind) -> None:
     model = small_model(use_mla=kind is LayoutKind.MLA)
-    with KVManager(model, small_cache()) as kvm:
-        bufs = host_buffers(model, kind, num_blocks=32, seed=1)
-        try:
-            kvm.register_kv_buffers(bufs, bufs.layout)
-            assert kvm.is_ready()
-            toks = tokens(10 * T + 3, seed=7)  # 10 whole blocks + a partial one
-            src_blocks = list(range(11))
-            put = kvm.put_async(toks, slots_for(src_blocks, len(toks)))
-            res = kvm.wait([put])[put]
-            assert res.status is TaskStatus.SUCCESS, res
-            assert res.return_mask is not None and res.return_mask.sum() == 10 * T
+    with serving(model, small_cache(), kind, 32, seed=1) as (kvm, bufs):
+        assert kvm.is_ready()
+        toks = tokens(10 * T + 3, seed=7)  # 10 whole blocks + a partial one
+        src_blocks = list(range(11))
+        put = kvm.put_async(toks, slots_for(src_blocks, len(toks)))
+        res = kvm.wait([put])[put]
+        assert res.status is TaskStatus.SUCCESS, res
+        assert res.return_mask is not None and res.return_mask.sum() == 10 * T
 
-            dst_blocks = list(range(16, 27))
-            poison(bufs, dst_blocks)
-            get = kvm.get_async(toks, slots_for(dst_blocks, len(toks)))
-            res = kvm.wait([get])[get]
-            assert res.status is TaskStatus.SUCCESS, res
-            assert res.return_mask is not None
-            assert res.return_mask[: 10 * T].all() and not res.return_mask[10 * T:].any()
-            for s, d in zip(src_blocks[:10], dst_blocks[:10], strict=True):
-                assert block_bytes(bufs, d) == block_bytes(bufs, s), f"block {s} -> {d} differs"
-            assert set(block_bytes(bufs, dst_blocks[10])) == {0xAB}, "the partial block must not be written"
-            kvm.check_invariants()
-        finally:
-            kvm.shutdown()
-            bufs.close()
+        dst_blocks = list(range(16, 27))
+        poison(bufs, dst_blocks)
+        get = kvm.get_async(toks, slots_for(dst_blocks, len(toks)))
+        res = kvm.wait([get])[get]
+        assert res.status is TaskStatus.SUCCESS, res
+        assert res.return_mask is not None
+        assert res.return_mask[: 10 * T].all() and not res.return_mask[10 * T:].any()
+        for s, d in zip(src_blocks[:10], dst_blocks[:10], strict=True):
+            assert block_bytes(bufs, d) == block_bytes(bufs, s), f"block {s} -> {d} differs"
+        assert set(block_bytes(bufs, dst_blocks[10])) == {0xAB}, "the partial block must not be written"
+        kvm.check_invariants()
 
 
 def test_masks_match_then_launch_and_try_wait() -> None:
     model = small_model()
-    with KVManager(model, small_cache()) as kvm:
-        bufs = host_buffers(model, LayoutKind.VLLM_KV_FIRST, num_blocks=32, seed=2)
-        try:
-            kvm.register_kv_buffers(bufs, bufs.layout)
-            toks = tokens(6 * T + 1, seed=3)
-            tid, mask = kvm.get_match(toks)
-            assert not mask.any(), "nothing cached yet"
-            kvm.cancel([tid])
+    with serving(model, small_cache(), LayoutKind.VLLM_KV_FIRST, 32, seed=2) as (kvm, _bufs):
+        toks = tokens(6 * T + 1, seed=3)
+        tid, mask = kvm.get_match(toks)
+        assert not mask.any(), "nothing cached yet"
+        kvm.cancel([tid])
 
-            tid, mask = kvm.put_match(toks)
-            assert mask.tolist() == [True] * (6 * T) + [False]
-            kvm.launch([tid], [slots_for(list(range(7)), len(toks))])
-            kvm.launch([tid], [slots_for(list(range(7)), len(toks))])  # same mapping again: a no-op
-            assert kvm.wait([tid], timeout=10)[tid].status is TaskStatus.SUCCESS
+        tid, mask = kvm.put_match(toks)
+        assert mask.tolist() == [True] * (6 * T) + [False]
+        kvm.launch([tid], [slots_for(list(range(7)), len(toks))])
+        kvm.launch([tid], [slots_for(list(range(7)), len(toks))])  # same mapping again: a no-op
+        assert kvm.wait([tid], timeout=10)[tid].status is TaskStatus.SUCCESS
 
-            # a longer prompt sharing the prefix: put_match marks only the new blocks
-            longer = np.concatenate([toks[: 6 * T], tokens(2 * T, seed=4)])
-            tid, mask = kvm.put_match(longer)
-            assert mask.tolist() == [False] * (6 * T) + [True] * (2 * T)
-            kvm.cancel([tid])
+        # a longer prompt sharing the prefix: put_match marks only the new blocks
+        longer = np.concatenate([toks[: 6 * T], tokens(2 * T, seed=4)])
+        tid, mask = kvm.put_match(longer)
+        assert mask.tolist() == [False] * (6 * T) + [True] * (2 * T)
+        kvm.cancel([tid])
 
-            tid, mask = kvm.get_match(longer)
-            assert mask.tolist() == [True] * (6 * T) + [False] * (2 * T)
-            kvm.launch(tid, slots_for(list(range(10, 18)), len(longer)))
-            res = kvm.try_wait([tid])[tid]
-            assert res.status in (TaskStatus.UNREADY, TaskStatus.SUCCESS)
-            assert kvm.wait([tid])[tid].status is TaskStatus.SUCCESS
-            kvm.check_invariants()
-        finally:
-            kvm.shutdown()
-            bufs.close()
+        tid, mask = kvm.get_match(longer)
+        assert mask.tolist() == [True] * (6 * T) + [False] * (2 * T)
+        kvm.launch(tid, slots_for(list(range(10, 18)), len(longer)))
+        res = kvm.try_wait([tid])[tid]
+        assert res.status in (TaskStatus.UNREADY, TaskStatus.SUCCESS)
+        assert kvm.wait([tid])[tid].status is TaskStatus.SUCCESS
+        kvm.check_invariants()
 
 
 def test_cancel_after_match_releases_reservations() -> None:
@@ -100,21 +97,15 @@ def test_cancel_after_match_releases_reservations() -> None:
 
 def test_tasks_nobody_waits_for_do_not_pile_up_in_the_server() -> None:
     model = small_model()
-    with KVManager(model, small_cache()) as kvm:
-        bufs = host_buffers(model, LayoutKind.VLLM_KV_FIRST, num_blocks=16, seed=6)
-        try:
-            kvm.register_kv_buffers(bufs, bufs.layout)
-            toks = tokens(4 * T, seed=8)
-            for _ in range(50):
-                tid, _mask = kvm.get_match(toks)
-                kvm.cancel(tid)
-            for _ in range(20):
-                last = kvm.put_async(toks, slots_for([0, 1, 2, 3], len(toks)))  # fire and forget, never waited
-            deadline = time.monotonic() + 10
-            while kvm.stats()["num_tasks"] and time.monotonic() < deadline:
-                time.sleep(0.05)
-            assert kvm.stats()["num_tasks"] == 0, "finished and cancelled tasks leave the control plane"
-            assert kvm.wait(last)[last].status is TaskStatus.SUCCESS, "a retired result can still be read"
-        finally:
-            kvm.shutdown()
-            bufs.close()
+    with serving(model, small_cache(), LayoutKind.VLLM_KV_FIRST, 16, seed=6) as (kvm, _bufs):
+        toks = tokens(4 * T, seed=8)
+        for _ in range(50):
+            tid, _mask = kvm.get_match(toks)
+            kvm.cancel(tid)
+        for _ in range(20):
+            last = kvm.put_async(toks, slots_for([0, 1, 2, 3], len(toks)))  # fire and forget, never waited
+        deadline = time.monotonic() + 10
+        while kvm.stats()["num_tasks"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert kvm.stats()["num_tasks"] == 0, "finished and cancelled tasks leave the control plane"
+        assert kvm.wait(last)[last].status is TaskStatus.SUCCESS, "a retired result can still be read"
