@@ -408,12 +408,10 @@ class SchedulerServer:
         if key in self._results:
             engine, full = self._results[key]
             return full if completely else engine
-        resp = self.control.poll(key, completely)
-        if resp.status is TaskStatus.UNREADY and key not in self._launched:
-            return resp  # matched but never launched: waiting cannot help
-        return resp
+        return self.control.poll(key, completely)
 
     def _is_final(self, key: TaskKey, resp: KVResponse) -> bool:
+        """Final for a wait: done, or matched but never launched (waiting cannot help)."""
         return resp.status in _FINAL or (resp.status is TaskStatus.UNREADY and key not in self._launched)
 
     def _check_waits(self) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import subprocess
 import sys
 import time
@@ -197,10 +196,6 @@ class WorkerSupervisor:
                 done.append((op_id, fan.error))
         return done
 
-    def forget_ops(self, op_ids: list[int]) -> None:
-        for op_id in op_ids:
-            self._fanouts.pop(op_id, None)
-
     @property
     def num_in_flight(self) -> int:
         return len(self._fanouts)
@@ -216,5 +211,3 @@ def _reap(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-    if os.environ.get("FLEXKV_DEBUG_WORKERS"):
-        log.info("worker pid %d exited %s", proc.pid, proc.returncode)
