@@ -7,8 +7,17 @@ pool blocks (D2H), come back (H2D), and both at once on two engines/streams (put
 is one large copy of the same bytes between device memory and the same registered pool, measured in
 this run. SM use = sum over kernel launches of CTAs x kernel time (profile mode).
 
+``--stack`` measures the same transfers through the whole stack instead: a flexkv server (library
+mode) and its GPU worker process, this process registering the per-layer tensors through CUDA IPC
+(``KVTPClient``); ``--prompts`` prompts of ``num_blocks / prompts`` random engine blocks each are put,
+got back into other random blocks, and put + got at once (new prompts put while the first ones are
+got); the time runs from the first ``put_async``/``get_async`` to ``wait`` returning, so it includes
+hashing, planning, ZeroMQ and the worker. The restored blocks are compared on the GPU at the end.
+``--stack --cpu`` runs the same on host buffers (no CUDA; no ceiling) to try the script anywhere.
+
     python benchmarks/gpu_transfer.py            # T=16 and 64, 1024 blocks (~1 min)
     python benchmarks/gpu_transfer.py --quick    # T=16, 256 blocks (device check)
+    python benchmarks/gpu_transfer.py --stack    # through the server and the worker process
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from flexkv.config import ModelConfig
+from flexkv.config import CacheConfig, ModelConfig
 from flexkv.layout import BlockFirstLayout, ChunkTable, KVCacheLayout, LayoutKind
 from flexkv.native import cudacopy
 from flexkv.native.cudacopy import CopyPath, CudaCopyEngine
@@ -212,6 +221,120 @@ def run_case(args: argparse.Namespace, t: int) -> list[tuple[str, ...]]:
     return rows
 
 
+class Stack:
+    """A library-mode server with this process's per-layer KV tensors registered as TP rank 0."""
+
+    def __init__(self, args: argparse.Namespace, t: int) -> None:
+        from flexkv.client import KVTPClient, allocate_host_kv_buffers
+        from flexkv.manager import KVManager
+
+        self.t, self.n = t, args.num_blocks
+        self.per_prompt = self.n // args.prompts
+        self.block_bytes = BlockFirstLayout(MODEL, t).block_bytes
+        self.nbytes = args.prompts * self.per_prompt * self.block_bytes
+        engine_blocks = 3 * self.n  # prompts' blocks, get destinations, blocks of the prompts put meanwhile
+        self.layout = KVCacheLayout(LayoutKind.VLLM_KV_FIRST, MODEL.num_layers, engine_blocks, t,
+                                    MODEL.num_kv_heads, MODEL.head_size, MODEL.itemsize)
+        self.host = None
+        if args.cpu:
+            self.host = allocate_host_kv_buffers(self.layout, MODEL.dtype, tag="bench")
+            self.tensors = self.host.torch_tensors()
+        else:
+            import torch
+            self.tensors = [torch.randn(self.layout.tensor_shape(i), dtype=torch.bfloat16, device="cuda")
+                            for i in range(self.layout.num_tensors)]
+            torch.cuda.synchronize()
+        # The pool holds the prompts being got plus one set being put; older puts are evicted (LRU).
+        self.kvm = KVManager(MODEL, CacheConfig(tokens_per_block=t, num_cpu_blocks=2 * self.n + 64))
+        self.kvm.start()
+        self.client = KVTPClient(self.kvm.server_address, device_id=0)
+        self.client.register(self.host if self.host is not None else self.tensors, self.layout)
+        self.kvm.wait_ready(120)
+        rng = np.random.default_rng(1)
+        perm = rng.permutation(engine_blocks).astype(np.int64)
+        self.src, self.dst, self.other = perm[: self.n], perm[self.n: 2 * self.n], perm[2 * self.n:]
+        self._rng = rng
+        self.prompts = self.new_prompts()
+
+    def new_prompts(self) -> list[np.ndarray]:
+        n = self.per_prompt * self.t
+        return [self._rng.integers(0, 1 << 30, n, dtype=np.int64) for _ in range(len(self.src) // self.per_prompt)]
+
+    def slots(self, blocks: np.ndarray, i: int) -> np.ndarray:
+        mine = blocks[i * self.per_prompt: (i + 1) * self.per_prompt]
+        k = np.arange(self.per_prompt * self.t)
+        return mine[k // self.t] * self.t + k % self.t
+
+    def launch(self, put: bool, prompts: list[np.ndarray], blocks: np.ndarray) -> list[int]:
+        fn = self.kvm.put_async if put else self.kvm.get_async
+        return [fn(p, self.slots(blocks, i)) for i, p in enumerate(prompts)]
+
+    def finish(self, ids: list[int]) -> None:
+        for tid, r in self.kvm.wait(ids, timeout=120).items():
+            if r.status.name != "SUCCESS" or (r.return_mask is not None and not r.return_mask.all()):
+                raise RuntimeError(f"task {tid}: {r.status.name} {r.error}")
+
+    def put(self) -> None:
+        self.finish(self.launch(True, self.new_prompts(), self.other))  # new tokens: a real copy each time
+
+    def get(self) -> None:
+        self.finish(self.launch(False, self.prompts, self.dst))
+
+    def both(self) -> None:
+        gets = self.launch(False, self.prompts, self.dst)
+        self.finish(gets + self.launch(True, self.new_prompts(), self.other))
+
+    def check(self) -> int:
+        """Blocks of the first prompts restored into ``dst`` that differ from their source blocks."""
+        bad = 0
+        for x in self.tensors:
+            bad += int((x[:, self.src] != x[:, self.dst]).reshape(2, self.n, -1).any(dim=2).any(dim=0).sum())
+        return bad
+
+    def close(self) -> None:
+        self.client.close()
+        self.kvm.shutdown()
+        if self.host is not None:
+            self.tensors = []
+            self.host.close()
+
+
+def run_stack(args: argparse.Namespace, t: int) -> list[tuple[str, ...]]:
+    d2h, h2d = OpType.D2H, OpType.H2D
+    ceil: dict[OpType | None, float] = {d2h: 0.0, h2d: 0.0, None: 0.0}
+    if not args.cpu:
+        case = Case(args, t)  # the contiguous pinned ceiling, exactly as in the engine-level table
+        try:
+            for op in (d2h, h2d):
+                ceil[op] = one_way(case, partial(case.ceiling, op=op, put=op is d2h), args.repeats)
+            ceil[None] = two_way(case, partial(case.ceiling, op=d2h, put=True),
+                                 partial(case.ceiling, op=h2d, put=False), args.repeats)
+        finally:
+            case.close()
+    stack = Stack(args, t)
+    rows: list[tuple[str, ...]] = []
+    try:
+        print(f"T={t}: {len(stack.prompts)} prompts x {stack.per_prompt} random blocks x "
+              f"{stack.block_bytes >> 10} KiB = {stack.nbytes / 2**30:.2f} GiB each way, through the server",
+              flush=True)
+        runs: list[tuple[str, Callable[[], None], OpType | None, int]] = [
+            ("D2H (put)", stack.put, d2h, 1), ("H2D (get)", stack.get, h2d, 1), ("both", stack.both, None, 2)]
+        for name, fn, op, mult in runs:
+            if op is h2d:  # the puts evicted older blocks: store the prompts to be got (untimed)
+                stack.finish(stack.launch(True, stack.prompts, stack.src))
+            gbs = mult * stack.nbytes / best_of(args.repeats, fn) / 1e9
+            ratio = f"{gbs / ceil[op]:.1%}" if ceil[op] else "-"
+            rows.append((str(t), "stack", name, f"{gbs:.1f}", f"{ceil[op]:.1f}" if ceil[op] else "-", ratio,
+                         "worker process, path AUTO"))
+        bad = stack.check()
+        print(f"  restored blocks that differ from their source: {bad} of {stack.n}", flush=True)
+        if bad:
+            raise SystemExit(f"FAIL: {bad} blocks differ")
+    finally:
+        stack.close()
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens-per-block", type=int, nargs="+", default=[16, 64])
@@ -221,19 +344,25 @@ def main() -> None:
     ap.add_argument("--kernel-ctas", type=int, default=64)
     ap.add_argument("--paths", type=lambda n: CopyPath[n.upper()], nargs="+", default=list(PATHS))
     ap.add_argument("--quick", action="store_true", help="T=16, 256 blocks, 3 repeats")
+    ap.add_argument("--stack", action="store_true", help="through the server and its GPU worker process")
+    ap.add_argument("--prompts", type=int, default=8, help="--stack: prompts the blocks are split into")
+    ap.add_argument("--cpu", action="store_true", help="--stack on host buffers (no CUDA, no ceiling)")
     args = ap.parse_args()
     if args.quick:
         args.tokens_per_block, args.num_blocks, args.repeats = [16], 256, 3
     ok, why = cudacopy.cuda_available()
-    if not ok:
+    if args.cpu and args.stack:
+        print(f"host buffers (--cpu); {why}")
+    elif not ok:
         print(f"SKIP: {why}")
         return
-    import torch
-    print(f"device: {torch.cuda.get_device_name(0)}; {why}; torch {torch.__version__}; "
-          f"staging {args.staging_mib} MiB, kernel CTAs {args.kernel_ctas}")
+    else:
+        import torch
+        print(f"device: {torch.cuda.get_device_name(0)}; {why}; torch {torch.__version__}; "
+              f"staging {args.staging_mib} MiB, kernel CTAs {args.kernel_ctas}")
     rows: list[tuple[str, ...]] = []
     for t in args.tokens_per_block:
-        rows += run_case(args, t)
+        rows += run_stack(args, t) if args.stack else run_case(args, t)
     head = ("T", "path", "dir", "GB/s", "ceiling", "ratio", "SM use")
     widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
     for r in [head, *rows]:

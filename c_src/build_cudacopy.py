@@ -1,10 +1,12 @@
 """cffi build script (API mode, out-of-line) for the CUDA copy engine -> flexkv.native._cudacopy.
 
-One module from two sources: ``cuda_runtime.c`` (dlopens libcudart/libcuda at run time, errors, host
-registration, IPC, events) and ``cudacopy.c`` (the copy engine), sharing ``cuda_internal.h``. Nothing
-links against CUDA. When ``nvcc`` is found (``$FLEXKV_NVCC``, ``PATH``, ``/usr/local/cuda/bin``),
-``copy_kernels.cu`` is compiled to PTX at ``flexkv/native/copy_kernels.ptx`` for the STAGED and KERNEL
-paths; without nvcc the build still succeeds and those paths report themselves unavailable.
+One module from three sources: ``cuda_runtime.c`` (dlopens libcudart/libcuda at run time, errors, host
+registration, IPC, events), ``cudacopy.c`` (the copy engine: state, BATCH path, dispatch) and
+``cudacopy_kernels.c`` (the STAGED and KERNEL paths), sharing ``cuda_internal.h``; the two engine files
+also share ``cudacopy_engine.h``. Nothing links against CUDA. When ``nvcc`` is found (``$FLEXKV_NVCC``,
+``PATH``, ``/usr/local/cuda/bin``), ``copy_kernels.cu`` is compiled to PTX at ``flexkv/native/copy_kernels.ptx``
+for the STAGED and KERNEL paths; without nvcc the build still succeeds and those paths report themselves
+unavailable.
 """
 import os
 import shutil
@@ -17,8 +19,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 KERNELS_CU = os.path.join(HERE, "copy_kernels.cu")
 KERNELS_PTX = os.path.join(os.path.dirname(HERE), "flexkv", "native", "copy_kernels.ptx")
 PTX_ARCH = "compute_75"  # the driver JITs it for the device (sm_90 included)
-SOURCES = ("cuda_runtime.c", "cudacopy.c")
-HEADERS = ("cudacopy.h", "cuda_api.h", "cuda_internal.h")  # only cudacopy.h is the cdef
+SOURCES = ("cuda_runtime.c", "cudacopy.c", "cudacopy_kernels.c")
+HEADERS = ("cudacopy.h", "cuda_api.h", "cuda_internal.h", "cudacopy_engine.h")  # only cudacopy.h is the cdef
 
 
 def find_nvcc() -> str | None:

@@ -1,6 +1,6 @@
 /*
  * SM copy kernel for flexkv's STAGED and KERNEL paths (compiled to PTX at build time, loaded with
- * cuModuleLoadData at run time; see c_src/cudacopy.c).
+ * cuModuleLoadData at run time; see c_src/cudacopy_kernels.c).
  *
  * Work item = (pair i, chunk c). The engine chunk lives at bases[c] + engine_ids[i] * block_stride;
  * the pool chunk at pool_base + slot * pool_block_bytes + offsets[c], where slot = pool_ids[i], or i

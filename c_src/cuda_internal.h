@@ -1,6 +1,7 @@
 /*
  * Internal to the _cudacopy module: shared by cuda_runtime.c (library loading, errors, standalone
- * helpers) and cudacopy.c (the copy engine). Not part of cudacopy.h, so cffi's cdef never sees it.
+ * helpers) and the copy engine (cudacopy.c, cudacopy_kernels.c). Not part of cudacopy.h, so cffi's
+ * cdef never sees it.
  *
  * The shared objects are prefixed and hidden: they link across the two files but stay out of the
  * module's dynamic symbol table, which exports only the fkv_* API of cudacopy.h.

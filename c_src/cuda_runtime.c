@@ -307,6 +307,14 @@ int fkv_event_synchronize(uintptr_t event, struct fkv_err *err)
 	return 0;
 }
 
+/* Record on any stream of this process (an engine's compute stream: its "KV written" signal). */
+int fkv_event_record(uintptr_t event, uintptr_t stream, struct fkv_err *err)
+{
+	NEED_LOADED();
+	RT("cudaEventRecord", cu.EventRecord((cuda_event_t)event, (cuda_stream_t)stream));
+	return 0;
+}
+
 int fkv_device_alloc(int device, uint64_t nbytes, uint64_t *ptr, struct fkv_err *err)
 {
 	void *p = NULL;

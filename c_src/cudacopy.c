@@ -1,13 +1,14 @@
 /*
- * CUDA copy engine for flexkv (see cudacopy.h and docs/gpu.md). Library loading, CUDA errors and the
- * engine-less helpers (registration, IPC, events) live in cuda_runtime.c.
+ * CUDA copy engine for flexkv (see cudacopy.h and docs/gpu.md): the engine's state and lifecycle
+ * (create/destroy, info, profile, stats, events, stream), the BATCH path and the dispatcher
+ * fkv_engine_copy. Library loading, CUDA errors and the engine-less helpers (registration, IPC,
+ * events) live in cuda_runtime.c; the GPU-kernel paths in cudacopy_kernels.c.
  *
  * Three paths move (engine chunk <-> pool chunk) pairs:
  *   BATCH  - coalesce adjacent runs, then cudaMemcpyBatchAsync (or cudaMemcpyAsync per run).
- *   STAGED - a gather/scatter kernel packs the engine's chunks into a device staging buffer in
- *            block-first order; whole shard blocks then cross PCIe with the batch API. Two staging
- *            halves and a second stream overlap the kernels with the DMA.
- *   KERNEL - one SM copy kernel reads/writes the registered host pool directly.
+ *   STAGED - (cudacopy_kernels.c) a kernel packs chunks into a staging buffer; BATCH's emitter
+ *            then moves whole shard blocks across PCIe.
+ *   KERNEL - (cudacopy_kernels.c) one SM copy kernel reads/writes the registered host pool.
  * Every copy is enqueued on the engine's own non-blocking stream; work on the helper kernel stream
  * is always joined back into it, so synchronizing or recording an event on the main stream covers
  * everything a call enqueued.
@@ -19,48 +20,11 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "cuda_internal.h"
+#include "cudacopy_engine.h"
 
-#define FKV_BATCH_MAX 1024
-#define FKV_RING 4
-#define FKV_PROF_MAX 256
-#define FKV_THREADS 512
 #define FKV_DEFAULT_CTAS 64
 
 /* ---------------------------------------------------------------- engine state */
-
-struct fkv_desc_slot {
-	void *host;       /* pinned, uploaded to dev on the main stream */
-	void *dev;
-	size_t cap;
-	cuda_event_t done; /* recorded on the main stream when the call using this slot ends */
-};
-
-struct fkv_engine {
-	int device;
-	cuda_stream_t stream;  /* every copy and the join of all work */
-	cuda_stream_t kstream; /* STAGED gather/scatter kernels */
-	struct fkv_engine_info info;
-	struct cuda_memcpy_attrs attrs;
-	void *dsts[FKV_BATCH_MAX];
-	void *srcs[FKV_BATCH_MAX];
-	size_t sizes[FKV_BATCH_MAX];
-	size_t num_batched;
-	uint64_t run_dst, run_src, run_bytes; /* the run being coalesced */
-	uint64_t piece_base, piece_bytes;     /* registration pieces of the pool: runs never span two */
-	void *staging;
-	cuda_event_t ev_up, ev_dma[2], ev_kern[2];
-	struct fkv_desc_slot ring[FKV_RING];
-	unsigned int ring_next;
-	cu_module_t module;
-	cu_function_t fn_copy;
-	uint32_t kernel_ctas;
-	int profile;
-	cuda_event_t prof_ev[FKV_PROF_MAX][2];
-	uint32_t prof_ctas[FKV_PROF_MAX];
-	unsigned int prof_n;
-	struct fkv_engine_stats stats;
-};
 
 static int engine_events(struct fkv_engine *e, struct fkv_err *err)
 {
@@ -189,18 +153,6 @@ int fkv_engine_destroy(struct fkv_engine *e, struct fkv_err *err)
 	return rc;
 }
 
-int fkv_engine_load_kernels(struct fkv_engine *e, const char *ptx, struct fkv_err *err)
-{
-	if (!e || !ptx)
-		return -EINVAL;
-	RT("cudaSetDevice", cu.SetDevice(e->device));
-	if (e->module)
-		return 0;
-	DRV("cuModuleLoadData", cu.cuModuleLoadData(&e->module, ptx));
-	DRV("cuModuleGetFunction(fkv_copy_chunks)", cu.cuModuleGetFunction(&e->fn_copy, e->module, "fkv_copy_chunks"));
-	e->info.has_kernels = 1;
-	return 0;
-}
 
 int fkv_engine_get_info(struct fkv_engine *e, struct fkv_engine_info *out)
 {
@@ -220,7 +172,7 @@ int fkv_engine_set_profile(struct fkv_engine *e, int on, uint32_t kernel_ctas)
 	return 0;
 }
 
-static int flush_profile(struct fkv_engine *e, struct fkv_err *err)
+int eng_flush_profile(struct fkv_engine *e, struct fkv_err *err)
 {
 	unsigned int i;
 	float ms;
@@ -242,7 +194,7 @@ int fkv_engine_get_stats(struct fkv_engine *e, struct fkv_engine_stats *out, str
 	if (!e || !out)
 		return -EINVAL;
 	RT("cudaSetDevice", cu.SetDevice(e->device));
-	rc = flush_profile(e, err);
+	rc = eng_flush_profile(e, err);
 	if (rc)
 		return rc;
 	*out = e->stats;
@@ -349,20 +301,20 @@ static int emit(struct fkv_engine *e, uint64_t dst, uint64_t src, uint64_t bytes
 	return rc;
 }
 
-static int emit_pair(struct fkv_engine *e, int to_pool, uint64_t eng, uint64_t pool, uint64_t bytes,
-		     struct fkv_err *err)
+int eng_emit_pair(struct fkv_engine *e, int to_pool, uint64_t eng, uint64_t pool, uint64_t bytes,
+		  struct fkv_err *err)
 {
 	return to_pool ? emit(e, pool, eng, bytes, 1, err) : emit(e, eng, pool, bytes, 0, err);
 }
 
-static int finish_emits(struct fkv_engine *e, struct fkv_err *err)
+int eng_finish_emits(struct fkv_engine *e, struct fkv_err *err)
 {
 	int rc = flush_run(e, err);
 
 	return rc ? rc : issue_batch(e, err);
 }
 
-static void set_hints(struct fkv_engine *e, int to_pool)
+void eng_set_hints(struct fkv_engine *e, int to_pool)
 {
 	struct cuda_mem_location dev = { CUDA_MEM_LOCATION_DEVICE, e->device };
 	struct cuda_mem_location host = { CUDA_MEM_LOCATION_HOST, 0 };
@@ -376,7 +328,7 @@ static int64_t copy_batch(struct fkv_engine *e, const struct fkv_copy_desc *d, s
 	uint64_t i, c;
 	int rc;
 
-	set_hints(e, d->to_pool);
+	eng_set_hints(e, d->to_pool);
 	e->num_batched = 0;
 	e->run_bytes = 0;
 	for (i = 0; i < d->num_pairs; i++) {
@@ -384,243 +336,14 @@ static int64_t copy_batch(struct fkv_engine *e, const struct fkv_copy_desc *d, s
 		uint64_t pool_blk = d->pool_addr + (uint64_t)d->pool_ids[i] * d->pool_block_bytes;
 
 		for (c = 0; c < d->num_chunks; c++) {
-			rc = emit_pair(e, d->to_pool, d->bases[c] + eng_off, pool_blk + d->pool_offsets[c],
-				       d->chunk_bytes, err);
+			rc = eng_emit_pair(e, d->to_pool, d->bases[c] + eng_off, pool_blk + d->pool_offsets[c],
+					   d->chunk_bytes, err);
 			if (rc)
 				return rc;
 		}
 	}
-	rc = finish_emits(e, err);
-	return rc ? rc : 0;
-}
-
-/* ---------------------------------------------------------------- descriptors for kernels */
-
-/* Upload [bases][offsets][engine_ids][pool_ids] to the next ring slot; *slot gets its index. */
-static int upload_desc(struct fkv_engine *e, const struct fkv_copy_desc *d, uint64_t off_bias, unsigned int *slot,
-		       struct fkv_err *err)
-{
-	struct fkv_desc_slot *s = &e->ring[e->ring_next];
-	size_t nc = d->num_chunks, np = d->num_pairs, need = 8 * (2 * nc + 2 * np), i;
-	uint64_t *h;
-
-	*slot = e->ring_next;
-	e->ring_next = (e->ring_next + 1) % FKV_RING;
-	RT("cudaEventSynchronize(desc slot)", cu.EventSynchronize(s->done));
-	if (need > s->cap) {
-		size_t cap = need < 65536 ? 65536 : need * 2;
-
-		if (s->host)
-			cu.HostUnregister(s->host);
-		free(s->host);
-		if (s->dev)
-			cu.Free(s->dev);
-		s->host = NULL;
-		s->dev = NULL;
-		s->cap = 0;
-		s->host = malloc(cap);
-		if (!s->host)
-			return -ENOMEM;
-		RT("cudaHostRegister(desc)", cu.HostRegister(s->host, cap, CUDA_HOST_REGISTER_PORTABLE));
-		RT("cudaMalloc(desc)", cu.Malloc(&s->dev, cap));
-		s->cap = cap;
-	}
-	h = s->host;
-	memcpy(h, d->bases, 8 * nc);
-	for (i = 0; i < nc; i++)
-		h[nc + i] = d->pool_offsets[i] - off_bias;
-	memcpy(h + 2 * nc, d->engine_ids, 8 * np);
-	memcpy(h + 2 * nc + np, d->pool_ids, 8 * np);
-	RT("cudaMemcpyAsync(desc)", cu.MemcpyAsync(s->dev, s->host, need, CUDA_MEMCPY_H2D, e->stream));
-	return 0;
-}
-
-struct kargs {
-	uint64_t bases, offsets, engine_ids, pool_ids, num_chunks, num_pairs;
-	uint64_t block_stride, chunk_bytes, pool_base, pool_block_bytes;
-	int to_pool;
-};
-
-static int launch(struct fkv_engine *e, struct kargs *a, uint32_t ctas, cuda_stream_t st, struct fkv_err *err)
-{
-	void *params[] = { &a->bases,	    &a->offsets,      &a->engine_ids,	   &a->pool_ids,
-			   &a->num_chunks,  &a->num_pairs,    &a->block_stride,	   &a->chunk_bytes,
-			   &a->pool_base,   &a->pool_block_bytes, &a->to_pool };
-	uint64_t items = a->num_pairs * a->num_chunks;
-	int rc;
-
-	if (items < ctas)
-		ctas = (uint32_t)items;
-	if (ctas == 0)
-		return 0;
-	if (e->profile && e->prof_n == FKV_PROF_MAX) {
-		rc = flush_profile(e, err);
-		if (rc)
-			return rc;
-	}
-	if (e->profile)
-		RT("cudaEventRecord(prof)", cu.EventRecord(e->prof_ev[e->prof_n][0], st));
-	DRV("cuLaunchKernel", cu.cuLaunchKernel(e->fn_copy, ctas, 1, 1, FKV_THREADS, 1, 1, 0, st, params, NULL));
-	if (e->profile) {
-		RT("cudaEventRecord(prof)", cu.EventRecord(e->prof_ev[e->prof_n][1], st));
-		e->prof_ctas[e->prof_n++] = ctas;
-	}
-	e->stats.num_kernel_launches++;
-	e->stats.num_ctas += ctas;
-	return 0;
-}
-
-static void kargs_from_slot(struct kargs *a, const struct fkv_desc_slot *s, const struct fkv_copy_desc *d)
-{
-	uint64_t base = (uint64_t)(uintptr_t)s->dev;
-
-	a->bases = base;
-	a->offsets = base + 8 * (uint64_t)d->num_chunks;
-	a->engine_ids = base + 16 * (uint64_t)d->num_chunks;
-	a->pool_ids = a->engine_ids + 8 * d->num_pairs;
-	a->num_chunks = d->num_chunks;
-	a->num_pairs = d->num_pairs;
-	a->block_stride = d->block_stride;
-	a->chunk_bytes = d->chunk_bytes;
-	a->pool_block_bytes = d->pool_block_bytes;
-	a->to_pool = d->to_pool;
-}
-
-/* ---------------------------------------------------------------- KERNEL: SMs touch host memory */
-
-static int64_t copy_kernel(struct fkv_engine *e, const struct fkv_copy_desc *d, struct fkv_err *err)
-{
-	struct kargs a;
-	unsigned int slot;
-	void *pool_dev = (void *)(uintptr_t)d->pool_addr;
-	int rc;
-
-	if (!e->info.host_ptr_registered)
-		RT("cudaHostGetDevicePointer", cu.HostGetDevicePointer(&pool_dev, (void *)(uintptr_t)d->pool_addr, 0));
-	rc = upload_desc(e, d, 0, &slot, err);
-	if (rc)
-		return rc;
-	kargs_from_slot(&a, &e->ring[slot], d);
-	a.pool_base = (uint64_t)(uintptr_t)pool_dev;
-	rc = launch(e, &a, e->kernel_ctas, e->stream, err);
-	if (rc)
-		return rc;
-	RT("cudaEventRecord(desc slot)", cu.EventRecord(e->ring[slot].done, e->stream));
-	return 0;
-}
-
-/* ---------------------------------------------------------------- STAGED: kernel + whole blocks */
-
-struct round {
-	uint64_t first, count; /* pairs [first, first + count) */
-	int buf;
-};
-
-static uint8_t *staging_half(struct fkv_engine *e, int buf)
-{
-	return (uint8_t *)e->staging + (uint64_t)buf * (e->info.staging_bytes / 2);
-}
-
-static int dma_round(struct fkv_engine *e, const struct fkv_copy_desc *d, const struct round *r, struct fkv_err *err)
-{
-	uint64_t j, stage = (uint64_t)(uintptr_t)staging_half(e, r->buf);
-	int rc;
-
-	e->num_batched = 0;
-	e->run_bytes = 0;
-	for (j = 0; j < r->count; j++) {
-		uint64_t pool = d->pool_addr + (uint64_t)d->pool_ids[r->first + j] * d->pool_block_bytes +
-				d->shard_offset;
-
-		rc = emit_pair(e, d->to_pool, stage + j * d->shard_bytes, pool, d->shard_bytes, err);
-		if (rc)
-			return rc;
-	}
-	return finish_emits(e, err);
-}
-
-static int kernel_round(struct fkv_engine *e, const struct kargs *base, const struct round *r, struct fkv_err *err)
-{
-	struct kargs a = *base;
-
-	a.engine_ids = base->engine_ids + 8 * r->first;
-	a.pool_ids = 0; /* staging slot = pair index within the round */
-	a.num_pairs = r->count;
-	a.pool_base = (uint64_t)(uintptr_t)staging_half(e, r->buf);
-	return launch(e, &a, (uint32_t)e->info.num_sms, e->kstream, err);
-}
-
-/* D2H: gather on kstream -> DMA on the main stream, two staging halves in flight. */
-static int staged_d2h_round(struct fkv_engine *e, const struct fkv_copy_desc *d, const struct kargs *a,
-			    const struct round *r, struct fkv_err *err)
-{
-	int rc;
-
-	RT("cudaStreamWaitEvent", cu.StreamWaitEvent(e->kstream, e->ev_dma[r->buf], 0));
-	rc = kernel_round(e, a, r, err);
-	if (rc)
-		return rc;
-	RT("cudaEventRecord", cu.EventRecord(e->ev_kern[r->buf], e->kstream));
-	RT("cudaStreamWaitEvent", cu.StreamWaitEvent(e->stream, e->ev_kern[r->buf], 0));
-	rc = dma_round(e, d, r, err);
-	if (rc)
-		return rc;
-	RT("cudaEventRecord", cu.EventRecord(e->ev_dma[r->buf], e->stream));
-	return 0;
-}
-
-/* H2D: DMA on the main stream -> scatter on kstream; the main stream joins kstream at the end. */
-static int staged_h2d_round(struct fkv_engine *e, const struct fkv_copy_desc *d, const struct kargs *a,
-			    const struct round *r, struct fkv_err *err)
-{
-	int rc;
-
-	RT("cudaStreamWaitEvent", cu.StreamWaitEvent(e->stream, e->ev_kern[r->buf], 0));
-	rc = dma_round(e, d, r, err);
-	if (rc)
-		return rc;
-	RT("cudaEventRecord", cu.EventRecord(e->ev_dma[r->buf], e->stream));
-	RT("cudaStreamWaitEvent", cu.StreamWaitEvent(e->kstream, e->ev_dma[r->buf], 0));
-	rc = kernel_round(e, a, r, err);
-	if (rc)
-		return rc;
-	RT("cudaEventRecord", cu.EventRecord(e->ev_kern[r->buf], e->kstream));
-	return 0;
-}
-
-static int64_t copy_staged(struct fkv_engine *e, const struct fkv_copy_desc *d, struct fkv_err *err)
-{
-	uint64_t per_round = (e->info.staging_bytes / 2) / d->shard_bytes;
-	struct round r = { 0, 0, 0 };
-	struct kargs a;
-	unsigned int slot;
-	int rc;
-
-	if (per_round == 0)
-		return -E2BIG;
-	set_hints(e, d->to_pool);
-	rc = upload_desc(e, d, d->shard_offset, &slot, err);
-	if (rc)
-		return rc;
-	kargs_from_slot(&a, &e->ring[slot], d);
-	a.pool_block_bytes = d->shard_bytes;
-	/* Both streams start after the upload (and after everything earlier on the main stream). */
-	RT("cudaEventRecord", cu.EventRecord(e->ev_up, e->stream));
-	RT("cudaStreamWaitEvent", cu.StreamWaitEvent(e->kstream, e->ev_up, 0));
-	RT("cudaEventRecord", cu.EventRecord(e->ev_dma[0], e->stream));
-	RT("cudaEventRecord", cu.EventRecord(e->ev_dma[1], e->stream));
-	RT("cudaEventRecord", cu.EventRecord(e->ev_kern[0], e->kstream));
-	RT("cudaEventRecord", cu.EventRecord(e->ev_kern[1], e->kstream));
-	for (r.first = 0; r.first < d->num_pairs; r.first += r.count, r.buf ^= 1) {
-		r.count = d->num_pairs - r.first < per_round ? d->num_pairs - r.first : per_round;
-		rc = d->to_pool ? staged_d2h_round(e, d, &a, &r, err) : staged_h2d_round(e, d, &a, &r, err);
-		if (rc)
-			return rc;
-	}
-	RT("cudaEventRecord", cu.EventRecord(e->ev_kern[0], e->kstream));
-	RT("cudaStreamWaitEvent", cu.StreamWaitEvent(e->stream, e->ev_kern[0], 0));
-	RT("cudaEventRecord(desc slot)", cu.EventRecord(e->ring[slot].done, e->stream));
-	return 0;
+	rc = eng_finish_emits(e, err);
+	return rc;
 }
 
 /* ---------------------------------------------------------------- dispatch */
@@ -659,9 +382,9 @@ int64_t fkv_engine_copy(struct fkv_engine *e, const struct fkv_copy_desc *d, int
 	if (path == FKV_PATH_BATCH)
 		rc = copy_batch(e, d, err);
 	else if (path == FKV_PATH_STAGED)
-		rc = copy_staged(e, d, err);
+		rc = eng_copy_staged(e, d, err);
 	else if (path == FKV_PATH_KERNEL)
-		rc = copy_kernel(e, d, err);
+		rc = eng_copy_kernel(e, d, err);
 	else
 		rc = -EINVAL;
 	return rc ? rc : (int64_t)(e->stats.num_copies - copies_before);

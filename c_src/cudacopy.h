@@ -90,6 +90,7 @@ int fkv_ipc_open_event_handle(int device, const uint8_t *handle, uintptr_t *even
 int fkv_event_create(int device, int interprocess, uintptr_t *event, struct fkv_err *err);
 int fkv_event_destroy(uintptr_t event, struct fkv_err *err);
 int fkv_event_synchronize(uintptr_t event, struct fkv_err *err);
+int fkv_event_record(uintptr_t event, uintptr_t stream, struct fkv_err *err);
 
 /* Test/benchmark helpers: device memory and plain copies (the ceiling). */
 int fkv_device_alloc(int device, uint64_t nbytes, uint64_t *ptr, struct fkv_err *err);

@@ -110,11 +110,17 @@ class KVTPClient:
         self._conn = ServerConnection(server_address, dp_client_id, "tp", timeout_s)
         self._conn.hello(timeout_s)
         self._keep: list[Any] = []
+        self._event: int | None = None  # the "KV written" event (register(..., use_event=True))
+        self._event_handle = b""
 
     def register(self, kv_tensors: Sequence[Any] | HostKVBuffers, layout: KVCacheLayout | LayoutKind | str,
-                 timeout_s: float = 120.0) -> KVCacheLayout:
+                 timeout_s: float = 120.0, *, use_event: bool = False) -> KVCacheLayout:
         """Register this rank's KV tensors laid out as ``layout`` (a KVCacheLayout, or a kind whose
-        shape is read off the tensors). Returns the layout. Raises InvalidRequest naming the problem."""
+        shape is read off the tensors). Returns the layout. Raises InvalidRequest naming the problem.
+
+        ``use_event`` (CUDA tensors): the worker's D2H copies wait on the GPU for this rank's "KV
+        written" event, so a put may be launched right after :meth:`mark_kv_written` without
+        synchronizing the engine's stream (see docs/gpu.md, ordering contract)."""
         tensors: Sequence[Any] = kv_tensors.arrays if isinstance(kv_tensors, HostKVBuffers) else list(kv_tensors)
         if not tensors:
             raise InvalidRequest("register: no KV tensors given")
@@ -130,11 +136,19 @@ class KVTPClient:
         if all(_is_cuda(t) for t in tensors):
             from flexkv.cuda_ipc import export_tensor
 
+            devices = {int(t.device.index) for t in tensors}
+            if devices != {self.device_id}:
+                raise InvalidRequest(f"register: KV tensors are on CUDA device(s) {sorted(devices)}, "
+                                     f"this client was created for device_id={self.device_id}")
             handles = [export_tensor(t) for t in tensors]
             fields = {"cuda_handles": [h.handle for h in handles], "tensor_offsets": [h.offset for h in handles]}
+            if use_event:
+                fields["cuda_event"] = self._kv_written_event()
             self._keep = list(tensors)
         elif any(_is_cuda(t) for t in tensors):
             raise InvalidRequest("register: all KV tensors must be on the same kind of device")
+        elif use_event:
+            raise InvalidRequest("register: use_event needs CUDA tensors (host buffers are copied synchronously)")
         else:
             bufs, offsets = _find_host_buffers(tensors)
             fields = {"host_segment": bufs.segment.name, "tensor_offsets": offsets}
@@ -145,5 +159,35 @@ class KVTPClient:
             **fields), timeout_s=timeout_s)
         return lay
 
+    def _kv_written_event(self) -> bytes:
+        if self._event is None:
+            from flexkv.cuda_ipc import create_event
+
+            self._event, handle = create_event(self.device_id)
+            self._event_handle = handle.handle
+        return self._event_handle
+
+    def mark_kv_written(self, stream: Any = None) -> None:
+        """Record this rank's "KV written" event on ``stream`` (a ``torch.cuda.Stream`` or a
+        cudaStream_t as an int; default: torch's current stream on this rank's device).
+
+        Call it after enqueueing the GPU work that writes the KV of the blocks about to be put, then
+        launch the put: the worker's copy waits on the GPU for that work, and no host thread blocks.
+        Needs ``register(..., use_event=True)``."""
+        if self._event is None:
+            raise InvalidRequest("mark_kv_written: register the KV tensors with use_event=True first")
+        from flexkv.native import cudacopy
+
+        if stream is None:
+            import torch
+
+            stream = torch.cuda.current_stream(self.device_id)
+        cudacopy.event_record(self._event, int(getattr(stream, "cuda_stream", stream)))
+
     def close(self) -> None:
         self._conn.close()
+        if self._event is not None:
+            from flexkv.native import cudacopy
+
+            cudacopy.event_destroy(self._event)
+            self._event = None

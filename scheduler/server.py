@@ -367,7 +367,10 @@ class SchedulerServer:
             raise _invalid(f"register rank {msg.tp_rank}: {e}") from None
         if not msg.cuda_handles and not msg.host_segment:
             raise _invalid("register: neither a host segment nor CUDA handles given")
+        if msg.cuda_event and (not msg.cuda_handles or len(msg.cuda_event) != 64):
+            raise _invalid("register: cuda_event needs CUDA tensors and a 64-byte cudaIpcEventHandle_t")
         reg["cuda_handles"] = [h.hex() for h in msg.cuda_handles]
+        reg["cuda_event"] = msg.cuda_event.hex()
         worker_id = device_worker_id(msg.client_id, msg.tp_rank)
         handle = self.supervisor.spawn(worker_id, {"kind": "device", "dp_client_id": msg.client_id,
                                                    "tp_rank": msg.tp_rank, "registration": reg})

@@ -404,3 +404,98 @@ def test_ipc_export_then_open_and_copy_in_a_spawned_process(request: pytest.Fixt
             assert np.array_equal(got, _chunk(layout, host, c, b)), (b, c)
     assert (blocks[ENGINE_BLOCKS:] == 0xEE).all()
     print(f"\nIPC: child opened {len(handles)} tensors from 1 allocation and copied {ENGINE_BLOCKS} blocks exactly")
+
+
+# ------------------------------------------------------------------ GPU: every CUDA runtime on this machine
+
+def _installed_cudarts() -> list[str]:
+    """Every libcudart.so.<major>... found in the places flexkv looks (torch's, the nvidia wheels',
+    /usr/local/cuda*), one path per distinct file."""
+    import glob
+    import importlib.util
+
+    dirs = ["/usr/local/cuda*/lib64", "/usr/local/cuda*/targets/*/lib", "/usr/lib/x86_64-linux-gnu"]
+    for name in ("torch", "nvidia"):
+        spec = importlib.util.find_spec(name)
+        for root in list(spec.submodule_search_locations or []) if spec else []:
+            dirs += [os.path.join(root, "lib"), os.path.join(root, "*", "lib")]
+    seen: dict[str, str] = {}
+    for d in dirs:
+        for path in sorted(glob.glob(os.path.join(d, "libcudart.so.[0-9]*"))):
+            seen.setdefault(os.path.realpath(path), path)
+    return sorted(seen.values())
+
+
+_RUNTIME_CHILD = r"""
+import mmap, sys
+import numpy as np
+from flexkv.layout import ChunkTable
+from flexkv.native import cudacopy
+from flexkv.native.cudacopy import CopyPath, CudaCopyEngine
+from flexkv.types import OpType
+
+ok, why = cudacopy.cuda_available()
+if not ok:
+    print("UNAVAILABLE", why)
+    sys.exit(0)
+chunk, nblocks, nchunks = 32 << 10, 256, 2
+total = chunk * nblocks * nchunks
+rng = np.random.default_rng(3)
+src = rng.integers(0, 256, total, dtype=np.uint8)
+back = np.zeros(total, dtype=np.uint8)
+pool_mm = mmap.mmap(-1, total)
+pool = np.frombuffer(pool_mm, dtype=np.uint8)
+dev = cudacopy.device_alloc(0, total)
+with CudaCopyEngine(0, CopyPath.BATCH) as eng:
+    eng.register_host(pool.ctypes.data, total)
+    cudacopy.memcpy_sync(0, dev, src.ctypes.data, total)
+    table = ChunkTable(np.array([dev, dev + chunk * nblocks], dtype=np.uint64), chunk, chunk, nblocks)
+    offs = np.array([0, chunk], dtype=np.uint64)
+    eng_ids = rng.permutation(nblocks).astype(np.int64)
+    pool_ids = rng.permutation(nblocks).astype(np.int64)
+    eng.stats()
+    eng.copy_blocks(OpType.D2H, table, pool.ctypes.data, 2 * chunk, offs, nblocks, eng_ids, pool_ids)
+    eng.synchronize()
+    s = eng.stats()
+    want = src.reshape(nchunks, nblocks, chunk)[:, eng_ids].transpose(1, 0, 2)
+    d2h_ok = np.array_equal(pool.reshape(nblocks, nchunks, chunk)[pool_ids], want)
+    cudacopy.memcpy_sync(0, dev, back.ctypes.data, total)  # zero the device copy
+    eng.copy_blocks(OpType.H2D, table, pool.ctypes.data, 2 * chunk, offs, nblocks, eng_ids, pool_ids)
+    eng.synchronize()
+    cudacopy.memcpy_sync(0, back.ctypes.data, dev, total)
+    h2d_ok = np.array_equal(back, src)
+    i = eng.info
+    print("RESULT", i.runtime_version, int(i.has_batch_api), s.num_batch_calls, s.num_copies, int(d2h_ok), int(h2d_ok))
+    eng.unregister_host()
+cudacopy.device_free(0, dev)
+"""
+
+
+@gpu
+def test_batch_copies_are_byte_exact_with_every_cuda_runtime_installed() -> None:
+    """cudaMemcpyBatchAsync has one ABI in 12.8/12.9 and another in 13.x: run the BATCH path with
+    each libcudart found here, in a fresh process (no torch, so the runtime named is the one used)."""
+    import subprocess
+    import sys
+
+    runtimes = _installed_cudarts()
+    assert runtimes, "torch has CUDA but no libcudart file was found"
+    tested = []
+    for path in runtimes:
+        env = {**os.environ, "FLEXKV_CUDART": path, "PYTHONPATH": os.pathsep.join(sys.path)}
+        r = subprocess.run([sys.executable, "-c", _RUNTIME_CHILD], env=env, capture_output=True, text=True,
+                           timeout=120)
+        out = (r.stdout + r.stderr).strip()
+        print(f"{path}: {out.splitlines()[-1] if out else r.returncode}")
+        assert r.returncode == 0, out[-2000:]
+        if out.startswith("UNAVAILABLE"):
+            assert "35" in out or "driver" in out, out  # a runtime newer than the driver: refused cleanly
+            continue
+        rt, has_batch, calls, copies, d2h_ok, h2d_ok = (int(x) for x in out.split("RESULT")[1].split())
+        assert d2h_ok and h2d_ok, f"{path} (runtime {rt}): bytes differ"
+        assert bool(has_batch) == (rt >= 12080) and (calls > 0) == bool(has_batch), out
+        assert copies > 256, out  # 2 x 256 chunks that do not coalesce: many copies per batch call
+        tested.append(rt)
+    print(f"runtimes exercised: {sorted(set(tested))}; batch ABI: "
+          f"{sorted({'v13' if v >= 13000 else 'v12.8' if v >= 12080 else 'none' for v in tested})}")
+    assert tested, "no runtime could run here"

@@ -2,14 +2,23 @@
 
 A worker never decides policy: it runs exactly the ops the server sends and reports each one's
 success or a typed failure message. Subclasses implement ``op_types`` and ``execute``.
+
+Lanes: a worker whose ``num_lanes`` is above 1 runs each lane (``lane_of(op)``) in its own thread,
+so for example a GPU worker's H2D and D2H copies overlap on two streams. Within a lane ops run in
+arrival order; the server only sends an op once everything it depends on completed, so lanes need
+no ordering between them. Lane threads report through an inproc socket; only the loop thread
+talks to the server.
 """
 
 from __future__ import annotations
 
 import abc
+import itertools
 import logging
 import os
+import queue
 import signal
+import threading
 from typing import Any
 
 import numpy as np
@@ -17,7 +26,7 @@ import numpy.typing as npt
 import zmq
 
 from flexkv.config import CacheConfig, ModelConfig, configs_from_json
-from flexkv.protocol.codec import SERVER_TO_WORKER, WORKER_TO_SERVER, ProtocolError, frame_array
+from flexkv.protocol.codec import SERVER_TO_WORKER, WORKER_TO_SERVER, Frame, ProtocolError, frame_array
 from flexkv.protocol.worker_msgs import ExecuteOpMsg, OpsDoneMsg, StopWorkerMsg, WorkerHelloMsg
 from flexkv.shm import SharedPool
 from flexkv.types import OpType
@@ -66,7 +75,13 @@ class Worker(abc.ABC):
 
     @abc.abstractmethod
     def execute(self, ops: list[Op]) -> list[str]:
-        """Run a batch of ops; return one error message per op ("" = success). Must not raise."""
+        """Run a batch of ops (all of one lane); return one error message per op ("" = success)."""
+
+    num_lanes = 1  # > 1: ops of different lanes run concurrently, one thread per lane
+
+    def lane_of(self, op: Op) -> int:
+        """The lane (0 .. num_lanes - 1) that runs ``op``."""
+        return 0
 
     def close(self) -> None:
         """Release what the worker opened (subclasses extend)."""
@@ -78,20 +93,35 @@ class Worker(abc.ABC):
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops us
         hello = WorkerHelloMsg(worker_id=self.worker_id, pid=os.getpid(), op_types=[int(t) for t in self.op_types()])
         self._sock.send_multipart(WORKER_TO_SERVER.encode(hello))
+        lanes = _Lanes(self, self._ctx) if self.num_lanes > 1 else None
         poller = zmq.Poller()
         poller.register(self._sock, zmq.POLLIN)
-        while self._running:
-            if not poller.poll(timeout=500):
-                if os.getppid() == 1:  # the server died without stopping us
-                    break
-                continue
-            batch = self._receive_batch()
-            if batch:
-                errors = self._execute_safely(batch)
-                done = OpsDoneMsg(worker_id=self.worker_id, op_ids=[op.op_id for op in batch], errors=errors)
-                self._sock.send_multipart(WORKER_TO_SERVER.encode(done))
-        self.close()
-        self._ctx.destroy(linger=1000)
+        if lanes is not None:
+            poller.register(lanes.done, zmq.POLLIN)
+        try:
+            while self._running:
+                events = dict(poller.poll(timeout=500))
+                if not events:
+                    if os.getppid() == 1:  # the server died without stopping us
+                        break
+                    continue
+                if lanes is not None and lanes.done in events:
+                    lanes.forward(self._sock)
+                if self._sock in events:
+                    batch = self._receive_batch()
+                    if batch and lanes is not None:
+                        lanes.submit(batch)
+                    elif batch:
+                        self._sock.send_multipart(self._done_frames(batch, self._execute_safely(batch)))
+        finally:
+            if lanes is not None:
+                lanes.stop()
+            self.close()
+            self._ctx.destroy(linger=1000)
+
+    def _done_frames(self, batch: list[Op], errors: list[str]) -> list[Frame]:
+        done = OpsDoneMsg(worker_id=self.worker_id, op_ids=[op.op_id for op in batch], errors=errors)
+        return WORKER_TO_SERVER.encode(done)
 
     def _stop(self) -> None:
         self._running = False
@@ -130,3 +160,62 @@ class Worker(abc.ABC):
         except Exception as e:
             log.exception("%s: batch failed", self.worker_id)
             return [f"{type(e).__name__}: {e}"] * len(batch)
+
+
+class _Lanes:
+    """One thread per lane; each runs its ops in order and reports through an inproc PUSH socket."""
+
+    _ids = itertools.count()
+
+    def __init__(self, worker: Worker, ctx: zmq.Context[Any]) -> None:
+        self._worker = worker
+        address = f"inproc://lanes-{next(self._ids)}"
+        self.done: zmq.Socket[bytes] = ctx.socket(zmq.PULL)
+        self.done.bind(address)
+        self._queues: list[queue.SimpleQueue[Op | None]] = [queue.SimpleQueue() for _ in range(worker.num_lanes)]
+        self._threads = [threading.Thread(target=self._run, args=(q, ctx, address), name=f"lane-{i}", daemon=True)
+                         for i, q in enumerate(self._queues)]
+        for t in self._threads:
+            t.start()
+
+    def submit(self, batch: list[Op]) -> None:
+        for op in batch:
+            self._queues[self._worker.lane_of(op)].put(op)
+
+    def forward(self, sock: zmq.Socket[bytes]) -> None:
+        """Pass every finished batch's OpsDone message on to the server."""
+        while True:
+            try:
+                sock.send_multipart(self.done.recv_multipart(zmq.NOBLOCK))
+            except zmq.Again:
+                return
+
+    def _run(self, q: queue.SimpleQueue[Op | None], ctx: zmq.Context[Any], address: str) -> None:
+        push: zmq.Socket[bytes] = ctx.socket(zmq.PUSH)
+        push.setsockopt(zmq.LINGER, 0)
+        push.connect(address)
+        try:
+            while True:
+                op = q.get()
+                if op is None:
+                    return
+                batch = [op]
+                while len(batch) < MAX_BATCH:  # everything queued meanwhile goes in one batch
+                    try:
+                        nxt = q.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is None:
+                        q.put(None)
+                        break
+                    batch.append(nxt)
+                push.send_multipart(self._worker._done_frames(batch, self._worker._execute_safely(batch)))
+        finally:
+            push.close()
+
+    def stop(self) -> None:
+        for q in self._queues:
+            q.put(None)
+        for t in self._threads:
+            t.join(timeout=30)
+        self.done.close(linger=0)

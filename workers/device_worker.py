@@ -26,11 +26,16 @@ log = logging.getLogger("flexkv.worker")
 
 
 class CopyBackend(abc.ABC):
-    """Moves chunks of blocks between engine buffers and the pool, for one TP rank."""
+    """Moves chunks of blocks between engine buffers and the pool, for one TP rank. H2D and D2H may
+    be called from two threads at once (the worker's two lanes); one direction from one thread."""
 
     @abc.abstractmethod
     def copy(self, op_type: OpType, engine_ids: npt.NDArray[np.int64], pool_ids: npt.NDArray[np.int64]) -> None:
-        """Copy whole blocks (this rank's shard); raise on failure, with nothing partially published."""
+        """Start copying whole blocks (this rank's shard); raise if the copy cannot be started."""
+
+    @abc.abstractmethod
+    def finish(self, op_type: OpType) -> None:
+        """Wait until every copy of ``op_type`` started so far is complete; raise if one failed."""
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -58,6 +63,9 @@ class HostCopyBackend(CopyBackend):
                              w.pool_block_bytes, w.shard_offsets, w.pool_num_blocks, engine_ids, pool_ids,
                              num_threads=self._threads)
 
+    def finish(self, op_type: OpType) -> None:
+        pass  # copy() returns when the bytes are in place
+
     def close(self) -> None:
         self._segment.close()
 
@@ -82,9 +90,16 @@ class DeviceWorker(Worker):
     def op_types(self) -> list[OpType]:
         return [OpType.H2D, OpType.D2H]
 
+    num_lanes = 2  # gets (H2D) and puts (D2H) run at once, on two CUDA streams for GPU buffers
+
+    def lane_of(self, op: Op) -> int:
+        return int(op.op_type is OpType.D2H)
+
     def execute(self, ops: list[Op]) -> list[str]:
-        errors: list[str] = []
-        for op in ops:
+        """Start every op's copy, then wait once per direction: a batch keeps the copy engines busy."""
+        errors = [""] * len(ops)
+        started: dict[OpType, list[int]] = {OpType.H2D: [], OpType.D2H: []}
+        for i, op in enumerate(ops):
             try:
                 if op.op_type is OpType.H2D:
                     self.backend.copy(op.op_type, engine_ids=op.dst_ids, pool_ids=op.src_ids)
@@ -92,10 +107,21 @@ class DeviceWorker(Worker):
                     self.backend.copy(op.op_type, engine_ids=op.src_ids, pool_ids=op.dst_ids)
                 else:
                     raise ValueError(f"device worker cannot run {op.op_type.name}")
-                errors.append("")
+                started[op.op_type].append(i)
             except Exception as e:  # noqa: BLE001 - reported per op
-                errors.append(f"{op.op_type.name} on rank {self.tp_rank}: {type(e).__name__}: {e}")
+                errors[i] = self._error(op.op_type, e)
+        for op_type, idx in started.items():
+            if not idx:
+                continue
+            try:
+                self.backend.finish(op_type)
+            except Exception as e:  # noqa: BLE001 - every op of the batch may be incomplete
+                for i in idx:
+                    errors[i] = self._error(op_type, e)
         return errors
+
+    def _error(self, op_type: OpType, e: Exception) -> str:
+        return f"{op_type.name} on rank {self.tp_rank}: {type(e).__name__}: {e}"
 
     def close(self) -> None:
         self.backend.close()

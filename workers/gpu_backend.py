@@ -2,10 +2,13 @@
 
 The worker opens each tensor's allocation from its IPC handle, registers the shared-memory CPU pool
 with cudaHostRegister (in pieces, with a progress line for large pools) and copies on the engine's
-own non-blocking stream (``flexkv.native.cudacopy``, path chosen per copy, see docs/gpu.md). An op is
-reported done only after its copy finished (the stream is synchronized), so a GET's blocks are in the
-engine's tensors when ``wait`` returns SUCCESS. Ordering contract: the engine calls ``put_async`` /
-``launch`` for a PUT only after its writes of those blocks are complete on the GPU.
+own non-blocking streams (``flexkv.native.cudacopy``, path chosen per copy, see docs/gpu.md): one
+engine (stream + staging buffer) per direction, so a get and a put overlap. An op is reported done
+only after its copy finished (the stream is synchronized), so a GET's blocks are in the engine's
+tensors when ``wait`` returns SUCCESS. Ordering contract for a PUT: either the engine launches it
+only after its writes of those blocks are complete on the GPU, or it registered with
+``use_event=True`` and called ``KVTPClient.mark_kv_written()`` first; then every D2H copy waits on
+the GPU for that event.
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import numpy.typing as npt
 
-from flexkv.cuda_ipc import CudaIpcHandle, open_handle
+from flexkv.cuda_ipc import CudaIpcEventHandle, CudaIpcHandle, open_event, open_handle
 from flexkv.layout import KVCacheLayout
+from flexkv.native import cudacopy
 from flexkv.native.cudacopy import CudaCopyEngine
 from flexkv.types import OpType
 from flexkv.workers.device_worker import CopyBackend
@@ -28,14 +32,23 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flexkv.worker")
 
+# Device staging per direction for the STAGED path: 32 MiB did as well as 128 MiB on an H200
+# (docs/gpu.md); it comes out of the engine's GPU memory, so keep it small.
+STAGING_BYTES = 32 << 20
+
 
 class CudaCopyBackend(CopyBackend):
     def __init__(self, worker: DeviceWorker, layout: KVCacheLayout, reg: dict[str, Any]) -> None:
         self._worker = worker
         device_id = int(reg["device_id"])
         self._closers: list[Callable[[], None]] = []
-        self._engine = CudaCopyEngine(device_id)
+        self._kv_written = 0  # the engine's interprocess "KV written" event, when it registered one
+        self._engines: dict[OpType, CudaCopyEngine] = {}
         try:
+            for op_type in (OpType.H2D, OpType.D2H):
+                self._engines[op_type] = CudaCopyEngine(device_id, staging_bytes=STAGING_BYTES)
+            if reg.get("cuda_event"):
+                self._kv_written = open_event(CudaIpcEventHandle(bytes.fromhex(reg["cuda_event"]), device_id))
             ptrs = []
             for i, (hexhandle, offset) in enumerate(zip(reg["cuda_handles"], reg["tensor_offsets"], strict=True)):
                 handle = CudaIpcHandle(bytes.fromhex(hexhandle), int(offset), layout.tensor_bytes(i), device_id,
@@ -45,7 +58,7 @@ class CudaCopyBackend(CopyBackend):
                 ptrs.append(ptr)
             self._table = layout.chunk_table(ptrs)
             pool = worker.pool
-            self._engine.register_host(pool.address, pool.nbytes, block_bytes=worker.pool_block_bytes,
+            self._engines[OpType.H2D].register_host(pool.address, pool.nbytes, block_bytes=worker.pool_block_bytes,
                                        progress=_progress if pool.nbytes >= 4 << 30 else None)
         except BaseException:
             self.close()
@@ -55,15 +68,24 @@ class CudaCopyBackend(CopyBackend):
 
     def copy(self, op_type: OpType, engine_ids: npt.NDArray[np.int64], pool_ids: npt.NDArray[np.int64]) -> None:
         w = self._worker
-        self._engine.copy_blocks(op_type, self._table, w.pool.address, w.pool_block_bytes, w.shard_offsets,
-                                 w.pool_num_blocks, engine_ids, pool_ids)
-        self._engine.synchronize()
+        wait = self._kv_written if op_type is OpType.D2H else None
+        self._engines[op_type].copy_blocks(op_type, self._table, w.pool.address, w.pool_block_bytes,
+                                           w.shard_offsets, w.pool_num_blocks, engine_ids, pool_ids,
+                                           wait_event=wait)
+
+    def finish(self, op_type: OpType) -> None:
+        self._engines[op_type].synchronize()
 
     def close(self) -> None:
-        self._engine.close()
+        for engine in self._engines.values():
+            engine.close()  # the H2D engine also unregisters the pool
+        self._engines = {}
         for closer in self._closers:
             closer()
         self._closers = []
+        if self._kv_written:
+            cudacopy.event_destroy(self._kv_written)
+            self._kv_written = 0
 
 
 def _progress(done: int, total: int) -> None:

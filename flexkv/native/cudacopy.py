@@ -167,6 +167,11 @@ def event_synchronize(event: int) -> None:
     _call("event synchronize", lib.fkv_event_synchronize, event)
 
 
+def event_record(event: int, stream: int) -> None:
+    """cudaEventRecord(event, stream); ``stream`` is a cudaStream_t as an int (0: the legacy stream)."""
+    _call("event record", lib.fkv_event_record, event, stream)
+
+
 def ipc_get_event_handle(device_id: int, event: int) -> bytes:
     out = ffi.new("uint8_t[64]")
     _call("ipc event export", lib.fkv_ipc_get_event_handle, device_id, event, out)

@@ -1,0 +1,83 @@
+"""A worker with two lanes runs them at once (a GPU worker's gets and puts overlap) and in order
+within a lane; every op is reported exactly once, through the loop thread."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import numpy as np
+import pytest
+import zmq
+
+from flexkv.protocol.codec import WORKER_TO_SERVER
+from flexkv.protocol.worker_msgs import OpsDoneMsg
+from flexkv.types import OpType
+from flexkv.workers.base import Op, Worker, _Lanes
+
+pytestmark = pytest.mark.timeout(30)
+
+
+class TwoLanes(Worker):
+    """Lane 0 (H2D) blocks until lane 1 (D2H) has run an op: only concurrent lanes get through."""
+
+    num_lanes = 2
+
+    def __init__(self) -> None:  # no server, no pool: only what _Lanes uses
+        self.worker_id = "lanes-test"
+        self.d2h_ran = threading.Event()
+        self.order: dict[int, list[int]] = {0: [], 1: []}
+
+    def op_types(self) -> list[OpType]:
+        return [OpType.H2D, OpType.D2H]
+
+    def lane_of(self, op: Op) -> int:
+        return int(op.op_type is OpType.D2H)
+
+    def execute(self, ops: list[Op]) -> list[str]:
+        lane = self.lane_of(ops[0])
+        if lane == 0:
+            assert self.d2h_ran.wait(10), "lane 1 never ran while lane 0 waited"
+        else:
+            self.d2h_ran.set()
+        self.order[lane] += [op.op_id for op in ops]
+        return ["" if op.op_id != 7 else "op 7 fails" for op in ops]
+
+
+def _op(op_id: int, op_type: OpType) -> Op:
+    ids = np.arange(2, dtype=np.int64)
+    return Op(op_id, op_type, ids, ids, None)
+
+
+def test_lanes_run_concurrently_in_order_and_report_every_op_once() -> None:
+    worker = TwoLanes()
+    ctx: zmq.Context[Any] = zmq.Context()
+    server = ctx.socket(zmq.PULL)
+    server.bind("inproc://server")
+    to_server = ctx.socket(zmq.PUSH)
+    to_server.connect("inproc://server")
+    lanes = _Lanes(worker, ctx)
+    try:
+        h2d = [_op(i, OpType.H2D) for i in range(5)]
+        d2h = [_op(i, OpType.D2H) for i in range(5, 10)]
+        lanes.submit(h2d[:2] + d2h[:1])
+        lanes.submit(h2d[2:] + d2h[1:])
+        done: dict[int, str] = {}
+        poller = zmq.Poller()
+        poller.register(lanes.done, zmq.POLLIN)
+        while len(done) < 10:
+            assert poller.poll(10_000), f"only {sorted(done)} reported"
+            lanes.forward(to_server)
+            while server.poll(0):
+                msg, _ = WORKER_TO_SERVER.decode(server.recv_multipart())
+                assert isinstance(msg, OpsDoneMsg)
+                for op_id, err in zip(msg.op_ids, msg.errors, strict=True):
+                    assert op_id not in done, f"op {op_id} reported twice"
+                    done[op_id] = err
+        assert done == {i: ("op 7 fails" if i == 7 else "") for i in range(10)}
+        assert worker.order == {0: [0, 1, 2, 3, 4], 1: [5, 6, 7, 8, 9]}
+    finally:
+        lanes.stop()
+        for s in (server, to_server):
+            s.close(linger=0)
+        ctx.term()
