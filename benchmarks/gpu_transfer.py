@@ -319,12 +319,13 @@ def run_stack(args: argparse.Namespace, t: int) -> list[tuple[str, ...]]:
               flush=True)
         runs: list[tuple[str, Callable[[], None], OpType | None, int]] = [
             ("D2H (put)", stack.put, d2h, 1), ("H2D (get)", stack.get, h2d, 1), ("both", stack.both, None, 2)]
-        for name, fn, op, mult in runs:
-            if op is h2d:  # the puts evicted older blocks: store the prompts to be got (untimed)
+        for name, fn, direction, mult in runs:
+            if direction is h2d:  # the puts evicted older blocks: store the prompts to be got (untimed)
                 stack.finish(stack.launch(True, stack.prompts, stack.src))
             gbs = mult * stack.nbytes / best_of(args.repeats, fn) / 1e9
-            ratio = f"{gbs / ceil[op]:.1%}" if ceil[op] else "-"
-            rows.append((str(t), "stack", name, f"{gbs:.1f}", f"{ceil[op]:.1f}" if ceil[op] else "-", ratio,
+            top = ceil[direction]
+            rows.append((str(t), "stack", name, f"{gbs:.1f}", f"{top:.1f}" if top else "-",
+                         f"{gbs / top:.1%}" if top else "-",
                          "worker process, path AUTO"))
         bad = stack.check()
         print(f"  restored blocks that differ from their source: {bad} of {stack.n}", flush=True)
