@@ -28,16 +28,17 @@ n=0
 step() {  # step <seconds> <name> <command...>
   local limit=$1 name=$2; shift 2
   n=$((n + 1))
-  local log="${OUT:-/tmp}/$(printf '%02d' $n)-${name// /_}.log"
+  local slug; slug=$(printf '%s' "$name" | tr -c 'A-Za-z0-9_-' '_')
+  local log="${OUT:-/tmp}/$(printf '%02d' $n)-$slug.log"
   say "== $name"
   if timeout "$limit" "$@" > "$log" 2>&1; then say "PASS $name"; else say "FAIL $name (rc $?)"; rc=1; fi
   grep -v ' INFO ' "$log" | tail -25
 }
-pytest_() { python3 -m pytest -q -rs -s -p no:cacheprovider --timeout 200 "$@"; }
+PYTEST=(python3 -m pytest -q -rs -s -p no:cacheprovider --timeout 200)
 for part in "${parts[@]}"; do
   case $part in
   stack)
-    step 300 "pytest stack" pytest_ tests/runtime/test_cuda_stack.py tests/runtime/test_worker_lanes.py \
+    step 300 "pytest stack" "${PYTEST[@]}" tests/runtime/test_cuda_stack.py tests/runtime/test_worker_lanes.py \
       tests/test_cudacopy.py::test_batch_copies_are_byte_exact_with_every_cuda_runtime_installed ;;
   transfer)
     step 240 "gpu_transfer --stack T=16" python3 benchmarks/gpu_transfer.py --stack --tokens-per-block 16 ;;
@@ -49,7 +50,7 @@ for part in "${parts[@]}"; do
       step 150 "example tp=$tp $layout" python3 examples/scheduler_server_example.py --tp-size $tp --layout $layout
     done ;;
   tests)
-    step 400 "pytest cuda+runtime" pytest_ tests/test_cudacopy.py tests/runtime/test_put_get.py \
+    step 400 "pytest cuda+runtime" "${PYTEST[@]}" tests/test_cudacopy.py tests/runtime/test_put_get.py \
       tests/runtime/test_multiprocess.py tests/runtime/test_bad_input.py ;;
   engine)
     step 300 "gpu_transfer engine level" python3 benchmarks/gpu_transfer.py ;;
