@@ -3,11 +3,14 @@
 A worker never decides policy: it runs exactly the ops the server sends and reports each one's
 success or a typed failure message. Subclasses implement ``op_types`` and ``execute``.
 
-Lanes: a worker whose ``num_lanes`` is above 1 runs each lane (``lane_of(op)``) in its own thread,
-so for example a GPU worker's H2D and D2H copies overlap on two streams. Within a lane ops run in
+Lanes: a worker whose ``num_lanes`` is above 1 runs each lane (``lane_of(op)``) in its own threads,
+so for example a GPU worker's H2D and D2H copies overlap on two streams. Within a lane ops start in
 arrival order; the server only sends an op once everything it depends on completed, so lanes need
-no ordering between them. Lane threads report through an inproc socket; only the loop thread
-talks to the server.
+no ordering between them. A lane has a starter thread and a finisher thread: ``start(ops)`` begins
+a batch and returns a function that waits for it, so a worker whose work completes asynchronously
+(GPU copies on a stream) starts the next batch while the previous one is still running and the
+stream never drains between ops. Lane threads report through an inproc socket; only the loop
+thread talks to the server.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import os
 import queue
 import signal
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -77,7 +81,12 @@ class Worker(abc.ABC):
     def execute(self, ops: list[Op]) -> list[str]:
         """Run a batch of ops (all of one lane); return one error message per op ("" = success)."""
 
-    num_lanes = 1  # > 1: ops of different lanes run concurrently, one thread per lane
+    def start(self, ops: list[Op]) -> Callable[[], list[str]]:
+        """Begin a batch of one lane; return a function that waits for it and returns its errors
+        (as ``execute``). The default runs the batch at once; asynchronous workers override it."""
+        return _known(self._execute_safely(ops))
+
+    num_lanes = 1  # > 1: ops of different lanes run concurrently, each lane in its own threads
 
     def lane_of(self, op: Op) -> int:
         """The lane (0 .. num_lanes - 1) that runs ``op``."""
@@ -163,19 +172,26 @@ class Worker(abc.ABC):
 
 
 class _Lanes:
-    """One thread per lane; each runs its ops in order and reports through an inproc PUSH socket."""
+    """Per lane a starter thread (starts batches in arrival order) and a finisher thread (waits for
+    them in the same order, reports each through an inproc PUSH socket)."""
 
     _ids = itertools.count()
+    MAX_IN_FLIGHT = 16  # started batches a lane may have unfinished before its starter waits
 
     def __init__(self, worker: Worker, ctx: zmq.Context[Any]) -> None:
         self._worker = worker
-        address = f"inproc://lanes-{next(self._ids)}"
+        self._ctx = ctx
+        self._address = f"inproc://lanes-{next(self._ids)}"
         self.done: zmq.Socket[bytes] = ctx.socket(zmq.PULL)
-        self.done.bind(address)
+        self.done.bind(self._address)
         self._queues: list[queue.SimpleQueue[Op | None]] = [queue.SimpleQueue() for _ in range(worker.num_lanes)]
-        self._threads = [threading.Thread(target=self._run, args=(q, ctx, address), name=f"lane-{i}", daemon=True)
-                         for i, q in enumerate(self._queues)]
+        self._threads: list[threading.Thread] = []
+        for i, q in enumerate(self._queues):
+            started: queue.Queue[_Started | None] = queue.Queue(self.MAX_IN_FLIGHT)
+            self._threads += [threading.Thread(target=self._starter, args=(q, started), name=f"lane-{i}-start"),
+                              threading.Thread(target=self._finisher, args=(started,), name=f"lane-{i}-finish")]
         for t in self._threads:
+            t.daemon = True
             t.start()
 
     def submit(self, batch: list[Op]) -> None:
@@ -190,26 +206,29 @@ class _Lanes:
             except zmq.Again:
                 return
 
-    def _run(self, q: queue.SimpleQueue[Op | None], ctx: zmq.Context[Any], address: str) -> None:
-        push: zmq.Socket[bytes] = ctx.socket(zmq.PUSH)
+    def _starter(self, q: queue.SimpleQueue[Op | None], started: queue.Queue[_Started | None]) -> None:
+        while (batch := _take_batch(q)) is not None:
+            try:
+                finish = self._worker.start(batch)
+            except Exception as e:  # start() should report per op; never lose a batch
+                log.exception("%s: starting a batch failed", self._worker.worker_id)
+                finish = _known([f"{type(e).__name__}: {e}"] * len(batch))
+            started.put((batch, finish))
+        started.put(None)
+
+    def _finisher(self, started: queue.Queue[_Started | None]) -> None:
+        push: zmq.Socket[bytes] = self._ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 0)
-        push.connect(address)
+        push.connect(self._address)
         try:
-            while True:
-                op = q.get()
-                if op is None:
-                    return
-                batch = [op]
-                while len(batch) < MAX_BATCH:  # everything queued meanwhile goes in one batch
-                    try:
-                        nxt = q.get_nowait()
-                    except queue.Empty:
-                        break
-                    if nxt is None:
-                        q.put(None)
-                        break
-                    batch.append(nxt)
-                push.send_multipart(self._worker._done_frames(batch, self._worker._execute_safely(batch)))
+            while (item := started.get()) is not None:
+                batch, finish = item
+                try:
+                    errors = finish()
+                except Exception as e:
+                    log.exception("%s: a batch failed", self._worker.worker_id)
+                    errors = [f"{type(e).__name__}: {e}"] * len(batch)
+                push.send_multipart(self._worker._done_frames(batch, errors))
         finally:
             push.close()
 
@@ -219,3 +238,29 @@ class _Lanes:
         for t in self._threads:
             t.join(timeout=30)
         self.done.close(linger=0)
+
+
+_Started = tuple[list[Op], Callable[[], list[str]]]
+
+
+def _known(errors: list[str]) -> Callable[[], list[str]]:
+    """The finisher of a batch that is already over."""
+    return lambda: errors
+
+
+def _take_batch(q: queue.SimpleQueue[Op | None]) -> list[Op] | None:
+    """The next op and everything queued behind it (up to MAX_BATCH); None once told to stop."""
+    op = q.get()
+    if op is None:
+        return None
+    batch = [op]
+    while len(batch) < MAX_BATCH:
+        try:
+            nxt = q.get_nowait()
+        except queue.Empty:
+            break
+        if nxt is None:
+            q.put(None)
+            break
+        batch.append(nxt)
+    return batch

@@ -11,6 +11,7 @@ from __future__ import annotations
 import abc
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -34,8 +35,9 @@ class CopyBackend(abc.ABC):
         """Start copying whole blocks (this rank's shard); raise if the copy cannot be started."""
 
     @abc.abstractmethod
-    def finish(self, op_type: OpType) -> None:
-        """Wait until every copy of ``op_type`` started so far is complete; raise if one failed."""
+    def mark(self, op_type: OpType) -> Callable[[], None]:
+        """A function that waits until every copy of ``op_type`` started so far is complete (and
+        raises if one failed); copies started later need not be done."""
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -63,8 +65,8 @@ class HostCopyBackend(CopyBackend):
                              w.pool_block_bytes, w.shard_offsets, w.pool_num_blocks, engine_ids, pool_ids,
                              num_threads=self._threads)
 
-    def finish(self, op_type: OpType) -> None:
-        pass  # copy() returns when the bytes are in place
+    def mark(self, op_type: OpType) -> Callable[[], None]:
+        return _nothing  # copy() returns when the bytes are in place
 
     def close(self) -> None:
         self._segment.close()
@@ -96,7 +98,11 @@ class DeviceWorker(Worker):
         return int(op.op_type is OpType.D2H)
 
     def execute(self, ops: list[Op]) -> list[str]:
-        """Start every op's copy, then wait once per direction: a batch keeps the copy engines busy."""
+        return self.start(ops)()
+
+    def start(self, ops: list[Op]) -> Callable[[], list[str]]:
+        """Start every op's copy; the returned function waits once per direction. The lane starts
+        the next batch meanwhile, so the GPU streams stay busy while ops keep arriving."""
         errors = [""] * len(ops)
         started: dict[OpType, list[int]] = {OpType.H2D: [], OpType.D2H: []}
         for i, op in enumerate(ops):
@@ -110,15 +116,17 @@ class DeviceWorker(Worker):
                 started[op.op_type].append(i)
             except Exception as e:  # noqa: BLE001 - reported per op
                 errors[i] = self._error(op.op_type, e)
-        for op_type, idx in started.items():
-            if not idx:
-                continue
-            try:
-                self.backend.finish(op_type)
-            except Exception as e:  # noqa: BLE001 - every op of the batch may be incomplete
-                for i in idx:
-                    errors[i] = self._error(op_type, e)
-        return errors
+        waits = [(op_type, idx, self.backend.mark(op_type)) for op_type, idx in started.items() if idx]
+
+        def finish() -> list[str]:
+            for op_type, idx, wait in waits:
+                try:
+                    wait()
+                except Exception as e:  # noqa: BLE001 - every op of the batch may be incomplete
+                    for i in idx:
+                        errors[i] = self._error(op_type, e)
+            return errors
+        return finish
 
     def _error(self, op_type: OpType, e: Exception) -> str:
         return f"{op_type.name} on rank {self.tp_rank}: {type(e).__name__}: {e}"
@@ -126,3 +134,7 @@ class DeviceWorker(Worker):
     def close(self) -> None:
         self.backend.close()
         super().close()
+
+
+def _nothing() -> None:
+    pass

@@ -3,12 +3,13 @@
 The worker opens each tensor's allocation from its IPC handle, registers the shared-memory CPU pool
 with cudaHostRegister (in pieces, with a progress line for large pools) and copies on the engine's
 own non-blocking streams (``flexkv.native.cudacopy``, path chosen per copy, see docs/gpu.md): one
-engine (stream + staging buffer) per direction, so a get and a put overlap. An op is reported done
-only after its copy finished (the stream is synchronized), so a GET's blocks are in the engine's
-tensors when ``wait`` returns SUCCESS. Ordering contract for a PUT: either the engine launches it
-only after its writes of those blocks are complete on the GPU, or it registered with
-``use_event=True`` and called ``KVTPClient.mark_kv_written()`` first; then every D2H copy waits on
-the GPU for that event.
+engine (stream + staging buffer) per direction, so a get and a put overlap. Copies are enqueued as
+ops arrive and an event recorded after each batch; an op is reported done only once its event
+completed, so a GET's blocks are in the engine's tensors when ``wait`` returns SUCCESS.
+
+Ordering contract for a PUT: either the engine launches it only after its writes of those blocks
+are complete on the GPU, or it registered with ``use_event=True`` and called
+``KVTPClient.mark_kv_written()`` first; then every D2H copy waits on the GPU for that event.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ STAGING_BYTES = 32 << 20
 class CudaCopyBackend(CopyBackend):
     def __init__(self, worker: DeviceWorker, layout: KVCacheLayout, reg: dict[str, Any]) -> None:
         self._worker = worker
-        device_id = int(reg["device_id"])
+        device_id = self._device_id = int(reg["device_id"])
         self._closers: list[Callable[[], None]] = []
         self._kv_written = 0  # the engine's interprocess "KV written" event, when it registered one
         self._engines: dict[OpType, CudaCopyEngine] = {}
@@ -73,8 +74,20 @@ class CudaCopyBackend(CopyBackend):
                                            w.shard_offsets, w.pool_num_blocks, engine_ids, pool_ids,
                                            wait_event=wait)
 
-    def finish(self, op_type: OpType) -> None:
-        self._engines[op_type].synchronize()
+    def mark(self, op_type: OpType) -> Callable[[], None]:
+        event = cudacopy.event_create(self._device_id)
+        try:
+            self._engines[op_type].record_event(event)
+        except BaseException:
+            cudacopy.event_destroy(event)
+            raise
+
+        def wait() -> None:
+            try:
+                cudacopy.event_synchronize(event)
+            finally:
+                cudacopy.event_destroy(event)
+        return wait
 
     def close(self) -> None:
         for engine in self._engines.values():
