@@ -22,6 +22,7 @@ import os
 import queue
 import signal
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -43,12 +44,13 @@ MAX_BATCH = 256
 class Op:
     """One op as a worker sees it."""
 
-    __slots__ = ("block_hashes", "dst_ids", "op_id", "op_type", "src_ids")
+    __slots__ = ("block_hashes", "dst_ids", "op_id", "op_type", "received", "src_ids")
 
     def __init__(self, op_id: int, op_type: OpType, src_ids: npt.NDArray[np.int64], dst_ids: npt.NDArray[np.int64],
                  block_hashes: npt.NDArray[np.uint64] | None) -> None:
         self.op_id, self.op_type = op_id, op_type
         self.src_ids, self.dst_ids, self.block_hashes = src_ids, dst_ids, block_hashes
+        self.received = time.monotonic()
 
 
 class Worker(abc.ABC):
@@ -59,7 +61,6 @@ class Worker(abc.ABC):
         self.worker_id: str = spec["worker_id"]
         self.model, self.cache = self._configs(spec)
         self.pool = SharedPool.attach(spec["pool_name"])
-        self.pool.populate_in_background()  # no page fault per 4 KiB on the first copy into each block
         self.pool_block_bytes: int = spec["pool_block_bytes"]
         self.pool_num_blocks: int = spec["pool_num_blocks"]
         self._ctx = zmq.Context()
@@ -87,6 +88,16 @@ class Worker(abc.ABC):
         return _known(self._execute_safely(ops))
 
     num_lanes = 1  # > 1: ops of different lanes run concurrently, each lane in its own threads
+    pool_pinned = False  # True once something (cudaHostRegister) mapped and pinned every pool page
+
+    def _populate_pool(self) -> None:
+        """Map the whole pool before saying hello: the first ops must not fault in every page."""
+        if self.pool_pinned:
+            return
+        big = self.pool.nbytes >= 4 << 30
+        t0 = time.monotonic()
+        self.pool.populate(progress=_progress_line(self.worker_id, "mapping the CPU pool") if big else None)
+        log.debug("%s: pool mapped in %.2f s", self.worker_id, time.monotonic() - t0)
 
     def lane_of(self, op: Op) -> int:
         """The lane (0 .. num_lanes - 1) that runs ``op``."""
@@ -100,6 +111,7 @@ class Worker(abc.ABC):
     def run(self) -> None:
         signal.signal(signal.SIGTERM, lambda *_: self._stop())
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops us
+        self._populate_pool()
         hello = WorkerHelloMsg(worker_id=self.worker_id, pid=os.getpid(), op_types=[int(t) for t in self.op_types()])
         self._sock.send_multipart(WORKER_TO_SERVER.encode(hello))
         lanes = _Lanes(self, self._ctx) if self.num_lanes > 1 else None
@@ -208,12 +220,13 @@ class _Lanes:
 
     def _starter(self, q: queue.SimpleQueue[Op | None], started: queue.Queue[_Started | None]) -> None:
         while (batch := _take_batch(q)) is not None:
+            t0 = time.monotonic()
             try:
                 finish = self._worker.start(batch)
             except Exception as e:  # start() should report per op; never lose a batch
                 log.exception("%s: starting a batch failed", self._worker.worker_id)
                 finish = _known([f"{type(e).__name__}: {e}"] * len(batch))
-            started.put((batch, finish))
+            started.put((batch, finish, t0, time.monotonic()))
         started.put(None)
 
     def _finisher(self, started: queue.Queue[_Started | None]) -> None:
@@ -222,13 +235,19 @@ class _Lanes:
         push.connect(self._address)
         try:
             while (item := started.get()) is not None:
-                batch, finish = item
+                batch, finish, t_start, t_started = item
                 try:
                     errors = finish()
                 except Exception as e:
                     log.exception("%s: a batch failed", self._worker.worker_id)
                     errors = [f"{type(e).__name__}: {e}"] * len(batch)
                 push.send_multipart(self._worker._done_frames(batch, errors))
+                if log.isEnabledFor(logging.DEBUG):
+                    t_done = time.monotonic()
+                    log.debug("%s: %d %s op(s), %d blocks: queued %.2f ms, start %.2f ms, done %.2f ms later",
+                              self._worker.worker_id, len(batch), batch[0].op_type.name,
+                              sum(op.src_ids.size for op in batch), 1e3 * (t_start - batch[0].received),
+                              1e3 * (t_started - t_start), 1e3 * (t_done - t_started))
         finally:
             push.close()
 
@@ -240,7 +259,13 @@ class _Lanes:
         self.done.close(linger=0)
 
 
-_Started = tuple[list[Op], Callable[[], list[str]]]
+_Started = tuple[list[Op], Callable[[], list[str]], float, float]  # batch, finisher, start began, ended
+
+
+def _progress_line(worker_id: str, what: str) -> Callable[[int, int], None]:
+    def progress(done: int, total: int) -> None:
+        log.info("%s: %s: %.1f / %.1f GiB", worker_id, what, done / 2**30, total / 2**30)
+    return progress
 
 
 def _known(errors: list[str]) -> Callable[[], list[str]]:
