@@ -188,7 +188,8 @@ class _Lanes:
     them in the same order, reports each through an inproc PUSH socket)."""
 
     _ids = itertools.count()
-    MAX_IN_FLIGHT = 16  # started batches a lane may have unfinished before its starter waits
+    # Started batches a lane may have unfinished before its starter waits for the oldest.
+    DEPTH = int(os.environ.get("FLEXKV_LANE_DEPTH", "4"))
 
     def __init__(self, worker: Worker, ctx: zmq.Context[Any]) -> None:
         self._worker = worker
@@ -199,9 +200,10 @@ class _Lanes:
         self._queues: list[queue.SimpleQueue[Op | None]] = [queue.SimpleQueue() for _ in range(worker.num_lanes)]
         self._threads: list[threading.Thread] = []
         for i, q in enumerate(self._queues):
-            started: queue.Queue[_Started | None] = queue.Queue(self.MAX_IN_FLIGHT)
-            self._threads += [threading.Thread(target=self._starter, args=(q, started), name=f"lane-{i}-start"),
-                              threading.Thread(target=self._finisher, args=(started,), name=f"lane-{i}-finish")]
+            started: queue.SimpleQueue[_Started | None] = queue.SimpleQueue()
+            slots = threading.Semaphore(max(1, self.DEPTH))
+            self._threads += [threading.Thread(target=self._starter, args=(q, started, slots), name=f"lane-{i}-start"),
+                              threading.Thread(target=self._finisher, args=(started, slots), name=f"lane-{i}-finish")]
         for t in self._threads:
             t.daemon = True
             t.start()
@@ -218,8 +220,9 @@ class _Lanes:
             except zmq.Again:
                 return
 
-    def _starter(self, q: queue.SimpleQueue[Op | None], started: queue.Queue[_Started | None]) -> None:
-        while (batch := _take_batch(q)) is not None:
+    def _starter(self, q: queue.SimpleQueue[Op | None], started: queue.SimpleQueue[_Started | None],
+                 slots: threading.Semaphore) -> None:
+        while (batch := _take_batch(q, slots)) is not None:
             t0 = time.monotonic()
             try:
                 finish = self._worker.start(batch)
@@ -229,7 +232,7 @@ class _Lanes:
             started.put((batch, finish, t0, time.monotonic()))
         started.put(None)
 
-    def _finisher(self, started: queue.Queue[_Started | None]) -> None:
+    def _finisher(self, started: queue.SimpleQueue[_Started | None], slots: threading.Semaphore) -> None:
         push: zmq.Socket[bytes] = self._ctx.socket(zmq.PUSH)
         push.setsockopt(zmq.LINGER, 0)
         push.connect(self._address)
@@ -241,6 +244,7 @@ class _Lanes:
                 except Exception as e:
                     log.exception("%s: a batch failed", self._worker.worker_id)
                     errors = [f"{type(e).__name__}: {e}"] * len(batch)
+                slots.release()
                 push.send_multipart(self._worker._done_frames(batch, errors))
                 if log.isEnabledFor(logging.DEBUG):
                     t_done = time.monotonic()
@@ -273,11 +277,13 @@ def _known(errors: list[str]) -> Callable[[], list[str]]:
     return lambda: errors
 
 
-def _take_batch(q: queue.SimpleQueue[Op | None]) -> list[Op] | None:
-    """The next op and everything queued behind it (up to MAX_BATCH); None once told to stop."""
+def _take_batch(q: queue.SimpleQueue[Op | None], slots: threading.Semaphore) -> list[Op] | None:
+    """The next op and everything queued behind it once a slot is free (up to MAX_BATCH); None once
+    told to stop. Ops that arrive while the lane is full wait here and start as one batch."""
     op = q.get()
     if op is None:
         return None
+    slots.acquire()
     batch = [op]
     while len(batch) < MAX_BATCH:
         try:
