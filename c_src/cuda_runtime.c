@@ -307,6 +307,15 @@ int fkv_event_synchronize(uintptr_t event, struct fkv_err *err)
 	return 0;
 }
 
+/* Make ``device`` current for the calling thread (a new thread starts on device 0: a call that
+ * needs a context there would create one, ~0.1 s and hundreds of MiB on a GPU we never use). */
+int fkv_set_device(int device, struct fkv_err *err)
+{
+	NEED_LOADED();
+	RT("cudaSetDevice", cu.SetDevice(device));
+	return 0;
+}
+
 /* Record on any stream of this process (an engine's compute stream: its "KV written" signal). */
 int fkv_event_record(uintptr_t event, uintptr_t stream, struct fkv_err *err)
 {

@@ -91,6 +91,7 @@ int fkv_event_create(int device, int interprocess, uintptr_t *event, struct fkv_
 int fkv_event_destroy(uintptr_t event, struct fkv_err *err);
 int fkv_event_synchronize(uintptr_t event, struct fkv_err *err);
 int fkv_event_record(uintptr_t event, uintptr_t stream, struct fkv_err *err);
+int fkv_set_device(int device, struct fkv_err *err);
 
 /* Test/benchmark helpers: device memory and plain copies (the ceiling). */
 int fkv_device_alloc(int device, uint64_t nbytes, uint64_t *ptr, struct fkv_err *err);

@@ -62,7 +62,7 @@ class CudaCopyBackend(CopyBackend):
             self._table = layout.chunk_table(ptrs)
             pool = worker.pool
             self._engines[OpType.H2D].register_host(pool.address, pool.nbytes, block_bytes=worker.pool_block_bytes,
-                                       progress=_progress if pool.nbytes >= 4 << 30 else None)
+                                                    progress=_progress if pool.nbytes >= 4 << 30 else None)
             self._warm_up(layout)
         except BaseException:
             self.close()
@@ -108,15 +108,16 @@ class CudaCopyBackend(CopyBackend):
                                            wait_event=wait)
 
     def mark(self, op_type: OpType) -> Callable[[], None]:
-        event = cudacopy.event_create(self._device_id)
+        event = cudacopy.event_create(self._device_id)  # makes the device current in this thread too
         try:
             self._engines[op_type].record_event(event)
         except BaseException:
             cudacopy.event_destroy(event)
             raise
 
-        def wait() -> None:
+        def wait() -> None:  # runs in the lane's finisher thread
             try:
+                cudacopy.set_device(self._device_id)
                 cudacopy.event_synchronize(event)
             finally:
                 cudacopy.event_destroy(event)

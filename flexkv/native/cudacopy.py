@@ -167,6 +167,12 @@ def event_synchronize(event: int) -> None:
     _call("event synchronize", lib.fkv_event_synchronize, event)
 
 
+def set_device(device_id: int) -> None:
+    """cudaSetDevice for the calling thread. Every new thread starts on device 0; call this first in
+    threads that use events or streams of another device, or the runtime creates a context on 0."""
+    _call("set device", lib.fkv_set_device, device_id)
+
+
 def event_record(event: int, stream: int) -> None:
     """cudaEventRecord(event, stream); ``stream`` is a cudaStream_t as an int (0: the legacy stream)."""
     _call("event record", lib.fkv_event_record, event, stream)
