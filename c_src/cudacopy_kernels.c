@@ -57,51 +57,6 @@ int fkv_engine_load_kernels(struct fkv_engine *e, const char *ptx, struct fkv_er
 
 /* ---------------------------------------------------------------- descriptors for kernels */
 
-/* Upload [bases][offsets][engine_ids][pool_ids] to the next ring slot; *slot gets its index. */
-static int upload_desc(struct fkv_engine *e, const struct fkv_copy_desc *d, uint64_t off_bias, unsigned int *slot,
-		       struct fkv_err *err)
-{
-	struct fkv_desc_slot *s = &e->ring[e->ring_next];
-	size_t nc = d->num_chunks, np = d->num_pairs, need = 8 * (2 * nc + 2 * np), i;
-	cuda_err_t rc;
-	uint64_t *h;
-
-	*slot = e->ring_next;
-	e->ring_next = (e->ring_next + 1) % FKV_RING;
-	RT("cudaEventSynchronize(desc slot)", cu.EventSynchronize(s->done));
-	if (need > s->cap) {
-		size_t cap = need < 65536 ? 65536 : need * 2;
-
-		if (s->host)
-			cu.HostUnregister(s->host);
-		free(s->host);
-		if (s->dev)
-			cu.Free(s->dev);
-		s->host = NULL;
-		s->dev = NULL;
-		s->cap = 0;
-		s->host = malloc(cap);
-		if (!s->host)
-			return -ENOMEM;
-		rc = cu.HostRegister(s->host, cap, CUDA_HOST_REGISTER_PORTABLE);
-		if (rc) { /* never unregister (at the next grow or destroy) what was not registered */
-			free(s->host);
-			s->host = NULL;
-			return fail(err, rc, 0, "cudaHostRegister(desc)");
-		}
-		RT("cudaMalloc(desc)", cu.Malloc(&s->dev, cap));
-		s->cap = cap;
-	}
-	h = s->host;
-	memcpy(h, d->bases, 8 * nc);
-	for (i = 0; i < nc; i++)
-		h[nc + i] = d->pool_offsets[i] - off_bias;
-	memcpy(h + 2 * nc, d->engine_ids, 8 * np);
-	memcpy(h + 2 * nc + np, d->pool_ids, 8 * np);
-	RT("cudaMemcpyAsync(desc)", cu.MemcpyAsync(s->dev, s->host, need, CUDA_MEMCPY_H2D, e->stream));
-	return 0;
-}
-
 struct kargs {
 	uint64_t bases, offsets, engine_ids, pool_ids, num_chunks, num_pairs;
 	uint64_t block_stride, chunk_bytes, pool_base, pool_block_bytes;
@@ -135,6 +90,92 @@ static int launch(struct fkv_engine *e, struct kargs *a, uint32_t ctas, cuda_str
 	e->stats.num_kernel_launches++;
 	e->stats.num_ctas += ctas;
 	return 0;
+}
+
+/*
+ * A slot's pinned host side is [piece bases][piece offsets][0][pad][descriptor], the descriptor cut
+ * in DESC_PIECE pieces. The copy kernel itself moves the pieces to the slot's device side (one CTA
+ * per piece reads host memory over PCIe): a cudaMemcpyAsync would queue the upload behind the bulk
+ * H2D DMA of a concurrent get on the same copy engine, stalling every D2H call's start by up to a
+ * DMA round while gets and puts run at once.
+ */
+#define DESC_PIECE 4096
+
+static size_t desc_header(size_t pieces)
+{
+	return 16 * pieces + 16;
+}
+
+static int grow_slot(struct fkv_engine *e, struct fkv_desc_slot *s, size_t need, struct fkv_err *err)
+{
+	size_t cap = need < 65536 ? 65536 : need * 2, host_bytes;
+	void *dev_view = NULL;
+	cuda_err_t rc;
+
+	cap = (cap + DESC_PIECE - 1) / DESC_PIECE * DESC_PIECE;
+	host_bytes = desc_header(cap / DESC_PIECE) + cap;
+	if (s->host)
+		cu.HostUnregister(s->host);
+	free(s->host);
+	if (s->dev)
+		cu.Free(s->dev);
+	s->host = NULL;
+	s->dev = NULL;
+	s->cap = 0;
+	if (posix_memalign(&s->host, 4096, host_bytes))
+		return -ENOMEM;
+	rc = cu.HostRegister(s->host, host_bytes, CUDA_HOST_REGISTER_PORTABLE | CUDA_HOST_REGISTER_MAPPED);
+	if (rc) { /* never unregister (at the next grow or destroy) what was not registered */
+		free(s->host);
+		s->host = NULL;
+		return fail(err, rc, 0, "cudaHostRegister(desc)");
+	}
+	dev_view = s->host;
+	if (!e->info.host_ptr_registered)
+		RT("cudaHostGetDevicePointer(desc)", cu.HostGetDevicePointer(&dev_view, s->host, 0));
+	s->host_dev = (uint64_t)(uintptr_t)dev_view;
+	RT("cudaMalloc(desc)", cu.Malloc(&s->dev, cap));
+	s->cap = cap;
+	return 0;
+}
+
+/* Upload [bases][offsets][engine_ids][pool_ids] to the next ring slot; *slot gets its index. */
+static int upload_desc(struct fkv_engine *e, const struct fkv_copy_desc *d, uint64_t off_bias, unsigned int *slot,
+		       struct fkv_err *err)
+{
+	struct fkv_desc_slot *s = &e->ring[e->ring_next];
+	size_t nc = d->num_chunks, np = d->num_pairs, need = 8 * (2 * nc + 2 * np), pieces, hdr, i;
+	struct kargs a;
+	uint64_t *h, *w;
+	int rc;
+
+	*slot = e->ring_next;
+	e->ring_next = (e->ring_next + 1) % FKV_RING;
+	RT("cudaEventSynchronize(desc slot)", cu.EventSynchronize(s->done));
+	pieces = (need + DESC_PIECE - 1) / DESC_PIECE;
+	if (pieces * DESC_PIECE > s->cap) {
+		rc = grow_slot(e, s, pieces * DESC_PIECE, err);
+		if (rc)
+			return rc;
+	}
+	hdr = desc_header(pieces);
+	w = s->host;
+	h = (uint64_t *)((uint8_t *)s->host + hdr);
+	memcpy(h, d->bases, 8 * nc);
+	for (i = 0; i < nc; i++)
+		h[nc + i] = d->pool_offsets[i] - off_bias;
+	memcpy(h + 2 * nc, d->engine_ids, 8 * np);
+	memcpy(h + 2 * nc + np, d->pool_ids, 8 * np);
+	for (i = 0; i < pieces; i++) {
+		w[i] = s->host_dev + hdr + i * DESC_PIECE;  /* piece i's source (host, device view) */
+		w[pieces + i] = i * DESC_PIECE;             /* and its place in the device slot */
+	}
+	w[2 * pieces] = 0; /* the one "engine id" */
+	a = (struct kargs){ .bases = s->host_dev, .offsets = s->host_dev + 8 * pieces,
+			    .engine_ids = s->host_dev + 16 * pieces, .pool_ids = 0, .num_chunks = pieces,
+			    .num_pairs = 1, .block_stride = 0, .chunk_bytes = DESC_PIECE,
+			    .pool_base = (uint64_t)(uintptr_t)s->dev, .pool_block_bytes = 0, .to_pool = 1 };
+	return launch(e, &a, (uint32_t)e->info.num_sms, e->stream, err);
 }
 
 static void kargs_from_slot(struct kargs *a, const struct fkv_desc_slot *s, const struct fkv_copy_desc *d)
