@@ -204,6 +204,27 @@ def test_progress_is_reported_per_chunk_and_at_the_end() -> None:
         assert os.stat(f"/dev/shm{pool.name}").st_blocks * 512 >= nbytes  # allocated now, not on first touch
 
 
+def _rss_shmem() -> int:
+    with open("/proc/self/status") as f:
+        line = next(x for x in f if x.startswith("RssShmem:"))
+    return int(line.split()[1]) * 1024
+
+
+def test_populate_maps_every_page_of_an_attached_pool_now() -> None:
+    """A worker maps the pool before it reports ready: its first copies must not fault per 4 KiB."""
+    nbytes = 64 * MIB
+    calls: list[tuple[int, int]] = []
+    with SharedPool.create(make_pool_name("test"), nbytes) as pool:
+        other = SharedPool.attach(pool.name)
+        try:
+            before = _rss_shmem()
+            other.populate(progress=lambda d, t: calls.append((d, t)))
+            assert _rss_shmem() - before >= nbytes  # every page of the second mapping is mapped
+            assert calls == [(nbytes, nbytes)]
+        finally:
+            other.close()
+
+
 @pytest.mark.parametrize("num_threads", [1, 2])
 def test_touch_fallback_where_fallocate_is_missing(monkeypatch: pytest.MonkeyPatch, num_threads: int) -> None:
     monkeypatch.setattr(shm, "_fallocate", lambda fd, offset, length: False)

@@ -173,3 +173,35 @@ def test_a_bare_string_namespace_is_rejected(kvm: KVManager) -> None:
         kvm.get_match(tokens(T, seed=1), namespace="tenant")  # type: ignore[arg-type]
     with pytest.raises(InvalidRequest, match="list of strings"):
         kvm.put_async(tokens(T, seed=1), slots_for([0], T), namespace=["a", 3])  # type: ignore[list-item]
+
+
+def test_the_kv_written_event_needs_cuda_tensors(kvm: KVManager) -> None:
+    from flexkv.client import KVTPClient
+
+    bufs = host_buffers(small_model(), LayoutKind.VLLM_KV_FIRST, 16, seed=3)
+    client = KVTPClient(kvm.server_address, tp_rank=0)
+    try:
+        with pytest.raises(InvalidRequest, match="use_event needs CUDA"):
+            client.register(bufs, bufs.layout, use_event=True)
+        with pytest.raises(InvalidRequest, match="use_event=True first"):
+            client.mark_kv_written()
+    finally:
+        client.close()
+    # The server checks too: an event handle beside host buffers is refused, the old worker stays.
+    lay = bufs.layout
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.RCVTIMEO, 5000)
+    sock.connect(kvm.server_address)
+    try:
+        sock.send_multipart(CLIENT_REQUESTS.encode(cm.RegisterKVMsg(
+            client_id=0, req_id=8, tp_rank=0, device_id=0, layout_kind=lay.kind.value, num_blocks=lay.num_blocks,
+            tokens_per_block=lay.tokens_per_block, num_heads=lay.num_heads, head_size=lay.head_size,
+            itemsize=lay.itemsize, num_layers=lay.num_layers, host_segment=bufs.segment.name,
+            tensor_offsets=bufs.offsets, cuda_event=b"\x01" * 64)))
+        reply, _ = SERVER_REPLIES.decode(sock.recv_multipart())
+        assert isinstance(reply, cm.ErrorReplyMsg) and "cuda_event needs CUDA tensors" in reply.error
+    finally:
+        ctx.destroy(linger=0)
+        bufs.close()
+    assert kvm.is_ready()

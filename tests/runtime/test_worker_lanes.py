@@ -4,6 +4,7 @@ within a lane; every op is reported exactly once, through the loop thread."""
 from __future__ import annotations
 
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -80,4 +81,63 @@ def test_lanes_run_concurrently_in_order_and_report_every_op_once() -> None:
         lanes.stop()
         for s in (server, to_server):
             s.close(linger=0)
+        ctx.term()
+
+
+class Gated(Worker):
+    """start() returns at once; the batch finishes only when the gate opens (like a GPU copy)."""
+
+    num_lanes = 2
+
+    def __init__(self) -> None:
+        self.worker_id = "gated-test"
+        self.gate = threading.Event()
+        self.lock = threading.Lock()
+        self.in_flight = self.most = 0
+        self.batches: list[list[int]] = []
+
+    def op_types(self) -> list[OpType]:
+        return [OpType.H2D]
+
+    def execute(self, ops: list[Op]) -> list[str]:
+        raise AssertionError("a lane uses start()")
+
+    def start(self, ops: list[Op]) -> Any:
+        with self.lock:
+            self.in_flight += 1
+            self.most = max(self.most, self.in_flight)
+            self.batches.append([op.op_id for op in ops])
+
+        def finish() -> list[str]:
+            assert self.gate.wait(10)
+            with self.lock:
+                self.in_flight -= 1
+            return [""] * len(ops)
+        return finish
+
+
+def test_a_lane_keeps_at_most_depth_batches_started_and_merges_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_Lanes, "DEPTH", 2)
+    worker = Gated()
+    ctx: zmq.Context[Any] = zmq.Context()
+    lanes = _Lanes(worker, ctx)
+    try:
+        for i in range(2):  # two batches of one op each fill the lane
+            lanes.submit([_op(i, OpType.H2D)])
+            deadline = time.monotonic() + 5
+            while len(worker.batches) <= i and time.monotonic() < deadline:
+                time.sleep(0.005)
+        lanes.submit([_op(i, OpType.H2D) for i in range(2, 6)])
+        time.sleep(0.2)
+        assert worker.most == 2 and len(worker.batches) == 2, "a third batch started before a slot freed"
+        worker.gate.set()
+        done: list[int] = []
+        while len(done) < 6:
+            assert lanes.done.poll(10_000), f"only {done} reported"
+            msg, _ = WORKER_TO_SERVER.decode(lanes.done.recv_multipart())
+            done += msg.op_ids
+        assert sorted(done) == list(range(6)) and worker.most == 2
+        assert worker.batches == [[0], [1], [2, 3, 4, 5]], "ops that waited for a slot start as one batch"
+    finally:
+        lanes.stop()
         ctx.term()
