@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On a CUDA machine (2 GPUs for the TP=2 parts), from the repo root, with the wheels of
-# ../shared/tools/device_wheels.sh in .whl/: build without liburing, then run the named parts
+# `../shared/tools/device_wheels.sh redis` in .whl/: build without liburing, then run the named parts
 # (default: all, in this order):
 #   stack     the GPU tests through the whole stack (TP=2 on two GPUs, the "KV written" event across
 #             processes, put + get at once), worker lanes, and BATCH under every CUDA runtime found

@@ -199,8 +199,13 @@ _USER_KEYS: dict[str, type] = {
     "remote_ttl_s": int,
     "remote_required": bool,
 }
-# FLEXKV_* variables that are not config keys (read elsewhere).
-_NON_CONFIG_ENV = {"FLEXKV_CONFIG_PATH", "FLEXKV_LOG_LEVEL", "FLEXKV_RUNTIME_DIR", "FLEXKV_SERVER_ADDRESS"}
+# FLEXKV_* variables that are not config keys (read elsewhere; docs/config.md lists them).
+_NON_CONFIG_ENV = {
+    "FLEXKV_CONFIG_PATH", "FLEXKV_LOG_LEVEL", "FLEXKV_RUNTIME_DIR", "FLEXKV_SERVER_ADDRESS",  # run time
+    "FLEXKV_CUDART", "FLEXKV_CUDART_DIR", "FLEXKV_SSD_NO_DIRECT",  # where CUDA is; no O_DIRECT
+    "FLEXKV_LANE_DEPTH", "FLEXKV_STAGING_MIB",  # GPU worker tuning (docs/gpu.md)
+    "FLEXKV_NVCC", "FLEXKV_SKIP_EXTENSIONS", "FLEXKV_SKIP_APT",  # build time
+}
 
 
 def _coerce(key: str, value: Any, source: str) -> Any:

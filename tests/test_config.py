@@ -201,6 +201,24 @@ def test_environment_variables_when_no_file_is_named(monkeypatch: pytest.MonkeyP
     assert source == "FLEXKV_* environment" and values["enable_remote"] is True
 
 
+def test_every_flexkv_variable_the_code_reads_is_a_config_key_or_known_to_be_none() -> None:
+    """Otherwise setting it (FLEXKV_CUDART=...) would make load_cache_config fail with 'unknown key'."""
+    import re
+
+    from flexkv.config import _NON_CONFIG_ENV, _USER_KEYS
+
+    root = Path(__file__).resolve().parent.parent
+    files = [root / "setup.py", root / "build.sh", *root.glob("c_src/build_*.py")]
+    for folder in ("flexkv", "scheduler", "workers"):
+        files += (root / folder).rglob("*.py")
+    # string literals ("FLEXKV_X") and shell variables ($FLEXKV_X, ${FLEXKV_X}); C constants are bare names
+    found = (re.findall(r"""["'](FLEXKV_[A-Z_]+)["']|\$\{?(FLEXKV_[A-Z_]+)""", f.read_text()) for f in files)
+    names = {a or b for matches in found for a, b in matches}
+    assert "FLEXKV_CUDART" in names and "FLEXKV_SKIP_APT" in names, names  # the scan sees both kinds
+    unknown = {n for n in names if n not in _NON_CONFIG_ENV and n.removeprefix("FLEXKV_").lower() not in _USER_KEYS}
+    assert not unknown, f"add to _NON_CONFIG_ENV (and docs/config.md): {sorted(unknown)}"
+
+
 def test_empty_file_or_environment_gives_the_defaults(tmp_path: Path) -> None:
     assert load_cache_config(LLAMA, write(tmp_path, "empty.yaml", "")) == CacheConfig()
     assert load_cache_config(LLAMA, {}) == CacheConfig()
