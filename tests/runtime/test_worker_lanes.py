@@ -135,6 +135,7 @@ def test_a_lane_keeps_at_most_depth_batches_started_and_merges_the_rest(monkeypa
         while len(done) < 6:
             assert lanes.done.poll(10_000), f"only {done} reported"
             msg, _ = WORKER_TO_SERVER.decode(lanes.done.recv_multipart())
+            assert isinstance(msg, OpsDoneMsg)
             done += msg.op_ids
         assert sorted(done) == list(range(6)) and worker.most == 2
         assert worker.batches == [[0], [1], [2, 3, 4, 5]], "ops that waited for a slot start as one batch"
