@@ -266,9 +266,15 @@ class _Lanes:
 _Started = tuple[list[Op], Callable[[], list[str]], float, float]  # batch, finisher, start began, ended
 
 
-def _progress_line(worker_id: str, what: str) -> Callable[[int, int], None]:
+def _progress_line(worker_id: str, what: str, every_s: float = 5.0) -> Callable[[int, int], None]:
+    """A progress callback that logs at most every ``every_s`` seconds, and at the end."""
+    last = [time.monotonic()]
+
     def progress(done: int, total: int) -> None:
-        log.info("%s: %s: %.1f / %.1f GiB", worker_id, what, done / 2**30, total / 2**30)
+        now = time.monotonic()
+        if done >= total or now - last[0] >= every_s:
+            last[0] = now
+            log.info("%s: %s: %.1f / %.1f GiB", worker_id, what, done / 2**30, total / 2**30)
     return progress
 
 

@@ -35,8 +35,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flexkv.worker")
 
-# Device staging per direction for the STAGED path: 32 MiB did as well as 128 MiB on an H200
-# (docs/gpu.md); it comes out of the engine's GPU memory, so keep it small.
+# Device staging per direction for the STAGED path. It comes out of the engine's GPU memory: 32 MiB
+# per direction was within 1-3 points of 128 MiB through the worker on an H200 (docs/benchmarks.md).
 STAGING_BYTES = int(os.environ.get("FLEXKV_STAGING_MIB", "32")) << 20
 
 
