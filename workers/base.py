@@ -248,10 +248,11 @@ class _Lanes:
                 push.send_multipart(self._worker._done_frames(batch, errors))
                 if log.isEnabledFor(logging.DEBUG):
                     t_done = time.monotonic()
-                    log.debug("%s: %d %s op(s), %d blocks: queued %.2f ms, start %.2f ms, done %.2f ms later",
-                              self._worker.worker_id, len(batch), batch[0].op_type.name,
-                              sum(op.src_ids.size for op in batch), 1e3 * (t_start - batch[0].received),
-                              1e3 * (t_started - t_start), 1e3 * (t_done - t_started))
+                    log.debug("%s: %d %s op(s), %d blocks: queued %.2f ms, start %.2f ms, done %.2f ms later "
+                              "(received at monotonic %.6f)", self._worker.worker_id, len(batch),
+                              batch[0].op_type.name, sum(op.src_ids.size for op in batch),
+                              1e3 * (t_start - batch[0].received), 1e3 * (t_started - t_start),
+                              1e3 * (t_done - t_started), batch[0].received)
         finally:
             push.close()
 
