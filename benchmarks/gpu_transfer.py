@@ -326,13 +326,23 @@ class Stack:
 def run_stack(args: argparse.Namespace, t: int) -> list[tuple[str, ...]]:
     d2h, h2d = OpType.D2H, OpType.H2D
     ceil: dict[OpType | None, float] = {d2h: 0.0, h2d: 0.0, None: 0.0}
+    note: dict[OpType | None, str] = {d2h: "host buffers", h2d: "host buffers", None: "host buffers"}
     if not args.cpu:
+        from flexkv.workers.gpu_backend import STAGING_BYTES
+
+        args.staging_mib = STAGING_BYTES >> 20  # SM use below as the worker's engines would have it
         case = Case(args, t)  # the contiguous pinned ceiling, exactly as in the engine-level table
         try:
             for op in (d2h, h2d):
                 ceil[op] = one_way(case, partial(case.ceiling, op=op, put=op is d2h), args.repeats)
             ceil[None] = two_way(case, partial(case.ceiling, op=d2h, put=True),
                                  partial(case.ceiling, op=h2d, put=False), args.repeats)
+            # The path the worker's AUTO takes for these tensors, and what it costs in SMs.
+            path = case.engines[0].choose_path(cudacopy.prepare_copy(
+                d2h, case.table, case.pool.addr, case.block_bytes, case.offs, 2 * case.n, case.put_eng, case.put_pool))
+            for op in (d2h, h2d):
+                note[op] = f"worker: {path.name}, {sm_use(case, op, path)}"
+            note[None] = f"worker: {path.name}"
         finally:
             case.close()
     stack = Stack(args, t)
@@ -350,7 +360,7 @@ def run_stack(args: argparse.Namespace, t: int) -> list[tuple[str, ...]]:
                 gbs = (puts + gets) * stack.nbytes / stack.timed(args.repeats, puts, gets) / 1e9
                 top = ceil[direction]
                 rows.append((str(t), label, name, f"{gbs:.1f}", f"{top:.1f}" if top else "-",
-                             f"{gbs / top:.1%}" if top else "-", "worker process, path AUTO"))
+                             f"{gbs / top:.1%}" if top else "-", note[direction]))
         bad = stack.check()
         print(f"  restored blocks that differ from their source: {bad} of {stack.n * stack.k}", flush=True)
         if bad:
