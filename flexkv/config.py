@@ -203,7 +203,7 @@ _USER_KEYS: dict[str, type] = {
 _NON_CONFIG_ENV = {
     "FLEXKV_CONFIG_PATH", "FLEXKV_LOG_LEVEL", "FLEXKV_RUNTIME_DIR", "FLEXKV_SERVER_ADDRESS",  # run time
     "FLEXKV_CUDART", "FLEXKV_CUDART_DIR", "FLEXKV_SSD_NO_DIRECT",  # where CUDA is; no O_DIRECT
-    "FLEXKV_LANE_DEPTH", "FLEXKV_STAGING_MIB",  # GPU worker tuning (docs/gpu.md)
+    "FLEXKV_LANE_DEPTH", "FLEXKV_STAGING_MIB", "FLEXKV_HOST_LANES",  # worker tuning (docs/gpu.md)
     "FLEXKV_NVCC", "FLEXKV_SKIP_EXTENSIONS", "FLEXKV_SKIP_APT",  # build time
 }
 

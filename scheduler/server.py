@@ -459,16 +459,20 @@ class SchedulerServer:
 
     # -- workers --------------------------------------------------------------------------------
     def _on_worker_frames(self, frames: list[zmq.Frame]) -> None:
-        worker_id = frames[0].bytes.decode(errors="replace")
+        identity = frames[0].bytes.decode(errors="replace")
+        # A worker's lanes report on their own sockets, "<worker id>/lane<i>"; only the worker says hello.
+        worker_id, _, lane = identity.partition("/")
         try:
             msg, _ = WORKER_TO_SERVER.decode(frames[1:])
         except ProtocolError as e:
-            log.warning("bad message from worker %r: %s", worker_id, e)
+            log.warning("bad message from worker %r: %s", identity, e)
             return
-        if isinstance(msg, WorkerHelloMsg):
+        if isinstance(msg, WorkerHelloMsg) and not lane:
             self.supervisor.on_hello(worker_id, msg.op_types)
-        elif isinstance(msg, OpsDoneMsg):
+        elif isinstance(msg, OpsDoneMsg) and msg.worker_id == worker_id:
             self._complete(self.supervisor.on_done(worker_id, msg.op_ids, msg.errors))
+        else:
+            log.warning("%s from %r ignored", type(msg).__name__, identity)
 
     def _dispatch(self, ops: list[TransferOp]) -> None:
         pending = list(ops)

@@ -87,13 +87,18 @@ class DeviceWorker(Worker):
 
             self.backend = CudaCopyBackend(self, self.layout, reg)
             self.pool_pinned = True  # cudaHostRegister mapped and pinned every page
+            self.num_lanes = 2  # gets (H2D) and puts (D2H) at once, on two streams
         else:
             self.backend = HostCopyBackend(self, self.layout, reg)
+            self.num_lanes = 2 if os.environ.get("FLEXKV_HOST_LANES") == "2" else 1
 
     def op_types(self) -> list[OpType]:
         return [OpType.H2D, OpType.D2H]
 
-    num_lanes = 2  # gets (H2D) and puts (D2H) run at once, on two CUDA streams for GPU buffers
+    # Two lanes for CUDA buffers (set in __init__). Host buffers: one lane by default (ops run in the
+    # loop thread, no thread hop per op; the copy threads share the cores anyway), two with
+    # FLEXKV_HOST_LANES=2 (gets and puts at once, for machines with cores to spare).
+    num_lanes = 1
 
     def lane_of(self, op: Op) -> int:
         return int(op.op_type is OpType.D2H)

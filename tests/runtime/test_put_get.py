@@ -109,3 +109,25 @@ def test_tasks_nobody_waits_for_do_not_pile_up_in_the_server() -> None:
             time.sleep(0.05)
         assert kvm.stats()["num_tasks"] == 0, "finished and cancelled tasks leave the control plane"
         assert kvm.wait(last)[last].status is TaskStatus.SUCCESS, "a retired result can still be read"
+
+
+def test_two_lanes_run_a_get_and_a_put_at_once_byte_exact(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The GPU worker's two-lane path (each lane reporting on its own socket), on host buffers."""
+    monkeypatch.setenv("FLEXKV_HOST_LANES", "2")  # inherited by the server and its device worker
+    model = small_model()
+    with serving(model, small_cache(num_cpu_blocks=64), LayoutKind.VLLM_KV_FIRST, 48, seed=3) as (kvm, bufs):
+        a, b = tokens(8 * T, seed=1), tokens(8 * T, seed=2)
+        put_a = kvm.put_async(a, slots_for(list(range(8)), len(a)))
+        assert kvm.wait(put_a)[put_a].status is TaskStatus.SUCCESS
+        poison(bufs, list(range(16, 24)))
+        get_a = kvm.get_async(a, slots_for(list(range(16, 24)), len(a)))
+        put_b = kvm.put_async(b, slots_for(list(range(8, 16)), len(b)))
+        res = kvm.wait([get_a, put_b])
+        assert all(r.status is TaskStatus.SUCCESS for r in res.values()), res
+        poison(bufs, list(range(24, 32)))
+        get_b = kvm.get_async(b, slots_for(list(range(24, 32)), len(b)))
+        assert kvm.wait(get_b)[get_b].status is TaskStatus.SUCCESS
+        for i in range(8):
+            assert block_bytes(bufs, 16 + i) == block_bytes(bufs, i)
+            assert block_bytes(bufs, 24 + i) == block_bytes(bufs, 8 + i)
+        kvm.check_invariants()

@@ -1,5 +1,5 @@
 """A worker with two lanes runs them at once (a GPU worker's gets and puts overlap) and in order
-within a lane; every op is reported exactly once, through the loop thread."""
+within a lane; every op is reported exactly once, by its lane's own socket."""
 
 from __future__ import annotations
 
@@ -53,34 +53,30 @@ def _op(op_id: int, op_type: OpType) -> Op:
 def test_lanes_run_concurrently_in_order_and_report_every_op_once() -> None:
     worker = TwoLanes()
     ctx: zmq.Context[Any] = zmq.Context()
-    server = ctx.socket(zmq.PULL)
+    server = ctx.socket(zmq.ROUTER)
     server.bind("inproc://server")
-    to_server = ctx.socket(zmq.PUSH)
-    to_server.connect("inproc://server")
-    lanes = _Lanes(worker, ctx)
+    lanes = _Lanes(worker, ctx, "inproc://server")
     try:
         h2d = [_op(i, OpType.H2D) for i in range(5)]
         d2h = [_op(i, OpType.D2H) for i in range(5, 10)]
         lanes.submit(h2d[:2] + d2h[:1])
         lanes.submit(h2d[2:] + d2h[1:])
         done: dict[int, str] = {}
-        poller = zmq.Poller()
-        poller.register(lanes.done, zmq.POLLIN)
         while len(done) < 10:
-            assert poller.poll(10_000), f"only {sorted(done)} reported"
-            lanes.forward(to_server)
-            while server.poll(0):
-                msg, _ = WORKER_TO_SERVER.decode(server.recv_multipart())
-                assert isinstance(msg, OpsDoneMsg)
-                for op_id, err in zip(msg.op_ids, msg.errors, strict=True):
-                    assert op_id not in done, f"op {op_id} reported twice"
-                    done[op_id] = err
+            assert server.poll(10_000), f"only {sorted(done)} reported"
+            identity, *frames = server.recv_multipart()
+            msg, _ = WORKER_TO_SERVER.decode(frames)
+            assert isinstance(msg, OpsDoneMsg) and msg.worker_id == "lanes-test"
+            lane = 1 if msg.op_ids[0] >= 5 else 0
+            assert identity == f"lanes-test/lane{lane}".encode(), "each lane reports on its own socket"
+            for op_id, err in zip(msg.op_ids, msg.errors, strict=True):
+                assert op_id not in done, f"op {op_id} reported twice"
+                done[op_id] = err
         assert done == {i: ("op 7 fails" if i == 7 else "") for i in range(10)}
         assert worker.order == {0: [0, 1, 2, 3, 4], 1: [5, 6, 7, 8, 9]}
     finally:
         lanes.stop()
-        for s in (server, to_server):
-            s.close(linger=0)
+        server.close(linger=0)
         ctx.term()
 
 
@@ -120,7 +116,9 @@ def test_a_lane_keeps_at_most_depth_batches_started_and_merges_the_rest(monkeypa
     monkeypatch.setattr(_Lanes, "DEPTH", 2)
     worker = Gated()
     ctx: zmq.Context[Any] = zmq.Context()
-    lanes = _Lanes(worker, ctx)
+    server = ctx.socket(zmq.ROUTER)
+    server.bind("inproc://gated")
+    lanes = _Lanes(worker, ctx, "inproc://gated")
     try:
         for i in range(2):  # two batches of one op each fill the lane
             lanes.submit([_op(i, OpType.H2D)])
@@ -133,12 +131,13 @@ def test_a_lane_keeps_at_most_depth_batches_started_and_merges_the_rest(monkeypa
         worker.gate.set()
         done: list[int] = []
         while len(done) < 6:
-            assert lanes.done.poll(10_000), f"only {done} reported"
-            msg, _ = WORKER_TO_SERVER.decode(lanes.done.recv_multipart())
+            assert server.poll(10_000), f"only {done} reported"
+            msg, _ = WORKER_TO_SERVER.decode(server.recv_multipart()[1:])
             assert isinstance(msg, OpsDoneMsg)
             done += msg.op_ids
         assert sorted(done) == list(range(6)) and worker.most == 2
         assert worker.batches == [[0], [1], [2, 3, 4, 5]], "ops that waited for a slot start as one batch"
     finally:
         lanes.stop()
+        server.close(linger=0)
         ctx.term()
