@@ -103,6 +103,8 @@ class SchedulerServer:
                                           progress=_prefault_progress)
             self._clients = self._bind(zmq.ROUTER, self.client_address)
             self._workers_sock = self._bind(zmq.ROUTER, self.worker_address)
+            # A restarted worker (and its lanes) reconnects under the same identity: it takes over.
+            self._workers_sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         except BaseException:
             self.close()  # e.g. the address is taken: leave no segment or socket file behind
             raise
