@@ -3,8 +3,10 @@ within a lane; every op is reported exactly once, by its lane's own socket."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -50,13 +52,24 @@ def _op(op_id: int, op_type: OpType) -> Op:
     return Op(op_id, op_type, ids, ids, None)
 
 
-def test_lanes_run_concurrently_in_order_and_report_every_op_once() -> None:
-    worker = TwoLanes()
+@contextlib.contextmanager
+def lanes_and_server(worker: Worker) -> Iterator[tuple[_Lanes, zmq.Socket[bytes]]]:
+    """The worker's lanes, reporting to a ROUTER that stands in for the server; all stopped after."""
     ctx: zmq.Context[Any] = zmq.Context()
-    server = ctx.socket(zmq.ROUTER)
+    server: zmq.Socket[bytes] = ctx.socket(zmq.ROUTER)
     server.bind("inproc://server")
     lanes = _Lanes(worker, ctx, "inproc://server")
     try:
+        yield lanes, server
+    finally:
+        lanes.stop()
+        server.close(linger=0)
+        ctx.term()
+
+
+def test_lanes_run_concurrently_in_order_and_report_every_op_once() -> None:
+    worker = TwoLanes()
+    with lanes_and_server(worker) as (lanes, server):
         h2d = [_op(i, OpType.H2D) for i in range(5)]
         d2h = [_op(i, OpType.D2H) for i in range(5, 10)]
         lanes.submit(h2d[:2] + d2h[:1])
@@ -74,10 +87,6 @@ def test_lanes_run_concurrently_in_order_and_report_every_op_once() -> None:
                 done[op_id] = err
         assert done == {i: ("op 7 fails" if i == 7 else "") for i in range(10)}
         assert worker.order == {0: [0, 1, 2, 3, 4], 1: [5, 6, 7, 8, 9]}
-    finally:
-        lanes.stop()
-        server.close(linger=0)
-        ctx.term()
 
 
 class Gated(Worker):
@@ -115,11 +124,7 @@ class Gated(Worker):
 def test_a_lane_keeps_at_most_depth_batches_started_and_merges_the_rest(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(_Lanes, "DEPTH", 2)
     worker = Gated()
-    ctx: zmq.Context[Any] = zmq.Context()
-    server = ctx.socket(zmq.ROUTER)
-    server.bind("inproc://gated")
-    lanes = _Lanes(worker, ctx, "inproc://gated")
-    try:
+    with lanes_and_server(worker) as (lanes, server):
         for i in range(2):  # two batches of one op each fill the lane
             lanes.submit([_op(i, OpType.H2D)])
             deadline = time.monotonic() + 5
@@ -137,7 +142,3 @@ def test_a_lane_keeps_at_most_depth_batches_started_and_merges_the_rest(monkeypa
             done += msg.op_ids
         assert sorted(done) == list(range(6)) and worker.most == 2
         assert worker.batches == [[0], [1], [2, 3, 4, 5]], "ops that waited for a slot start as one batch"
-    finally:
-        lanes.stop()
-        server.close(linger=0)
-        ctx.term()
