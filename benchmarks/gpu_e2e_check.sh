@@ -9,17 +9,26 @@
 #   tests     the CUDA engine tests and the runtime tests
 #   engine    benchmarks/gpu_transfer.py, engine level, every path, T=16 and 64
 # Prints PASS/FAIL per step; with $OUT set, each step's whole output is kept in $OUT/<step>.log.
-# Headers the machine lacks (xxhash.h) may be carried in .devinc/.
+# Headers the machine lacks (xxhash.h) may be carried in .devinc/; CUDA runtime wheels in .devinc/cudart/
+# (`pip download nvidia-cuda-runtime-cu12==12.8.*` and the like) are unpacked, and the "stack" part's
+# BATCH ABI test runs under their libcudart too (FLEXKV_TEST_CUDARTS).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 say() { printf '[gpu_e2e %s] %s\n' "$(date +%T)" "$*"; }
 parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(stack transfer example tests engine)
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
+python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH="$PWD:/tmp/site"
 ln -sfn ../scheduler flexkv/scheduler && ln -sfn ../workers flexkv/workers   # what the install's package_dir does
 trap 'rm -f flexkv/scheduler flexkv/workers' EXIT
 CFLAGS="-I$PWD/.devinc ${CFLAGS:-}" FLEXKV_SKIP_EXTENSIONS=uring python3 setup.py -q build_ext --inplace > /tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }
+extra=()
+for whl in .devinc/cudart/*.whl; do
+  [ -e "$whl" ] || continue
+  dir=/tmp/cudart/$(basename "$whl" .whl)
+  python3 -m zipfile -e "$whl" "$dir" && extra+=("$(find "$dir" -name 'libcudart.so.[0-9]*' | head -1)")
+done
+export FLEXKV_TEST_CUDARTS; FLEXKV_TEST_CUDARTS=$(IFS=:; echo "${extra[*]}")
 nvidia-smi --query-gpu=name,memory.total,pcie.link.gen.current,pcie.link.width.current --format=csv,noheader
 ngpu=$(nvidia-smi -L | wc -l)
 tp=$(( ngpu >= 2 ? 2 : 1 ))

@@ -328,9 +328,6 @@ def run_stack(args: argparse.Namespace, t: int) -> list[tuple[str, ...]]:
     ceil: dict[OpType | None, float] = {d2h: 0.0, h2d: 0.0, None: 0.0}
     note: dict[OpType | None, str] = {d2h: "host buffers", h2d: "host buffers", None: "host buffers"}
     if not args.cpu:
-        from flexkv.workers.gpu_backend import STAGING_BYTES
-
-        args.staging_mib = STAGING_BYTES >> 20  # SM use below as the worker's engines would have it
         case = Case(args, t)  # the contiguous pinned ceiling, exactly as in the engine-level table
         try:
             for op in (d2h, h2d):
@@ -394,8 +391,13 @@ def main() -> None:
         return
     else:
         import torch
+        if args.stack:  # the worker's engines, not --staging-mib
+            from flexkv.workers.gpu_backend import STAGING_BYTES
+
+            args.staging_mib = STAGING_BYTES >> 20
         print(f"device: {torch.cuda.get_device_name(0)}; {why}; torch {torch.__version__}; "
-              f"staging {args.staging_mib} MiB, kernel CTAs {args.kernel_ctas}")
+              f"staging {args.staging_mib} MiB{' (the worker: FLEXKV_STAGING_MIB)' if args.stack else ''}, "
+              f"kernel CTAs {args.kernel_ctas}")
     rows: list[tuple[str, ...]] = []
     for t in args.tokens_per_block:
         rows += run_stack(args, t) if args.stack else run_case(args, t)

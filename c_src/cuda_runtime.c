@@ -107,14 +107,17 @@ static int load_driver_symbols(char *why, size_t why_len)
 	return 0;
 }
 
-/* Pick the cudaMemcpyBatchAsync ABI by runtime version: 12.8/12.9 take failIdx, 13.0+ do not. */
+/* Read the runtime version (every runtime has it, with or without the batch API) and pick the
+ * cudaMemcpyBatchAsync ABI by it: 12.8/12.9 take failIdx, 13.0+ do not, older have no batch call. */
 static void pick_batch_abi(void)
 {
 	void *fn = (void *)cu.MemcpyBatchAsync_v13;
 
 	cu.MemcpyBatchAsync_v13 = NULL;
 	cu.MemcpyBatchAsync_v12 = NULL;
-	if (!fn || cu.RuntimeGetVersion(&cu.runtime_version) != 0)
+	if (cu.RuntimeGetVersion(&cu.runtime_version) != 0)
+		cu.runtime_version = 0;
+	if (!fn)
 		return;
 	if (cu.runtime_version >= 13000)
 		*(void **)(&cu.MemcpyBatchAsync_v13) = fn;

@@ -208,6 +208,8 @@ int fkv_engine_wait_event(struct fkv_engine *e, uintptr_t event, struct fkv_err 
 		return -EINVAL;
 	RT("cudaSetDevice", cu.SetDevice(e->device));
 	RT("cudaStreamWaitEvent", cu.StreamWaitEvent(e->stream, (cuda_event_t)event, 0));
+	/* and a chained STAGED D2H call, whose gathers do not join the main stream */
+	RT("cudaStreamWaitEvent", cu.StreamWaitEvent(e->kstream, (cuda_event_t)event, 0));
 	return 0;
 }
 
@@ -379,6 +381,8 @@ int64_t fkv_engine_copy(struct fkv_engine *e, const struct fkv_copy_desc *d, int
 	e->piece_base = d->pool_piece_base;
 	e->piece_bytes = d->pool_piece_bytes;
 	copies_before = e->stats.num_copies;
+	if (path != FKV_PATH_STAGED)
+		e->d2h_tail = 0;
 	if (path == FKV_PATH_BATCH)
 		rc = copy_batch(e, d, err);
 	else if (path == FKV_PATH_STAGED)

@@ -39,6 +39,11 @@ struct fkv_engine {
 	uint64_t piece_base, piece_bytes;     /* registration pieces of the pool: runs never span two */
 	void *staging;
 	cuda_event_t ev_up, ev_dma[2], ev_kern[2];
+	/* Set while the last work on the main stream is a STAGED D2H call's DMA rounds (which read only
+	 * staging and write only the pool): the next STAGED D2H call then chains its gathers behind
+	 * ev_dma on kstream instead of joining the main stream, starting next_buf. */
+	int d2h_tail;
+	int next_buf;
 	struct fkv_desc_slot ring[FKV_RING];
 	unsigned int ring_next;
 	cu_module_t module;

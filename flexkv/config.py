@@ -205,6 +205,7 @@ _NON_CONFIG_ENV = {
     "FLEXKV_CUDART", "FLEXKV_CUDART_DIR", "FLEXKV_SSD_NO_DIRECT",  # where CUDA is; no O_DIRECT
     "FLEXKV_LANE_DEPTH", "FLEXKV_STAGING_MIB", "FLEXKV_HOST_LANES",  # worker tuning (docs/gpu.md)
     "FLEXKV_NVCC", "FLEXKV_SKIP_EXTENSIONS", "FLEXKV_SKIP_APT",  # build time
+    "FLEXKV_TEST_CUDARTS",  # tests: extra libcudart files to run the BATCH ABI test under
 }
 
 

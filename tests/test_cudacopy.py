@@ -293,6 +293,58 @@ def test_copy_waits_for_the_engines_event() -> None:
 
 
 @gpu
+def test_staged_calls_in_a_row_stay_byte_exact_and_ordered() -> None:
+    """STAGED D2H calls in a row chain (the next call's gathers overlap the last one's DMA, halves keep
+    alternating); an engine event, an H2D call or a BATCH copy in between must still order. Nothing is
+    synchronized until the end. Staging holds 3 blocks a half, so calls take 1-3 rounds."""
+    import torch
+    kind, model, _ = LAYOUTS["vllm_kv_first"]
+    tensors = _engine_tensors(kind, model)
+    layout = KVCacheLayout.from_tensors(kind, tensors, T)
+    pool_layout = BlockFirstLayout(model, T)
+    bb, offs = pool_layout.block_bytes, pool_layout.shard_chunk_offsets(0)
+    table = layout.chunk_table([t.data_ptr() for t in tensors])
+    pool = Pool(POOL_BLOCKS * bb)
+    pool.arr[:] = 0xA5
+    blocks = pool.arr.reshape(POOL_BLOCKS, bb)
+    ids = np.arange  # engine and pool block ranges below never overlap within one direction
+    with CudaCopyEngine(0, CopyPath.STAGED, staging_bytes=6 * bb) as eng:
+        eng.register_host(pool.addr, pool.arr.size, block_bytes=bb)
+
+        def copy(direction: OpType, e: np.ndarray, p: np.ndarray, **kw: Any) -> None:
+            eng.copy_blocks(direction, table, pool.addr, bb, offs, POOL_BLOCKS, e.astype(np.int64),
+                            p.astype(np.int64), **kw)
+
+        original = _host_bytes(tensors)
+        for e0, p0, n in ((0, 0, 5), (5, 5, 7), (12, 12, 1), (13, 13, 3)):  # 2, 3, 1, 1 rounds, chained
+            copy(OpType.D2H, ids(e0, e0 + n), ids(p0, p0 + n))
+        side, written = torch.cuda.Stream(), torch.cuda.Event()
+        with torch.cuda.stream(side):
+            torch.cuda._sleep(100_000_000)  # the engine's write lands ~50 ms after the copy is queued
+            for t in tensors:
+                t[:, 16:20].view(torch.uint8).fill_(9)
+            written.record(side)
+        copy(OpType.D2H, ids(16, 20), ids(16, 20), wait_event=written.cuda_event)  # chained, behind the event
+        copy(OpType.H2D, ids(20, 25), ids(0, 5))  # engine 20..24 <- what engine 0..4 held
+        copy(OpType.D2H, ids(20, 25), ids(20, 25))  # must see the H2D's bytes
+        copy(OpType.H2D, ids(25, 28), ids(5, 8), path=CopyPath.BATCH)  # engine 25..27 <- engine 5..7
+        copy(OpType.D2H, ids(25, 28), ids(25, 28))  # must see the BATCH copy's bytes
+        eng.synchronize()
+        eng.unregister_host()
+
+    cb = layout.chunk_bytes
+    for p_id, e_id in [*((i, i) for i in range(16)), *((20 + i, i) for i in range(5)),
+                       *((25 + i, 5 + i) for i in range(3))]:
+        for c in range(offs.size):
+            got = blocks[p_id, int(offs[c]):int(offs[c]) + cb]
+            assert np.array_equal(got, _chunk(layout, original, c, e_id)), (p_id, e_id, c)
+    for c in range(offs.size):
+        assert (blocks[16:20, int(offs[c]):int(offs[c]) + cb] == 9).all(), "a chained D2H did not wait for the event"
+    assert (blocks[28:] == 0xA5).all()
+    print("\nSTAGED D2H calls chained across 1-3 rounds, behind an event, after H2D STAGED and BATCH: byte-exact")
+
+
+@gpu
 def test_copy_refuses_an_unregistered_or_straddling_pool() -> None:
     kind, model, _ = LAYOUTS["mla"]
     tensors = _engine_tensors(kind, model)
@@ -410,7 +462,8 @@ def test_ipc_export_then_open_and_copy_in_a_spawned_process(request: pytest.Fixt
 
 def _installed_cudarts() -> list[str]:
     """Every libcudart.so.<major>... found in the places flexkv looks (torch's, the nvidia wheels',
-    /usr/local/cuda*), one path per distinct file."""
+    /usr/local/cuda*) and in ``FLEXKV_TEST_CUDARTS`` (paths, os.pathsep-separated), one path per
+    distinct file."""
     import glob
     import importlib.util
 
@@ -420,6 +473,8 @@ def _installed_cudarts() -> list[str]:
         for root in list(spec.submodule_search_locations or []) if spec else []:
             dirs += [os.path.join(root, "lib"), os.path.join(root, "*", "lib")]
     seen: dict[str, str] = {}
+    for path in filter(None, os.environ.get("FLEXKV_TEST_CUDARTS", "").split(os.pathsep)):
+        seen.setdefault(os.path.realpath(path), path)  # extra runtimes (gpu_e2e_check.sh unpacks them)
     for d in dirs:
         for path in sorted(glob.glob(os.path.join(d, "libcudart.so.[0-9]*"))):
             seen.setdefault(os.path.realpath(path), path)
@@ -493,6 +548,7 @@ def test_batch_copies_are_byte_exact_with_every_cuda_runtime_installed() -> None
             continue
         rt, has_batch, calls, copies, d2h_ok, h2d_ok = (int(x) for x in out.split("RESULT")[1].split())
         assert d2h_ok and h2d_ok, f"{path} (runtime {rt}): bytes differ"
+        assert rt >= 11000, f"{path}: runtime version {rt} not read"
         assert bool(has_batch) == (rt >= 12080) and (calls > 0) == bool(has_batch), out
         assert copies > 256, out  # 2 x 256 chunks that do not coalesce: many copies per batch call
         tested.append(rt)
