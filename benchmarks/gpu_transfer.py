@@ -14,7 +14,8 @@ got back into other random blocks, and put + got at once (new prompts put while 
 got). "1 burst" rows time one such burst from the first ``put_async``/``get_async`` to ``wait``
 returning, so they include hashing, planning, ZeroMQ, the worker and the reply; "N in flight" rows
 launch ``--in-flight`` bursts before waiting, as a loaded engine does, so those latencies overlap
-with the copies. The restored blocks are compared on the GPU at the end.
+with the copies. A last line gives the round-trip latency of a small op (one prompt of 4 blocks).
+The restored blocks are compared on the GPU at the end.
 ``--stack --cpu`` runs the same on host buffers (no CUDA; no ceiling) to try the script anywhere.
 
     python benchmarks/gpu_transfer.py            # T=16 and 64, 1024 blocks (~1 min)
@@ -307,6 +308,26 @@ class Stack:
             best = min(best, time.perf_counter() - t0)
         return best
 
+    def small_op_ms(self, blocks: int, repeats: int) -> dict[str, tuple[float, float]]:
+        """p50 and p99 milliseconds from ``put_async``/``get_async`` to ``wait`` returning for one
+        prompt of ``blocks`` blocks: a new prompt per put, the same stored prompt per get."""
+        n = blocks * self.t
+        stored = self._rng.integers(0, 1 << 30, n, dtype=np.int64)
+        src, dst = self.src_slots[0][:n], self.dst_slots[0][0][:n]
+        self.finish(self.launch(True, [stored], [src]))
+        out = {}
+        for name in ("put", "get"):
+            times = []
+            for _ in range(repeats + 5):  # the first 5 warm up
+                tokens = self._rng.integers(0, 1 << 30, n, dtype=np.int64) if name == "put" else stored
+                t0 = time.perf_counter()
+                ids = self.launch(name == "put", [tokens], [src if name == "put" else dst])
+                self.finish(ids, frozenset(ids) if name == "get" else frozenset())
+                times.append(time.perf_counter() - t0)
+            ms = np.array(times[5:]) * 1e3
+            out[name] = (float(np.percentile(ms, 50)), float(np.percentile(ms, 99)))
+        return out
+
     def check(self) -> int:
         """Restored blocks (every get destination) that differ from their source blocks."""
         bad = 0
@@ -358,6 +379,9 @@ def run_stack(args: argparse.Namespace, t: int) -> list[tuple[str, ...]]:
                 top = ceil[direction]
                 rows.append((str(t), label, name, f"{gbs:.1f}", f"{top:.1f}" if top else "-",
                              f"{gbs / top:.1%}" if top else "-", note[direction]))
+        lat = stack.small_op_ms(4, 200)
+        print(f"  one prompt of 4 blocks ({4 * t} tokens), launch to wait, p50/p99 ms: " +
+              ", ".join(f"{k} {p50:.2f}/{p99:.2f}" for k, (p50, p99) in lat.items()), flush=True)
         bad = stack.check()
         print(f"  restored blocks that differ from their source: {bad} of {stack.n * stack.k}", flush=True)
         if bad:

@@ -96,7 +96,7 @@ int fkv_engine_create(int device, uint64_t staging_bytes, struct fkv_engine **ou
 	if (!e)
 		return -ENOMEM;
 	e->device = device;
-	e->info.staging_bytes = staging_bytes & ~(uint64_t)0xFFF;
+	e->info.staging_bytes = staging_bytes & ~(uint64_t)0x1FFF; /* two page-aligned halves */
 	rc = engine_init(e, err);
 	if (rc) {
 		fkv_engine_destroy(e, NULL);

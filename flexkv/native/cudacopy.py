@@ -325,9 +325,10 @@ class CudaCopyEngine:
     """Moves KV blocks between one GPU's engine tensors and a host pool, on the engine's OWN stream.
 
     ``path`` is the default :class:`CopyPath`; AUTO picks per copy (whole-block runs -> BATCH, else
-    STAGED, else KERNEL, else BATCH). ``staging_bytes`` of device memory are reserved at construction
-    for STAGED (two halves). Raises :class:`GPUUnavailable` when CUDA or the device is missing. Every
-    copy is only enqueued: call :meth:`synchronize` (or record an event) before reading the result.
+    STAGED, else KERNEL, else BATCH). ``staging_bytes`` of device memory (rounded down to 8 KiB) are
+    reserved at construction for STAGED (two page-aligned halves). Raises :class:`GPUUnavailable` when
+    CUDA or the device is missing. Every copy is only enqueued: call :meth:`synchronize` (or record an
+    event) before reading the result.
     """
 
     def __init__(self, device_id: int, path: CopyPath = CopyPath.AUTO, *, staging_bytes: int = DEFAULT_STAGING_BYTES,
