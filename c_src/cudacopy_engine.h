@@ -18,7 +18,7 @@
 
 /* One slot of the descriptor ring: the kernels read a call's ids and offsets from dev. */
 struct fkv_desc_slot {
-	void *host;       /* pinned; the copy kernel moves it to dev on the main stream */
+	void *host;       /* pinned; the copy kernel moves it to dev (main stream; kstream when chained) */
 	void *dev;
 	uint64_t host_dev; /* host as the device addresses it (the upload kernel reads it there) */
 	size_t cap;        /* bytes of dev; host has a piece table in front */
