@@ -13,7 +13,7 @@ import mmap
 import multiprocessing as mp
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 import numpy as np
@@ -195,6 +195,25 @@ class Pool:
         self.addr = self.arr.ctypes.data
 
 
+class GpuCase(NamedTuple):
+    """One LAYOUTS entry on the GPU: random engine tensors, their chunk table, and a pool for them."""
+    tensors: list[Any]
+    layout: KVCacheLayout
+    pool_layout: BlockFirstLayout
+    offs: np.ndarray  # the rank's shard chunk offsets in a pool block
+    table: ChunkTable
+    pool: Pool
+
+
+def _gpu_case(name: str) -> GpuCase:
+    kind, model, rank = LAYOUTS[name]
+    tensors = _engine_tensors(kind, model)
+    layout = KVCacheLayout.from_tensors(kind, tensors, T)
+    pool_layout = BlockFirstLayout(model, T)
+    return GpuCase(tensors, layout, pool_layout, pool_layout.shard_chunk_offsets(pool_layout.shard_of_rank(rank)),
+                   layout.chunk_table([t.data_ptr() for t in tensors]), Pool(POOL_BLOCKS * pool_layout.block_bytes))
+
+
 def _pairs(rng: np.random.Generator, n: int, limit: int) -> np.ndarray:
     # A run of consecutive ids (exercises coalescing) followed by random distinct ids.
     run = np.arange(5, 5 + n // 2, dtype=np.int64)
@@ -215,14 +234,8 @@ def _device_line(eng: CudaCopyEngine) -> str:
 @pytest.mark.parametrize("name", list(LAYOUTS))
 def test_round_trip_gpu_pool_gpu_is_byte_exact(name: str, path: CopyPath) -> None:
     import torch
-    kind, model, rank = LAYOUTS[name]
-    tensors = _engine_tensors(kind, model)
-    layout = KVCacheLayout.from_tensors(kind, tensors, T)
-    pool_layout = BlockFirstLayout(model, T)
-    shard = pool_layout.shard_of_rank(rank)
-    offs = pool_layout.shard_chunk_offsets(shard)
-    table = layout.chunk_table([t.data_ptr() for t in tensors])
-    pool = Pool(POOL_BLOCKS * pool_layout.block_bytes)
+    tensors, layout, pool_layout, offs, table, pool = _gpu_case(name)
+    shard = pool_layout.shard_of_rank(LAYOUTS[name][2])
     pool.arr[:] = 0xA5
     original = _host_bytes(tensors)
     rng = np.random.default_rng(7)
@@ -268,12 +281,7 @@ def test_round_trip_gpu_pool_gpu_is_byte_exact(name: str, path: CopyPath) -> Non
 def test_copy_waits_for_the_engines_event() -> None:
     """Ordering contract: the engine records an event after writing KV; the copy waits on it."""
     import torch
-    kind, model, _ = LAYOUTS["vllm_kv_first"]
-    tensors = _engine_tensors(kind, model)
-    layout = KVCacheLayout.from_tensors(kind, tensors, T)
-    pool_layout = BlockFirstLayout(model, T)
-    offs = pool_layout.shard_chunk_offsets(0)
-    pool = Pool(POOL_BLOCKS * pool_layout.block_bytes)
+    tensors, _, pool_layout, offs, table, pool = _gpu_case("vllm_kv_first")
     ids = np.arange(8, dtype=np.int64)
     with CudaCopyEngine(0, CopyPath.BATCH) as eng:
         eng.register_host(pool.addr, pool.arr.size)
@@ -284,8 +292,8 @@ def test_copy_waits_for_the_engines_event() -> None:
             for t in tensors:
                 t.view(torch.uint8).fill_(7)
             done.record(side)
-        eng.copy_blocks(OpType.D2H, layout.chunk_table([t.data_ptr() for t in tensors]), pool.addr,
-                        pool_layout.block_bytes, offs, POOL_BLOCKS, ids, ids, wait_event=done.cuda_event)
+        eng.copy_blocks(OpType.D2H, table, pool.addr, pool_layout.block_bytes, offs, POOL_BLOCKS, ids, ids,
+                        wait_event=done.cuda_event)
         eng.synchronize()
         eng.unregister_host()
     assert (pool.arr[: 8 * pool_layout.block_bytes] == 7).all()
@@ -298,13 +306,8 @@ def test_staged_calls_in_a_row_stay_byte_exact_and_ordered() -> None:
     alternating); an engine event, an H2D call or a BATCH copy in between must still order. Nothing is
     synchronized until the end. Staging holds 3 blocks a half, so calls take 1-3 rounds."""
     import torch
-    kind, model, _ = LAYOUTS["vllm_kv_first"]
-    tensors = _engine_tensors(kind, model)
-    layout = KVCacheLayout.from_tensors(kind, tensors, T)
-    pool_layout = BlockFirstLayout(model, T)
-    bb, offs = pool_layout.block_bytes, pool_layout.shard_chunk_offsets(0)
-    table = layout.chunk_table([t.data_ptr() for t in tensors])
-    pool = Pool(POOL_BLOCKS * bb)
+    tensors, layout, pool_layout, offs, table, pool = _gpu_case("vllm_kv_first")
+    bb = pool_layout.block_bytes
     pool.arr[:] = 0xA5
     blocks = pool.arr.reshape(POOL_BLOCKS, bb)
     ids = np.arange  # engine and pool block ranges below never overlap within one direction
@@ -346,14 +349,9 @@ def test_staged_calls_in_a_row_stay_byte_exact_and_ordered() -> None:
 
 @gpu
 def test_copy_refuses_an_unregistered_or_straddling_pool() -> None:
-    kind, model, _ = LAYOUTS["mla"]
-    tensors = _engine_tensors(kind, model)
-    layout = KVCacheLayout.from_tensors(kind, tensors, T)
-    pool_layout = BlockFirstLayout(model, T)
-    pool = Pool(POOL_BLOCKS * pool_layout.block_bytes)
+    _, _, pool_layout, offs, table, pool = _gpu_case("mla")
     ids = np.arange(4, dtype=np.int64)
-    args = (OpType.D2H, layout.chunk_table([t.data_ptr() for t in tensors]), pool.addr, pool_layout.block_bytes,
-            pool_layout.shard_chunk_offsets(0), POOL_BLOCKS, ids, ids)
+    args = (OpType.D2H, table, pool.addr, pool_layout.block_bytes, offs, POOL_BLOCKS, ids, ids)
     with CudaCopyEngine(0, CopyPath.KERNEL) as eng:
         with pytest.raises(InvalidRequest, match="not registered"):  # a kernel would fault on it
             eng.copy_blocks(*args)
