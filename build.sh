@@ -32,9 +32,24 @@ else
   say "system packages present: ${APT_PKGS[*]}"
 fi
 
+# --- torch ------------------------------------------------------------------------------------
+# The engine API and the tests take torch tensors. A torch that is already importable is the user's
+# (their engine's): it is never replaced or downgraded. Only when none imports do we install one:
+#   FLEXKV_TORCH_SPEC   the pip requirement (default torch==2.13.0: the CPU wheel where pip finds it on
+#                       local disk, the CUDA build from PyPI elsewhere)
+#   FLEXKV_SKIP_TORCH=1 install none (flexkv's server and workers run without torch)
+TORCH_SPEC=${FLEXKV_TORCH_SPEC:-torch==2.13.0}
+if torch_version=$("$PY" -c 'import torch; print(torch.__version__)' 2>/dev/null); then
+  say "torch $torch_version present (kept as it is)"
+elif [ -n "${FLEXKV_SKIP_TORCH:-}" ]; then
+  say "no torch importable; not installing one (FLEXKV_SKIP_TORCH set): the engine API and tests need it"
+else
+  say "no torch importable: pip install $TORCH_SPEC (FLEXKV_TORCH_SPEC overrides, FLEXKV_SKIP_TORCH=1 skips)"
+  "$PY" -m pip install -q --disable-pip-version-check "$TORCH_SPEC" 2>&1 | grep -v -E "^WARNING: (Location|Running pip)" || true
+  "$PY" -c 'import torch' 2>/dev/null || die "pip install $TORCH_SPEC failed (set FLEXKV_TORCH_SPEC to a torch your machine can install)"
+fi
+
 # --- Python packages -------------------------------------------------------------------------
-# torch is engine-facing and optional for flexkv itself: use whatever torch the user has. We never
-# install one here (a plain 'pip install torch' pulls a multi-GB CUDA build); CI installs the CPU wheel.
 PY_PKGS=(setuptools wheel "cffi>=1.16" "numpy>=1.24" "pyzmq>=25" "posix_ipc>=1.1" "msgspec>=0.18"
          "xxhash>=3.0" "PyYAML>=6.0" "redis>=5.0" "hiredis>=2.0"
          "pytest>=8" "pytest-timeout>=2.2" "hypothesis>=6.100" "ruff>=0.5" "mypy>=1.10")

@@ -29,6 +29,7 @@ setup(
     packages=[
         "flexkv",
         "flexkv.native",
+        "flexkv.common",
         "flexkv.scheduler",
         "flexkv.workers",
         "flexkv.remote",

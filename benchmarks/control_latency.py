@@ -38,9 +38,9 @@ import numpy as np
 import zmq
 
 from flexkv.client import HostKVBuffers, allocate_host_kv_buffers
-from flexkv.config import CacheConfig, ModelConfig
+from flexkv.common.config import CacheConfig, ModelConfig
 from flexkv.layout import KVCacheLayout, LayoutKind
-from flexkv.manager import KVManager
+from flexkv.kvmanager import KVManager
 from flexkv.protocol import client_msgs as cm
 from flexkv.scheduler.control import ControlPlane
 from flexkv.types import TaskStatus

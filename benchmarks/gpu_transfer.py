@@ -38,7 +38,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from flexkv.config import CacheConfig, ModelConfig
+from flexkv.common.config import CacheConfig, ModelConfig
 from flexkv.layout import BlockFirstLayout, ChunkTable, KVCacheLayout, LayoutKind
 from flexkv.native import cudacopy
 from flexkv.native.cudacopy import CopyPath, CudaCopyEngine
@@ -234,7 +234,7 @@ class Stack:
 
     def __init__(self, args: argparse.Namespace, t: int) -> None:
         from flexkv.client import KVTPClient, allocate_host_kv_buffers
-        from flexkv.manager import KVManager
+        from flexkv.kvmanager import KVManager
 
         self.t, self.n, self.k = t, args.num_blocks, args.in_flight
         self.per_prompt = self.n // args.prompts

@@ -17,7 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from flexkv.config import ModelConfig
+from flexkv.common.config import ModelConfig
 from flexkv.layout import BlockFirstLayout, KVCacheLayout, LayoutKind, tensor_addresses
 from flexkv.native.hostcopy import CopyDirection, buffer_address, copy_blocks
 

@@ -22,7 +22,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from flexkv.config import CacheConfig, ModelConfig
+from flexkv.common.config import CacheConfig, ModelConfig
 from flexkv.native.hasher import hash_blocks
 from flexkv.scheduler.control import ControlPlane
 from flexkv.scheduler.eviction import LRUEvictor

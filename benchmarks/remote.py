@@ -27,7 +27,7 @@ import xxhash
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from flexkv.config import RemoteConfig
+from flexkv.common.config import RemoteConfig
 from flexkv.remote import FilesystemStore, RedisStore, RemoteStore
 from flexkv.remote.base import make_trailer
 from tests.redis_server import RedisServer

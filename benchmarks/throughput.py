@@ -40,9 +40,9 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from flexkv.client import HostKVBuffers, allocate_host_kv_buffers
-from flexkv.config import CacheConfig, ModelConfig
+from flexkv.common.config import CacheConfig, ModelConfig
 from flexkv.layout import BlockFirstLayout, KVCacheLayout, LayoutKind, tensor_addresses
-from flexkv.manager import KVManager
+from flexkv.kvmanager import KVManager
 from flexkv.native.hostcopy import CopyDirection, copy_blocks
 from flexkv.types import TaskStatus
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from flexkv.config import CacheConfig, ModelConfig
+from flexkv.common.config import CacheConfig, ModelConfig
 from flexkv.scheduler.control import ControlPlane
 
 ID_TOKENS = 512

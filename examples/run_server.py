@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Any
 
-from flexkv.config import GIB, CacheConfig, ModelConfig, RemoteConfig, cache_config_from_user, read_user_config
+from flexkv.common.config import GIB, CacheConfig, ModelConfig, RemoteConfig, cache_config_from_user, read_user_config
 from flexkv.scheduler.main import setup_logging
 from flexkv.scheduler.server import SchedulerServer
 from flexkv.types import ConfigError

@@ -22,9 +22,9 @@ from typing import Any
 import numpy as np
 
 from flexkv.client import KVTPClient, allocate_host_kv_buffers
-from flexkv.config import CacheConfig, ModelConfig
+from flexkv.common.config import CacheConfig, ModelConfig
 from flexkv.layout import KVCacheLayout, LayoutKind
-from flexkv.manager import KVManager
+from flexkv.kvmanager import KVManager
 from flexkv.types import TaskStatus
 
 

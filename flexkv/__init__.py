@@ -1,6 +1,6 @@
 """flexkv: a KV-cache manager for LLM inference engines (CPU, SSD and remote tiers)."""
 
-from flexkv.config import CacheConfig, ModelConfig, RemoteBackend, RemoteConfig, load_cache_config
+from flexkv.common.config import CacheConfig, ModelConfig, RemoteBackend, RemoteConfig, load_cache_config
 from flexkv.types import DType, KVResponse, Medium, OpType, TaskStatus
 
 __all__ = [

@@ -18,7 +18,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import numpy.typing as npt
 
-from flexkv.config import ModelConfig
+from flexkv.common.config import ModelConfig
 
 
 class LayoutKind(enum.Enum):

@@ -18,7 +18,7 @@ import itertools
 
 import numpy as np
 
-from flexkv.config import CacheConfig, ModelConfig
+from flexkv.common.config import CacheConfig, ModelConfig
 from flexkv.native.hasher import hash_blocks
 from flexkv.scheduler.eviction import make_evictor
 from flexkv.scheduler.graph import OpNode, Reservation, TaskKey, TransferOp

@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 
-from flexkv.config import configs_from_json
+from flexkv.common.config import configs_from_json
 from flexkv.scheduler.server import SchedulerServer
 from flexkv.types import FlexKVError
 

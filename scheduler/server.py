@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from flexkv.config import CacheConfig, ModelConfig, RemoteConfig, configs_to_json, kv_fingerprint
+from flexkv.common.config import CacheConfig, ModelConfig, RemoteConfig, configs_to_json, kv_fingerprint
 from flexkv.layout import BlockFirstLayout, KVCacheLayout
 from flexkv.native.hasher import encode_namespace
 from flexkv.protocol import client_msgs as cm

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from flexkv.config import (
+from flexkv.common.config import (
     GIB,
     CacheConfig,
     ModelConfig,
@@ -205,7 +205,7 @@ def test_every_flexkv_variable_the_code_reads_is_a_config_key_or_known_to_be_non
     """Otherwise setting it (FLEXKV_CUDART=...) would make load_cache_config fail with 'unknown key'."""
     import re
 
-    from flexkv.config import _NON_CONFIG_ENV, _USER_KEYS
+    from flexkv.common.config import _NON_CONFIG_ENV, _USER_KEYS
 
     root = Path(__file__).resolve().parent.parent
     files = [root / "setup.py", root / "build.sh", *root.glob("c_src/build_*.py")]

@@ -19,7 +19,7 @@ import msgspec
 import numpy as np
 import pytest
 
-from flexkv.config import ModelConfig
+from flexkv.common.config import ModelConfig
 from flexkv.cuda_ipc import CudaIpcEventHandle, CudaIpcHandle
 from flexkv.layout import BlockFirstLayout, ChunkTable, KVCacheLayout, LayoutKind
 from flexkv.native import cudacopy

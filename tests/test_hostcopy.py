@@ -11,7 +11,7 @@ import mmap
 import numpy as np
 import pytest
 
-from flexkv.config import ModelConfig
+from flexkv.common.config import ModelConfig
 from flexkv.layout import BlockFirstLayout, KVCacheLayout, LayoutKind, tensor_addresses
 from flexkv.native.hostcopy import (
     MIN_BYTES_PER_THREAD,

@@ -22,8 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SCANNED_DIRS = ("flexkv", "scheduler", "workers", "tests", "examples", "benchmarks")
 BARE_NAMES = ("scheduler", "workers")
 # The lowest layer: these must never depend on the server, the workers or the engine-facing manager.
-CORE_MODULES = ("flexkv.config", "flexkv.types", "flexkv.layout", "flexkv.protocol", "flexkv.shm", "flexkv.native")
-HIGHER_LAYERS = ("flexkv.scheduler", "flexkv.workers", "flexkv.manager")
+CORE_MODULES = ("flexkv.common.config", "flexkv.types", "flexkv.layout", "flexkv.protocol", "flexkv.shm", "flexkv.native")
+HIGHER_LAYERS = ("flexkv.scheduler", "flexkv.workers", "flexkv.kvmanager")
 
 
 def python_files() -> Iterator[Path]:
@@ -78,19 +78,19 @@ def test_the_scanner_sees_every_kind_of_import() -> None:
         "from . import planner\n"
         "from ..types import Medium\n"
         "def lazy():\n"
-        "    import flexkv.manager\n"
+        "    import flexkv.kvmanager\n"
         "    importlib.import_module('workers.ssd_worker')\n"
         "    __import__('scheduler')\n"
     )
     assert list(imported_names(source, "flexkv.scheduler")) == [
         (1, "scheduler.pool"), (2, "workers"), (3, "flexkv.scheduler"), (4, "flexkv.types"),
-        (6, "flexkv.manager"), (7, "workers.ssd_worker"), (8, "scheduler"),
+        (6, "flexkv.kvmanager"), (7, "workers.ssd_worker"), (8, "scheduler"),
     ]
 
 
 def test_there_are_files_to_scan() -> None:
     names = {module_name(p) for p in python_files()}
-    assert {"flexkv.config", "flexkv.scheduler", "flexkv.workers", "tests.test_imports"} <= names
+    assert {"flexkv.common.config", "flexkv.scheduler", "flexkv.workers", "tests.test_imports"} <= names
 
 
 def test_nothing_imports_a_bare_scheduler_or_workers() -> None:
@@ -114,7 +114,7 @@ def test_server_and_workers_do_not_import_the_engine_facing_manager() -> None:
     offenders = [f"{path.relative_to(ROOT)}:{line}: imports {name}"
                  for path in python_files()
                  if any(is_under(module_name(path), p) for p in ("flexkv.scheduler", "flexkv.workers"))
-                 for line, name in file_imports(path) if is_under(name, "flexkv.manager")]
+                 for line, name in file_imports(path) if is_under(name, "flexkv.kvmanager")]
     assert not offenders, "\n".join(offenders)
 
 
@@ -150,7 +150,7 @@ def test_every_module_imports_cleanly_without_cuda() -> None:
     result = run_fresh(_IMPORT_ALL)
     modules = result["modules"]
     assert isinstance(modules, list)
-    assert {"flexkv.config", "flexkv.shm", "flexkv.native.hasher", "flexkv.scheduler", "flexkv.workers"} <= set(
+    assert {"flexkv.common.config", "flexkv.shm", "flexkv.native.hasher", "flexkv.scheduler", "flexkv.workers"} <= set(
         modules)
     failures = result["failures"]
     assert isinstance(failures, dict)

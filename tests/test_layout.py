@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from flexkv.config import ModelConfig
+from flexkv.common.config import ModelConfig
 from flexkv.layout import BlockFirstLayout, ChunkTable, KVCacheLayout, LayoutKind, tensor_addresses
 
 T = 4

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from redis.crc import key_slot
 
-from flexkv.config import RemoteConfig
+from flexkv.common.config import RemoteConfig
 from flexkv.remote import FilesystemStore, RedisStore, RemoteStore, RemoteUnavailable, open_remote_store
 from flexkv.types import InvalidRequest
 from tests.redis_server import RedisCluster, RedisServer, free_port

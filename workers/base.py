@@ -29,7 +29,7 @@ import numpy as np
 import numpy.typing as npt
 import zmq
 
-from flexkv.config import CacheConfig, ModelConfig, configs_from_json
+from flexkv.common.config import CacheConfig, ModelConfig, configs_from_json
 from flexkv.protocol.codec import SERVER_TO_WORKER, WORKER_TO_SERVER, Frame, ProtocolError, frame_array
 from flexkv.protocol.worker_msgs import ExecuteOpMsg, OpsDoneMsg, StopWorkerMsg, WorkerHelloMsg
 from flexkv.shm import SharedPool

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from flexkv.config import kv_fingerprint
+from flexkv.common.config import kv_fingerprint
 from flexkv.remote import RemoteUnavailable, open_remote_store
 from flexkv.types import OpType
 from flexkv.workers.base import Op, Worker

@@ -7,7 +7,7 @@ checks the store answers; the worker then calls ``put_blocks``/``get_blocks``/``
 
 from __future__ import annotations
 
-from flexkv.config import RemoteBackend, RemoteConfig
+from flexkv.common.config import RemoteBackend, RemoteConfig
 
 from .base import RemoteStore, RemoteUnavailable
 from .fs_store import FilesystemStore

@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import numpy.typing as npt
 
-from flexkv.config import RemoteConfig
+from flexkv.common.config import RemoteConfig
 
 from .base import (
     TRAILER_BYTES,

@@ -27,7 +27,7 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.retry import Retry
 
-from flexkv.config import RemoteConfig
+from flexkv.common.config import RemoteConfig
 
 from .base import (
     TRAILER_BYTES,

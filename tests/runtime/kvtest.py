@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from flexkv.client import HostKVBuffers, allocate_host_kv_buffers
-from flexkv.config import CacheConfig, ModelConfig
+from flexkv.common.config import CacheConfig, ModelConfig
 from flexkv.layout import KVCacheLayout, LayoutKind
 
 if TYPE_CHECKING:
-    from flexkv.manager import KVManager
+    from flexkv.kvmanager import KVManager
 
 T = 4  # tokens per block in these tests: small blocks, many of them
 
@@ -102,7 +102,7 @@ def start_server(model: ModelConfig, cache: CacheConfig, address: str) -> object
     import subprocess
     import sys
 
-    from flexkv.config import configs_to_json
+    from flexkv.common.config import configs_to_json
 
     return subprocess.Popen([sys.executable, "-m", "flexkv.scheduler.main", "--configs-json",
                              configs_to_json(model, cache), "--address", address])
@@ -112,7 +112,7 @@ def start_server(model: ModelConfig, cache: CacheConfig, address: str) -> object
 def serving(model: ModelConfig, cache: CacheConfig, kind: LayoutKind, num_blocks: int,
             seed: int) -> Iterator[tuple[KVManager, HostKVBuffers]]:
     """A library-mode KVManager with one rank's random host KV buffers registered; both cleaned up."""
-    from flexkv.manager import KVManager
+    from flexkv.kvmanager import KVManager
 
     bufs = host_buffers(model, kind, num_blocks, seed)
     kvm = KVManager(model, cache)

@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from flexkv.config import ModelConfig
+from flexkv.common.config import ModelConfig
 from flexkv.layout import BlockFirstLayout, KVCacheLayout, LayoutKind
-from flexkv.manager import KVManager
+from flexkv.kvmanager import KVManager
 from flexkv.native import cudacopy
 from flexkv.shm import SharedPool, list_flexkv_segments
 from flexkv.types import TaskStatus

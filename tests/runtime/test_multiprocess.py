@@ -15,7 +15,7 @@ import pytest
 import zmq
 
 from flexkv.layout import LayoutKind
-from flexkv.manager import KVManager
+from flexkv.kvmanager import KVManager
 from flexkv.scheduler.server import SchedulerServer
 from flexkv.shm import list_flexkv_segments
 from flexkv.types import TaskStatus

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from flexkv.layout import LayoutKind
-from flexkv.manager import KVManager
+from flexkv.kvmanager import KVManager
 from flexkv.types import TaskStatus
 from tests.runtime.kvtest import (
     T,

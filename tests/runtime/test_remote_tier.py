@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from flexkv.client import HostKVBuffers
-from flexkv.config import CacheConfig, ModelConfig, RemoteConfig
+from flexkv.common.config import CacheConfig, ModelConfig, RemoteConfig
 from flexkv.layout import LayoutKind
-from flexkv.manager import KVManager
+from flexkv.kvmanager import KVManager
 from flexkv.types import FlexKVError, TaskStatus
 from tests.redis_server import RedisServer, free_port
 from tests.runtime.kvtest import T, block_bytes, host_buffers, poison, slots_for, tokens

@@ -16,7 +16,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flexkv.config import CacheConfig, ModelConfig
+from flexkv.common.config import CacheConfig, ModelConfig
 from flexkv.native.hasher import encode_namespace, hash_blocks
 from flexkv.remote import RemoteUnavailable
 from flexkv.scheduler.control import ControlPlane

@@ -14,7 +14,7 @@ import numpy as np
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from flexkv.config import CacheConfig, ModelConfig
+from flexkv.common.config import CacheConfig, ModelConfig
 from flexkv.native.hasher import hash_blocks
 from flexkv.scheduler.control import ControlPlane
 from flexkv.scheduler.graph import TransferOp

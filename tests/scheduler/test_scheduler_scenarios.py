@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flexkv.config import CacheConfig, ModelConfig
+from flexkv.common.config import CacheConfig, ModelConfig
 from flexkv.native.hasher import encode_namespace, hash_blocks
 from flexkv.scheduler.control import ControlPlane
 from flexkv.scheduler.graph import TransferOp

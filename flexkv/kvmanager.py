@@ -25,7 +25,7 @@ import numpy.typing as npt
 import xxhash
 
 from flexkv.client import HostKVBuffers, KVTPClient
-from flexkv.config import CacheConfig, ModelConfig, configs_to_json
+from flexkv.common.config import CacheConfig, ModelConfig, configs_to_json
 from flexkv.layout import KVCacheLayout, LayoutKind
 from flexkv.native.hasher import encode_namespace, hash_blocks
 from flexkv.protocol import client_msgs as cm

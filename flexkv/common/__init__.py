@@ -1,0 +1,1 @@
+"""Configuration shared by every process (``flexkv.common.config``: ModelConfig, CacheConfig, ...)."""
