@@ -39,8 +39,8 @@ import zmq
 
 from flexkv.client import HostKVBuffers, allocate_host_kv_buffers
 from flexkv.common.config import CacheConfig, ModelConfig
-from flexkv.layout import KVCacheLayout, LayoutKind
 from flexkv.kvmanager import KVManager
+from flexkv.layout import KVCacheLayout, LayoutKind
 from flexkv.protocol import client_msgs as cm
 from flexkv.scheduler.control import ControlPlane
 from flexkv.types import TaskStatus

@@ -41,8 +41,8 @@ import numpy as np
 
 from flexkv.client import HostKVBuffers, allocate_host_kv_buffers
 from flexkv.common.config import CacheConfig, ModelConfig
-from flexkv.layout import BlockFirstLayout, KVCacheLayout, LayoutKind, tensor_addresses
 from flexkv.kvmanager import KVManager
+from flexkv.layout import BlockFirstLayout, KVCacheLayout, LayoutKind, tensor_addresses
 from flexkv.native.hostcopy import CopyDirection, copy_blocks
 from flexkv.types import TaskStatus
 

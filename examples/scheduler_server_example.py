@@ -23,8 +23,8 @@ import numpy as np
 
 from flexkv.client import KVTPClient, allocate_host_kv_buffers
 from flexkv.common.config import CacheConfig, ModelConfig
-from flexkv.layout import KVCacheLayout, LayoutKind
 from flexkv.kvmanager import KVManager
+from flexkv.layout import KVCacheLayout, LayoutKind
 from flexkv.types import TaskStatus
 
 

@@ -22,7 +22,8 @@ ROOT = Path(__file__).resolve().parent.parent
 SCANNED_DIRS = ("flexkv", "scheduler", "workers", "tests", "examples", "benchmarks")
 BARE_NAMES = ("scheduler", "workers")
 # The lowest layer: these must never depend on the server, the workers or the engine-facing manager.
-CORE_MODULES = ("flexkv.common.config", "flexkv.types", "flexkv.layout", "flexkv.protocol", "flexkv.shm", "flexkv.native")
+CORE_MODULES = ("flexkv.common.config", "flexkv.types", "flexkv.layout", "flexkv.protocol", "flexkv.shm",
+                "flexkv.native")
 HIGHER_LAYERS = ("flexkv.scheduler", "flexkv.workers", "flexkv.kvmanager")
 
 

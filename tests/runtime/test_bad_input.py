@@ -12,8 +12,8 @@ import pytest
 import torch
 import zmq
 
-from flexkv.layout import LayoutKind
 from flexkv.kvmanager import KVManager
+from flexkv.layout import LayoutKind
 from flexkv.protocol import client_msgs as cm
 from flexkv.protocol import worker_msgs as wm
 from flexkv.protocol.codec import CLIENT_REQUESTS, SERVER_REPLIES, WORKER_TO_SERVER

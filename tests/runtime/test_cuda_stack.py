@@ -18,8 +18,8 @@ import numpy as np
 import pytest
 
 from flexkv.common.config import ModelConfig
-from flexkv.layout import BlockFirstLayout, KVCacheLayout, LayoutKind
 from flexkv.kvmanager import KVManager
+from flexkv.layout import BlockFirstLayout, KVCacheLayout, LayoutKind
 from flexkv.native import cudacopy
 from flexkv.shm import SharedPool, list_flexkv_segments
 from flexkv.types import TaskStatus

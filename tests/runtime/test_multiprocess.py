@@ -14,8 +14,8 @@ from typing import Any
 import pytest
 import zmq
 
-from flexkv.layout import LayoutKind
 from flexkv.kvmanager import KVManager
+from flexkv.layout import LayoutKind
 from flexkv.scheduler.server import SchedulerServer
 from flexkv.shm import list_flexkv_segments
 from flexkv.types import TaskStatus

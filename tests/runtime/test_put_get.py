@@ -7,8 +7,8 @@ import time
 import numpy as np
 import pytest
 
-from flexkv.layout import LayoutKind
 from flexkv.kvmanager import KVManager
+from flexkv.layout import LayoutKind
 from flexkv.types import TaskStatus
 from tests.runtime.kvtest import (
     T,

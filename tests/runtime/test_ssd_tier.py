@@ -12,8 +12,8 @@ import pytest
 
 from flexkv.client import HostKVBuffers
 from flexkv.common.config import CacheConfig, ModelConfig
-from flexkv.layout import LayoutKind
 from flexkv.kvmanager import KVManager
+from flexkv.layout import LayoutKind
 from flexkv.types import FlexKVError, TaskStatus
 from tests.runtime.kvtest import T, block_bytes, host_buffers, poison, slots_for, tokens
 
