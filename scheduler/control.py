@@ -15,12 +15,14 @@ match, bounded by the store's timeouts); nothing else here does I/O.
 from __future__ import annotations
 
 import itertools
+import time
+from collections.abc import Callable
 
 import numpy as np
 
 from flexkv.common.config import CacheConfig, ModelConfig
 from flexkv.native.hasher import hash_blocks
-from flexkv.scheduler.eviction import make_evictor
+from flexkv.scheduler.eviction import EvictionParams, make_evictor
 from flexkv.scheduler.graph import OpNode, Reservation, TaskKey, TransferOp
 from flexkv.scheduler.index import RadixIndex
 from flexkv.scheduler.planner import Tiers, plan_get, plan_put
@@ -35,7 +37,7 @@ from flexkv.scheduler.tasks import (
     check_tokens,
     gpu_blocks_from_slots,
 )
-from flexkv.types import EvictionPolicy, InvalidRequest, KVResponse, Medium, OpType, TaskStatus, TaskType
+from flexkv.types import InvalidRequest, KVResponse, Medium, OpType, TaskStatus, TaskType
 
 __all__ = ["ControlPlane", "TaskKey", "TransferOp"]
 
@@ -45,19 +47,23 @@ _UNBOUNDED_MIN_BLOCKS = 1024  # initial size of a growable (unbounded remote) po
 class ControlPlane:
     """Index + pools + tasks of one flexkv server. Not thread-safe: one owner thread."""
 
-    def __init__(self, model: ModelConfig, cache: CacheConfig, remote_lookup: RemoteLookup | None = None) -> None:
+    def __init__(self, model: ModelConfig, cache: CacheConfig, remote_lookup: RemoteLookup | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         """``remote_lookup`` (used only if ``cache.enable_remote``): index the remote tier by the
         shared store itself instead of by what this server stored; ``num_remote_blocks`` is then
-        not enforced (the store evicts by itself)."""
+        not enforced (the store evicts by itself). ``clock`` (seconds) stamps accesses for the
+        eviction policies (a trace replay passes the trace's time)."""
         self.model = model
         self.cache = cache
         self.tokens_per_block = cache.tokens_per_block
-        policy = EvictionPolicy(cache.eviction_policy)
+        self._clock = clock
+        params = EvictionParams(hit_reward_s=float(cache.hit_reward_seconds), promote_hits=cache.slru_promote_hits,
+                                protected_ratio=float(cache.slru_protected_ratio))
 
         def tier(medium: Medium, num_blocks: int) -> RadixIndex:
             start = num_blocks or max(_UNBOUNDED_MIN_BLOCKS, cache.num_cpu_blocks)
             pool = BlockPool(start, growable=num_blocks == 0)
-            return RadixIndex(medium, pool, make_evictor(policy))
+            return RadixIndex(medium, pool, make_evictor(cache.policy_of(medium.name.lower()), params))
 
         by_store = cache.enable_remote and remote_lookup is not None
         self.tiers = Tiers(
@@ -69,10 +75,10 @@ class ControlPlane:
         self._tasks: dict[TaskKey, Task] = {}
         self._ops: dict[int, tuple[Task, OpNode]] = {}
         self._op_ids = itertools.count(1)
-        self._clock = 0
         self._counters = dict.fromkeys(
             ("num_get_matches", "num_put_matches", "get_query_blocks", "get_hit_blocks", "get_moved_blocks",
-             "put_query_blocks", "put_hit_blocks", "put_stored_blocks", "num_failed_ops", "get_lost_blocks"), 0)
+             "put_query_blocks", "put_hit_blocks", "put_stored_blocks", "num_failed_ops", "get_lost_blocks",
+             "proactive_evicted_blocks"), 0)
 
     # ---- match (prepare) -----------------------------------------------------------------
 
@@ -119,10 +125,9 @@ class ControlPlane:
         if hashes is None:
             assert tokens is not None
             hashes = hash_blocks(tokens, t, namespace)
-        self._clock += 1
         first_block = -(-first_true // t)
         planner = plan_get if task_type is TaskType.GET else plan_put
-        plan = planner(self.tiers, hashes, num_tokens, t, first_block, self._clock)
+        plan = planner(self.tiers, hashes, num_tokens, t, first_block, self._clock())
         self._tasks[key] = Task(key, plan, num_tokens, first_true)
         self._count_match(task_type, hashes.size, plan.num_hit_blocks, plan.num_moved_blocks)
         return plan.mask
@@ -234,6 +239,22 @@ class ControlPlane:
         for res in writes:
             assert res.path_hashes is not None
             res.index.prune(res.path_hashes)
+
+    def evict_proactively(self) -> int:
+        """Proactive eviction (``evict_start_threshold`` < 1): every bounded tier fuller than the
+        threshold evicts ``evict_ratio`` of its blocks (unlocked leaves, in policy order) now, so
+        later matches find free blocks. Returns the blocks evicted. The server calls it when idle."""
+        threshold = self.cache.evict_start_threshold
+        if threshold >= 1.0:
+            return 0
+        freed = 0
+        for index in self.tiers.all():
+            pool = index.pool
+            if pool.growable or pool.num_used_blocks <= threshold * pool.num_blocks:
+                continue
+            freed += index.evict(max(1, int(self.cache.evict_ratio * pool.num_blocks)))
+        self._counters["proactive_evicted_blocks"] += freed
+        return freed
 
     # ---- introspection -------------------------------------------------------------------------
 

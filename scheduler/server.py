@@ -231,6 +231,7 @@ class SchedulerServer:
 
     def _tick(self) -> None:
         self._complete(self.supervisor.check_liveness())
+        self.control.evict_proactively()
         for identity, conn in list(self._conns.items()):
             if conn.host == self._host and not _pid_alive(conn.pid):
                 self._client_gone(identity, conn)
