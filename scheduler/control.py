@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable
 
 import numpy as np
+import xxhash
 
 from flexkv.common.config import CacheConfig, ModelConfig
 from flexkv.native.hasher import hash_blocks
@@ -75,10 +76,12 @@ class ControlPlane:
         self._tasks: dict[TaskKey, Task] = {}
         self._ops: dict[int, tuple[Task, OpNode]] = {}
         self._op_ids = itertools.count(1)
+        self._salt = 0  # 0 until the first reset(); then every block key is XORed with it
+        self._num_resets = 0
         self._counters = dict.fromkeys(
             ("num_get_matches", "num_put_matches", "get_query_blocks", "get_hit_blocks", "get_moved_blocks",
              "put_query_blocks", "put_hit_blocks", "put_stored_blocks", "num_failed_ops", "get_lost_blocks",
-             "proactive_evicted_blocks"), 0)
+             "proactive_evicted_blocks", "num_resets"), 0)
 
     # ---- match (prepare) -----------------------------------------------------------------
 
@@ -125,6 +128,8 @@ class ControlPlane:
         if hashes is None:
             assert tokens is not None
             hashes = hash_blocks(tokens, t, namespace)
+        if self._salt:
+            hashes = hashes ^ np.uint64(self._salt)  # a reset's generation: no key of an older one matches
         first_block = -(-first_true // t)
         planner = plan_get if task_type is TaskType.GET else plan_put
         plan = planner(self.tiers, hashes, num_tokens, t, first_block, self._clock())
@@ -162,6 +167,18 @@ class ControlPlane:
         if task.cancelled:
             raise InvalidRequest(f"task {key} was cancelled")
         return self._track(task, task.launch(gpu_ids, self._new_op_id))
+
+    def launch_prefetch(self, key: TaskKey) -> list[TransferOp]:
+        """Start a matched GET with no engine destination: its SSD/remote hits are promoted into the
+        CPU tier and nothing is copied toward the engine. SUCCESS once the promotions landed; the
+        task's mask marks the prefix that a GET can then load from CPU. Returns the ops to dispatch."""
+        task = self._task(key)
+        if task.task_type is not TaskType.GET:
+            raise InvalidRequest(f"task {key} is a PUT; only a GET can prefetch")
+        if task.launched or task.cancelled:
+            raise InvalidRequest(f"task {key} was already launched or cancelled")
+        task.prefetch = True
+        return self._track(task, task.launch(np.empty(0, dtype=np.int64), self._new_op_id))
 
     def complete_op(self, op_id: int, ok: bool, error: str = "") -> list[TransferOp]:
         """A worker finished ``op_id``. Success publishes what it wrote and releases what it read;
@@ -239,6 +256,24 @@ class ControlPlane:
         for res in writes:
             assert res.path_hashes is not None
             res.index.prune(res.path_hashes)
+
+    def reset(self) -> list[TaskKey]:
+        """Drop every tier's index (after a weight update, say): no block cached before is ever
+        matched again. Tasks not launched yet are cancelled and released (returned); launched tasks
+        run to their end and their completions land in the old generation, which no match reaches.
+        Every unlocked block is freed now; blocks old ops still use are freed as leaves once their
+        ops end (evicted first: nothing touches them again). The remote store keeps its old keys,
+        but the new generation's keys differ from all of them (every block key is XORed with a
+        per-reset salt), so they are never read either."""
+        self._num_resets += 1
+        self._salt = int(xxhash.xxh3_64_intdigest(f"flexkv-reset-{self._num_resets}".encode())) or 1
+        dropped = [key for key, task in self._tasks.items() if not task.launched]
+        for key in dropped:
+            self.release(key)
+        for index in self.tiers.all():
+            index.evict(index.pool.num_used_blocks)
+        self._counters["num_resets"] += 1
+        return dropped
 
     def evict_proactively(self) -> int:
         """Proactive eviction (``evict_start_threshold`` < 1): every bounded tier fuller than the

@@ -126,6 +126,7 @@ class SchedulerServer:
             cm.PutMatchMsg: self._on_match,
             cm.GetAsyncMsg: self._on_async,
             cm.PutAsyncMsg: self._on_async,
+            cm.PrefetchMsg: self._on_prefetch,
             cm.LaunchMsg: self._on_launch,
             cm.CancelMsg: self._on_cancel,
             cm.WaitMsg: self._on_wait,
@@ -315,6 +316,20 @@ class SchedulerServer:
         except (FlexKVError, ProtocolError) as e:
             self._fail_unstarted(key, str(e))
 
+    def _on_prefetch(self, _: bytes, msg: cm.PrefetchMsg, arrays: list[memoryview]) -> None:
+        key = (msg.client_id, msg.task_id)
+        try:
+            if len(arrays) != 1:
+                raise ProtocolError(f"PrefetchMsg: expected 1 array frame, got {len(arrays)}")
+            tokens = frame_array(arrays[0], np.int64, "token_ids")
+            self._match(key, True, tokens, None, encode_namespace(msg.namespace))
+            ops = self.control.launch_prefetch(key)
+            self._launched.add(key)
+            self._dispatch(ops)
+            self._retire([key])
+        except (FlexKVError, ProtocolError) as e:
+            self._fail_unstarted(key, str(e))
+
     def _on_launch(self, _: bytes, msg: cm.LaunchMsg, arrays: list[memoryview]) -> None:
         if len(arrays) != len(msg.task_ids):
             for tid in msg.task_ids:
@@ -397,11 +412,18 @@ class SchedulerServer:
         elif msg.what == "check":
             self.control.check_invariants()
             info = {"ok": True}
+        elif msg.what == "reset":
+            dropped = self.control.reset()
+            for key in dropped:  # not launched: final as CANCELLED for any later wait
+                cancelled = KVResponse(TaskStatus.CANCELLED, key[1], None)
+                self._remember(key, cancelled, cancelled)
+            log.info("reset: every tier's index dropped; %d unlaunched task(s) cancelled", len(dropped))
+            info = {"cancelled": len(dropped)}
         elif msg.what == "shutdown":
             self._running = False
             info = {"ok": True}
         else:
-            raise _invalid(f"unknown query {msg.what!r}; allowed: is_ready, stats, check, shutdown")
+            raise _invalid(f"unknown query {msg.what!r}; allowed: is_ready, stats, check, reset, shutdown")
         self._reply(identity, cm.OkReplyMsg(req_id=msg.req_id, info=info))
 
     def is_ready(self) -> bool:

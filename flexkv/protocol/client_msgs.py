@@ -54,6 +54,14 @@ class PutAsyncMsg(GetAsyncMsg, frozen=True, tag=True, kw_only=True):
     """Like GetAsyncMsg for a PUT."""
 
 
+class PrefetchMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
+    """Match a GET and start staging its SSD/remote hits into CPU, with no engine destination; no
+    reply (errors at wait). Frames: token_ids (int64)."""
+
+    task_id: int
+    namespace: list[str] | None = None
+
+
 class LaunchMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
     """Bind GPU slots of matched tasks and start them, no reply. Frames: one slot_mapping per task id."""
 
@@ -93,15 +101,16 @@ class RegisterKVMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
 
 
 class QueryMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
-    """``what``: "is_ready" | "stats" | "check" (runs check_invariants) | "shutdown"."""
+    """``what``: "is_ready" | "stats" | "check" (runs check_invariants) | "reset" (drop every tier's
+    index) | "shutdown"."""
 
     req_id: int
     what: str
 
 
 ClientRequest = (
-    HelloMsg | GetMatchMsg | PutMatchMsg | GetAsyncMsg | PutAsyncMsg | LaunchMsg | CancelMsg | WaitMsg | RegisterKVMsg
-    | QueryMsg
+    HelloMsg | GetMatchMsg | PutMatchMsg | GetAsyncMsg | PutAsyncMsg | PrefetchMsg | LaunchMsg | CancelMsg | WaitMsg
+    | RegisterKVMsg | QueryMsg
 )
 
 
