@@ -39,7 +39,9 @@ from flexkv.protocol.codec import (
 )
 from flexkv.protocol.worker_msgs import OpsDoneMsg, WorkerByeMsg, WorkerHelloMsg
 from flexkv.remote import RemoteStore, RemoteUnavailable, open_remote_store
+from flexkv.scheduler import endpoint
 from flexkv.scheduler.control import ControlPlane
+from flexkv.scheduler.endpoint import IpcClaim
 from flexkv.scheduler.graph import TransferOp
 from flexkv.scheduler.remote_lookup import RemoteLookup
 from flexkv.scheduler.supervisor import OpResult, WorkerSupervisor, device_worker_id
@@ -94,7 +96,12 @@ class SchedulerServer:
         self._host = socket.gethostname()
         self._lookup_store: RemoteStore | None = None
         self._ctx = zmq.Context()
+        self._claims: list[IpcClaim] = []
         try:
+            # First: a second server on the same address fails here, before it builds anything.
+            self._clients = self._bind(zmq.ROUTER, self.client_address)
+            # Workers set no identity: the ROUTER names each connection, and a hello binds it (supervisor).
+            self._workers_sock = self._bind(zmq.ROUTER, self.worker_address)
             cache = self._open_remote_lookup(model, cache)
             self.cache = cache
             self.control = ControlPlane(model, cache, remote_lookup=self._remote_lookup)
@@ -102,9 +109,6 @@ class SchedulerServer:
             self.block_first = BlockFirstLayout(model, cache.tokens_per_block)
             self.pool = SharedPool.create(make_pool_name("cpu"), cache.num_cpu_blocks * self.block_bytes,
                                           progress=_prefault_progress)
-            self._clients = self._bind(zmq.ROUTER, self.client_address)
-            # Workers set no identity: the ROUTER names each connection, and a hello binds it (supervisor).
-            self._workers_sock = self._bind(zmq.ROUTER, self.worker_address)
         except BaseException:
             self.close()  # e.g. the address is taken: leave no segment or socket file behind
             raise
@@ -169,7 +173,13 @@ class SchedulerServer:
         sock: zmq.Socket[bytes] = self._ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        sock.bind(address)
+        try:
+            claim = endpoint.bind(sock, address)
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        if claim is not None:
+            self._claims.append(claim)
         return sock
 
     def _start_tier_workers(self, timeout_s: float = 120.0) -> None:
@@ -568,14 +578,11 @@ class SchedulerServer:
             pool.unlink()
         if self._lookup_store is not None:
             self._lookup_store.close()
+        for claim in self._claims:  # only the paths this server bound: never another server's
+            claim.release()
+        self._claims = []
         if self._own_runtime_dir:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
-        else:
-            for name in ("server.sock", "workers.sock"):
-                try:
-                    os.unlink(os.path.join(self.runtime_dir, name))
-                except FileNotFoundError:
-                    pass
         log.info("flexkv server stopped")
 
 
