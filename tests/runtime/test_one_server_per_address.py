@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Iterator
+
 import pytest
 
 from flexkv.common.config import configs_to_json

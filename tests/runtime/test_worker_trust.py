@@ -69,8 +69,8 @@ def test_spoofed_completions_from_a_stopped_workers_identity_never_complete_a_ge
             ctx.destroy(linger=0)
         resp = kvm.wait(get, timeout=30)[get]
         assert resp.status is TaskStatus.SUCCESS
-        for s, d in zip([0, 1, 2, 3], dst, strict=True):
-            assert block_bytes(bufs, d) == block_bytes(bufs, s), "the real worker's bytes landed"
+        for src, d in zip([0, 1, 2, 3], dst, strict=True):
+            assert block_bytes(bufs, d) == block_bytes(bufs, src), "the real worker's bytes landed"
         kvm.check_invariants()
 
 
