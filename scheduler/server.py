@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from flexkv import security
 from flexkv.common.config import CacheConfig, ModelConfig, RemoteConfig, configs_to_json, kv_fingerprint
 from flexkv.layout import BlockFirstLayout, KVCacheLayout
 from flexkv.native.hasher import encode_namespace
@@ -45,6 +46,7 @@ from flexkv.scheduler.endpoint import IpcClaim
 from flexkv.scheduler.graph import TransferOp
 from flexkv.scheduler.remote_lookup import RemoteLookup
 from flexkv.scheduler.supervisor import OpResult, WorkerSupervisor, device_worker_id
+from flexkv.security import CurveAuthenticator, CurveServerKeys
 from flexkv.shm import SharedPool, make_pool_name
 from flexkv.types import ConfigError, FlexKVError, KVResponse, OpType, TaskStatus, TaskType
 
@@ -84,7 +86,10 @@ class SchedulerServer:
     """Owns index, pools, tasks and workers. Construct, then ``serve_forever()``; ``close()`` cleans up."""
 
     def __init__(self, model: ModelConfig, cache: CacheConfig, client_address: str | None = None,
-                 runtime_dir: str | None = None, parent_pid: int | None = None) -> None:
+                 runtime_dir: str | None = None, parent_pid: int | None = None,
+                 curve: CurveServerKeys | None = None) -> None:
+        """``curve``: CurveZMQ keys for a TCP client address (default: from the environment, see
+        flexkv/security.py); binding a non-loopback address without them is a ConfigError."""
         self.model = model
         self._closed = False
         self._own_runtime_dir = runtime_dir is None
@@ -97,9 +102,10 @@ class SchedulerServer:
         self._lookup_store: RemoteStore | None = None
         self._ctx = zmq.Context()
         self._claims: list[IpcClaim] = []
+        self._auth: CurveAuthenticator | None = None
         try:
             # First: a second server on the same address fails here, before it builds anything.
-            self._clients = self._bind(zmq.ROUTER, self.client_address)
+            self._clients = self._bind_clients(curve if curve is not None else CurveServerKeys.from_env())
             # Workers set no identity: the ROUTER names each connection, and a hello binds it (supervisor).
             self._workers_sock = self._bind(zmq.ROUTER, self.worker_address)
             cache = self._open_remote_lookup(model, cache)
@@ -169,10 +175,28 @@ class SchedulerServer:
         self._remote_lookup = RemoteLookup(store.count_prefix, unavailable=(RemoteUnavailable, OSError))
         return cache
 
-    def _bind(self, kind: int, address: str) -> zmq.Socket[bytes]:
+    def _bind_clients(self, curve: CurveServerKeys | None) -> zmq.Socket[bytes]:
+        """The client ROUTER; over TCP with CurveZMQ when keys are configured (required off loopback)."""
+        security.check_bind(self.client_address, curve)
+        if curve is None or not self.client_address.startswith("tcp://"):
+            return self._bind(zmq.ROUTER, self.client_address)
+        self._auth = CurveAuthenticator(self._ctx, curve)
+
+        def secure(sock: zmq.Socket[bytes]) -> None:
+            security.make_curve_server(sock, curve)
+            assert self._auth is not None
+            self._auth.watch(sock)
+        sock = self._bind(zmq.ROUTER, self.client_address, secure)
+        self._auth.start()
+        return sock
+
+    def _bind(self, kind: int, address: str,
+              prepare: Callable[[zmq.Socket[bytes]], None] | None = None) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = self._ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        if prepare is not None:
+            prepare(sock)
         try:
             claim = endpoint.bind(sock, address)
         except BaseException:
@@ -433,6 +457,8 @@ class SchedulerServer:
             for worker_id, reason in self.supervisor.down().items():
                 info[f"down:{worker_id}"] = reason
             info["worker_msgs_refused"] = self.supervisor.num_refused
+            if self._auth is not None:
+                info["clients_refused"] = self._auth.num_refused
         elif msg.what == "check":
             self.control.check_invariants()
             info = {"ok": True}
@@ -571,6 +597,8 @@ class SchedulerServer:
         self._closed = True
         if hasattr(self, "supervisor"):
             self.supervisor.stop_all()
+        if self._auth is not None:
+            self._auth.close()
         self._ctx.destroy(linger=0)
         pool: SharedPool | None = getattr(self, "pool", None)
         if pool is not None:

@@ -205,6 +205,8 @@ _NON_CONFIG_ENV = {
     "FLEXKV_CUDART", "FLEXKV_CUDART_DIR", "FLEXKV_SSD_NO_DIRECT",  # where CUDA is; no O_DIRECT
     "FLEXKV_LANE_DEPTH", "FLEXKV_STAGING_MIB", "FLEXKV_HOST_LANES",  # worker tuning (docs/gpu.md)
     "FLEXKV_WORKER_RESTARTS", "FLEXKV_WORKER_RESTART_WINDOW_S",  # restart budget (scheduler/supervisor.py)
+    "FLEXKV_CURVE_SERVER_SECRET", "FLEXKV_CURVE_AUTHORIZED_KEYS",  # CurveZMQ, server (flexkv/security.py)
+    "FLEXKV_CURVE_SERVER_KEY", "FLEXKV_CURVE_CLIENT_SECRET",  # CurveZMQ, client
     "FLEXKV_NVCC", "FLEXKV_SKIP_EXTENSIONS", "FLEXKV_SKIP_APT", "FLEXKV_TORCH_SPEC", "FLEXKV_SKIP_TORCH",  # build
     "FLEXKV_TEST_CUDARTS",  # tests: extra libcudart files to run the BATCH ABI test under
 }
