@@ -9,6 +9,7 @@ is registered with ``engine_side=True``: the rank's device worker then runs as a
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import threading
 from collections.abc import Sequence
@@ -198,14 +199,19 @@ class KVTPClient:
         from flexkv.workers.engine_lane import EngineLane
 
         _check_private_host_tensors(tensors, lay)
-        if self._lane is not None:
-            self._lane.close()
-            self._lane = None
+        self._stop_lane()
         reply, _ = self._conn.request(lambda rid: self._register_msg(lay, rid, engine_side=True), timeout_s=timeout_s)
         assert isinstance(reply, cm.OkReplyMsg)
         self._keep = list(tensors)  # the lane copies into them by address
         self._lane = EngineLane.start(str(reply.info["lane_spec"]), tensor_addresses(tensors), timeout_s)
+        atexit.register(self._stop_lane)  # a clean goodbye at interpreter exit, whoever forgot close()
         return lay
+
+    def _stop_lane(self) -> None:
+        if self._lane is not None:
+            self._lane.close()
+            self._lane = None
+        atexit.unregister(self._stop_lane)
 
     def _kv_written_event(self) -> bytes:
         if self._event is None:
@@ -235,9 +241,7 @@ class KVTPClient:
     def close(self) -> None:
         """Stop this rank's engine-side lane (if any; the server then treats the rank as gone) and
         disconnect."""
-        if self._lane is not None:
-            self._lane.close()
-            self._lane = None
+        self._stop_lane()
         self._keep = []
         self._conn.close()
         if self._event is not None:

@@ -423,6 +423,8 @@ class SchedulerServer:
             self._reply(identity, cm.OkReplyMsg(req_id=msg.req_id, info={"worker": worker_id}))
 
         handle.on_ready.append(ready)
+        handle.on_start_failed.append(
+            lambda why: self._reply(identity, cm.ErrorReplyMsg(req_id=msg.req_id, error=f"register: {why}")))
 
     def _register_lane(self, identity: bytes, req_id: int, worker_id: str, key: tuple[int, int],
                        spec: dict[str, Any]) -> None:

@@ -86,6 +86,9 @@ class WorkerHandle:
     down_reason: str = ""  # set while the restart budget is spent
     last_exit: str = ""
     on_ready: list[Callable[[], None]] = dataclasses.field(default_factory=list)
+    # Called (with the reason) if the worker dies before its first hello; it is then removed, not restarted.
+    on_start_failed: list[Callable[[str], None]] = dataclasses.field(default_factory=list)
+    ever_ready: bool = False
 
 
 @dataclasses.dataclass
@@ -135,6 +138,8 @@ class WorkerSupervisor:
         old = self.workers.get(worker_id)
         if old is not None:
             self._stop_one(old, "replaced")
+            for cb in old.on_start_failed:  # its registrant waits for a reply
+                cb(f"worker {worker_id} was replaced by a newer registration before it started")
         handle = WorkerHandle(worker_id=worker_id, spec={**self._base_spec, **spec, "worker_id": worker_id},
                               engine_side=engine_side)
         self.workers[worker_id] = handle
@@ -167,7 +172,8 @@ class WorkerSupervisor:
         if msg.lane >= 0:
             return
         handle.routing_id, handle.pid = routing_id, msg.pid
-        handle.ready = True
+        handle.ready = handle.ever_ready = True
+        handle.on_start_failed = []
         handle.down_reason = ""
         handle.op_types = frozenset(msg.op_types)
         backlog, handle.backlog = handle.backlog, []
@@ -265,6 +271,12 @@ class WorkerSupervisor:
         self._forget_routes(handle)
         handle.last_exit = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
         failed = self._fail_worker_ops(handle, f"worker {handle.worker_id} died ({handle.last_exit})")
+        if not handle.ever_ready and handle.on_start_failed:  # e.g. a registration it cannot open
+            log.error("worker %s could not start (%s); not restarting it", handle.worker_id, handle.last_exit)
+            del self.workers[handle.worker_id]
+            for cb in handle.on_start_failed:
+                cb(f"worker {handle.worker_id} could not start ({handle.last_exit}; the server log says why)")
+            return failed
         handle.deaths.append(now)
         while handle.deaths and handle.deaths[0] < now - self.policy.window_s:
             handle.deaths.popleft()

@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from flexkv.layout import BlockFirstLayout, ChunkTable, KVCacheLayout
 from flexkv.native import hostcopy
-from flexkv.shm import SharedPool
+from flexkv.shm import SHM_DIR, SharedPool
 from flexkv.types import OpType
 from flexkv.workers.base import Op, Worker
 
@@ -56,6 +56,7 @@ class HostCopyBackend(CopyBackend):
         if reg.get("engine_addresses"):
             ptrs = [int(a) for a in reg["engine_addresses"]]
         else:
+            _check_owner(reg["host_segment"])
             self._segment = SharedPool.attach(reg["host_segment"])
             self._segment.populate()  # the engine's buffers: no page fault per 4 KiB on the first copies
             ptrs = [self._segment.address + off for off in reg["tensor_offsets"]]
@@ -153,3 +154,15 @@ class DeviceWorker(Worker):
 
 def _nothing() -> None:
     pass
+
+
+def _check_owner(segment: str) -> None:
+    """Copy only to and from engine segments of our own user: a segment another user created (and made
+    readable to us) would otherwise receive cached KV, or feed its bytes into the cache."""
+    try:
+        st = os.stat(os.path.join(SHM_DIR, segment.lstrip("/")))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no shared-memory segment {segment!r}") from None
+    if st.st_uid != os.getuid():
+        raise PermissionError(f"shared-memory segment {segment!r} belongs to uid {st.st_uid}, not to this server's "
+                              f"uid {os.getuid()}: refused")

@@ -6,20 +6,42 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 from collections.abc import Iterator
 from typing import Any
 
+import msgspec
 import numpy as np
 import pytest
 import zmq
 
+from flexkv.client import KVTPClient
+from flexkv.kvmanager import KVManager
 from flexkv.layout import LayoutKind
 from flexkv.protocol.codec import SERVER_TO_WORKER, WORKER_TO_SERVER
-from flexkv.protocol.worker_msgs import ExecuteOpMsg, HelloAcceptedMsg, OpsDoneMsg, StopWorkerMsg, WorkerHelloMsg
+from flexkv.protocol.worker_msgs import (
+    ExecuteOpMsg,
+    HelloAcceptedMsg,
+    OpsDoneMsg,
+    StopWorkerMsg,
+    WorkerByeMsg,
+    WorkerHelloMsg,
+)
 from flexkv.scheduler.graph import TransferOp
 from flexkv.scheduler.supervisor import RestartPolicy, WorkerSupervisor
-from flexkv.types import OpType, TaskStatus
-from tests.runtime.kvtest import T, block_bytes, poison, serving, slots_for, small_cache, small_model, tokens
+from flexkv.shm import SHM_DIR
+from flexkv.types import FlexKVError, OpType, TaskStatus
+from tests.runtime.kvtest import (
+    T,
+    block_bytes,
+    host_buffers,
+    poison,
+    serving,
+    slots_for,
+    small_cache,
+    small_model,
+    tokens,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -132,3 +154,104 @@ def test_an_op_completes_once_and_only_from_the_worker_it_was_sent_to(
     assert sup.on_done("device-0-0", [5], [""]) == [(5, "")]
     assert sup.on_done("device-0-0", [5], ["late"]) == [], "reported once"
     assert sup.num_in_flight == 0
+
+
+def _segment_of_another_user(model: Any) -> Any:
+    bufs = host_buffers(model, LayoutKind.VLLM_BLOCK_FIRST, 8, seed=1)
+    path = os.path.join(SHM_DIR, bufs.segment.name.lstrip("/"))
+    os.chown(path, 65534, 65534)  # as if user "nobody" made it and let us in
+    os.chmod(path, 0o666)
+    return bufs
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="making a segment owned by another user needs root")
+def test_a_registration_naming_another_users_segment_is_refused_with_a_reason() -> None:
+    model = small_model()
+    foreign = _segment_of_another_user(model)
+    own = host_buffers(model, LayoutKind.VLLM_BLOCK_FIRST, 8, seed=2)
+    try:
+        with KVManager(model, small_cache()) as kvm:
+            tp = KVTPClient(kvm.server_address)
+            try:
+                t0 = time.monotonic()
+                with pytest.raises(FlexKVError, match="device-0-0 could not start"):
+                    tp.register(foreign, foreign.layout)
+                assert time.monotonic() - t0 < 60, "the failed start is reported, not waited out"
+                assert not kvm.is_ready() and "pid:device-0-0" not in kvm.stats()
+                tp.register(own, own.layout)  # the server is fine; a proper registration works
+                assert kvm.is_ready()
+            finally:
+                tp.close()
+    finally:
+        foreign.close()
+        own.close()
+
+
+def _fuzz_frames(rng: np.random.Generator, valid: list[bytes]) -> list[bytes]:
+    """One message of a seeded mix: random bytes, truncated or bit-flipped valid messages, valid tags
+    with wrong field types, and well-formed messages from a connection that never said a good hello."""
+    kind = int(rng.integers(0, 5))
+    if kind == 0:
+        return [rng.bytes(int(rng.integers(0, 64)))]
+    base = valid[int(rng.integers(0, len(valid)))]
+    if kind == 1:
+        return [base[: int(rng.integers(0, len(base)))]]
+    if kind == 2:
+        flipped = bytearray(base)
+        flipped[int(rng.integers(0, len(flipped)))] ^= 1 << int(rng.integers(0, 8))
+        return [bytes(flipped), rng.bytes(int(rng.integers(0, 16)))]
+    if kind == 3:
+        wrong = {"type": "OpsDoneMsg", "worker_id": int(rng.integers(0, 9)), "op_ids": "x", "errors": [1]}
+        return [msgspec.msgpack.encode(wrong)]
+    return [base]
+
+
+def test_worker_socket_fuzz_leaves_the_server_serving_byte_exact() -> None:
+    rng = np.random.default_rng(1234)
+    ids = [int(i) for i in rng.integers(-2**40, 2**40, 64)]
+    valid = [bytes(f) for m in (
+        OpsDoneMsg(worker_id="device-0-0", op_ids=ids, errors=[""] * len(ids)),
+        WorkerHelloMsg(worker_id="device-0-0", pid=1, op_types=[0, 1], credential="f" * 32, lane=3),
+        WorkerByeMsg(worker_id="device-0-0", reason="fuzz"),
+    ) for f in WORKER_TO_SERVER.encode(m)]
+    model = small_model()
+    with serving(model, small_cache(), LayoutKind.SGLANG, num_blocks=24, seed=6) as (kvm, bufs):
+        server_pid = int(kvm.stats()["server_pid"])
+        rss_before = _rss_kib(server_pid)
+        ctx: zmq.Context[Any] = zmq.Context()
+        try:
+            socks = []
+            for ident in (b"device-0-0", b"device-0-0/lane0", b"ssd-0", None):
+                s: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
+                if ident is not None:
+                    s.setsockopt(zmq.IDENTITY, ident)
+                s.setsockopt(zmq.LINGER, 0)
+                s.setsockopt(zmq.SNDHWM, 0)
+                s.connect(kvm.server_address.replace("server.sock", "workers.sock"))
+                socks.append(s)
+            for i in range(20_000):
+                socks[i % len(socks)].send_multipart(_fuzz_frames(rng, valid))
+            deadline = time.monotonic() + 60
+            while int(kvm.stats()["worker_msgs_refused"]) < 20_000 * 0.9:  # every message is dropped
+                assert time.monotonic() < deadline, "the server did not get through the fuzz frames"
+                time.sleep(0.1)
+        finally:
+            ctx.destroy(linger=0)
+        assert kvm.is_ready(), "the real worker is still registered and bound"
+        toks = tokens(5 * T, seed=3)
+        put = kvm.put_async(toks, slots_for([0, 1, 2, 3, 4], len(toks)))
+        assert kvm.wait(put)[put].status is TaskStatus.SUCCESS
+        poison(bufs, [10, 11, 12, 13, 14])
+        get = kvm.get_async(toks, slots_for([10, 11, 12, 13, 14], len(toks)))
+        assert kvm.wait(get)[get].status is TaskStatus.SUCCESS
+        for src, d in zip(range(5), range(10, 15), strict=True):
+            assert block_bytes(bufs, d) == block_bytes(bufs, src)
+        stats = kvm.stats()
+        assert stats["in_flight_ops"] == 0
+        kvm.check_invariants()
+        assert _rss_kib(server_pid) - rss_before < 64 * 1024, "server memory grew by the fuzz"
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status", encoding="ascii") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
