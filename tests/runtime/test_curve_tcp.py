@@ -108,6 +108,15 @@ def test_right_key_works_end_to_end_and_wrong_or_no_key_is_refused_and_logged(
     assert "handshake failed" in log, "a plain client and a wrong server key are logged too"
 
 
+def test_keygen_command_line(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "flexkv.security", "keygen", str(tmp_path), "--name", "node7"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0 and "node7.key_secret" in done.stdout, done.stderr
+    assert (tmp_path / "node7.key_secret").stat().st_mode & 0o777 == 0o600
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    assert again.returncode == 2 and "exists" in again.stderr and "Traceback" not in again.stderr
+
+
 def test_binding_a_non_loopback_address_needs_curve_keys() -> None:
     with pytest.raises(ConfigError, match="not a loopback address: binding it needs CurveZMQ"):
         SchedulerServer(small_model(), small_cache(), f"tcp://0.0.0.0:{_free_port()}")

@@ -187,3 +187,20 @@ def test_engine_process_killed_mid_get_fails_its_ops_and_a_new_engine_registers_
             conn2.send("stop")
             proc2.join(20)
             assert proc2.exitcode == 0
+
+
+def test_engine_side_lane_with_two_lanes_reports_on_its_lane_sockets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FLEXKV_HOST_LANES=2 in the engine process: gets and puts run in two lane threads, each reporting
+    on its own socket after its own credentialed hello."""
+    monkeypatch.setenv("FLEXKV_HOST_LANES", "2")
+    model = small_model()
+    kv = torch_kv(model, LayoutKind.VLLM_BLOCK_FIRST, num_blocks=24, seed=8)
+    with KVManager(model, small_cache()) as kvm:
+        tp = KVTPClient(kvm.server_address)
+        try:
+            tp.register(kv.tensors, kv.layout, engine_side=True)
+            assert tp._lane is not None and tp._lane.worker.num_lanes == 2
+            _round_trip(kvm, kv, seed=4, src=[0, 1, 2, 3], dst=[12, 13, 14, 15])
+            assert kvm.stats()["worker_msgs_refused"] == 0
+        finally:
+            tp.close()
