@@ -45,7 +45,7 @@ from flexkv.scheduler.control import ControlPlane
 from flexkv.scheduler.endpoint import IpcClaim
 from flexkv.scheduler.graph import TransferOp
 from flexkv.scheduler.remote_lookup import RemoteLookup
-from flexkv.scheduler.supervisor import OpResult, WorkerSupervisor, device_worker_id
+from flexkv.scheduler.supervisor import OpResult, RestartPolicy, WorkerSupervisor, device_worker_id
 from flexkv.security import CurveAuthenticator, CurveServerKeys
 from flexkv.shm import SharedPool, make_pool_name
 from flexkv.types import ConfigError, FlexKVError, KVResponse, OpType, TaskStatus, TaskType
@@ -92,6 +92,7 @@ class SchedulerServer:
         flexkv/security.py); binding a non-loopback address without them is a ConfigError."""
         self.model = model
         self._closed = False
+        restart_policy = RestartPolicy.from_env()  # a bad setting fails here, before anything is built
         self._own_runtime_dir = runtime_dir is None
         self.runtime_dir = runtime_dir or default_runtime_dir()
         os.chmod(self.runtime_dir, 0o700)
@@ -121,7 +122,8 @@ class SchedulerServer:
         base_spec = {"worker_address": self.worker_address, "pool_name": self.pool.name,
                      "pool_block_bytes": self.block_bytes, "pool_num_blocks": cache.num_cpu_blocks,
                      "configs": configs_to_json(model, cache)}
-        self.supervisor = WorkerSupervisor(self._workers_sock, base_spec, model.tp_size, model.use_mla)
+        self.supervisor = WorkerSupervisor(self._workers_sock, base_spec, model.tp_size, model.use_mla,
+                                           restart_policy)
         self._conns: dict[bytes, _Conn] = {}
         self._registered: set[tuple[int, int]] = set()
         self._launched: set[TaskKey] = set()  # launched (or cancelled) tasks still in the control plane

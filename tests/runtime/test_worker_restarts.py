@@ -15,7 +15,8 @@ import pytest
 from flexkv.client import HostKVBuffers, KVTPClient
 from flexkv.kvmanager import KVManager
 from flexkv.layout import LayoutKind
-from flexkv.types import TaskStatus
+from flexkv.scheduler.server import SchedulerServer
+from flexkv.types import ConfigError, TaskStatus
 from tests.runtime.kvtest import T, block_bytes, host_buffers, poison, slots_for, small_cache, small_model, tokens
 
 pytestmark = pytest.mark.timeout(120)
@@ -119,3 +120,9 @@ def test_a_down_worker_is_started_again_when_its_window_has_passed(monkeypatch: 
         _wait_ready(kvm, True, timeout_s=60)  # the retry after the window
         assert "down:device-0-0" not in kvm.stats()
         _round_trip(kvm, bufs, seed=5)
+
+
+def test_a_bad_restart_budget_is_one_error_line_at_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLEXKV_WORKER_RESTARTS", "-1")
+    with pytest.raises(ConfigError, match="FLEXKV_WORKER_RESTARTS must be >= 0"):
+        SchedulerServer(small_model(), small_cache())  # nothing built yet: the leak fixture checks the pool
