@@ -28,6 +28,7 @@ SAMPLES: list[tuple[Codec[typing.Any], msgspec.Struct]] = [
     (CLIENT_REQUESTS, cm.PutMatchMsg(client_id=0, req_id=1, task_id=8)),
     (CLIENT_REQUESTS, cm.GetAsyncMsg(client_id=0, task_id=9, namespace=None)),
     (CLIENT_REQUESTS, cm.PutAsyncMsg(client_id=0, task_id=10, has_mask=True)),
+    (CLIENT_REQUESTS, cm.PrefetchMsg(client_id=0, task_id=11, namespace=["lora-a"])),
     (CLIENT_REQUESTS, cm.LaunchMsg(client_id=0, task_ids=[1, 2])),
     (CLIENT_REQUESTS, cm.CancelMsg(client_id=0, task_ids=[3])),
     (CLIENT_REQUESTS, cm.WaitMsg(client_id=0, req_id=4, task_ids=[1], timeout_s=1.5, completely=True)),
