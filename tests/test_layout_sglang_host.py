@@ -75,7 +75,8 @@ def test_pages_go_to_block_first_order_and_back_byte_exact(kind: LayoutKind) -> 
     for page, src in ((5, 4), (0, 1)):
         for layer in range(L):
             for kv in range(layout.kv_dim):
-                assert page_rows(kind, back, page, layer, kv).tobytes() == page_rows(kind, buf, src, layer, kv).tobytes()
+                want = page_rows(kind, buf, src, layer, kv).tobytes()
+                assert page_rows(kind, back, page, layer, kv).tobytes() == want
     for page in (1, 2, 3, 4):  # pages not loaded keep the poison
         for layer in range(L):
             for kv in range(layout.kv_dim):
