@@ -12,16 +12,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from flexkv.client import HostKVBuffers, allocate_host_kv_buffers
 from flexkv.common.config import CacheConfig, ModelConfig
-from flexkv.integration.sglang import link
 from flexkv.layout import KVCacheLayout, LayoutKind
 from tests.runtime.kvtest import start_server
 
 P, L, H, D = 4, 3, 2, 8  # SGLang page size, layers, KV heads (this rank), head size
 HOST_PAGES = 24
-# Before the engine-side lane, a host pool must live in flexkv shared memory to be registered.
-PRIVATE_POOLS = link._HAS_ENGINE_SIDE
 _KINDS = {"layer_first": LayoutKind.SGLANG_HOST_LAYER_FIRST, "page_first": LayoutKind.SGLANG_HOST_PAGE_FIRST,
           "page_first_direct": LayoutKind.SGLANG_HOST_PAGE_FIRST_DIRECT}
 _MLA_KINDS = {"layer_first": LayoutKind.SGLANG_HOST_MLA_LAYER_FIRST,
@@ -47,12 +43,8 @@ class HostPool:
         self.dtype = torch.float16
         kind = (_MLA_KINDS if mla else _KINDS)[layout]
         lay = KVCacheLayout(kind, L, pages, P, self.head_num, D, 2)
-        self._shm: HostKVBuffers | None = None
-        if PRIVATE_POOLS:
-            self.kv_buffer = torch.empty(lay.tensor_shape(0), dtype=torch.float16)
-        else:
-            self._shm = allocate_host_kv_buffers(lay, "float16", tag="sgl")
-            self.kv_buffer = self._shm.torch_tensors()[0]
+        # Private memory of this process, as SGLang allocates it: only the engine-side lane can reach it.
+        self.kv_buffer = torch.empty(lay.tensor_shape(0), dtype=torch.float16)
         self.mla = mla
         gen = torch.Generator().manual_seed(seed)
         self.kv_buffer.view(torch.int16).copy_(torch.randint(-32768, 32767, self.kv_buffer.shape,
@@ -79,10 +71,6 @@ class HostPool:
             else:
                 (b[:, :, s] if self.layout == "layer_first" else b[:, s]).fill_(0x5A5A)
 
-    def close(self) -> None:
-        if self._shm is not None:
-            self._shm.close()
-            self._shm = None
 
 
 def host_indices(pages: list[int]) -> torch.Tensor:

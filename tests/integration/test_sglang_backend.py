@@ -94,7 +94,6 @@ def test_set_exists_get_round_trip_pages_byte_exact(tmp_path: Path, layout: str)
         finally:
             check.shutdown()
             backend.close()
-            pool.close()
 
 
 @pytest.mark.parametrize("layout", ["layer_first", "page_first"])
@@ -120,8 +119,6 @@ def test_mla_one_rank_writes_and_every_rank_reads(tmp_path: Path, layout: str) -
             check.shutdown()
             for b in ranks:
                 b.close()
-            for p in pools:
-                p.close()
 
 
 def test_tp_ranks_keep_their_own_head_shards(tmp_path: Path) -> None:
@@ -140,8 +137,6 @@ def test_tp_ranks_keep_their_own_head_shards(tmp_path: Path) -> None:
         finally:
             for b in ranks:
                 b.close()
-            for p in pools:
-                p.close()
 
 
 def _sglang_process(address: str, role: str, conn: Any) -> None:
@@ -160,7 +155,6 @@ def _sglang_process(address: str, role: str, conn: Any) -> None:
             conn.send((hits, got, [pool.page(p) for p in range(10, 15)]))
     finally:
         backend.close()
-        pool.close()
 
 
 def _run_process(address: str, role: str) -> Any:
@@ -206,7 +200,6 @@ def test_pages_evicted_from_flexkv_show_as_misses(tmp_path: Path) -> None:
         finally:
             check.shutdown()
             backend.close()
-            pool.close()
 
 
 def _unlink_pool_of(pid: int) -> None:
@@ -248,4 +241,3 @@ def test_server_killed_gives_misses_and_false_then_recovers_after_restart(
             assert [pool.page(p) for p in (5, 6, 7)] == [pool.page(p) for p in (0, 1, 2)]
         finally:
             backend.close()
-            pool.close()

@@ -9,7 +9,6 @@ more than once per interval. Runs in the SGLang process; thread-safe (prefetch a
 
 from __future__ import annotations
 
-import inspect
 import logging
 import threading
 import time
@@ -27,9 +26,6 @@ from flexkv.types import InvalidRequest
 log = logging.getLogger("flexkv.sglang")
 T = TypeVar("T")
 
-# The engine-side lane (DESIGN.md §7b) copies in this process; without it (older flexkv) only a host
-# pool in flexkv shared memory can be registered.
-_HAS_ENGINE_SIDE = "engine_side" in inspect.signature(KVTPClient.register).parameters
 
 
 class ServerLink:
@@ -62,10 +58,7 @@ class ServerLink:
                                      f"page size is {view.page_size}: start the server with tokens_per_block "
                                      f"{view.page_size} or SGLang with --page-size {manager.tokens_per_block}")
             tp = KVTPClient(s.server_address, self.client_id, 0, 0, timeout_s=min(5.0, s.timeout_s))
-            if _HAS_ENGINE_SIDE:
-                tp.register([view.tensor], view.layout, engine_side=True)  # type: ignore[call-arg]
-            else:
-                tp.register([view.tensor], view.layout)
+            tp.register([view.tensor], view.layout, engine_side=True)
         except BaseException:
             if tp is not None:
                 tp.close()
