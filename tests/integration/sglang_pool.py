@@ -60,6 +60,16 @@ class HostPool:
             return (b[:, s] if self.layout == "layer_first" else b[s]).contiguous().numpy().tobytes()
         return (b[:, :, s] if self.layout == "layer_first" else b[:, s]).contiguous().numpy().tobytes()
 
+    def flat_page(self, page: int) -> torch.Tensor:
+        """What SGLang's ``get_data_page(page * page_size, flat=True)`` returns (a copy)."""
+        s = slice(page * P, (page + 1) * P)
+        b = self.kv_buffer
+        if self.layout == "page_first_direct":
+            return b[:, page:page + 1].flatten()
+        if self.mla:
+            return (b[:, s] if self.layout == "layer_first" else b[s]).flatten()
+        return (b[:, :, s] if self.layout == "layer_first" else b[:, s]).flatten().clone()
+
     def poison(self, pages: list[int]) -> None:
         for p in pages:
             s = slice(p * P, (p + 1) * P)

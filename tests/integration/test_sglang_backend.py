@@ -15,6 +15,7 @@ from typing import Any
 
 import posix_ipc
 import pytest
+import torch
 
 pytest.importorskip("sglang.srt.mem_cache.storage.backend_factory",
                     reason="sglang is not installed (CI installs sglang==0.5.23 --no-deps, see .ci/run)")
@@ -241,3 +242,29 @@ def test_server_killed_gives_misses_and_false_then_recovers_after_restart(
             assert [pool.page(p) for p in (5, 6, 7)] == [pool.page(p) for p in (0, 1, 2)]
         finally:
             backend.close()
+
+
+@pytest.mark.parametrize("layout", ["layer_first", "page_first"])
+def test_generic_interface_moves_flat_pages_and_shares_them_with_v1(tmp_path: Path, layout: str) -> None:
+    address = f"ipc://{tmp_path}/server.sock"
+    pool, reader_pool = HostPool(layout, seed=13), HostPool(layout, seed=14)
+    with flexkv_server(address, server_model()):
+        generic = make_backend(address, pool, interface_v1=0)
+        reader = make_backend(address, reader_pool, client_id_base=1)
+        try:
+            keys = page_keys(20, seed=15)  # more pages than one staging pass holds
+            flat = [pool.flat_page(p) for p in range(20)]
+            assert generic.batch_set(keys, flat) is True
+            assert generic.batch_exists(keys) == 20
+            dummies = [torch.full_like(flat[0], 7.0) for _ in range(21)]
+            got = generic.batch_get(keys + page_keys(1, seed=16), dummies)
+            assert got[20] is None, "a key never stored is a miss"
+            for i in range(20):
+                assert got[i] is dummies[i] and got[i].numpy().tobytes() == flat[i].numpy().tobytes(), i
+            reader_pool.poison([0, 1])
+            assert reader.batch_get_v1(keys[:2], host_indices([0, 1]), info([])) == [True, True]
+            assert reader_pool.page(0) == pool.page(0) and reader_pool.page(1) == pool.page(1)
+            assert generic.batch_get_v1(keys[:1], host_indices([3]), info([])) == [False], "v1 needs interface_v1"
+        finally:
+            generic.close()
+            reader.close()

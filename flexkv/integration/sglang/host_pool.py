@@ -66,3 +66,36 @@ def describe_host_pool(pool: Any, is_mla: bool) -> HostPoolView:
     except ValueError as e:
         raise UnsupportedHostPool(f"host pool kv_buffer: {e}") from None
     return HostPoolView(layout, tensor, DType.parse(tensor.dtype), is_mla)
+
+
+def page_slice(tensor: Any, layout_name: str, is_mla: bool, page: int, page_size: int) -> Any:
+    """The view of host page ``page`` that SGLang's ``get_data_page`` flattens (same element order)."""
+    s = slice(page * page_size, (page + 1) * page_size)
+    if layout_name == "page_first_direct":
+        return tensor[:, page:page + 1]
+    if layout_name == "layer_first":
+        return tensor[:, s] if is_mla else tensor[:, :, s]
+    return tensor[s] if is_mla else tensor[:, s]
+
+
+class StagingPages:
+    """A small private pool in the host pool's layout for SGLang's generic (tensor) interface: pages are
+    copied between SGLang's flat page tensors and here, and flexkv moves them from here. Two halves,
+    one for gets and one for puts, each guarded by its own lock."""
+
+    def __init__(self, host: HostPoolView, layout_name: str, pages_per_direction: int) -> None:
+        import threading
+
+        import torch
+
+        self.layout_name, self.per_direction = layout_name, pages_per_direction
+        lay = dataclasses.replace(host.layout, num_blocks=2 * pages_per_direction)
+        tensor = torch.empty(lay.tensor_shape(0), dtype=host.tensor.dtype)
+        self.view = HostPoolView(lay, tensor, host.dtype, host.is_mla)
+        self.locks = (threading.Lock(), threading.Lock())  # gets, puts
+
+    def first_page(self, is_get: bool) -> int:
+        return 0 if is_get else self.per_direction
+
+    def page(self, page: int) -> Any:
+        return page_slice(self.view.tensor, self.layout_name, self.view.is_mla, page, self.view.page_size)

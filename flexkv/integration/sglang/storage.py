@@ -12,6 +12,7 @@ see the same blocks. No call raises into SGLang: a failure returns False / 0 hit
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -19,13 +20,14 @@ import numpy.typing as npt
 import torch
 from sglang.srt.mem_cache.hicache_storage import HiCacheStorage, HiCacheStorageConfig, HiCacheStorageExtraInfo
 
-from flexkv.integration.sglang.host_pool import HostPoolView, describe_host_pool
+from flexkv.integration.sglang.host_pool import HostPoolView, StagingPages, describe_host_pool
 from flexkv.integration.sglang.link import ServerLink
 from flexkv.integration.sglang.settings import BackendSettings
 from flexkv.kvmanager import KVManager, hash_page_keys
 from flexkv.types import FlexKVError, TaskStatus
 
 log = logging.getLogger("flexkv.sglang")
+STAGING_PAGES = 16  # per direction, generic interface only (SGLang's batches are split into these)
 
 
 class FlexKVHiCacheStorage(HiCacheStorage):
@@ -37,8 +39,10 @@ class FlexKVHiCacheStorage(HiCacheStorage):
         if storage_config.dcp_size > 1:
             raise ValueError("flexkv backend: decode context parallel (dcp_size > 1) is not supported")
         self.is_writer = bool(storage_config.is_storage_writer)  # MLA: one writer, every rank reads
+        self.interface_v1 = bool((storage_config.extra_config or {}).get("interface_v1", 0))
         self._link: ServerLink | None = None
         self._view: HostPoolView | None = None
+        self._staging: StagingPages | None = None  # generic interface only
         self._warned_no_prefix = False
 
     # -- set-up ---------------------------------------------------------------------------------
@@ -59,7 +63,12 @@ class FlexKVHiCacheStorage(HiCacheStorage):
         """Describe the host pool and connect. Raises UnsupportedHostPool / InvalidRequest for a pool or
         server that cannot work together; an unreachable server is only logged (retried later)."""
         super().register_mem_pool_host(mem_pool_host)
-        self._view = describe_host_pool(mem_pool_host, self.storage_config.is_mla_model)
+        host = describe_host_pool(mem_pool_host, self.storage_config.is_mla_model)
+        if self.interface_v1:
+            self._view = host
+        else:  # SGLang passes page tensors, not host indices: flexkv moves pages through staging
+            self._staging = StagingPages(host, str(mem_pool_host.layout), STAGING_PAGES)
+            self._view = self._staging.view
         self._link = ServerLink(self.settings, self.client_id(), self._view, self.namespace())
         self._link.open()
 
@@ -86,32 +95,55 @@ class FlexKVHiCacheStorage(HiCacheStorage):
     # -- v1: zero copy by host index ------------------------------------------------------------
     def batch_exists(self, keys: list[str], extra_info: HiCacheStorageExtraInfo | None = None) -> int:
         """Leading pages of ``keys`` cached in flexkv (any tier), from the server's index."""
-        if not keys:
+        prepared = self._prepare("batch_exists", keys, extra_info, None)
+        if prepared is None:
             return 0
-        block_keys, first = self._block_keys(keys, extra_info)
+        block_keys, first, _ = prepared
         return int(self._run("batch_exists", lambda m: m.count_cached_keys(block_keys, first), 0))
 
     def batch_get_v1(self, keys: list[str], host_indices: torch.Tensor,
                      extra_info: HiCacheStorageExtraInfo | None = None) -> list[bool]:
         """Load the leading cached pages into the host pool at ``host_indices`` (page_size per key)."""
-        if not keys:
-            return []
-        block_keys, first = self._block_keys(keys, extra_info)
-        slots = self._slots(host_indices, len(keys))
-        hits = self._run("batch_get", lambda m: self._move(m, True, block_keys, first, slots), 0)
+        prepared = self._prepare("batch_get_v1", keys, extra_info, host_indices)
+        if prepared is None:
+            return [False] * len(keys)
+        block_keys, first, slots = prepared
+        hits = self._run("batch_get", self._mover(True, block_keys, first, slots), 0)
         return [i < hits for i in range(len(keys))]
 
     def batch_set_v1(self, keys: list[str], host_indices: torch.Tensor,
                      extra_info: HiCacheStorageExtraInfo | None = None) -> list[bool]:
         """Store the pages flexkv lacks from the host pool; True for each page cached afterwards."""
-        if not keys:
-            return []
-        if not self.is_writer:
+        if keys and not self.is_writer:
             return [True] * len(keys)  # MLA: the writer rank stores the one shared copy
-        block_keys, first = self._block_keys(keys, extra_info)
-        slots = self._slots(host_indices, len(keys))
-        done = self._run("batch_set", lambda m: self._move(m, False, block_keys, first, slots), 0)
+        prepared = self._prepare("batch_set_v1", keys, extra_info, host_indices)
+        if prepared is None:
+            return [False] * len(keys)
+        block_keys, first, slots = prepared
+        done = self._run("batch_set", self._mover(False, block_keys, first, slots), 0)
         return [i < done for i in range(len(keys))]
+
+    def _prepare(self, what: str, keys: list[str], extra_info: HiCacheStorageExtraInfo | None,
+                 host_indices: torch.Tensor | None) -> tuple[npt.NDArray[np.uint64], int, Any] | None:
+        """Block keys, the index of the call's first page among them, and the slot mapping; None (logged)
+        for an empty or malformed call, or a v1 call on a backend set up for the generic interface."""
+        if not keys or self._view is None:
+            return None
+        if host_indices is not None and self._staging is not None:
+            log.error("flexkv backend: %s called without \"interface_v1\": 1 in the extra config", what)
+            return None
+        try:
+            block_keys, first = self._block_keys(keys, extra_info)
+            slots = self._slots(host_indices, len(keys)) if host_indices is not None else None
+        except (TypeError, ValueError) as e:
+            log.error("flexkv backend: bad %s call: %s", what, e)
+            return None
+        return block_keys, first, slots
+
+    def _staging_slots(self, pages: list[int]) -> npt.NDArray[np.int64]:
+        assert self._view is not None
+        p = self._view.page_size
+        return (np.asarray(pages, dtype=np.int64)[:, None] * p + np.arange(p, dtype=np.int64)).reshape(-1)
 
     def _slots(self, host_indices: torch.Tensor, num_pages: int) -> npt.NDArray[np.int64]:
         assert self._view is not None
@@ -120,6 +152,10 @@ class FlexKVHiCacheStorage(HiCacheStorage):
         if slots.shape != (want,):
             raise ValueError(f"flexkv backend: {num_pages} keys need {want} host indices, got {slots.shape}")
         return slots
+
+    def _mover(self, is_get: bool, block_keys: npt.NDArray[np.uint64], first: int,
+               slots: npt.NDArray[np.int64]) -> Callable[[KVManager], int]:
+        return lambda m: self._move(m, is_get, block_keys, first, slots)
 
     def _move(self, m: KVManager, is_get: bool, block_keys: npt.NDArray[np.uint64], first: int,
               slots: npt.NDArray[np.int64]) -> int:
@@ -152,14 +188,70 @@ class FlexKVHiCacheStorage(HiCacheStorage):
 
     def batch_get(self, keys: list[str], target_locations: Any = None,
                   target_sizes: Any = None) -> list[torch.Tensor | None]:
-        raise NotImplementedError
+        """Generic interface: the leading cached pages as flat tensors (written into ``target_locations``
+        when given, SGLang's dummy pages), None from the first miss on. Copies through staging pages."""
+        out: list[torch.Tensor | None] = [None] * len(keys)
+        staging, prepared = self._staging, self._prepare("batch_get", keys, None, None)
+        if staging is None or prepared is None:
+            return out
+        block_keys, first, _ = prepared
+        try:
+            self._get_pages(staging, block_keys, first, target_locations, out)
+        except (TypeError, ValueError, RuntimeError) as e:  # a target of the wrong size
+            log.error("flexkv backend: batch_get: %s", e)
+        return out
+
+    def _get_pages(self, staging: StagingPages, block_keys: npt.NDArray[np.uint64], first: int,
+                   target_locations: Any, out: list[torch.Tensor | None]) -> None:
+        with staging.locks[0]:
+            num_keys = block_keys.shape[0] - first
+            for start in range(0, num_keys, staging.per_direction):
+                n = min(staging.per_direction, num_keys - start)
+                pages = list(range(n))
+                slots = self._staging_slots(pages)
+                hits = self._run("batch_get", self._mover(True, block_keys[:first + start + n], first + start, slots),
+                                 0)
+                for i in range(hits):
+                    src = staging.page(i).flatten()
+                    dst = target_locations[start + i] if target_locations is not None else None
+                    out[start + i] = dst.copy_(src) if dst is not None else src.clone()
+                if hits < n:
+                    return
 
     def set(self, key: str, value: Any = None, target_location: Any = None, target_sizes: Any = None) -> bool:
         return self.batch_set([key], [value])
 
     def batch_set(self, keys: list[str], values: Any = None, target_locations: Any = None,
                   target_sizes: Any = None) -> bool:
-        raise NotImplementedError
+        """Generic interface: store flat page tensors (``values``); True when every page is cached."""
+        if keys and not self.is_writer:
+            return True
+        staging, prepared = self._staging, self._prepare("batch_set", keys, None, None)
+        if staging is None or prepared is None or values is None or len(values) != len(keys):
+            return not keys
+        block_keys, first, _ = prepared
+        try:
+            return self._set_pages(staging, block_keys, first, values)
+        except (TypeError, ValueError, RuntimeError) as e:  # a value of the wrong size
+            log.error("flexkv backend: batch_set: %s", e)
+            return False
+
+    def _set_pages(self, staging: StagingPages, block_keys: npt.NDArray[np.uint64], first: int,
+                   values: Any) -> bool:
+        num_keys = block_keys.shape[0] - first
+        with staging.locks[1]:
+            for start in range(0, num_keys, staging.per_direction):
+                n = min(staging.per_direction, num_keys - start)
+                pages = [staging.first_page(False) + i for i in range(n)]
+                for i, page in enumerate(pages):
+                    dst = staging.page(page)
+                    dst.copy_(values[start + i].view(dst.shape))
+                slots = self._staging_slots(pages)
+                done = self._run("batch_set", self._mover(False, block_keys[:first + start + n], first + start,
+                                                          slots), 0)
+                if done < n:
+                    return False
+        return True
 
     def clear(self) -> None:
         """flexkv is shared by every engine on the server: clearing it from one SGLang rank is not offered."""
