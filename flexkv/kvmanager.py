@@ -99,7 +99,8 @@ class KVManager:
     """One DP client of a flexkv server. Thread-safe for concurrent calls."""
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, server_address: str | None = None,
-                 dp_client_id: int = 0, start_timeout_s: float = 120.0, request_timeout_s: float = 60.0) -> None:
+                 dp_client_id: int = 0, start_timeout_s: float = 120.0, request_timeout_s: float = 60.0,
+                 *, first_task_id: int = 1) -> None:
         self.model_config, self.cache_config = model_config, cache_config
         self.dp_client_id = dp_client_id
         self._address = server_address
@@ -109,7 +110,9 @@ class KVManager:
         self._conn: ServerConnection | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._runtime_dir: str | None = None
-        self._task_ids = itertools.count(1)
+        # A client that reconnects with the same dp_client_id starts past its earlier ids: the server
+        # remembers recent results by (client id, task id).
+        self._task_ids = itertools.count(first_task_id)
         self._launched: dict[int, int] = {}  # task id -> digest of the slot mapping it was launched with
         self._tp_clients: list[KVTPClient] = []
         self._tokens_per_block = cache_config.tokens_per_block  # the server's, once connected

@@ -28,6 +28,12 @@ T = TypeVar("T")
 
 
 
+def _fresh_task_id() -> int:
+    """Task ids above any this client id used before (this link's earlier connections, or an SGLang
+    process before a restart): microseconds since the epoch, far more than one link issues per second."""
+    return time.time_ns() // 1000
+
+
 class ServerLink:
     """Connection state of one rank. ``connect`` raises configuration errors (wrong page size, layout
     the server's model does not match); ``run`` never raises."""
@@ -49,7 +55,7 @@ class ServerLink:
         s, view = self.settings, self.view
         manager = KVManager(view.model_config(), CacheConfig(tokens_per_block=view.page_size), s.server_address,
                             dp_client_id=self.client_id, start_timeout_s=min(5.0, s.timeout_s),
-                            request_timeout_s=min(5.0, s.timeout_s))
+                            request_timeout_s=min(5.0, s.timeout_s), first_task_id=_fresh_task_id())
         tp: KVTPClient | None = None
         try:
             manager.start()
