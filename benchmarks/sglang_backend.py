@@ -85,13 +85,13 @@ def best(fns: list[Callable[[], None]], repeat: int) -> list[float]:
     return out
 
 
-def run_layout(address: str, layout: str, args: argparse.Namespace) -> None:
+def run_layout(address: str, layout: str, seed: int, args: argparse.Namespace) -> None:
     from sglang.srt.mem_cache.hicache_storage import HiCacheStorageExtraInfo
 
     n, p = args.pages_per_call, args.page_size
     pool = HostPool(layout, 2 * n, p, args.layers, args.heads, args.head_size)
     backend = make_backend(address, pool)
-    rng = np.random.default_rng(abs(hash(layout)))  # fresh keys per layout: the pages are new to flexkv
+    rng = np.random.default_rng(seed)  # fresh keys per layout: every set stores new pages
     idx_set = torch.arange(n * p, dtype=torch.int64)
     idx_get = torch.arange(n * p, 2 * n * p, dtype=torch.int64)
     stored: list[list[str]] = []
@@ -143,8 +143,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="flexkv-bench-") as tmp:
         address = f"ipc://{tmp}/server.sock"
         with server(model, cache, address):
-            for layout in args.layouts:
-                run_layout(address, layout, args)
+            for seed, layout in enumerate(args.layouts):
+                run_layout(address, layout, seed, args)
 
 
 if __name__ == "__main__":
