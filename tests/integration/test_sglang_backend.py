@@ -268,3 +268,27 @@ def test_generic_interface_moves_flat_pages_and_shares_them_with_v1(tmp_path: Pa
         finally:
             generic.close()
             reader.close()
+
+
+def test_attach_refuses_what_cannot_work_and_bad_calls_answer_false(tmp_path: Path) -> None:
+    from flexkv.integration.sglang.host_pool import UnsupportedHostPool
+    from flexkv.types import InvalidRequest
+
+    address = f"ipc://{tmp_path}/server.sock"
+    pool = HostPool("page_first", seed=17)
+    pool.layout = "page_head"
+    with pytest.raises(UnsupportedHostPool, match="'page_head' is not supported"):
+        make_backend(address, pool)
+    with flexkv_server(address, server_model()):
+        wrong_page = HostPool("layer_first", seed=18)
+        wrong_page.page_size = 2 * P  # the same buffer read as pages of 8 tokens: the server has 4
+        with pytest.raises(InvalidRequest, match=f"tokens_per_block={P}, SGLang's page size is {2 * P}"):
+            make_backend(address, wrong_page)
+        backend = make_backend(address, HostPool("layer_first", seed=19))
+        try:
+            keys = page_keys(2, seed=20)
+            assert backend.batch_set_v1(keys, host_indices([0]), info([])) == [False, False], "2 keys, 1 page"
+            assert backend.batch_get_v1(keys, host_indices([0, 1, 2]), info([])) == [False, False]
+            assert backend.batch_set_v1(keys, host_indices([0, 1]), info([])) == [True, True], "still serves"
+        finally:
+            backend.close()

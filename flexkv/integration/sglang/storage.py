@@ -36,8 +36,8 @@ class FlexKVHiCacheStorage(HiCacheStorage):
     def __init__(self, storage_config: HiCacheStorageConfig, kwargs: dict[str, Any] | None = None) -> None:
         self.storage_config = storage_config
         self.settings = BackendSettings.from_extra_config(storage_config.extra_config, storage_config.model_name)
-        if storage_config.dcp_size > 1:
-            raise ValueError("flexkv backend: decode context parallel (dcp_size > 1) is not supported")
+        if storage_config.dcp_size > 1 or storage_config.attn_cp_size > 1:
+            raise ValueError("flexkv backend: context parallel (attn_cp_size or dcp_size > 1) is not supported")
         self.is_writer = bool(storage_config.is_storage_writer)  # MLA: one writer, every rank reads
         self.interface_v1 = bool((storage_config.extra_config or {}).get("interface_v1", 0))
         self._link: ServerLink | None = None
