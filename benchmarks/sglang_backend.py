@@ -112,7 +112,8 @@ def run_layout(address: str, layout: str, seed: int, args: argparse.Namespace) -
     def memcpy() -> None:
         np.copyto(dst, src)
 
-    do_set(), do_get(), memcpy()  # warm-up: first-call costs, page faults
+    for warm_up in (do_set, do_get, memcpy):  # first-call costs, page faults
+        warm_up()
     t_set, t_get, t_mem = best([do_set, do_get, memcpy], args.repeat)
     base = total / t_mem / 1e9
     for name, sec in (("batch_set_v1", t_set), ("batch_get_v1", t_get)):
