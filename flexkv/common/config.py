@@ -138,6 +138,8 @@ class CacheConfig:
     ssd_cache_dir: tuple[str, ...] | str = ()  # a list or a ";"-separated string is accepted too
     ssd_max_file_bytes: int = 64 * GIB
     io_uring_depth: int = 512
+    ssd_persist_index: bool = True  # find the SSD tier's blocks again after a restart (the journal)
+    ssd_durable_writes: bool = True  # fdatasync SSD data, then its journal records, before a write is done
     enable_remote: bool = False
     num_remote_blocks: int = 0  # remote capacity we account for; 0 = the store decides (unbounded)
     remote: RemoteConfig = dataclasses.field(default_factory=RemoteConfig)
@@ -150,7 +152,7 @@ class CacheConfig:
         _require(all(isinstance(d, str) and d for d in dirs), "ssd_cache_dir",
                  f"must be non-empty directory paths, got {dirs!r}")
         object.__setattr__(self, "ssd_cache_dir", tuple(dirs))
-        for flag in ("enable_cpu", "enable_ssd", "enable_remote"):
+        for flag in ("enable_cpu", "enable_ssd", "enable_remote", "ssd_persist_index", "ssd_durable_writes"):
             _require(isinstance(getattr(self, flag), bool), flag, f"must be a bool, got {getattr(self, flag)!r}")
         try:
             object.__setattr__(self, "eviction_policy", EvictionPolicy(self.eviction_policy))
@@ -185,6 +187,8 @@ _USER_KEYS: dict[str, type] = {
     "ssd_max_file_gb": float,
     "tokens_per_block": int,
     "io_uring_depth": int,
+    "ssd_persist_index": bool,
+    "ssd_durable_writes": bool,
     "eviction_policy": str,
     "enable_remote": bool,
     "remote_cache_gb": float,
@@ -303,7 +307,7 @@ def cache_config_from_user(model: ModelConfig, values: Mapping[str, Any]) -> Cac
         if values["ssd_max_file_gb"] <= 0:
             raise ConfigError(f"ssd_max_file_gb: must be > 0, got {values['ssd_max_file_gb']}")
         kw["ssd_max_file_bytes"] = int(values["ssd_max_file_gb"] * GIB)
-    for key in ("io_uring_depth", "eviction_policy", "enable_remote"):
+    for key in ("io_uring_depth", "eviction_policy", "enable_remote", "ssd_persist_index", "ssd_durable_writes"):
         if key in values:
             kw[key] = values[key]
     if "remote_cache_gb" in values:
