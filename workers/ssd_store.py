@@ -15,6 +15,7 @@ find the blocks again.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import errno
@@ -210,6 +211,7 @@ class SSDStore:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(os.path.join(self.dirs[0], JOURNAL_NAME))
         self.journal = Journal(self.dirs[0], fingerprint, self.layout.meta(0), num_blocks, sync=durable)
+        self._verifier = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ssd-verify")
         want_direct = try_direct_io and os.environ.get(NO_DIRECT_ENV, "") not in ("1", "true", "yes")
         self._engine = UringEngine(depth)
         self._direct_fds: list[list[int]] = []
@@ -318,8 +320,31 @@ class SSDStore:
         bytes between block_bytes and slot_bytes); other pools get buffered I/O (one warning),
         which is slower but correct. Blocking; call from one thread.
         """
-        ssd, addrs, results = self._rw(False, ssd_ids, pool_addr, pool_block_bytes, cpu_ids)
-        hashes = self._hashes(block_hashes, ssd.shape[0])
+        ssd = self._check_ids(ssd_ids, "ssd_ids", self.layout.num_blocks)
+        cpu = self._check_ids(cpu_ids, "cpu_ids", None)
+        if ssd.shape != cpu.shape:
+            raise ValueError(f"ssd_ids ({ssd.shape[0]}) and cpu_ids ({cpu.shape[0]}) differ in length")
+        n = ssd.shape[0]
+        hashes = self._hashes(block_hashes, n)
+        results = np.zeros(n, dtype=np.int32)
+        # Verify chunk k on the verifier thread while chunk k+1 is read (both release the GIL).
+        step = max(self._engine.depth, (64 << 20) // self.layout.slot_bytes)
+        checks = []
+        for start in range(0, n, step):
+            sl = slice(start, min(n, start + step))
+            _, addrs, results[sl] = self._rw(False, ssd[sl], pool_addr, pool_block_bytes, cpu[sl])
+            checks.append(self._verifier.submit(self._verify, ssd[sl], addrs, None if hashes is None else hashes[sl],
+                                                results[sl]))
+        bad = [int(ssd[i]) for i in np.flatnonzero(results == -errno.EBADMSG)] if sum(
+            c.result() for c in checks) else []
+        if bad:
+            self.num_checksum_failures += len(bad)
+            logger.warning("SSD store: %d block(s) failed verification, first ssd block %d", len(bad), bad[0])
+        return results
+
+    def _verify(self, ssd: npt.NDArray[np.int64], addrs: npt.NDArray[np.uint64],
+                hashes: npt.NDArray[np.uint64] | None, results: ResultArray) -> int:
+        """Set ``results`` (a view) to -EBADMSG where a block read fine but does not verify; returns how many."""
         rec = self.journal.table[ssd]
         ok = results == 0
         sums = checksum_blocks(addrs[ok], self.layout.block_bytes, rec["block_hash"][ok], self.checksum_threads)
@@ -327,12 +352,8 @@ class SSDStore:
         if hashes is not None:
             good &= rec["block_hash"][ok] == hashes[ok]
         bad = np.flatnonzero(ok)[~good]
-        if bad.size:
-            self.num_checksum_failures += int(bad.size)
-            results[bad] = -errno.EBADMSG
-            logger.warning("SSD store: %d block(s) failed verification, first ssd block %d", bad.size,
-                           int(ssd[bad[0]]))
-        return results
+        results[bad] = -errno.EBADMSG
+        return int(bad.size)
 
     def write_blocks(self, ssd_ids: npt.ArrayLike, pool_addr: int, pool_block_bytes: int,
                      cpu_ids: npt.ArrayLike, block_hashes: npt.ArrayLike | None = None,
@@ -359,8 +380,10 @@ class SSDStore:
             raise ValueError(f"ssd_ids ({n}) and cpu_ids ({cpu.shape[0]}) differ in length")
         self._use_direct(pool_addr, pool_block_bytes)  # ValueError for a bad pool before anything runs
         addrs = pool_addr + cpu.astype(np.uint64) * np.uint64(pool_block_bytes)
-        sums = checksum_blocks(addrs, self.layout.block_bytes, hashes, self.checksum_threads)
+        # The checksums (of the bytes being written: the pool blocks are locked) run beside the write.
+        sums_f = self._verifier.submit(checksum_blocks, addrs, self.layout.block_bytes, hashes, self.checksum_threads)
         ssd, _, results = self._rw(True, ssd, pool_addr, pool_block_bytes, cpu)
+        sums = sums_f.result()
         self.journal.forget(ssd[results != 0])  # partly written: the slot's bytes are unknown
         ok = np.flatnonzero(results == 0)
         try:
@@ -444,6 +467,8 @@ class SSDStore:
         """Close the ring, the journal and the files (the files stay on disk for reuse). Idempotent."""
         if hasattr(self, "journal"):
             self.journal.close()
+        if hasattr(self, "_verifier"):
+            self._verifier.shutdown()
         self._engine.close()
         _close_all(self._direct_fds)
         _close_all(self._buffered_fds)
