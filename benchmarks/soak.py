@@ -218,16 +218,17 @@ def run(args: argparse.Namespace) -> int:
                                 num_ssd_blocks=args.ssd_blocks, ssd_cache_dir=(os.path.join(work, "ssd"),),
                                 enable_remote=redis_port is not None, remote=remote)
             address = f"ipc://{work}/server.sock"
-            log = open(os.path.join(work, "server.log"), "wb")  # noqa: SIM115 (closed below)
+            log = open(os.path.join(work, "server.log"), "wb")
             server = subprocess.Popen([sys.executable, "-m", "flexkv.scheduler.main", "--configs-json",
                                        configs_to_json(model, cache), "--address", address], stdout=log, stderr=log)
+            redis_text = f"on port {redis_port}" if redis_port else "off"
             print(f"soak: {args.minutes} min, {args.clients} clients, CPU {args.cpu_blocks} + SSD {args.ssd_blocks} "
-                  f"blocks of {model.block_bytes(T) >> 10} KiB, redis {'on port %d' % redis_port if redis_port else 'off'}",
-                  flush=True)
+                  f"blocks of {model.block_bytes(T) >> 10} KiB, redis {redis_text}", flush=True)
             ctx = mp.get_context("spawn")
             stop, out = ctx.Event(), ctx.Queue()
             cfg = configs_to_json(model, cache)
-            procs = [ctx.Process(target=client_main, args=(address, cfg, i, 7 + i, stop, out)) for i in range(args.clients)]
+            procs = [ctx.Process(target=client_main, args=(address, cfg, i, 7 + i, stop, out))
+                     for i in range(args.clients)]
             for p in procs:
                 p.start()
             sample(args, server, procs, out, stop, pids)
@@ -297,7 +298,8 @@ def sample(args: argparse.Namespace, server: subprocess.Popen[bytes], procs: lis
                "fds": _num_fds(server.pid) + sum(_num_fds(p) for p in workers), "shm_mb": shm_mb, "shm_n": shm_n}
         for k, v in row.items():
             series[k].append(float(v))
-        print(f"{t:6.0f} {len(lat['get']) + len(lat['put']):6d} {_pct(lat['get'], 50):8.2f} {_pct(lat['get'], 99):8.2f} "
+        num_ops = len(lat["get"]) + len(lat["put"])
+        print(f"{t:6.0f} {num_ops:6d} {_pct(lat['get'], 50):8.2f} {_pct(lat['get'], 99):8.2f} "
               f"{_pct(lat['put'], 50):8.2f} {_pct(lat['put'], 99):8.2f} {wrong:5d} {fails:4d} {row['server_rss']:7.1f} "
               f"{row['worker_rss']:7.1f} {row['fds']:5.0f} {shm_n:5d} {shm_mb:7.1f}", flush=True)
         lat, wrong, fails = {"get": [], "put": []}, 0, 0

@@ -27,7 +27,6 @@ from flexkv.scheduler.planner import Tiers, plan_get, plan_put
 from flexkv.scheduler.pool import BlockPool
 from flexkv.scheduler.remote_lookup import RemoteLookup, RemoteTier
 from flexkv.scheduler.ssd_rebuild import Progress, restore
-from flexkv.ssd_journal import Records
 from flexkv.scheduler.tasks import (
     Dispatched,
     Task,
@@ -37,6 +36,7 @@ from flexkv.scheduler.tasks import (
     check_tokens,
     gpu_blocks_from_slots,
 )
+from flexkv.ssd_journal import Records
 from flexkv.types import EvictionPolicy, InvalidRequest, KVResponse, Medium, OpType, TaskStatus, TaskType
 
 __all__ = ["ControlPlane", "TaskKey", "TransferOp"]
@@ -74,8 +74,8 @@ class ControlPlane:
         self._clock = 0
         self._counters = dict.fromkeys(
             ("num_get_matches", "num_put_matches", "get_query_blocks", "get_hit_blocks", "get_moved_blocks",
-             "put_query_blocks", "put_hit_blocks", "put_stored_blocks", "num_failed_ops", "get_lost_blocks", "ssd_corrupt_blocks",
-             "ssd_discarded_blocks", "ssd_restored_blocks"), 0)
+             "put_query_blocks", "put_hit_blocks", "put_stored_blocks", "num_failed_ops", "get_lost_blocks",
+             "ssd_corrupt_blocks", "ssd_discarded_blocks", "ssd_restored_blocks"), 0)
 
     # ---- match (prepare) -----------------------------------------------------------------
 

@@ -41,8 +41,8 @@ from flexkv.remote import RemoteStore, RemoteUnavailable, open_remote_store
 from flexkv.scheduler.control import ControlPlane
 from flexkv.scheduler.graph import TransferOp
 from flexkv.scheduler.remote_lookup import RemoteLookup
-from flexkv.scheduler.supervisor import OpResult, WorkerSupervisor, device_worker_id
 from flexkv.scheduler.ssd_rebuild import progress_logger
+from flexkv.scheduler.supervisor import OpResult, WorkerSupervisor, device_worker_id
 from flexkv.shm import SharedPool, make_pool_name
 from flexkv.ssd_journal import journal_path, scan
 from flexkv.types import ConfigError, FlexKVError, KVResponse, OpType, TaskStatus, TaskType

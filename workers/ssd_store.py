@@ -314,8 +314,9 @@ class SSDStore:
         Returns int32 results, 0 or -errno per block (-ENODATA: the slot's file is shorter than
         expected; -EBADMSG: the bytes read do not match the checksum recorded when the slot was
         written, the slot holds no known block, or it holds another block than ``block_hashes[i]``
-        names; the pool block then holds garbage and must not be used). Raises ``ValueError`` only for programming errors (ids out of range, lengths
-        differ, pool stride smaller than block_bytes). O_DIRECT needs a 4 KiB-aligned pool address
+        names; the pool block then holds garbage and must not be used). Raises ``ValueError``
+        only for programming errors (ids out of range, lengths differ, pool stride smaller than
+        block_bytes). O_DIRECT needs a 4 KiB-aligned pool address
         and stride (so each block's slot padding fits in the pool; reads then also fill the pool
         bytes between block_bytes and slot_bytes); other pools get buffered I/O (one warning),
         which is slower but correct. Blocking; call from one thread.
