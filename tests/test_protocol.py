@@ -43,6 +43,7 @@ SAMPLES: list[tuple[Codec[typing.Any], msgspec.Struct]] = [
     (SERVER_REPLIES, cm.ErrorReplyMsg(req_id=1, error="bad", kind="InvalidRequest")),
     (WORKER_TO_SERVER, wm.WorkerHelloMsg(worker_id="w", pid=1, op_types=[0, 1])),
     (WORKER_TO_SERVER, wm.OpsDoneMsg(worker_id="w", op_ids=[1, 2], errors=["", "EIO"])),
+    (WORKER_TO_SERVER, wm.OpsDoneMsg(worker_id="w", op_ids=[3, 4], errors=["", "checksum"], corrupt_at=[-1, 2])),
     (SERVER_TO_WORKER, wm.ExecuteOpMsg(op_id=3, op_type=2)),
     (SERVER_TO_WORKER, wm.StopWorkerMsg(reason="bye")),
 ]
