@@ -290,7 +290,8 @@ def test_put_write_through_starts_at_each_tiers_own_prefix() -> None:
     assert h2remote.src_block_ids.tolist() == cpu_ids.tolist(), "remote gets all 6 blocks"
     assert h2remote.block_hashes is not None
     assert h2remote.block_hashes.tolist() == hash_blocks(tokens, T).tolist()
-    assert h2disk.block_hashes is None
+    assert h2disk.block_hashes is not None, "H2DISK names its whole path (the SSD journal's parents and depths)"
+    assert h2disk.block_hashes.tolist() == hash_blocks(tokens, T).tolist()
     drain(cp, later)
     assert cp.poll((1, 2), completely=True).status is TaskStatus.SUCCESS
 
