@@ -296,8 +296,9 @@ def sample(args: argparse.Namespace, server: subprocess.Popen[bytes], procs: lis
         t = time.monotonic() - start
         row = {"t": t, "server_rss": _rss_mb(server.pid), "worker_rss": sum(_rss_mb(p) for p in workers),
                "fds": _num_fds(server.pid) + sum(_num_fds(p) for p in workers), "shm_mb": shm_mb, "shm_n": shm_n}
-        for k, v in row.items():
-            series[k].append(float(v))
+        if not done:  # the last row is taken while the clients exit: printed, not fitted
+            for k, v in row.items():
+                series[k].append(float(v))
         num_ops = len(lat["get"]) + len(lat["put"])
         print(f"{t:6.0f} {num_ops:6d} {_pct(lat['get'], 50):8.2f} {_pct(lat['get'], 99):8.2f} "
               f"{_pct(lat['put'], 50):8.2f} {_pct(lat['put'], 99):8.2f} {wrong:5d} {fails:4d} {row['server_rss']:7.1f} "
