@@ -28,53 +28,61 @@ def restore(index: RadixIndex, records: Records, now: int, progress: Progress | 
     ready; returns how many. ``progress(done, total)`` is called as runs are inserted."""
     assert index.pool.num_used_blocks == 0, "restore needs an empty index"
     records = _latest_per_block(records)
-    runs = _runs(records)
-    ids = np.concatenate([records["ssd_id"][r] for _, r in runs]) if runs else np.empty(0, np.int64)
-    index.pool.take(ids.astype(np.int64))
-    hashes = records["block_hash"]
-    paths: dict[int, np.ndarray] = {-1: np.empty(0, dtype=np.uint64)}  # run index -> path through it
-    done = 0
-    for i, (parent_run, rows) in enumerate(runs):
-        parent_path = paths[parent_run]
-        run_hashes = hashes[rows].astype(np.uint64)
-        run_ids = records["ssd_id"][rows].astype(np.int64)
-        index.insert(index.match(parent_path), run_hashes, run_ids, now)
-        index.publish(run_ids)
-        paths[i] = np.concatenate([parent_path, run_hashes])
-        done += rows.shape[0]
+    rows, run_of, run_parent = _runs(records)
+    ids = records["ssd_id"][rows].astype(np.int64)
+    hashes = records["block_hash"][rows].astype(np.uint64)
+    index.pool.take(ids)
+    bounds = np.flatnonzero(np.diff(run_of, prepend=-1, append=-2))
+    paths: list[np.ndarray] = []  # run -> the path through it (its parent's path, then its blocks)
+    for run, (lo, hi) in enumerate(zip(bounds[:-1].tolist(), bounds[1:].tolist(), strict=True)):
+        parent_path = paths[run_parent[run]] if run_parent[run] >= 0 else hashes[:0]
+        index.insert(index.match(parent_path), hashes[lo:hi], ids[lo:hi], now)
+        index.publish(ids[lo:hi])
+        paths.append(np.concatenate([parent_path, hashes[lo:hi]]))
         if progress is not None:
-            progress(done, ids.shape[0])
-    return done
+            progress(hi, ids.shape[0])
+    return int(ids.shape[0])
 
 
 def _latest_per_block(records: Records) -> Records:
-    """One record per block hash (and depth): the latest by seq."""
-    order = np.argsort(records["seq"])[::-1]
-    newest_first = records[order]
-    keys = np.stack([newest_first["block_hash"], newest_first["depth"].astype(np.uint64)], axis=1)
-    _, first = np.unique(keys, axis=0, return_index=True)
+    """One record per block hash: the latest by seq."""
+    newest_first = records[np.argsort(records["seq"])[::-1]]
+    _, first = np.unique(newest_first["block_hash"], return_index=True)
     return newest_first[np.sort(first)]
 
 
-def _runs(records: Records) -> list[tuple[int, np.ndarray]]:
-    """Runs of blocks in insertion order: (index of the parent's run or -1, record rows along the
-    run). A run ends where a block has zero or several children; children follow their parent."""
-    children: dict[tuple[int, int], list[int]] = {}
-    for row, (parent, depth) in enumerate(zip(records["parent_hash"].tolist(), records["depth"].tolist(),
-                                              strict=True)):
-        if depth > 0:
-            children.setdefault((parent, depth - 1), []).append(row)
-    hashes, depths = records["block_hash"].tolist(), records["depth"].tolist()
-    runs: list[tuple[int, np.ndarray]] = []
-    stack = [(-1, row) for row in np.flatnonzero(records["depth"] == 0).tolist()]
-    while stack:
-        parent_run, row = stack.pop()
-        rows = [row]
-        while len(kids := children.get((hashes[rows[-1]], depths[rows[-1]]), [])) == 1:
-            rows.append(kids[0])
-        runs.append((parent_run, np.array(rows, dtype=np.int64)))
-        stack.extend((len(runs) - 1, kid) for kid in kids)
-    return runs
+def _runs(records: Records) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Group the reachable records into runs along prompts, vectorised by depth level.
+
+    Returns (record rows ordered by run then depth, the run of each of those rows, each run's parent
+    run or -1). A run starts at a depth-0 block or below a block with several children; runs are
+    numbered so that a parent run comes before its children."""
+    n = records.shape[0]
+    depth = records["depth"].astype(np.int64)
+    order = np.argsort(records["block_hash"])
+    pos = np.minimum(np.searchsorted(records["block_hash"][order], records["parent_hash"]), max(n - 1, 0))
+    parent = order[pos] if n else pos
+    has_parent = (depth > 0) & (records["block_hash"][parent] == records["parent_hash"])
+    has_parent &= depth[parent] == depth - 1
+    parent = np.where(has_parent, parent, -1)
+    reachable = depth == 0
+    by_depth = np.argsort(depth, kind="stable")
+    levels = np.split(by_depth, np.flatnonzero(np.diff(depth[by_depth])) + 1) if n else []
+    for level in levels[1:]:  # parents are one level up, already decided
+        p = parent[level]
+        reachable[level] = (p >= 0) & reachable[np.maximum(p, 0)]
+    kids = np.bincount(parent[reachable & (parent >= 0)], minlength=n)
+    starts = reachable & ((parent < 0) | (kids[np.maximum(parent, 0)] != 1))
+    run = np.full(n, -1, dtype=np.int64)
+    start_rows = by_depth[starts[by_depth]]  # run ids in depth order: parents first
+    run[start_rows] = np.arange(start_rows.shape[0])
+    for level in levels[1:]:
+        inherit = level[reachable[level] & ~starts[level]]
+        run[inherit] = run[parent[inherit]]
+    rows = np.flatnonzero(reachable)
+    rows = rows[np.lexsort((depth[rows], run[rows]))]
+    run_parent = np.where(parent[start_rows] >= 0, run[np.maximum(parent[start_rows], 0)], -1)
+    return rows, run[rows], run_parent
 
 
 def progress_logger(every_s: float = 5.0) -> Progress:
