@@ -161,3 +161,70 @@ def test_rebuild_keeps_branches_drops_orphans_and_prefers_the_latest_copy() -> N
     # a rebuilt block can be evicted like any other
     assert ssd.evict(16) == 6
     cp.check_invariants()
+
+
+def test_reads_verified_in_chunks_beside_the_next_read_flag_exactly_the_corrupt_blocks(tmp_path: Path) -> None:
+    n = 40
+    hashes = np.arange(1, n + 1, dtype=np.uint64) * np.uint64(7919)
+    src, dst = Pool(n, seed=8), Pool(n)
+    with SSDStore([str(tmp_path)], n, BLOCK, 1 << 20, depth=4) as store:
+        store.verify_chunk_bytes = 8 * BLOCK  # 5 chunks of 8 blocks
+        _write_prompt(store, src, list(range(n)), hashes)
+        fd = os.open(os.path.join(str(tmp_path), "flexkv_ssd_0000.data"), os.O_RDWR)
+        try:
+            for slot in (3, 17, 18, 39):
+                os.pwrite(fd, b"\x00\xff", slot * BLOCK + 1000)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        res = store.read_blocks(np.arange(n), dst.addr, BLOCK, np.arange(n), hashes)
+        assert np.flatnonzero(res).tolist() == [3, 17, 18, 39] and (res[res != 0] == -errno.EBADMSG).all()
+        assert all(dst.arr[i].tobytes() == src.arr[i].tobytes() for i in range(n) if i not in (3, 17, 18, 39))
+        assert store.num_checksum_failures == 4
+
+
+def test_rebuild_matches_a_reference_walk_on_random_forests() -> None:
+    rng = np.random.default_rng(11)
+    for _ in range(20):
+        rows, known = [], {}  # known: hash -> depth of blocks written
+        for _p in range(int(rng.integers(1, 12))):
+            parent, depth = 0, 0
+            if known and rng.random() < 0.6:  # branch off an existing block
+                parent = int(rng.choice(list(known)))
+                depth = known[parent] + 1
+            for _b in range(int(rng.integers(1, 9))):
+                h = int(rng.integers(1, 2**62))
+                rows.append((len(rows) + 1, len(rows), h, parent, depth))
+                known[h] = depth
+                parent, depth = h, depth + 1
+        recs = _records(rows)
+        keep = rng.random(len(rows)) > 0.15  # some records lost
+        recs = recs[keep]
+        present = {int(r["block_hash"]): (int(r["parent_hash"]), int(r["depth"])) for r in recs}
+
+        def reachable(h: int) -> bool:
+            while True:
+                parent, depth = present[h]
+                if depth == 0:
+                    return True
+                if parent not in present or present[parent][1] != depth - 1:
+                    return False
+                h = parent
+        expected = sorted(int(r["ssd_id"]) for r in recs if reachable(int(r["block_hash"])))
+        cp = _control(len(rows) + 1)
+        assert cp.restore_ssd_index(recs) == len(expected)
+        cp.check_invariants()
+        ssd = cp.tiers.ssd
+        assert ssd is not None
+        assert sorted(np.concatenate([n.block_ids for n in ssd.iter_nodes()] or [np.empty(0, np.int64)]).tolist()) \
+            == expected
+        assert ssd.ready[expected].all()
+        for r in recs:  # every restored block sits at the end of its own prompt's path
+            h = int(r["block_hash"])
+            if not reachable(h):
+                continue
+            path = [h]
+            while present[path[-1]][1] > 0:
+                path.append(present[path[-1]][0])
+            ids = ssd.match(np.array(path[::-1], dtype=np.uint64)).block_ids()
+            assert ids.size == len(path) and int(ids[-1]) == int(r["ssd_id"])

@@ -228,6 +228,8 @@ class SSDStore:
         logger.info("SSD store: %d blocks of %d bytes in %d dir(s), %s I/O, depth %d", num_blocks, block_bytes,
                     len(self.dirs), "O_DIRECT" if self.direct_io else "buffered", depth)
 
+    verify_chunk_bytes = 64 << 20  # reads are verified in chunks of this size while the next chunk is read
+
     def _check_config(self, num_blocks: int, block_bytes: int, max_file_bytes: int) -> None:
         if not self.dirs:
             raise ConfigError("ssd_cache_dir: at least one directory is required")
@@ -329,7 +331,7 @@ class SSDStore:
         hashes = self._hashes(block_hashes, n)
         results = np.zeros(n, dtype=np.int32)
         # Verify chunk k on the verifier thread while chunk k+1 is read (both release the GIL).
-        step = max(self._engine.depth, (64 << 20) // self.layout.slot_bytes)
+        step = max(self._engine.depth, self.verify_chunk_bytes // self.layout.slot_bytes)
         checks = []
         for start in range(0, n, step):
             sl = slice(start, min(n, start + step))
