@@ -186,7 +186,8 @@ def test_reads_verified_in_chunks_beside_the_next_read_flag_exactly_the_corrupt_
 def test_rebuild_matches_a_reference_walk_on_random_forests() -> None:
     rng = np.random.default_rng(11)
     for _ in range(20):
-        rows, known = [], {}  # known: hash -> depth of blocks written
+        rows: list[tuple[int, int, int, int, int]] = []
+        known: dict[int, int] = {}  # hash -> depth of the blocks written
         for _p in range(int(rng.integers(1, 12))):
             parent, depth = 0, 0
             if known and rng.random() < 0.6:  # branch off an existing block
@@ -202,7 +203,7 @@ def test_rebuild_matches_a_reference_walk_on_random_forests() -> None:
         recs = recs[keep]
         present = {int(r["block_hash"]): (int(r["parent_hash"]), int(r["depth"])) for r in recs}
 
-        def reachable(h: int) -> bool:
+        def reachable(h: int, present: dict[int, tuple[int, int]] = present) -> bool:
             while True:
                 parent, depth = present[h]
                 if depth == 0:
