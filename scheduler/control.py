@@ -29,6 +29,7 @@ from flexkv.scheduler.index import RadixIndex
 from flexkv.scheduler.planner import Tiers, plan_get, plan_put
 from flexkv.scheduler.pool import BlockPool
 from flexkv.scheduler.remote_lookup import RemoteLookup, RemoteTier
+from flexkv.scheduler.ssd_rebuild import Progress, restore
 from flexkv.scheduler.tasks import (
     Dispatched,
     Task,
@@ -38,6 +39,7 @@ from flexkv.scheduler.tasks import (
     check_tokens,
     gpu_blocks_from_slots,
 )
+from flexkv.ssd_journal import Records
 from flexkv.types import InvalidRequest, KVResponse, Medium, OpType, TaskStatus, TaskType
 
 __all__ = ["ControlPlane", "TaskKey", "TransferOp"]
@@ -81,7 +83,8 @@ class ControlPlane:
         self._counters = dict.fromkeys(
             ("num_get_matches", "num_put_matches", "get_query_blocks", "get_hit_blocks", "get_moved_blocks",
              "put_query_blocks", "put_hit_blocks", "put_stored_blocks", "num_failed_ops", "get_lost_blocks",
-             "proactive_evicted_blocks", "num_resets"), 0)
+             "proactive_evicted_blocks", "num_resets", "ssd_corrupt_blocks", "ssd_discarded_blocks",
+             "ssd_restored_blocks"), 0)
 
     # ---- match (prepare) -----------------------------------------------------------------
 
@@ -180,12 +183,14 @@ class ControlPlane:
         task.prefetch = True
         return self._track(task, task.launch(np.empty(0, dtype=np.int64), self._new_op_id))
 
-    def complete_op(self, op_id: int, ok: bool, error: str = "") -> list[TransferOp]:
+    def complete_op(self, op_id: int, ok: bool, error: str = "", corrupt_at: int = -1) -> list[TransferOp]:
         """A worker finished ``op_id``. Success publishes what it wrote and releases what it read;
         failure fails its task (engine part too unless already done; ``error`` is reported by poll),
         drops its undispatched ops and rolls back. Completions after the task failed or was
         cancelled roll back whatever their outcome. Returns the ops that became runnable.
-        Unknown or already completed op id: InvalidRequest."""
+        ``corrupt_at`` >= 0 (a failed DISK2H): its block at that index had corrupt bytes on SSD; it
+        and the rest of the prompt are a miss (see ``Task``), and that block leaves the SSD index
+        with everything below it. Unknown or already completed op id: InvalidRequest."""
         entry = self._ops.pop(op_id, None) if isinstance(op_id, int) else None
         if entry is None:
             raise InvalidRequest(f"unknown or already completed op id {op_id!r}")
@@ -193,11 +198,25 @@ class ControlPlane:
         if not ok:
             self._counters["num_failed_ops"] += 1
             self._note_remote_miss(node)
+        corrupt_at = corrupt_at if not ok and node.op_type is OpType.DISK2H and 0 <= corrupt_at < len(
+            node.src_block_ids) else -1
         num_lost = task.num_lost_blocks
-        ops, to_prune = task.complete(node, bool(ok), self._new_op_id, error)
+        ops, to_prune = task.complete(node, bool(ok), self._new_op_id, error, corrupt_at)
         self._counters["get_lost_blocks"] += task.num_lost_blocks - num_lost
         self._prune(to_prune)
+        if corrupt_at >= 0:
+            self._discard_corrupt(node, corrupt_at)
         return self._track(task, ops)
+
+    def _discard_corrupt(self, disk2h: OpNode, corrupt_at: int) -> None:
+        """Drop the DISK2H's corrupt SSD block (and its subtree) from the SSD index: never served again."""
+        ssd = self.tiers.ssd
+        path = disk2h.writes[0].path_hashes if disk2h.writes else None
+        if ssd is None or path is None:
+            return
+        self._counters["ssd_corrupt_blocks"] += 1
+        end = path.shape[0] - disk2h.src_block_ids.shape[0] + corrupt_at + 1
+        self._counters["ssd_discarded_blocks"] += ssd.discard(path[:end])
 
     def _note_remote_miss(self, node: OpNode) -> None:
         """A failed REMOTE2H: the store no longer holds (some of) its keys, or is gone; forget them."""
@@ -290,6 +309,14 @@ class ControlPlane:
             freed += index.evict(max(1, int(self.cache.evict_ratio * pool.num_blocks)))
         self._counters["proactive_evicted_blocks"] += freed
         return freed
+
+    def restore_ssd_index(self, records: Records, progress: Progress | None = None) -> int:
+        """At start, before any match: index the SSD journal's blocks (ready) again; returns how many."""
+        if self.tiers.ssd is None:
+            return 0
+        num = restore(self.tiers.ssd, records, self._clock(), progress)
+        self._counters["ssd_restored_blocks"] += num
+        return num
 
     # ---- introspection -------------------------------------------------------------------------
 

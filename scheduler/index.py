@@ -259,6 +259,38 @@ class RadixIndex:
         self._release(freed)
         return sum(f.size for f in freed)
 
+    def discard(self, hashes: HashArray) -> int:
+        """Remove the block at the end of the path ``hashes`` and everything below it (its bytes are
+        known bad), unless one of those blocks is locked (then nothing changes: a later reader finds
+        it bad again). Returns how many blocks were freed; 0 if the path is not indexed."""
+        match = self.match(hashes)
+        if not match.nodes or match.num_blocks != hashes.shape[0]:
+            return 0
+        node, cut = match.nodes[-1], match.last_offset - 1
+        below = self._subtree(node)
+        ids = np.concatenate([node.block_ids[cut:], *(n.block_ids for n in below)])
+        if self.lock_count[ids].any():
+            return 0
+        for n in below:
+            n.alive = False
+        self.num_nodes -= len(below)
+        node.children = {}
+        self._cut_tail(node, cut)
+        if node.alive:
+            self.evictor.offer(node)
+        self._release([ids])
+        return int(ids.shape[0])
+
+    @staticmethod
+    def _subtree(node: RadixNode) -> list[RadixNode]:
+        out: list[RadixNode] = []
+        stack = list(node.children.values())
+        while stack:
+            n = stack.pop()
+            out.append(n)
+            stack.extend(n.children.values())
+        return out
+
     # ---- internals -----------------------------------------------------------------------
 
     def _locked_len(self, node: RadixNode) -> int:

@@ -173,8 +173,7 @@ def _promote(graph: TaskGraph, hit: _LowerHit, hashes: HashArray, new_ids: Block
     hit.index.touch(hit.match, stop, now)
     is_remote = hit.index.medium is Medium.REMOTE
     return graph.add(OpType.REMOTE2H if is_remote else OpType.DISK2H, src, dst,
-                     reads=(Reservation(hit.index, src),), writes=writes,
-                     block_hashes=hashes[hit.start:stop] if is_remote else None)
+                     reads=(Reservation(hit.index, src),), writes=writes, block_hashes=hashes[hit.start:stop])
 
 
 def plan_put(tiers: Tiers, hashes: HashArray, num_tokens: int, tokens_per_block: int, first_block: int,
@@ -244,7 +243,7 @@ def _write_through(graph: TaskGraph, index: RadixIndex, op_type: OpType, cpu: Ra
     cpu.lock(src)
     graph.add(op_type, src, new_ids, reads=(Reservation(cpu, src),),
               writes=(Reservation(index, new_ids, hashes[:stop]),), deps=(d2h,) if stop > num_old else (),
-              block_hashes=hashes[begin:stop] if op_type is OpType.H2REMOTE else None)
+              block_hashes=hashes[begin:stop] if op_type is OpType.H2REMOTE else hashes[:stop])
 
 
 def _write_through_store(graph: TaskGraph, store: RemoteTier, begin: int, cpu: RadixIndex, cpu_ids: BlockIds,

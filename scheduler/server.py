@@ -45,9 +45,11 @@ from flexkv.scheduler.control import ControlPlane
 from flexkv.scheduler.endpoint import IpcClaim
 from flexkv.scheduler.graph import TransferOp
 from flexkv.scheduler.remote_lookup import RemoteLookup
+from flexkv.scheduler.ssd_rebuild import progress_logger
 from flexkv.scheduler.supervisor import OpResult, RestartPolicy, WorkerSupervisor, device_worker_id
 from flexkv.security import CurveAuthenticator, CurveServerKeys
 from flexkv.shm import SharedPool, make_pool_name
+from flexkv.ssd_journal import journal_path, scan
 from flexkv.types import ConfigError, FlexKVError, KVResponse, OpType, TaskStatus, TaskType
 
 log = logging.getLogger("flexkv.server")
@@ -128,6 +130,7 @@ class SchedulerServer:
         self._registered: set[tuple[int, int]] = set()
         self._launched: set[TaskKey] = set()  # launched (or cancelled) tasks still in the control plane
         self._op_keys: dict[int, TaskKey] = {}  # dispatched op -> its task
+        self._corrupt_at: dict[int, int] = {}  # failed DISK2H op -> its first corrupt block (OpsDoneMsg)
         # Final results of retired tasks, (engine part, every op), kept for later waits; bounded.
         self._results: OrderedDict[TaskKey, tuple[KVResponse, KVResponse]] = OrderedDict()
         self._waits: list[_Wait] = []
@@ -149,6 +152,7 @@ class SchedulerServer:
         assert not missing, f"dispatch table incomplete: {missing}"
         try:
             self._start_tier_workers()
+            self._restore_ssd_index()
         except BaseException:
             self.close()
             raise
@@ -230,6 +234,17 @@ class SchedulerServer:
                 raise ConfigError(f"tier workers not ready after {timeout_s:.0f} s")
             if self._workers_sock.poll(100):
                 self._drain(self._workers_sock, self._on_worker_frames)
+
+    def _restore_ssd_index(self) -> None:
+        """Find the SSD tier's blocks again from the journal the SSD worker checked and compacted."""
+        if not (self.cache.enable_ssd and self.cache.ssd_persist_index):
+            return
+        t0 = time.monotonic()
+        fingerprint = kv_fingerprint(self.model, self.cache.tokens_per_block)
+        found = scan(journal_path(self.cache.ssd_cache_dir[0]), fingerprint, None, self.cache.num_ssd_blocks)
+        num = self.control.restore_ssd_index(found.records, progress_logger())
+        log.info("SSD index rebuilt: %d blocks found again (%d slot records, %d skipped) in %.2f s", num,
+                 found.records.shape[0], found.num_skipped, time.monotonic() - t0)
 
     # -- loop -----------------------------------------------------------------------------------
     def serve_forever(self) -> None:
@@ -570,6 +585,11 @@ class SchedulerServer:
             self.supervisor.refuse(routing_id, f"{type(msg).__name__} as {msg.worker_id!r} from a connection "
                                                f"that is not that worker's: dropped")
         elif isinstance(msg, OpsDoneMsg):
+            if len(msg.corrupt_at) == len(msg.op_ids):  # only ops in flight on this worker count
+                in_flight = self.supervisor.workers[worker_id].in_flight if worker_id in self.supervisor.workers \
+                    else set()
+                self._corrupt_at.update((op_id, at) for op_id, at in zip(msg.op_ids, msg.corrupt_at, strict=True)
+                                        if at >= 0 and op_id in in_flight)
             self._complete(self.supervisor.on_done(worker_id, msg.op_ids, msg.errors))
         elif isinstance(msg, WorkerByeMsg) and self.supervisor.on_bye(routing_id) is not None:
             self._lane_gone(worker_id, msg.reason or "closed")
@@ -592,8 +612,9 @@ class SchedulerServer:
         if error:
             log.warning("op %d failed: %s", op_id, error)
         key = self._op_keys.pop(op_id, None)
+        corrupt_at = self._corrupt_at.pop(op_id, -1)
         try:
-            ops = self.control.complete_op(op_id, not error, error)
+            ops = self.control.complete_op(op_id, not error, error, corrupt_at)
         except FlexKVError as e:  # e.g. an op of a task dropped meanwhile
             log.debug("completion of op %d ignored: %s", op_id, e)
             return []

@@ -57,13 +57,14 @@ MAX_BATCH = 256
 class Op:
     """One op as a worker sees it."""
 
-    __slots__ = ("block_hashes", "dst_ids", "op_id", "op_type", "received", "src_ids")
+    __slots__ = ("block_hashes", "corrupt_at", "dst_ids", "op_id", "op_type", "received", "src_ids")
 
     def __init__(self, op_id: int, op_type: OpType, src_ids: npt.NDArray[np.int64], dst_ids: npt.NDArray[np.int64],
                  block_hashes: npt.NDArray[np.uint64] | None) -> None:
         self.op_id, self.op_type = op_id, op_type
         self.src_ids, self.dst_ids, self.block_hashes = src_ids, dst_ids, block_hashes
         self.received = time.monotonic()
+        self.corrupt_at = -1  # set by a worker that found this op's bytes corrupt (see OpsDoneMsg)
 
 
 class Worker(abc.ABC):
@@ -176,7 +177,9 @@ class Worker(abc.ABC):
                 self._sock.send_multipart(self._done_frames(batch, self._execute_safely(batch)))
 
     def _done_frames(self, batch: list[Op], errors: list[str]) -> list[Frame]:
-        done = OpsDoneMsg(worker_id=self.worker_id, op_ids=[op.op_id for op in batch], errors=errors)
+        corrupt = [op.corrupt_at for op in batch]
+        done = OpsDoneMsg(worker_id=self.worker_id, op_ids=[op.op_id for op in batch], errors=errors,
+                          corrupt_at=corrupt if max(corrupt, default=-1) >= 0 else [])
         return WORKER_TO_SERVER.encode(done)
 
     def _receive_batch(self) -> list[Op]:

@@ -145,6 +145,8 @@ class CacheConfig:
     ssd_cache_dir: tuple[str, ...] | str = ()  # a list or a ";"-separated string is accepted too
     ssd_max_file_bytes: int = 64 * GIB
     io_uring_depth: int = 512
+    ssd_persist_index: bool = True  # find the SSD tier's blocks again after a restart (the journal)
+    ssd_durable_writes: bool = True  # fdatasync SSD data, then its journal records, before a write is done
     enable_remote: bool = False
     num_remote_blocks: int = 0  # remote capacity we account for; 0 = the store decides (unbounded)
     remote: RemoteConfig = dataclasses.field(default_factory=RemoteConfig)
@@ -176,7 +178,7 @@ class CacheConfig:
         _require(all(isinstance(d, str) and d for d in dirs), "ssd_cache_dir",
                  f"must be non-empty directory paths, got {dirs!r}")
         object.__setattr__(self, "ssd_cache_dir", tuple(dirs))
-        for flag in ("enable_cpu", "enable_ssd", "enable_remote"):
+        for flag in ("enable_cpu", "enable_ssd", "enable_remote", "ssd_persist_index", "ssd_durable_writes"):
             _require(isinstance(getattr(self, flag), bool), flag, f"must be a bool, got {getattr(self, flag)!r}")
         for name in ("eviction_policy", "eviction_policy_cpu", "eviction_policy_ssd", "eviction_policy_remote"):
             value = getattr(self, name)
@@ -222,6 +224,8 @@ _USER_KEYS: dict[str, type] = {
     "ssd_max_file_gb": float,
     "tokens_per_block": int,
     "io_uring_depth": int,
+    "ssd_persist_index": bool,
+    "ssd_durable_writes": bool,
     "eviction_policy": str,
     "eviction_policy_cpu": str,
     "eviction_policy_ssd": str,
@@ -353,7 +357,7 @@ def cache_config_from_user(model: ModelConfig, values: Mapping[str, Any]) -> Cac
         kw["ssd_max_file_bytes"] = int(values["ssd_max_file_gb"] * GIB)
     for key in ("io_uring_depth", "eviction_policy", "enable_remote", "eviction_policy_cpu", "eviction_policy_ssd",
                 "eviction_policy_remote", "hit_reward_seconds", "slru_promote_hits", "slru_protected_ratio",
-                "evict_start_threshold", "evict_ratio"):
+                "evict_start_threshold", "evict_ratio", "ssd_persist_index", "ssd_durable_writes"):
         if key in values:
             kw[key] = values[key]
     if "remote_cache_gb" in values:

@@ -28,10 +28,13 @@ class WorkerHelloMsg(WorkerMsg, frozen=True, tag=True, kw_only=True):
 
 
 class OpsDoneMsg(WorkerMsg, frozen=True, tag=True, kw_only=True):
-    """Completions. ``errors[i]`` is "" for success, else a message naming what failed."""
+    """Completions. ``errors[i]`` is "" for success, else a message naming what failed.
+    ``corrupt_at`` (empty, or one per op): for a failed DISK2H whose bytes failed verification, the
+    index of its first corrupt block (the blocks before it were verified); -1 otherwise."""
 
     op_ids: list[int]
     errors: list[str]
+    corrupt_at: list[int] = []
 
 
 class WorkerByeMsg(WorkerMsg, frozen=True, tag=True, kw_only=True):
