@@ -162,7 +162,10 @@ class SchedulerServer:
             log.warning("remote store unreachable at start (%s); remote tier disabled", e)
             return dataclasses.replace(cache, enable_remote=False)
         self._lookup_store = store
-        self._remote_lookup = RemoteLookup(store.count_prefix, unavailable=(RemoteUnavailable, OSError))
+        # The existence check runs on the lookup's own thread; the loop waits for it at most
+        # lookup_timeout_ms (a late answer is a miss), so a hung store never stalls other clients.
+        self._remote_lookup = RemoteLookup(store.count_prefix, unavailable=(RemoteUnavailable, OSError),
+                                           wait_s=cache.remote.lookup_timeout_ms / 1000)
         return cache
 
     def _bind(self, kind: int, address: str) -> zmq.Socket[bytes]:
@@ -531,6 +534,9 @@ class SchedulerServer:
         if pool is not None:
             pool.close()
             pool.unlink()
+        lookup: RemoteLookup | None = getattr(self, "_remote_lookup", None)
+        if lookup is not None:
+            lookup.close()  # its thread uses the lookup store: stop it first
         if self._lookup_store is not None:
             self._lookup_store.close()
         if self._own_runtime_dir:

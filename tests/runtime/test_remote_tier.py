@@ -4,6 +4,7 @@ promotion, two nodes sharing prefixes, the store going away and coming back, evi
 from __future__ import annotations
 
 import dataclasses
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -182,3 +183,104 @@ def test_two_nodes_share_prefixes_through_a_shared_directory(tmp_path: Path) -> 
     finally:
         a.close()
         b.close()
+
+
+# -- a hung or restarted store (issue 12.7) ----------------------------------------------------------
+
+MODEL_DP2 = dataclasses.replace(MODEL, dp_size=2)
+
+
+def _timed_match(kvm: KVManager, toks: object) -> tuple[float, bool]:
+    t0 = time.monotonic()
+    tid, mask = kvm.get_match(toks)  # type: ignore[arg-type]
+    elapsed = time.monotonic() - t0
+    kvm.cancel(tid)
+    return elapsed, bool(mask.any())
+
+
+def _match_until_hit(kvm: KVManager, toks: object, timeout_s: float = 15) -> bool:
+    """A lookup later than lookup_timeout_ms is a miss whose answer is cached: retry until it hits."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if _timed_match(kvm, toks)[1]:
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def test_a_hung_store_never_holds_the_server_loop(redis_server: RedisServer) -> None:
+    """redis-server SIGSTOPped: get_match answers at once (a miss), and another client's requests
+    are not delayed; after SIGCONT remote hits come back byte-exact. Default lookup_timeout_ms."""
+    cache = CacheConfig(tokens_per_block=T, num_cpu_blocks=16, enable_remote=True, remote=_redis_config(redis_server))
+    node = Node.__new__(Node)
+    node.kvm = KVManager(MODEL_DP2, cache)
+    node.kvm.start()
+    node.bufs = host_buffers(MODEL_DP2, LayoutKind.VLLM_KV_FIRST, num_blocks=48, seed=9)
+    node.kvm.register_kv_buffers(node.bufs, node.bufs.layout)
+    other = KVManager(MODEL_DP2, cache, server_address=node.kvm.server_address, dp_client_id=1)
+    try:
+        other.start()
+        remote_only = tokens(8 * T, seed=600)
+        assert node.put(remote_only, list(range(8))) is TaskStatus.SUCCESS
+        _push_out_of_cpu(node, range(601, 603))
+        local = tokens(4 * T, seed=604)
+        assert node.put(local, list(range(16, 20))) is TaskStatus.SUCCESS
+        assert _match_until_hit(node.kvm, remote_only), "a healthy store answers within the deadline"
+
+        redis_server.pause()
+        latencies: list[float] = []
+        hits: list[bool] = []
+
+        def other_client() -> None:  # a client whose prompt is all in CPU: it needs no lookup at all
+            for _ in range(40):
+                elapsed, hit = _timed_match(other, local)
+                latencies.append(elapsed)
+                hits.append(hit)
+
+        thread = threading.Thread(target=other_client)
+        thread.start()
+        mine = [_timed_match(node.kvm, tokens(8 * T, seed=610 + i)) for i in range(25)]
+        thread.join(60)
+        redis_server.resume()
+        assert all(not hit for _, hit in mine), "unknown prompts on a hung store are misses"
+        assert max(e for e, _ in mine) < 0.3, f"get_match held by the hung store: {sorted(mine)[-3:]}"
+        assert all(hits) and max(latencies) < 0.3, f"another client was delayed: max {max(latencies):.3f} s"
+        stats = node.kvm.stats()
+        assert stats["remote_late_lookups"] + stats["remote_busy_lookups"] >= 1
+        node.kvm.check_invariants()
+
+        assert _match_until_hit(node.kvm, remote_only), "after SIGCONT the store's blocks are found again"
+        status, loaded = node.get(remote_only, list(range(20, 28)))
+        if loaded:  # (the positive may expire between the two matches on a loaded machine)
+            assert status is TaskStatus.SUCCESS and loaded == 8 * T
+            assert all(block_bytes(node.bufs, d) == block_bytes(node.bufs, s)
+                       for s, d in zip(range(8), range(20, 28), strict=True))
+        node.kvm.check_invariants()
+    finally:
+        other.shutdown()
+        node.close()
+
+
+def test_write_through_after_a_restart_or_during_an_outage_reports_what_it_wrote(
+        redis_server: RedisServer) -> None:
+    node = Node(remote_cache(_redis_config(redis_server), num_cpu_blocks=40), seed=10)
+    try:
+        assert node.put(tokens(16 * T, seed=700), list(range(16))) is TaskStatus.SUCCESS
+        assert len(redis_server.client().keys("*")) == 16
+        redis_server.stop()
+        redis_server.start()  # same port, empty: every connection flexkv held is dead now
+        status = node.put(tokens(16 * T, seed=701), list(range(16, 32)))
+        num_keys = len(redis_server.client().keys("*"))
+        assert (status, num_keys) == (TaskStatus.SUCCESS, 16), "dead connections are replaced, the blocks written"
+
+        redis_server.stop()  # a real outage: completely=True must not say SUCCESS
+        tid = node.kvm.put_async(tokens(8 * T, seed=702), slots_for(list(range(32, 40)), 8 * T))
+        engine = node.kvm.wait(tid, timeout=30)[tid]
+        full = node.kvm.wait(tid, timeout=30, completely=True)[tid]
+        assert engine.status is TaskStatus.SUCCESS, "the blocks are in CPU"
+        assert full.status is TaskStatus.FAILED and "remote" in full.error.lower(), full
+        stats = node.kvm.stats()
+        assert stats["remote_skipped_write_blocks"] + stats["num_failed_ops"] >= 1, stats
+        node.kvm.check_invariants()
+    finally:
+        node.close()
