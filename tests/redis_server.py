@@ -154,8 +154,51 @@ class RedisCluster:
                         for i in range(num_nodes)]
 
     def _cluster_args(self, index: int) -> tuple[str, ...]:
+        # full coverage off: when a primary dies the others keep serving their slots (docs/remote.md)
         return ("--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{index}.conf",
-                "--cluster-node-timeout", "2000")
+                "--cluster-node-timeout", "2000", "--cluster-require-full-coverage", "no")
+
+    def node_id(self, index: int) -> str:
+        with self.servers[index].client() as client:
+            return str(client.execute_command("CLUSTER", "MYID").decode())
+
+    def owner_of(self, slot: int) -> int:
+        """Index of the server that serves ``slot`` (asked of a live node)."""
+        live = next(s for s in self.servers if s.proc is not None)
+        with live.client() as client:
+            for start, end, primary, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                if int(start) <= slot <= int(end):
+                    return self.ports.index(int(primary[1]))
+        raise RuntimeError(f"slot {slot} unserved")
+
+    def begin_migration(self, slot: int, src: int, dst: int, keys: list[bytes]) -> None:
+        """Mark ``slot`` MIGRATING on ``src`` / IMPORTING on ``dst`` and move ``keys`` (of that slot)
+        over: from now on ``src`` answers ASK for them (and for keys it does not hold)."""
+        src_client, dst_client = self.servers[src].client(), self.servers[dst].client()
+        with src_client, dst_client:
+            dst_client.execute_command("CLUSTER", "SETSLOT", slot, "IMPORTING", self.node_id(src))
+            src_client.execute_command("CLUSTER", "SETSLOT", slot, "MIGRATING", self.node_id(dst))
+            if keys:
+                src_client.execute_command("MIGRATE", "127.0.0.1", self.ports[dst], "", 0, 5000, "KEYS", *keys)
+
+    def finish_migration(self, slot: int, src: int, dst: int) -> None:
+        """Move the rest of ``slot``'s keys and assign it to ``dst`` everywhere: ``src`` answers MOVED."""
+        with self.servers[src].client() as src_client:
+            while keys := src_client.execute_command("CLUSTER", "GETKEYSINSLOT", slot, 100):
+                src_client.execute_command("MIGRATE", "127.0.0.1", self.ports[dst], "", 0, 5000, "KEYS", *keys)
+        owner = self.node_id(dst)
+        for server in self.servers:
+            if server.proc is not None:
+                with server.client() as client:
+                    client.execute_command("CLUSTER", "SETSLOT", slot, "NODE", owner)
+
+    def kill(self, index: int) -> None:
+        """SIGKILL one primary (no replicas: its slots' keys are gone until it returns)."""
+        proc = self.servers[index].proc
+        assert proc is not None
+        proc.kill()
+        proc.wait(5)
+        self.servers[index].proc = None
 
     @property
     def ports(self) -> list[int]:

@@ -390,3 +390,57 @@ def test_filesystem_missing_directory_is_a_clear_error(tmp_path: os.PathLike[str
     os.rename(store.root, store.root + ".gone")
     with pytest.raises(RemoteUnavailable, match="flexkv"):
         store.ping()
+
+
+def test_cluster_slot_migration_mid_flight_keeps_every_block_readable_and_writable() -> None:
+    """ASK (slot half migrated) and MOVED (migration done) are followed; nothing becomes a miss."""
+    with RedisCluster(3) as cluster:
+        store = open_remote_store(RemoteConfig(port=cluster.ports[0]))
+        assert isinstance(store, RedisStore)
+        src, dst = Pool(16, seed=20), Pool(16)
+        hashes = chain(16, salt=20)
+        assert src.put(store, hashes[:12], range(12)).all()
+        slot = key_slot(store.key(int(hashes[0])))
+        same_slot = [i for i in range(16) if key_slot(store.key(int(hashes[i]))) == slot]
+        owner = cluster.owner_of(slot)
+        target = (owner + 1) % 3
+        # block 0 moves now; the slot stays MIGRATING, so its owner answers ASK for block 0
+        cluster.begin_migration(slot, owner, target, [store.key(int(hashes[0]))])
+        assert store.count_prefix(hashes[:12]) == 12
+        assert dst.get(store, hashes[:12], range(12)).all()
+        for i in range(12):
+            assert np.array_equal(dst.block(i), src.block(i))
+        # a new key of the migrating slot is written where the migration sends it (ASK on a miss)
+        new_key_hash = next(h for h in range(1 << 40, (1 << 40) + 10**6) if key_slot(store.key(h)) == slot)
+        assert Pool(1, seed=22).put(store, np.array([new_key_hash], dtype=np.uint64), [0]).all()
+        cluster.finish_migration(slot, owner, target)  # the old owner now answers MOVED
+        other = Pool(16)
+        assert other.get(store, hashes[:12], range(12)).all(), "MOVED followed, slot map refreshed"
+        assert store.count_prefix(hashes[:12]) == 12
+        assert Pool(1).get(store, np.array([new_key_hash], dtype=np.uint64), [0]).all()
+        with cluster.servers[target].client() as client:
+            assert client.exists(store.key(int(hashes[0]))) == 1 and same_slot[0] == 0
+        assert src.put(store, hashes[12:], range(12, 16)).all() and store.count_prefix(hashes) == 16
+        store.close()
+
+
+def test_cluster_primary_killed_makes_its_blocks_misses_while_the_rest_serve() -> None:
+    with RedisCluster(3) as cluster:
+        store = open_remote_store(RemoteConfig(port=cluster.ports[0]), op_timeout_s=1.0)
+        src, dst = Pool(24, seed=23), Pool(24)
+        hashes = chain(24, salt=23)
+        assert src.put(store, hashes, range(24)).all()
+        assert isinstance(store, RedisStore)
+        owners = [cluster.owner_of(key_slot(store.key(int(h)))) for h in hashes]
+        victim = owners[3]
+        cluster.kill(victim)
+        t0 = time.monotonic()
+        ok = dst.get(store, hashes, range(24))
+        assert ok.tolist() == [o != victim for o in owners], "exactly the dead shard's blocks miss"
+        for i in np.flatnonzero(ok):
+            assert np.array_equal(dst.block(int(i)), src.block(int(i)))
+        assert store.count_prefix(hashes) == owners.index(victim)
+        assert time.monotonic() - t0 < 5.0
+        wrote = Pool(24, seed=24).put(store, chain(24, salt=24), range(24))
+        assert wrote.any() and not wrote.all(), "writes to live shards succeed, the dead shard's fail"
+        store.close()

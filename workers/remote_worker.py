@@ -50,8 +50,10 @@ class RemoteWorker(Worker):
             log.warning("remote store is back")
             self._outage = False
         missing = int((~ok).sum())
+        if missing and op.op_type is OpType.H2REMOTE:
+            return f"H2REMOTE: {missing} of {ok.size} blocks not written (refused, or their shard is down)"
         if missing:
-            return f"{op.op_type.name}: {missing} of {ok.size} blocks missing or corrupt in the remote store"
+            return f"REMOTE2H: {missing} of {ok.size} blocks missing or corrupt in the remote store"
         return ""
 
     def close(self) -> None:

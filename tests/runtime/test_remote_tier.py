@@ -16,7 +16,7 @@ from flexkv.common.config import CacheConfig, ModelConfig, RemoteConfig
 from flexkv.kvmanager import KVManager
 from flexkv.layout import LayoutKind
 from flexkv.types import FlexKVError, TaskStatus
-from tests.redis_server import RedisServer, free_port
+from tests.redis_server import RedisCluster, RedisServer, free_port
 from tests.runtime.kvtest import T, block_bytes, host_buffers, poison, slots_for, tokens
 
 pytestmark = pytest.mark.timeout(120)
@@ -284,3 +284,53 @@ def test_write_through_after_a_restart_or_during_an_outage_reports_what_it_wrote
         node.kvm.check_invariants()
     finally:
         node.close()
+
+
+# -- Redis Cluster (issue 13 §4) ---------------------------------------------------------------------
+
+
+def _shard_of_each_block(cluster: RedisCluster, toks: object) -> list[int]:
+    """Which cluster server holds each block of ``toks`` (keys as the remote workers name them)."""
+    from redis.crc import key_slot
+
+    from flexkv.common.config import kv_fingerprint
+    from flexkv.native.hasher import hash_blocks
+    from flexkv.remote import RedisStore
+
+    with RedisStore(RemoteConfig(port=cluster.ports[0]), kv_fingerprint(MODEL, T)) as store:
+        keys = [store.key(int(h)) for h in hash_blocks(toks, T)]  # type: ignore[arg-type]
+    return [cluster.owner_of(key_slot(k)) for k in keys]
+
+
+def test_two_nodes_share_prefixes_through_a_cluster_and_survive_a_dead_primary() -> None:
+    with RedisCluster(3) as cluster:
+        a = Node(remote_cache(RemoteConfig(port=cluster.ports[0]), num_cpu_blocks=32), seed=11)
+        b = Node(remote_cache(RemoteConfig(port=cluster.ports[2]), num_cpu_blocks=32), seed=12)
+        try:
+            first, second = tokens(12 * T, seed=800), tokens(12 * T, seed=801)
+            assert a.put(first, list(range(12))) is TaskStatus.SUCCESS
+            assert a.put(second, list(range(12, 24))) is TaskStatus.SUCCESS
+            per_shard = [s.client().dbsize() for s in cluster.servers]
+            assert sum(per_shard) == 24 and min(per_shard) > 0, f"one prompt's blocks spread: {per_shard}"
+            status, loaded = b.get(first, list(range(24, 36)))
+            assert status is TaskStatus.SUCCESS and loaded == 12 * T, "B finds what A stored"
+            assert all(block_bytes(b.bufs, d) == block_bytes(a.bufs, s) for s, d in zip(range(12), range(24, 36),
+                                                                                          strict=True))
+            owners = _shard_of_each_block(cluster, second)
+            victim = next(o for o in owners if o != owners[0])
+            num_before_victim = owners.index(victim)
+            cluster.kill(victim)
+            status, loaded = b.get(second, list(range(36, 48)))
+            assert status is TaskStatus.SUCCESS and loaded == num_before_victim * T, (
+                "the dead primary's first block ends the prefix; the live shards served the rest")
+            assert all(block_bytes(b.bufs, 36 + i) == block_bytes(a.bufs, 12 + i) for i in range(num_before_victim))
+            assert all(set(block_bytes(b.bufs, 36 + i)) == {0xAB} for i in range(num_before_victim, 12)), (
+                "nothing was written past the loaded prefix")
+            tid = b.kvm.put_async(tokens(8 * T, seed=802), slots_for(list(range(0, 8)), 8 * T))
+            assert b.kvm.wait(tid, timeout=30)[tid].status is TaskStatus.SUCCESS, "local tiers keep working"
+            b.kvm.wait(tid, timeout=30, completely=True)  # FAILED if a block fell on the dead shard
+            a.kvm.check_invariants()
+            b.kvm.check_invariants()
+        finally:
+            a.close()
+            b.close()
