@@ -9,6 +9,7 @@ Every wait is bounded; a server that does not come up raises RuntimeError with i
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import random
 import shutil
@@ -51,13 +52,47 @@ def _is_free(port: int) -> bool:
         return True
 
 
+@dataclasses.dataclass(frozen=True)
+class TlsFiles:
+    """A private CA and, signed by it, a server certificate for 127.0.0.1 and a client certificate."""
+
+    ca: str
+    server_cert: str
+    server_key: str
+    client_cert: str
+    client_key: str
+
+    @classmethod
+    def make(cls, directory: str) -> TlsFiles:
+        """Create the files with openssl (RSA 2048, valid 1 day) in ``directory``."""
+        def path(name: str) -> str:
+            return os.path.join(directory, name)
+
+        def openssl(*args: str) -> None:
+            subprocess.run(["openssl", *args], check=True, capture_output=True, timeout=60)
+
+        openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=flexkv-test-ca",
+                "-keyout", path("ca.key"), "-out", path("ca.crt"))
+        exts = {"server": "subjectAltName=IP:127.0.0.1,DNS:localhost", "client": "extendedKeyUsage=clientAuth"}
+        for name, ext in exts.items():
+            openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/CN=flexkv-test-{name}",
+                    "-keyout", path(f"{name}.key"), "-out", path(f"{name}.csr"))
+            with open(path(f"{name}.ext"), "w") as f:
+                f.write(ext + "\n")
+            openssl("x509", "-req", "-in", path(f"{name}.csr"), "-CA", path("ca.crt"), "-CAkey", path("ca.key"),
+                    "-CAcreateserial", "-days", "1", "-extfile", path(f"{name}.ext"), "-out", path(f"{name}.crt"))
+        return cls(path("ca.crt"), path("server.crt"), path("server.key"), path("client.crt"), path("client.key"))
+
+
 class RedisServer:
-    """One redis-server child process on 127.0.0.1:``port`` with its files in ``workdir``."""
+    """One redis-server child process on 127.0.0.1:``port`` with its files in ``workdir``.
+    With ``tls`` it listens with TLS only on ``port`` and requires client certificates."""
 
     def __init__(self, workdir: str | None = None, port: int | None = None,
-                 extra_args: tuple[str, ...] = (), password: str | None = None) -> None:
+                 extra_args: tuple[str, ...] = (), password: str | None = None, tls: TlsFiles | None = None) -> None:
         self._own_dir = workdir is None
         self.password = password
+        self.tls = tls
         self.workdir = workdir or tempfile.mkdtemp(prefix="flexkv-redis-")
         self.port = port or free_port()
         self.extra_args = extra_args
@@ -71,7 +106,12 @@ class RedisServer:
         """Start the server (same port as before) and wait until it answers PING."""
         if self.proc is not None:
             return self
-        args = [REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+        ports = ["--port", str(self.port)]
+        if self.tls is not None:
+            ports = ["--port", "0", "--tls-port", str(self.port), "--tls-cert-file", self.tls.server_cert,
+                     "--tls-key-file", self.tls.server_key, "--tls-ca-cert-file", self.tls.ca,
+                     "--tls-auth-clients", "yes"]
+        args = [REDIS_SERVER, *ports, "--bind", "127.0.0.1", "--save", "",
                 "--appendonly", "no", "--dir", self.workdir, "--logfile", self.log_path, *self.extra_args]
         if self.password:
             args += ["--requirepass", self.password]
@@ -101,8 +141,12 @@ class RedisServer:
 
     def client(self, db: int = 0) -> redis.Redis:
         """A plain redis-py client for checking and tampering with the server's keys."""
+        tls: dict[str, object] = {}
+        if self.tls is not None:
+            tls = {"ssl": True, "ssl_ca_certs": self.tls.ca, "ssl_certfile": self.tls.client_cert,
+                   "ssl_keyfile": self.tls.client_key}
         return redis.Redis(host="127.0.0.1", port=self.port, db=db, password=self.password, protocol=2,
-                           socket_timeout=2, socket_connect_timeout=1)
+                           socket_timeout=2, socket_connect_timeout=1, **tls)  # type: ignore[arg-type]
 
     def stop(self, timeout_s: float = 5.0) -> None:
         """Stop the server (SIGTERM, then SIGKILL); its data is gone (no persistence)."""

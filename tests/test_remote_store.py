@@ -6,6 +6,7 @@ blocks back) and checks the bytes that land in the pool, what the store holds, a
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import time
@@ -444,3 +445,57 @@ def test_cluster_primary_killed_makes_its_blocks_misses_while_the_rest_serve() -
         wrote = Pool(24, seed=24).put(store, chain(24, salt=24), range(24))
         assert wrote.any() and not wrote.all(), "writes to live shards succeed, the dead shard's fail"
         store.close()
+
+
+# -- AUTH and TLS (issue 13 §4) -------------------------------------------------------------------
+
+
+def test_password_and_acl_user_right_ones_work_wrong_ones_are_clear_errors() -> None:
+    with RedisServer(password="admin-pw") as srv:
+        with srv.client() as admin:
+            admin.execute_command("ACL", "SETUSER", "kv", "on", ">kv-pw", "~flexkv:*", "+@all")
+            admin.execute_command("ACL", "SETUSER", "other", "on", ">other-pw", "~elsewhere:*", "+@all")
+        hashes = chain(3, salt=30)
+        with open_remote_store(RemoteConfig(port=srv.port, username="kv", password="kv-pw")) as store:
+            src, dst = Pool(3, seed=30), Pool(3)
+            assert src.put(store, hashes, range(3)).all() and dst.get(store, hashes, range(3)).all()
+            assert all(np.array_equal(dst.block(i), src.block(i)) for i in range(3))
+        for bad in (RemoteConfig(port=srv.port, username="kv", password="nope"),
+                    RemoteConfig(port=srv.port, username="nobody", password="kv-pw"),
+                    RemoteConfig(port=srv.port, password="nope"),
+                    RemoteConfig(port=srv.port)):
+            with pytest.raises(RemoteUnavailable, match=r"authentication failed.*username / remote\.password"):
+                open_remote_store(bad)
+        # a user whose ACL does not cover flexkv's keys: each block is refused (a miss), no crash
+        with open_remote_store(RemoteConfig(port=srv.port, username="other", password="other-pw")) as store:
+            assert not Pool(3, seed=31).put(store, hashes, range(3)).any()
+            assert not Pool(3).get(store, hashes, range(3)).any()
+
+
+def test_tls_with_client_certificates(tmp_path: os.PathLike[str]) -> None:
+    from tests.redis_server import TlsFiles
+
+    (tmp_path / "good").mkdir()  # type: ignore[operator]
+    (tmp_path / "rogue").mkdir()  # type: ignore[operator]
+    tls, rogue = TlsFiles.make(str(tmp_path / "good")), TlsFiles.make(str(tmp_path / "rogue"))  # type: ignore[operator]
+    with RedisServer(tls=tls, password="pw") as srv:
+        good = RemoteConfig(port=srv.port, password="pw", tls=True, tls_ca_file=tls.ca, tls_cert_file=tls.client_cert,
+                            tls_key_file=tls.client_key)
+        hashes = chain(4, salt=32)
+        with open_remote_store(good) as store:
+            src, dst = Pool(4, seed=32), Pool(4)
+            assert src.put(store, hashes, range(4)).all() and dst.get(store, hashes, range(4)).all()
+            assert all(np.array_equal(dst.block(i), src.block(i)) for i in range(4))
+            assert store.count_prefix(hashes) == 4
+        cases = [
+            (dataclasses.replace(good, tls_ca_file=rogue.ca), "certificate verify failed"),  # server not trusted
+            (dataclasses.replace(good, tls_cert_file=rogue.client_cert, tls_key_file=rogue.client_key), ""),
+            (dataclasses.replace(good, tls_cert_file="", tls_key_file=""), ""),  # server wants a client cert
+            (dataclasses.replace(good, tls=False), ""),  # plain text to a TLS port
+            (dataclasses.replace(good, password="wrong"), "authentication failed"),
+        ]
+        for config, message in cases:
+            t0 = time.monotonic()
+            with pytest.raises(RemoteUnavailable, match=rf"127\.0\.0\.1:{srv.port}.*{message}"):
+                open_remote_store(config)
+            assert time.monotonic() - t0 < 3.0

@@ -334,3 +334,22 @@ def test_two_nodes_share_prefixes_through_a_cluster_and_survive_a_dead_primary()
         finally:
             a.close()
             b.close()
+
+
+def test_wrong_credentials_at_start_are_one_clear_error_or_local_tiers_only(tmp_path: Path) -> None:
+    with RedisServer(str(tmp_path), password="right") as srv:
+        wrong = RemoteConfig(port=srv.port, password="wrong")
+        kvm = KVManager(MODEL, remote_cache(wrong), start_timeout_s=30)
+        with pytest.raises(FlexKVError, match="authentication failed"):
+            kvm.start()
+        kvm.shutdown()
+        with KVManager(MODEL, remote_cache(dataclasses.replace(wrong, required=False))) as kvm:
+            tid, mask = kvm.put_match(tokens(4 * T, seed=900))  # works, without the remote tier
+            assert mask.all() and "remote_lookups" not in kvm.stats()
+            kvm.cancel(tid)
+        node = Node(remote_cache(dataclasses.replace(wrong, password="right")), seed=13)
+        try:
+            assert node.put(tokens(4 * T, seed=901), list(range(4))) is TaskStatus.SUCCESS
+            assert srv.client().dbsize() == 4, "the right password reaches the store"
+        finally:
+            node.close()
