@@ -23,6 +23,7 @@ class RemoteWorker(Worker):
         super().__init__(spec)
         tag = kv_fingerprint(self.model, self.cache.tokens_per_block)
         self.store = open_remote_store(self.cache.remote, namespace_tag=tag)
+        self.store.register_pool(self.pool.address, self.pool.nbytes)  # once: zero-copy where the store needs it
         self._outage = False
 
     def op_types(self) -> list[OpType]:

@@ -137,6 +137,10 @@ class RemoteStore(abc.ABC):
         are undefined (it may hold the unverified data) and must not be published.
         """
 
+    def register_pool(self, pool_addr: int, pool_nbytes: int) -> None:  # noqa: B027 - optional hook
+        """The CPU pool every later call names lives at ``[pool_addr, pool_addr + pool_nbytes)``:
+        backends that must register memory for zero-copy transfers (Mooncake) do it once here."""
+
     @abc.abstractmethod
     def count_prefix(self, hashes: np.ndarray) -> int:
         """How many leading ``hashes`` exist in the store (exact even when eviction punched holes)."""

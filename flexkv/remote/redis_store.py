@@ -16,6 +16,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
+import functools
 import logging
 import socket
 import time
@@ -304,7 +305,7 @@ class RedisStore(RemoteStore):
         for (host, port, asking), indices in by_target.items():
             node = self._topology.node(host, port)
             with contextlib.suppress(RemoteUnavailable):  # those blocks stay misses
-                self._on_shards({node: indices}, lambda n, idx, a=asking: run(n, idx, a), ok)
+                self._on_shards({node: indices}, functools.partial(_call_asking, run, asking), ok)
 
     def count_prefix(self, hashes: np.ndarray) -> int:
         """Exact leading run: pipelined EXISTS over chunks of 256, 512, ... keys, stopping at a miss.
@@ -439,6 +440,10 @@ class RedisStore(RemoteStore):
 
 
 _ASKING = pack_command(b"ASKING")
+
+
+def _call_asking(run: Callable[[_Node, list[int], bool], None], asking: bool, node: _Node, indices: list[int]) -> None:
+    run(node, indices, asking)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -16,6 +16,8 @@ from flexkv.common.config import CacheConfig, ModelConfig, RemoteConfig
 from flexkv.kvmanager import KVManager
 from flexkv.layout import LayoutKind
 from flexkv.types import FlexKVError, TaskStatus
+from tests.mooncake_server import MooncakeStoreProcesses
+from tests.mooncake_server import available as mooncake_available
 from tests.redis_server import RedisCluster, RedisServer, free_port
 from tests.runtime.kvtest import T, block_bytes, host_buffers, poison, slots_for, tokens
 
@@ -353,3 +355,33 @@ def test_wrong_credentials_at_start_are_one_clear_error_or_local_tiers_only(tmp_
             assert srv.client().dbsize() == 4, "the right password reaches the store"
         finally:
             node.close()
+
+
+# -- Mooncake Store (issue 13 §5) --------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not mooncake_available(), reason="mooncake package not installed (see build.sh)")
+def test_two_nodes_share_prefixes_through_mooncake_byte_exact() -> None:
+    with MooncakeStoreProcesses(segment_mb=64) as procs:
+        config = RemoteConfig(backend="mooncake", port=procs.port)
+        a = Node(remote_cache(config), seed=14)
+        b = Node(remote_cache(config), seed=15)
+        try:
+            prompt = tokens(8 * T, seed=1000)
+            assert a.put(prompt, list(range(8))) is TaskStatus.SUCCESS
+            status, loaded = b.get(prompt, list(range(30, 38)))
+            assert status is TaskStatus.SUCCESS and loaded == 8 * T, "B restores what A stored"
+            for s, d in zip(range(8), range(30, 38), strict=True):
+                assert block_bytes(b.bufs, d) == block_bytes(a.bufs, s)
+            _push_out_of_cpu(a, range(1001, 1003))  # A's own CPU copy is gone: it reads the store too
+            status, loaded = a.get(prompt, list(range(20, 28)))
+            assert status is TaskStatus.SUCCESS and loaded == 8 * T
+            assert all(block_bytes(a.bufs, 20 + i) == block_bytes(a.bufs, i) for i in range(8))
+            procs.stop_master()  # a master restart loses every key: misses, and local tiers still serve
+            status, loaded = b.get(tokens(8 * T, seed=1001), list(range(40, 48)))
+            assert status is TaskStatus.SUCCESS and loaded == 0
+            a.kvm.check_invariants()
+            b.kvm.check_invariants()
+        finally:
+            a.close()
+            b.close()
