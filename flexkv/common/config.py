@@ -231,6 +231,7 @@ _NON_CONFIG_ENV = {
     "FLEXKV_CUDART", "FLEXKV_CUDART_DIR", "FLEXKV_SSD_NO_DIRECT",  # where CUDA is; no O_DIRECT
     "FLEXKV_LANE_DEPTH", "FLEXKV_STAGING_MIB", "FLEXKV_HOST_LANES",  # worker tuning (docs/gpu.md)
     "FLEXKV_NVCC", "FLEXKV_SKIP_EXTENSIONS", "FLEXKV_SKIP_APT", "FLEXKV_TORCH_SPEC", "FLEXKV_SKIP_TORCH",  # build
+    "FLEXKV_SKIP_MOONCAKE",  # build: no Mooncake client
     "FLEXKV_TEST_CUDARTS",  # tests: extra libcudart files to run the BATCH ABI test under
 }
 
