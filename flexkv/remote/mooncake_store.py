@@ -91,8 +91,8 @@ class MooncakeStore(RemoteStore):
 
     This client contributes ``config.mooncake_segment_mb`` MiB of DRAM to the store (0: none; the
     blocks then live in the segments of other clients, e.g. dedicated holders). Call
-    :meth:`register_pool` once with the whole CPU pool before the first put/get; a batch outside
-    the registered span registers the span it needs (slower: one registration per growth).
+    :meth:`register_pool` once with the whole CPU pool before the first put/get; a batch in a pool
+    never registered registers the span it needs (one registration per pool and growth).
     """
 
     def __init__(self, config: RemoteConfig, namespace_tag: str = "", *, connect_timeout_s: float = 1.0) -> None:
@@ -108,7 +108,7 @@ class MooncakeStore(RemoteStore):
         if code != 0:
             self._store.close()
             raise RemoteUnavailable(f"mooncake master at {self.name}: setup failed with code {code}")
-        self._pool = _Registered(self._store, "CPU pool")
+        self._pools: dict[int, _Registered] = {}  # pool address -> its registered span
         self._trailer_span = _Registered(self._store, "trailer buffer")
         self._trailers = np.zeros(0, dtype=np.uint8)
         self._closed = False
@@ -118,7 +118,7 @@ class MooncakeStore(RemoteStore):
 
     def register_pool(self, pool_addr: int, pool_nbytes: int) -> None:
         """Register the whole CPU pool once, so every later put/get is zero-copy from/into it."""
-        self._pool.cover(pool_addr, pool_nbytes)
+        self._pools.setdefault(pool_addr, _Registered(self._store, "CPU pool")).cover(pool_addr, pool_nbytes)
 
     def put_blocks(self, hashes: np.ndarray, pool_addr: int, pool_block_bytes: int, cpu_ids: np.ndarray,
                    block_bytes: int) -> npt.NDArray[np.bool_]:
@@ -166,7 +166,8 @@ class MooncakeStore(RemoteStore):
         if self._closed:
             return
         self._closed = True
-        self._pool.release()
+        for pool in self._pools.values():
+            pool.release()
         self._trailer_span.release()
         self._store.close()
 
@@ -176,8 +177,9 @@ class MooncakeStore(RemoteStore):
                        cpu_ids: np.ndarray) -> npt.NDArray[np.uint8]:
         """Registered (num_blocks, 16) trailer slots; also makes sure the pool span is registered."""
         span = (int(np.max(cpu_ids)) + 1) * pool_block_bytes
-        if self._pool.addr != pool_addr or span > self._pool.nbytes:  # register_pool was not called
-            self._pool.cover(pool_addr, span)
+        pool = self._pools.get(pool_addr)
+        if pool is None or span > pool.nbytes:  # register_pool was not called (or with less)
+            self.register_pool(pool_addr, span)
         if self._trailers.size < num_blocks * TRAILER_BYTES:
             self._trailer_span.release()
             self._trailers = np.zeros(max(num_blocks, 256) * TRAILER_BYTES, dtype=np.uint8)
