@@ -153,7 +153,9 @@ class SchedulerServer:
             return cache
         assert isinstance(cache.remote, RemoteConfig)
         try:
-            store = open_remote_store(cache.remote, kv_fingerprint(model, cache.tokens_per_block),
+            # (a Mooncake lookup connection only asks: it contributes no DRAM segment)
+            store = open_remote_store(dataclasses.replace(cache.remote, mooncake_segment_mb=0),
+                                      kv_fingerprint(model, cache.tokens_per_block),
                                       connect_timeout_s=0.5, op_timeout_s=1.0)
         except RemoteUnavailable as e:
             if cache.remote.required:

@@ -304,6 +304,34 @@ def _shard_of_each_block(cluster: RedisCluster, toks: object) -> list[int]:
     return [cluster.owner_of(key_slot(k)) for k in keys]
 
 
+def _migrate_while_reading(cluster: RedisCluster, a: Node, b: Node) -> None:
+    """A slot of a stored prompt is migrated: half way (ASK) node B reads the prompt, after it
+    (MOVED) node A, its own CPU copy pushed out, reads it back; both byte-exact, nothing lost."""
+    from redis.crc import key_slot
+
+    from flexkv.common.config import kv_fingerprint
+    from flexkv.native.hasher import hash_blocks
+    from flexkv.remote import RedisStore
+
+    third = tokens(12 * T, seed=803)
+    assert a.put(third, list(range(24, 36))) is TaskStatus.SUCCESS
+    with RedisStore(RemoteConfig(port=cluster.ports[0]), kv_fingerprint(MODEL, T)) as store:
+        key = store.key(int(hash_blocks(third, T)[2]))
+    slot = key_slot(key)
+    owner = cluster.owner_of(slot)
+    target = (owner + 1) % len(cluster.servers)
+    cluster.begin_migration(slot, owner, target, [key])
+    status, loaded = b.get(third, list(range(0, 12)))
+    assert status is TaskStatus.SUCCESS and loaded == 12 * T, "ASK followed by lookup and worker"
+    assert all(block_bytes(b.bufs, i) == block_bytes(a.bufs, 24 + i) for i in range(12))
+    cluster.finish_migration(slot, owner, target)
+    for s in range(804, 807):  # push the prompt out of A's CPU tier
+        assert a.put(tokens(12 * T, seed=s), list(range(36, 48))) is TaskStatus.SUCCESS
+    status, loaded = a.get(third, list(range(0, 12)))
+    assert status is TaskStatus.SUCCESS and loaded == 12 * T, "MOVED followed, the slot map refreshed"
+    assert all(block_bytes(a.bufs, i) == block_bytes(a.bufs, 24 + i) for i in range(12))
+
+
 def test_two_nodes_share_prefixes_through_a_cluster_and_survive_a_dead_primary() -> None:
     with RedisCluster(3) as cluster:
         a = Node(remote_cache(RemoteConfig(port=cluster.ports[0]), num_cpu_blocks=32), seed=11)
@@ -318,6 +346,7 @@ def test_two_nodes_share_prefixes_through_a_cluster_and_survive_a_dead_primary()
             assert status is TaskStatus.SUCCESS and loaded == 12 * T, "B finds what A stored"
             assert all(block_bytes(b.bufs, d) == block_bytes(a.bufs, s) for s, d in zip(range(12), range(24, 36),
                                                                                           strict=True))
+            _migrate_while_reading(cluster, a, b)
             owners = _shard_of_each_block(cluster, second)
             victim = next(o for o in owners if o != owners[0])
             num_before_victim = owners.index(victim)
