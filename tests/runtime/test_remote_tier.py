@@ -212,7 +212,9 @@ def _match_until_hit(kvm: KVManager, toks: object, timeout_s: float = 15) -> boo
 
 def test_a_hung_store_never_holds_the_server_loop(redis_server: RedisServer) -> None:
     """redis-server SIGSTOPped: get_match answers at once (a miss), and another client's requests
-    are not delayed; after SIGCONT remote hits come back byte-exact. Default lookup_timeout_ms."""
+    are not delayed; after SIGCONT remote hits come back byte-exact. Default lookup_timeout_ms.
+    (Before lookups had a deadline every get_match took the lookup store's 1 s op timeout and every
+    other client waited behind it; the bound asserted is half that, for a loaded machine.)"""
     cache = CacheConfig(tokens_per_block=T, num_cpu_blocks=16, enable_remote=True, remote=_redis_config(redis_server))
     node = Node.__new__(Node)
     node.kvm = KVManager(MODEL_DP2, cache)
@@ -245,8 +247,8 @@ def test_a_hung_store_never_holds_the_server_loop(redis_server: RedisServer) -> 
         thread.join(60)
         redis_server.resume()
         assert all(not hit for _, hit in mine), "unknown prompts on a hung store are misses"
-        assert max(e for e, _ in mine) < 0.3, f"get_match held by the hung store: {sorted(mine)[-3:]}"
-        assert all(hits) and max(latencies) < 0.3, f"another client was delayed: max {max(latencies):.3f} s"
+        assert max(e for e, _ in mine) < 0.5, f"get_match held by the hung store: {sorted(mine)[-3:]}"
+        assert all(hits) and max(latencies) < 0.5, f"another client was delayed: max {max(latencies):.3f} s"
         stats = node.kvm.stats()
         assert stats["remote_late_lookups"] + stats["remote_busy_lookups"] >= 1
         node.kvm.check_invariants()
