@@ -118,8 +118,9 @@ class RemoteStore(abc.ABC):
     and copied to/from the shared-memory CPU pool, where block ``i`` lives at
     ``pool_addr + i * pool_block_bytes`` and its first ``block_bytes`` bytes are the block.
     The caller guarantees every ``cpu_ids`` slot lies inside the mapped pool. Every method raises
-    :class:`RemoteUnavailable` when the store cannot be reached (a per-block problem never does),
-    and ``InvalidRequest`` for malformed arguments.
+    :class:`RemoteUnavailable` when the store cannot be reached (a per-block problem never does;
+    in a sharded store one unreachable shard makes only its blocks fail, as misses), and
+    ``InvalidRequest`` for malformed arguments.
     """
 
     @abc.abstractmethod
