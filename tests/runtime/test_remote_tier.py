@@ -33,6 +33,9 @@ def redis_server(tmp_path: Path) -> Iterator[RedisServer]:
 
 
 def remote_cache(remote: RemoteConfig, num_cpu_blocks: int = 16) -> CacheConfig:
+    """A node config. Tests that assert remote hits wait up to 1 s for a lookup (a loaded machine may
+    take longer than the default 5 ms; a late lookup is a miss); the hung-store test uses the default."""
+    remote = dataclasses.replace(remote, lookup_timeout_ms=1000)
     return CacheConfig(tokens_per_block=T, num_cpu_blocks=num_cpu_blocks, enable_remote=True, remote=remote)
 
 
