@@ -28,8 +28,8 @@ node using it:
   new CPU range, minus keys this server is already writing (the store is prefix-closed as far as
   we know; a hole after the known prefix is rewritten, which is harmless). While the store is
   unavailable PUTs plan no H2REMOTE at all; ``wait(completely=True)`` then reports FAILED naming
-  the skipped blocks (counted in ``remote_skipped_write_blocks``). The store evicts by itself: ``num_remote_blocks`` is
-  not enforced in this mode.
+  the skipped blocks (counted in ``remote_skipped_write_blocks``). The store evicts by itself:
+  ``num_remote_blocks`` is not enforced in this mode.
 """
 
 from __future__ import annotations
@@ -214,9 +214,9 @@ def plan_put(tiers: Tiers, hashes: HashArray, num_tokens: int, tokens_per_block:
     skipped = ""
     if store is not None and store.available:
         _write_through_store(graph, store, min(store_known, end), cpu, cpu_ids, start, hashes[:end], d2h)
-    elif store is not None:  # the store is down: the blocks stay local and completely=True says so
-        store.lookup.note_skipped_write(end - min(store_known, end))
-        skipped = f"remote store unavailable: {end - min(store_known, end)} blocks not written through"
+    elif store is not None and end > store_known:  # the store is down: blocks stay local, completely=True says so
+        store.lookup.note_skipped_write(end - store_known)
+        skipped = f"remote store unavailable: {end - store_known} blocks not written through"
     mask = _mask(num_tokens, tokens_per_block, start, end)
     return Plan(TaskType.PUT, graph, mask, start, end, start, tokens_per_block, skipped)
 
