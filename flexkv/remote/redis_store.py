@@ -284,6 +284,7 @@ class RedisStore(RemoteStore):
                     if ok is not None:
                         ok[indices] = False  # the first attempt may have set some
                     run(node, indices)
+                node.down_until = 0.0  # (a stale connection replaced on the retry is no outage)
             except RemoteUnavailable as e:
                 if not self.is_cluster:
                     raise
