@@ -20,7 +20,7 @@ Facts of ``mooncake-transfer-engine-non-cuda==0.3.13.post1`` this code relies on
   code fails that block and is logged.
 * A holder's death loses its keys after the master's ``client_ttl`` (reads fail: misses); a master
   restart loses every key.
-* Every client opens listeners on 0.0.0.0 (transfer engine, P2P handshake) with no flag to
+* Every client opens two TCP listeners on all addresses (0.0.0.0 and [::]) with no flag to
   restrict them; see docs/remote.md, "Security".
 """
 
