@@ -12,7 +12,9 @@ PY=${PYTHON:-python3}
 command -v "$PY" >/dev/null || die "$PY not found"
 
 # --- system packages -------------------------------------------------------------------------
-APT_PKGS=(liburing-dev libxxhash-dev redis-server fio)
+# libibverbs1 libnuma1 libcurl4: what the Mooncake Store binaries link against (remote backend);
+# openssl: the TLS tests make their certificates with it
+APT_PKGS=(liburing-dev libxxhash-dev redis-server fio libibverbs1 libnuma1 libcurl4 openssl)
 missing=()
 for p in "${APT_PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -56,6 +58,24 @@ PY_PKGS=(setuptools wheel "cffi>=1.16" "numpy>=1.24" "pyzmq>=25" "posix_ipc>=1.1
 say "pip install (already satisfied requirements cost no download)"
 "$PY" -m pip install -q --disable-pip-version-check "${PY_PKGS[@]}" 2>&1 | grep -v -E "^WARNING: (Location|Running pip)" || true
 "$PY" -c "import cffi, zmq, posix_ipc, msgspec, xxhash, yaml, redis, numpy" || die "pip install failed"
+
+# --- Mooncake Store client (optional remote backend) ---------------------------------------------
+# The non-CUDA wheel (46 MB; CPython 3.11/3.12, x86_64 manylinux) carries the client and the
+# mooncake_master binary that its tests start on loopback. The CUDA build needs libcuda at import:
+# GPU hosts that want RDMA from GPU memory install mooncake-transfer-engine themselves.
+#   FLEXKV_SKIP_MOONCAKE=1  do not install it (its tests then skip, naming the package)
+MOONCAKE_SPEC=mooncake-transfer-engine-non-cuda==0.3.13.post1
+if "$PY" -c 'import mooncake.store' 2>/dev/null; then
+  say "mooncake present"
+elif [ -n "${FLEXKV_SKIP_MOONCAKE:-}" ]; then
+  say "not installing $MOONCAKE_SPEC (FLEXKV_SKIP_MOONCAKE set)"
+elif [ "$(uname -m)" = x86_64 ]; then
+  say "pip install $MOONCAKE_SPEC"
+  "$PY" -m pip install -q --disable-pip-version-check "$MOONCAKE_SPEC" 2>&1 | grep -v -E "^WARNING: (Location|Running pip)" || true
+  "$PY" -c 'import mooncake.store' 2>/dev/null || say "WARNING: $MOONCAKE_SPEC did not install; Mooncake tests will skip"
+else
+  say "no $MOONCAKE_SPEC wheel for $(uname -m); Mooncake tests will skip"
+fi
 
 # --- C extensions + editable install ---------------------------------------------------------
 say "building C extensions (cffi) in place"

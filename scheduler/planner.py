@@ -27,8 +27,9 @@ node using it:
 * PUT: write-through covers the blocks the store lacks from its known prefix to the end of the
   new CPU range, minus keys this server is already writing (the store is prefix-closed as far as
   we know; a hole after the known prefix is rewritten, which is harmless). While the store is
-  unavailable PUTs plan no H2REMOTE at all. The store evicts by itself: ``num_remote_blocks`` is
-  not enforced in this mode.
+  unavailable PUTs plan no H2REMOTE at all; ``wait(completely=True)`` then reports FAILED naming
+  the skipped blocks (counted in ``remote_skipped_write_blocks``). The store evicts by itself:
+  ``num_remote_blocks`` is not enforced in this mode.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class Plan:
     end_block: int
     num_hit_blocks: int = 0  # GET: cached ready prefix (all tiers); PUT: blocks already in CPU
     tokens_per_block: int = 1
+    write_through_skipped: str = ""  # PUT: why a write-through could not even be planned (completely=True fails)
 
     @property
     def num_moved_blocks(self) -> int:
@@ -208,10 +210,14 @@ def plan_put(tiers: Tiers, hashes: HashArray, num_tokens: int, tokens_per_block:
     for index, op_type in ((tiers.ssd, OpType.H2DISK), (tiers.remote, OpType.H2REMOTE)):
         if index is not None:
             _write_through(graph, index, op_type, cpu, cpu_ids, start, hashes[:end], d2h, now)
+    skipped = ""
     if store is not None and store.available:
         _write_through_store(graph, store, min(store_known, end), cpu, cpu_ids, start, hashes[:end], d2h)
+    elif store is not None and end > store_known:  # the store is down: blocks stay local, completely=True says so
+        store.lookup.note_skipped_write(end - store_known)
+        skipped = f"remote store unavailable: {end - store_known} blocks not written through"
     mask = _mask(num_tokens, tokens_per_block, start, end)
-    return Plan(TaskType.PUT, graph, mask, start, end, start, tokens_per_block)
+    return Plan(TaskType.PUT, graph, mask, start, end, start, tokens_per_block, skipped)
 
 
 def _ready_sources_stop(cpu: RadixIndex, cpu_ids: BlockIds, begin: int, num_old: int, stop: int) -> int:

@@ -170,7 +170,9 @@ class SchedulerServer:
             return cache
         assert isinstance(cache.remote, RemoteConfig)
         try:
-            store = open_remote_store(cache.remote, kv_fingerprint(model, cache.tokens_per_block),
+            # (a Mooncake lookup connection only asks: it contributes no DRAM segment)
+            store = open_remote_store(dataclasses.replace(cache.remote, mooncake_segment_mb=0),
+                                      kv_fingerprint(model, cache.tokens_per_block),
                                       connect_timeout_s=0.5, op_timeout_s=1.0)
         except RemoteUnavailable as e:
             if cache.remote.required:
@@ -179,7 +181,10 @@ class SchedulerServer:
             log.warning("remote store unreachable at start (%s); remote tier disabled", e)
             return dataclasses.replace(cache, enable_remote=False)
         self._lookup_store = store
-        self._remote_lookup = RemoteLookup(store.count_prefix, unavailable=(RemoteUnavailable, OSError))
+        # The existence check runs on the lookup's own thread; the loop waits for it at most
+        # lookup_timeout_ms (a late answer is a miss), so a hung store never stalls other clients.
+        self._remote_lookup = RemoteLookup(store.count_prefix, unavailable=(RemoteUnavailable, OSError),
+                                           wait_s=cache.remote.lookup_timeout_ms / 1000)
         return cache
 
     def _bind_clients(self, curve: CurveServerKeys | None) -> zmq.Socket[bytes]:
@@ -652,6 +657,9 @@ class SchedulerServer:
         if pool is not None:
             pool.close()
             pool.unlink()
+        lookup: RemoteLookup | None = getattr(self, "_remote_lookup", None)
+        if lookup is not None:
+            lookup.close()  # its thread uses the lookup store: stop it first
         if self._lookup_store is not None:
             self._lookup_store.close()
         for claim in self._claims:  # only the paths this server bound: never another server's

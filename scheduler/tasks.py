@@ -82,12 +82,14 @@ class Task:
         if self.failed:
             return TaskStatus.FAILED
         if completely and not self.live_nodes():
-            return TaskStatus.FAILED if self.write_through_failed else TaskStatus.SUCCESS
+            failed = self.write_through_failed or bool(self.plan.write_through_skipped)
+            return TaskStatus.FAILED if failed else TaskStatus.SUCCESS
         return TaskStatus.UNREADY
 
     def response(self, completely: bool) -> KVResponse:
         status = self.status(completely)
-        return KVResponse(status, self.key[1], self.mask, self.error if status is TaskStatus.FAILED else "")
+        error = (self.error or self.plan.write_through_skipped) if status is TaskStatus.FAILED else ""
+        return KVResponse(status, self.key[1], self.mask, error)
 
     def launch(self, gpu_block_ids: BlockIds, new_op_id: Callable[[], int]) -> Dispatched:
         """Bind the GPU blocks of the moved range and dispatch the runnable ops."""

@@ -100,22 +100,33 @@ class ModelConfig:
 class RemoteBackend(enum.Enum):
     REDIS = "redis"
     FILESYSTEM = "filesystem"
+    MOONCAKE = "mooncake"  # Mooncake Store: host/port name its master (docs/remote.md)
 
 
 @dataclasses.dataclass(frozen=True)
 class RemoteConfig:
-    """Where the remote tier lives. Redis/Valkey by host/port, or a shared filesystem path."""
+    """Where the remote tier lives: Redis/Valkey by host/port, a shared filesystem path, or a
+    Mooncake Store master by host/port. docs/remote.md describes every field."""
 
     backend: RemoteBackend | str = RemoteBackend.REDIS
     host: str = "127.0.0.1"
     port: int = 6379
     password: str | None = None
+    username: str | None = None  # Redis ACL user (AUTH username password); None = the default user
     db: int = 0
     tls: bool = False
+    tls_ca_file: str = ""  # CA bundle that signed the server's certificate; "" = the system CAs
+    tls_cert_file: str = ""  # client certificate + key for servers that verify clients ("" = none)
+    tls_key_file: str = ""
     path: str = ""
     key_prefix: str = "flexkv"
     ttl_s: int = 0  # 0 = keys never expire
     required: bool = True  # unreachable at start: error (True) or warn and disable the tier (False)
+    lookup_timeout_ms: int = 5  # the server loop waits at most this long for an existence check
+    mooncake_local_hostname: str = "127.0.0.1"  # address other Mooncake clients reach this one at
+    mooncake_protocol: str = "tcp"  # "tcp" or "rdma"
+    mooncake_device: str = ""  # RDMA device(s), e.g. "mlx5_0"; "" for tcp
+    mooncake_segment_mb: int = 0  # DRAM each remote worker contributes to the store (0 = none)
 
     def __post_init__(self) -> None:
         try:
@@ -127,6 +138,12 @@ class RemoteConfig:
         _require(self.port <= 65535, "remote.port", f"must be <= 65535, got {self.port}")
         _require_int(self.db, "remote.db", 0)
         _require_int(self.ttl_s, "remote.ttl_s", 0)
+        _require_int(self.lookup_timeout_ms, "remote.lookup_timeout_ms", 0)
+        _require_int(self.mooncake_segment_mb, "remote.mooncake_segment_mb", 0)
+        _require(self.mooncake_protocol in ("tcp", "rdma"), "remote.mooncake_protocol",
+                 f"must be tcp or rdma, got {self.mooncake_protocol!r}")
+        _require(bool(self.tls_cert_file) == bool(self.tls_key_file), "remote.tls_cert_file",
+                 "tls_cert_file and tls_key_file go together")
         _require(bool(self.key_prefix) and "{" not in self.key_prefix and "}" not in self.key_prefix,
                  "remote.key_prefix", f"must be non-empty without braces, got {self.key_prefix!r}")
         if self.backend is RemoteBackend.FILESYSTEM:
@@ -241,8 +258,17 @@ _USER_KEYS: dict[str, type] = {
     "remote_host": str,
     "remote_port": int,
     "remote_password": str,
+    "remote_username": str,
     "remote_db": int,
     "remote_tls": bool,
+    "remote_tls_ca_file": str,
+    "remote_tls_cert_file": str,
+    "remote_tls_key_file": str,
+    "remote_lookup_timeout_ms": int,
+    "remote_mooncake_local_hostname": str,
+    "remote_mooncake_protocol": str,
+    "remote_mooncake_device": str,
+    "remote_mooncake_segment_mb": int,
     "remote_path": str,
     "remote_key_prefix": str,
     "remote_ttl_s": int,
@@ -257,6 +283,7 @@ _NON_CONFIG_ENV = {
     "FLEXKV_CURVE_SERVER_SECRET", "FLEXKV_CURVE_AUTHORIZED_KEYS",  # CurveZMQ, server (flexkv/security.py)
     "FLEXKV_CURVE_SERVER_KEY", "FLEXKV_CURVE_CLIENT_SECRET",  # CurveZMQ, client
     "FLEXKV_NVCC", "FLEXKV_SKIP_EXTENSIONS", "FLEXKV_SKIP_APT", "FLEXKV_TORCH_SPEC", "FLEXKV_SKIP_TORCH",  # build
+    "FLEXKV_SKIP_MOONCAKE",  # build: no Mooncake client
     "FLEXKV_TEST_CUDARTS",  # tests: extra libcudart files to run the BATCH ABI test under
 }
 
