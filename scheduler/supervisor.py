@@ -49,6 +49,11 @@ class _Fanout:
     error: str = ""
 
 
+_REGISTER_HINT = ("; register the engine's KV buffers first: KVManager.register_kv_buffers(kv_tensors, layout) "
+                  "in a single-process engine, or KVTPClient(server_address, dp_client_id, tp_rank, "
+                  "device_id).register(kv_tensors, layout) in each TP rank")
+
+
 def device_worker_id(dp_client_id: int, tp_rank: int) -> str:
     return f"device-{dp_client_id}-{tp_rank}"
 
@@ -158,7 +163,10 @@ class WorkerSupervisor:
         missing = [t for t in targets if t not in self.workers]
         if not targets or missing:
             what = ", ".join(missing) if missing else f"a {op.op_type.name} worker"
-            return op.op_id, f"no worker for {op.op_type.name}: {what} not registered"
+            error = f"no worker for {op.op_type.name}: {what} not registered"
+            if op.op_type in (OpType.H2D, OpType.D2H):
+                error += _REGISTER_HINT
+            return op.op_id, error
         self._fanouts[op.op_id] = _Fanout(remaining=set(targets))
         for worker_id in targets:
             handle = self.workers[worker_id]
