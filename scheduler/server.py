@@ -27,6 +27,7 @@ import zmq
 from flexkv.common.config import CacheConfig, ModelConfig, RemoteConfig, configs_to_json, kv_fingerprint
 from flexkv.layout import BlockFirstLayout, KVCacheLayout
 from flexkv.native.hasher import encode_namespace
+from flexkv.progress import Progress
 from flexkv.protocol import client_msgs as cm
 from flexkv.protocol.codec import (
     CLIENT_REQUESTS,
@@ -99,8 +100,9 @@ class SchedulerServer:
             self.control = ControlPlane(model, cache, remote_lookup=self._remote_lookup)
             self.block_bytes = model.block_bytes(cache.tokens_per_block)
             self.block_first = BlockFirstLayout(model, cache.tokens_per_block)
-            self.pool = SharedPool.create(make_pool_name("cpu"), cache.num_cpu_blocks * self.block_bytes,
-                                          progress=_prefault_progress)
+            pool_bytes = cache.num_cpu_blocks * self.block_bytes
+            with Progress("pre-faulting CPU pool", pool_bytes) as progress:
+                self.pool = SharedPool.create(make_pool_name("cpu"), pool_bytes, progress=progress)
             self._clients = self._bind(zmq.ROUTER, self.client_address)
             self._workers_sock = self._bind(zmq.ROUTER, self.worker_address)
             # A restarted worker (and its lanes) reconnects under the same identity: it takes over.
@@ -563,7 +565,3 @@ def _pid_alive(pid: int) -> bool:
         return True
     return True
 
-
-def _prefault_progress(done: int, total: int) -> None:
-    if total >= 4 << 30:
-        log.info("pre-faulting CPU pool: %.1f / %.1f GiB", done / 2**30, total / 2**30)
