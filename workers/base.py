@@ -126,15 +126,23 @@ class Worker(abc.ABC):
                 if batch and lanes is not None:
                     lanes.submit(batch)
                 elif batch:
-                    self._sock.send_multipart(self._done_frames(batch, self._execute_safely(batch)))
+                    t_start = time.monotonic()
+                    errors = self._execute_safely(batch)
+                    self._sock.send_multipart(self._done_frames(batch, errors, t_start, time.monotonic()))
         finally:
             if lanes is not None:
                 lanes.stop()
             self.close()
             self._ctx.destroy(linger=1000)
 
-    def _done_frames(self, batch: list[Op], errors: list[str]) -> list[Frame]:
-        done = OpsDoneMsg(worker_id=self.worker_id, op_ids=[op.op_id for op in batch], errors=errors)
+    def op_bytes(self, op: Op) -> int:
+        """Bytes this worker moves for ``op`` (whole pool blocks; a device worker moves its rank's shard)."""
+        return int(op.src_ids.size) * self.pool_block_bytes
+
+    def _done_frames(self, batch: list[Op], errors: list[str], t_start: float, t_done: float) -> list[Frame]:
+        done = OpsDoneMsg(worker_id=self.worker_id, op_ids=[op.op_id for op in batch], errors=errors,
+                          num_bytes=[0 if e else self.op_bytes(op) for op, e in zip(batch, errors, strict=True)],
+                          queue_s=[max(0.0, t_start - op.received) for op in batch], busy_s=t_done - t_start)
         return WORKER_TO_SERVER.encode(done)
 
     def _stop(self) -> None:
@@ -229,9 +237,9 @@ class _Lanes:
                     log.exception("%s: a batch failed", self._worker.worker_id)
                     errors = [f"{type(e).__name__}: {e}"] * len(batch)
                 slots.release()
-                push.send_multipart(self._worker._done_frames(batch, errors))
+                t_done = time.monotonic()
+                push.send_multipart(self._worker._done_frames(batch, errors, t_start, t_done))
                 if log.isEnabledFor(logging.DEBUG):
-                    t_done = time.monotonic()
                     log.debug("%s: %d %s op(s), %d blocks: queued %.2f ms, start %.2f ms, done %.2f ms later "
                               "(received at monotonic %.6f)", self._worker.worker_id, len(batch),
                               batch[0].op_type.name, sum(op.src_ids.size for op in batch),

@@ -142,6 +142,12 @@ class CacheConfig:
     num_remote_blocks: int = 0  # remote capacity we account for; 0 = the store decides (unbounded)
     remote: RemoteConfig = dataclasses.field(default_factory=RemoteConfig)
     eviction_policy: EvictionPolicy | str = EvictionPolicy.LRU
+    # Operations (docs/operations.md): Prometheus /metrics (0 = off) and the request trace ("" = off).
+    metrics_port: int = 0
+    metrics_address: str = "127.0.0.1"
+    trace_path: str = ""
+    trace_max_mb: float = 64.0
+    trace_backups: int = 3
 
     def __post_init__(self) -> None:
         dirs = self.ssd_cache_dir
@@ -172,6 +178,18 @@ class CacheConfig:
             _require(len(self.ssd_cache_dir) > 0, "ssd_cache_dir",
                      "needs at least one directory when enable_ssd is set")
         _require(isinstance(self.remote, RemoteConfig), "remote", "must be a RemoteConfig")
+        self._check_operations()
+
+    def _check_operations(self) -> None:
+        _require_int(self.metrics_port, "metrics_port", 0)
+        _require(self.metrics_port <= 65535, "metrics_port", f"must be <= 65535, got {self.metrics_port}")
+        _require(isinstance(self.metrics_address, str) and bool(self.metrics_address), "metrics_address",
+                 f"must be a host address, got {self.metrics_address!r}")
+        _require(isinstance(self.trace_path, str), "trace_path", f"must be a file path, got {self.trace_path!r}")
+        _require(isinstance(self.trace_max_mb, (int, float)) and not isinstance(self.trace_max_mb, bool)
+                 and math.isfinite(self.trace_max_mb) and self.trace_max_mb > 0, "trace_max_mb",
+                 f"must be > 0, got {self.trace_max_mb!r}")
+        _require_int(self.trace_backups, "trace_backups", 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -198,6 +216,11 @@ _USER_KEYS: dict[str, type] = {
     "remote_key_prefix": str,
     "remote_ttl_s": int,
     "remote_required": bool,
+    "metrics_port": int,
+    "metrics_address": str,
+    "trace_path": str,
+    "trace_max_mb": float,
+    "trace_backups": int,
 }
 # FLEXKV_* variables that are not config keys (read elsewhere; docs/config.md lists them).
 _NON_CONFIG_ENV = {
@@ -304,7 +327,8 @@ def cache_config_from_user(model: ModelConfig, values: Mapping[str, Any]) -> Cac
         if values["ssd_max_file_gb"] <= 0:
             raise ConfigError(f"ssd_max_file_gb: must be > 0, got {values['ssd_max_file_gb']}")
         kw["ssd_max_file_bytes"] = int(values["ssd_max_file_gb"] * GIB)
-    for key in ("io_uring_depth", "eviction_policy", "enable_remote"):
+    for key in ("io_uring_depth", "eviction_policy", "enable_remote", "metrics_port", "metrics_address", "trace_path",
+                "trace_max_mb", "trace_backups"):
         if key in values:
             kw[key] = values[key]
     if "remote_cache_gb" in values:
