@@ -39,7 +39,8 @@ def flexkv_serve(args: list[str], timeout_s: float = 60.0) -> Iterator[tuple[sub
         while "listening on" not in banner:
             banner = proc.stdout.readline()
             if not banner and proc.poll() is not None:
-                raise AssertionError(f"flexkv serve exited {proc.returncode}: {proc.stderr.read() if proc.stderr else ''}")
+                err = proc.stderr.read() if proc.stderr else ""
+                raise AssertionError(f"flexkv serve exited {proc.returncode}: {err}")
             assert time.monotonic() < deadline, "flexkv serve did not start in time"
         yield proc, banner
     finally:

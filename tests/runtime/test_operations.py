@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -195,3 +196,46 @@ def test_flexkv_stats_names_an_address_that_does_not_answer(tmp_path: Path) -> N
     res = subprocess.run([*flexkv_command(), "stats", "--address", f"ipc://{tmp_path}/none.sock", "--timeout", "0.5"],
                          capture_output=True, text=True, timeout=30, check=False)
     assert res.returncode == 1 and "did not answer within 0.5 s" in res.stderr, res.stderr
+
+
+DASHBOARD = Path(__file__).resolve().parents[2] / "docs" / "grafana-dashboard.json"
+
+
+def _dashboard_exprs() -> list[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for panel in dash["panels"] for t in panel["targets"]]
+
+
+def test_every_dashboard_expression_names_metrics_and_labels_the_server_exports(tmp_path: Path) -> None:
+    port, address = free_port(), f"ipc://{tmp_path}/s.sock"
+    with flexkv_serve([*SERVE_FLAGS, "--server-address", address, "--metrics-port", str(port)]):
+        bufs = host_buffers(MODEL, LayoutKind.VLLM_KV_FIRST, 4, seed=1)
+        kvm = KVManager(MODEL, small_cache(), server_address=address)
+        try:
+            kvm.start()
+            kvm.register_kv_buffers(bufs, bufs.layout)  # a worker, so per-worker series exist
+            kvm.wait_ready()
+            samples = scrape(port)
+        finally:
+            kvm.shutdown()
+            bufs.close()
+    labels: dict[str, set[str]] = {}
+    for name, label_set in samples:
+        labels.setdefault(name, set()).update(k for k, _ in label_set)
+    exprs = _dashboard_exprs()
+    assert len(exprs) >= 16
+    used: set[str] = set()
+    for expr in exprs:
+        names = set(re.findall(r"\bflexkv_[a-z0-9_]+", expr))
+        assert names, f"{expr!r} names no flexkv metric"
+        missing = names - set(labels)
+        assert not missing, f"{expr!r} uses {sorted(missing)}, which the server does not export"
+        keys = {k.strip() for group in re.findall(r"\bby \(([^)]*)\)", expr) for k in group.split(",")}
+        keys |= set(re.findall(r"[{,]\s*([a-z_]+)\s*=", expr))
+        known = set().union(*(labels[n] for n in names))
+        assert keys <= known, f"{expr!r} uses labels {sorted(keys - known)} its metrics lack"
+        used |= names
+    base = {n.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum") for n in labels}
+    assert {n for n in base if n.startswith("flexkv_")} - {n.removesuffix("_bucket").removesuffix("_sum")
+                                                            .removesuffix("_count") for n in used} == set(), (
+        "every exported metric has a panel")
