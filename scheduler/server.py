@@ -127,7 +127,7 @@ class SchedulerServer:
         self._running = False
         self.trace = (TraceWriter(cache.trace_path, int(cache.trace_max_mb * 2**20), cache.trace_backups)
                       if cache.trace_path else None)
-        self.telemetry = Telemetry(self.trace)
+        self.telemetry = Telemetry(cache.tokens_per_block, self.trace)
         self.metrics: Any = None  # flexkv.scheduler.metrics.MetricsExporter when metrics_port is set
         self._handlers: dict[type, Callable[[bytes, Any, list[memoryview]], None]] = {
             cm.HelloMsg: self._on_hello,

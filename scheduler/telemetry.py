@@ -30,6 +30,7 @@ TaskKey = tuple[int, int]
 OP_SECONDS_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 _REMOTE_OPS = (OpType.REMOTE2H, OpType.H2REMOTE)
 _ENGINE_OPS = (OpType.H2D, OpType.D2H)
+_GET, _H2D, _D2H = TaskType.GET, OpType.H2D, OpType.D2H  # module globals: cheaper than enum lookups per call
 
 
 class Histogram:
@@ -52,18 +53,14 @@ class Histogram:
         return {"bounds": list(self.bounds), "counts": list(self.counts), "sum": self.sum, "count": self.count}
 
 
-@dataclasses.dataclass(slots=True)
-class _OpRecord:
-    op_type: OpType
-    task_key: TaskKey
-    num_blocks: int
-    dispatched: float
-    num_bytes: int = 0
-    queue_s: float = 0.0
+# An op in flight: [op type, dispatched at, bytes reported, task key, blocks, longest worker queue time].
+_OpRecord = list[Any]
 
 
 @dataclasses.dataclass(slots=True)
 class _TaskRecord:
+    """What the trace line of one task needs (kept only while the trace is on)."""
+
     task_type: TaskType
     started: float  # the match request arrived
     matched: float
@@ -75,32 +72,34 @@ class _TaskRecord:
     ops: list[dict[str, Any]] = dataclasses.field(default_factory=list)
 
 
-def _count(table: dict[str, int], key: str, n: int = 1) -> None:
-    table[key] = table.get(key, 0) + n
-
-
 class Telemetry:
-    """Counters, histograms and in-flight records of one server. Server thread only."""
+    """Counters, histograms and in-flight records of one server. Server thread only.
 
-    def __init__(self, trace: TraceWriter | None = None) -> None:
+    The hooks run per message or per op: they only bump dicts keyed by enums and types (names are
+    made at snapshot time) and keep per-task timings only while the trace is on."""
+
+    def __init__(self, tokens_per_block: int, trace: TraceWriter | None = None) -> None:
         self.trace = trace
-        self.requests: dict[str, int] = {}  # "<message type>|ok" or "|error"
-        self.tasks: dict[str, int] = {}  # "<get|put|unknown>|<status>"
-        self.tokens = dict.fromkeys(("get_query", "put_query", "matched", "loaded", "stored"), 0)
-        self.op_counts: dict[str, int] = {}  # "<op>|ok" / "<op>|error"
-        self.op_bytes: dict[str, int] = {}
-        self.op_seconds: dict[str, Histogram] = {}
+        self.tokens_per_block = tokens_per_block
+        self._requests: dict[tuple[type, bool], int] = {}
+        self._tasks: dict[tuple[TaskType | None, TaskStatus], int] = {}
+        self.tokens = dict.fromkeys(("get_query", "put_query", "loaded", "stored"), 0)  # matched: ControlPlane
+        self._op_counts: dict[tuple[OpType, bool], int] = {}
+        self._op_bytes = dict.fromkeys(OpType, 0)
+        self._op_seconds = {op: Histogram() for op in OpType}
         self.worker_busy_s: dict[str, float] = {}
         self.worker_restarts: dict[str, int] = {}
         self.clients = dict.fromkeys(("connects", "disconnects"), 0)
         self.remote_errors = 0
         self._ops: dict[int, _OpRecord] = {}
-        self._tasks: dict[TaskKey, _TaskRecord] = {}
+        self._kinds: dict[TaskKey, TaskType] = {}
+        self._records: dict[TaskKey, _TaskRecord] = {}  # trace only
         self._restarts_seen: dict[str, tuple[int, int]] = {}  # worker id -> (id(handle), restarts)
 
     # -- requests and clients -------------------------------------------------------------------
     def on_request(self, msg_type: type, ok: bool) -> None:
-        _count(self.requests, f"{REQUEST_NAMES.get(msg_type, msg_type.__name__)}|{'ok' if ok else 'error'}")
+        key = (msg_type, ok)
+        self._requests[key] = self._requests.get(key, 0) + 1
 
     def on_connect(self) -> None:
         self.clients["connects"] += 1
@@ -111,17 +110,16 @@ class Telemetry:
     # -- tasks ----------------------------------------------------------------------------------
     def on_matched(self, key: TaskKey, task_type: TaskType, started: float, num_tokens: int,
                    mask: np.ndarray) -> None:
-        """A match succeeded: ``mask`` marks the tokens to load (GET) or store (PUT)."""
-        moved = int(np.count_nonzero(mask))
-        if task_type is TaskType.GET:
-            self.tokens["get_query"] += num_tokens
-            self.tokens["matched"] += moved
-        else:
-            self.tokens["put_query"] += num_tokens
-        self._tasks[key] = _TaskRecord(task_type, started, time.monotonic(), num_tokens, moved)
+        """A match succeeded: ``mask`` marks the tokens to load (GET) or store (PUT); counted only for the
+        trace (the matched total is the ControlPlane's ``get_moved_blocks``)."""
+        self.tokens["get_query" if task_type is _GET else "put_query"] += num_tokens
+        self._kinds[key] = task_type
+        if self.trace is not None:
+            moved = int(np.count_nonzero(mask))
+            self._records[key] = _TaskRecord(task_type, started, time.monotonic(), num_tokens, moved)
 
     def on_launched(self, key: TaskKey) -> None:
-        rec = self._tasks.get(key)
+        rec = self._records.get(key) if self.trace is not None else None
         if rec is not None and not rec.launched:
             rec.launched = time.monotonic()
 
@@ -130,26 +128,22 @@ class Telemetry:
             return
         now = time.monotonic()
         for tid in task_ids:
-            rec = self._tasks.get((client_id, tid))
+            rec = self._records.get((client_id, tid))
             if rec is not None and not rec.waited:
                 rec.waited = now
 
     def on_final(self, key: TaskKey, engine: KVResponse, full: KVResponse, task_type: TaskType | None) -> None:
-        """A task left the control plane (or failed before it got there)."""
-        rec = self._tasks.pop(key, None)
-        if rec is not None:
-            task_type = rec.task_type
-        kind = task_type.name.lower() if task_type is not None else "unknown"
-        _count(self.tasks, f"{kind}|{full.status.name.lower()}")
-        if engine.status is TaskStatus.SUCCESS and engine.return_mask is not None:
-            moved = int(np.count_nonzero(engine.return_mask))
-            self.tokens["loaded" if task_type is TaskType.GET else "stored"] += moved
+        """A task left the control plane (or failed before it got there; then ``task_type`` may say which)."""
+        task_type = self._kinds.pop(key, task_type)
+        counted = (task_type, full.status)
+        self._tasks[counted] = self._tasks.get(counted, 0) + 1
         if self.trace is not None:
-            self.trace.write(_trace_line(key, kind, rec, engine, full))
+            kind = task_type.name.lower() if task_type is not None else "unknown"
+            self.trace.write(_trace_line(key, kind, self._records.pop(key, None), engine, full))
 
     # -- ops ------------------------------------------------------------------------------------
     def on_dispatch(self, op: TransferOp) -> None:
-        self._ops[op.op_id] = _OpRecord(op.op_type, op.task_key, int(op.src_block_ids.size), time.monotonic())
+        self._ops[op.op_id] = [op.op_type, time.monotonic(), 0, op.task_key, op.src_block_ids.size, 0.0]
 
     def on_reported(self, msg: OpsDoneMsg) -> None:
         """A worker's completions, with its figures (bytes per op summed over TP ranks)."""
@@ -157,36 +151,47 @@ class Telemetry:
             self.worker_busy_s[msg.worker_id] = self.worker_busy_s.get(msg.worker_id, 0.0) + msg.busy_s
         if len(msg.num_bytes) != len(msg.op_ids):
             return
-        queue = msg.queue_s if len(msg.queue_s) == len(msg.op_ids) else [0.0] * len(msg.op_ids)
-        for op_id, nbytes, queue_s in zip(msg.op_ids, msg.num_bytes, queue, strict=True):
-            rec = self._ops.get(op_id)
+        ops = self._ops
+        for op_id, nbytes in zip(msg.op_ids, msg.num_bytes):  # noqa: B905 - lengths checked above
+            rec = ops.get(op_id)
             if rec is not None:
-                rec.num_bytes += nbytes
-                rec.queue_s = max(rec.queue_s, queue_s)
+                rec[2] += nbytes
+        if self.trace is not None and len(msg.queue_s) == len(msg.op_ids):
+            for op_id, queue_s in zip(msg.op_ids, msg.queue_s, strict=True):
+                rec = ops.get(op_id)
+                if rec is not None:
+                    rec[5] = max(rec[5], queue_s)
 
     def on_op_done(self, op_id: int, error: str) -> None:
         rec = self._ops.pop(op_id, None)
         if rec is None:
             return
+        op_type, dispatched, num_bytes = rec[0], rec[1], rec[2]
         now = time.monotonic()
-        name = rec.op_type.name
-        _count(self.op_counts, f"{name}|{'error' if error else 'ok'}")
-        _count(self.op_bytes, name, rec.num_bytes)
-        seconds = now - rec.dispatched
-        hist = self.op_seconds.get(name)
-        if hist is None:
-            hist = self.op_seconds[name] = Histogram()
-        hist.observe(seconds)
-        if error and rec.op_type in _REMOTE_OPS:
-            self.remote_errors += 1
-        task = self._tasks.get(rec.task_key)
-        if task is not None:
-            if rec.op_type in _ENGINE_OPS:
-                task.engine_done = now
-            if self.trace is not None:
-                task.ops.append({"op": name, "blocks": rec.num_blocks, "bytes": rec.num_bytes,
-                                 "dispatch_s": _since(task.launched, rec.dispatched), "queue_s": rec.queue_s,
-                                 "seconds": seconds, "error": error})
+        counted = (op_type, not error)
+        self._op_counts[counted] = self._op_counts.get(counted, 0) + 1
+        self._op_bytes[op_type] += num_bytes
+        self._op_seconds[op_type].observe(now - dispatched)
+        if error:
+            if op_type in _REMOTE_OPS:
+                self.remote_errors += 1
+        elif op_type is _H2D:  # the blocks reached the engine (all TP ranks)
+            self.tokens["loaded"] += rec[4] * self.tokens_per_block
+        elif op_type is _D2H:
+            self.tokens["stored"] += rec[4] * self.tokens_per_block
+        if self.trace is not None:
+            self._trace_op(rec, now, error)
+
+    def _trace_op(self, rec: _OpRecord, now: float, error: str) -> None:
+        op_type, dispatched, num_bytes, task_key, num_blocks, queue_s = rec
+        task = self._records.get(task_key)
+        if task is None:
+            return
+        if op_type in _ENGINE_OPS:
+            task.engine_done = now
+        task.ops.append({"op": op_type.name, "blocks": int(num_blocks), "bytes": num_bytes,
+                         "dispatch_s": _since(task.launched, dispatched), "queue_s": queue_s,
+                         "seconds": now - dispatched, "error": error})
 
     # -- workers --------------------------------------------------------------------------------
     def on_tick(self, workers: dict[str, WorkerHandle]) -> None:
@@ -196,13 +201,19 @@ class Telemetry:
             if ident != id(handle):
                 seen = 0
             if handle.restarts > seen:
-                _count(self.worker_restarts, worker_id, handle.restarts - seen)  # type: ignore[arg-type]
+                self.worker_restarts[worker_id] = self.worker_restarts.get(worker_id, 0) + handle.restarts - seen
             self._restarts_seen[worker_id] = (id(handle), handle.restarts)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"requests": dict(self.requests), "tasks": dict(self.tasks), "tokens": dict(self.tokens),
-                "op_counts": dict(self.op_counts), "op_bytes": dict(self.op_bytes),
-                "op_seconds": {k: h.to_dict() for k, h in self.op_seconds.items()},
+        """The counters with names for keys: ``"<type>|<ok|error>"``, ``"<get|put|unknown>|<status>"``, op names."""
+        requests = {f"{REQUEST_NAMES.get(t, t.__name__)}|{'ok' if ok else 'error'}": n
+                    for (t, ok), n in self._requests.items()}
+        tasks = {f"{t.name.lower() if t is not None else 'unknown'}|{st.name.lower()}": n
+                 for (t, st), n in self._tasks.items()}
+        op_counts = {f"{op.name}|{'ok' if ok else 'error'}": n for (op, ok), n in self._op_counts.items()}
+        return {"requests": requests, "tasks": tasks, "tokens": dict(self.tokens), "op_counts": op_counts,
+                "op_bytes": {op.name: n for op, n in self._op_bytes.items()},
+                "op_seconds": {op.name: h.to_dict() for op, h in self._op_seconds.items()},
                 "worker_busy_s": dict(self.worker_busy_s), "worker_restarts": dict(self.worker_restarts),
                 "clients": dict(self.clients), "remote_errors": self.remote_errors}
 
@@ -253,10 +264,12 @@ def build_snapshot(stats: dict[str, Any], telemetry: Telemetry, workers: dict[st
     worker_info = {wid: {"pid": h.proc.pid if h.proc is not None else -1, "ready": h.ready,
                          "queue_depth": len(h.in_flight) + len(h.backlog), "restarts": h.restarts}
                    for wid, h in workers.items()}
+    counters = telemetry.to_dict()
+    counters["tokens"]["matched"] = stats.get("get_moved_blocks", 0) * tokens_per_block
     return {"block_bytes": block_bytes, "tokens_per_block": tokens_per_block, "tiers": tiers,
             "get_query_blocks": stats.get("get_query_blocks", 0), "get_hit_blocks": stats.get("get_hit_blocks", 0),
             "num_tasks": stats.get("num_tasks", 0), "num_ops_in_flight": stats.get("num_ops_in_flight", 0),
             "checksum_failures": {"ssd": stats.get("ssd_checksum_failures", 0),
                                   "remote": stats.get("remote_checksum_failures", 0)},
             "remote_outages": stats.get("remote_outages", 0),
-            "clients": clients, "workers": worker_info, "counters": telemetry.to_dict()}
+            "clients": clients, "workers": worker_info, "counters": counters}

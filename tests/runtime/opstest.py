@@ -46,7 +46,7 @@ def flexkv_serve(args: list[str], timeout_s: float = 60.0) -> Iterator[tuple[sub
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=30)
+        out, err = proc.communicate(timeout=90)
     assert proc.returncode == 0, f"flexkv serve exited {proc.returncode}: {err[-2000:]}"
     assert "flexkv server stopped cleanly" in out
 
