@@ -181,7 +181,8 @@ def _tier_families(snap: dict[str, Any]) -> Iterator[Metric]:
     yield _counter("flexkv_get_hit_blocks", "blocks GETs loaded, by the tier that held them", ["tier"],
                    {(tier,): t["hit_blocks"] for tier, t in tiers.items()})
     query = snap["get_query_blocks"]
-    ratios = {(tier,): (t["hit_blocks"] / query if query else 0.0) for tier, t in tiers.items()}
+    ratios: dict[tuple[str, ...], float] = {(tier,): (t["hit_blocks"] / query if query else 0.0)
+                                            for tier, t in tiers.items()}
     ratios[("any",)] = snap["get_hit_blocks"] / query if query else 0.0
     yield _gauge("flexkv_hit_ratio", "GET blocks found per block asked, since start (tier 'any': cached anywhere)",
                  ["tier"], ratios)
@@ -207,8 +208,10 @@ def _worker_families(snap: dict[str, Any]) -> Iterator[Metric]:
                  {(w,): float(i["queue_depth"]) for w, i in workers.items()})
     yield _gauge("flexkv_worker_ready", "1 when the worker said hello and takes ops", ["worker"],
                  {(w,): float(i["ready"]) for w, i in workers.items()})
-    busy = {(w,): 0.0 for w in workers} | {(w,): float(s) for w, s in c["worker_busy_s"].items()}
+    busy: dict[tuple[str, ...], float] = {(w,): 0.0 for w in workers}
+    busy.update({(w,): float(s) for w, s in c["worker_busy_s"].items()})
     yield _counter("flexkv_worker_busy_seconds", "seconds workers spent running batches (lanes may overlap)",
                    ["worker"], busy)
-    restarts = {(w,): 0.0 for w in workers} | {(w,): float(n) for w, n in c["worker_restarts"].items()}
+    restarts: dict[tuple[str, ...], float] = {(w,): 0.0 for w in workers}
+    restarts.update({(w,): float(n) for w, n in c["worker_restarts"].items()})
     yield _counter("flexkv_worker_restarts", "times a dead worker was restarted", ["worker"], restarts)

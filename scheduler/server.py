@@ -581,8 +581,9 @@ class SchedulerServer:
             self.supervisor.stop_all()
         if getattr(self, "metrics", None) is not None:
             self.metrics.close()
-        if getattr(self, "trace", None) is not None:
-            self.trace.close()
+        trace: TraceWriter | None = getattr(self, "trace", None)
+        if trace is not None:
+            trace.close()
         self._ctx.destroy(linger=0)
         pool: SharedPool | None = getattr(self, "pool", None)
         if pool is not None:
