@@ -60,7 +60,7 @@ class Worker(abc.ABC):
         self.worker_id: str = spec["worker_id"]
         self.model, self.cache = self._configs(spec)
         self.pool = SharedPool.attach(spec["pool_name"])
-        self.pool_block_bytes: int = spec["pool_block_bytes"]
+        self.pool_block_bytes = int(spec["pool_block_bytes"])
         self.pool_num_blocks: int = spec["pool_num_blocks"]
         self._ctx = zmq.Context()
         self._sock: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
@@ -87,6 +87,7 @@ class Worker(abc.ABC):
         return _known(self._execute_safely(ops))
 
     num_lanes = 1  # > 1: ops of different lanes run concurrently, each lane in its own threads
+    pool_block_bytes = 0  # from the spec (0 only in test doubles that build no pool: they report 0 bytes moved)
     pool_pinned = False  # True once something (cudaHostRegister) mapped and pinned every pool page
 
     def _populate_pool(self) -> None:
