@@ -240,7 +240,8 @@ def run_config(tp: int, args: argparse.Namespace,
         rng = np.random.default_rng(tp)
         out: list[tuple[list[RoundResult], list[RoundResult]]] = [([], []) for _ in setups]
         for i in range(args.warmup_rounds + args.rounds):
-            for setup, (warmups, results) in zip(setups, out, strict=True):
+            pairs = list(zip(setups, out, strict=True))
+            for setup, (warmups, results) in pairs if i % 2 == 0 else pairs[::-1]:  # neither always goes first
                 res = one_round(setup.kvm, setup.ranks, gather, threads, args, rng)
                 (warmups if i < args.warmup_rounds else results).append(res)
         for setup in setups:
