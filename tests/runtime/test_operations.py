@@ -239,3 +239,27 @@ def test_every_dashboard_expression_names_metrics_and_labels_the_server_exports(
     assert {n for n in base if n.startswith("flexkv_")} - {n.removesuffix("_bucket").removesuffix("_sum")
                                                             .removesuffix("_count") for n in used} == set(), (
         "every exported metric has a panel")
+
+
+def test_flexkv_metrics_port_from_the_environment_and_in_library_mode(tmp_path: Path) -> None:
+    port = free_port()
+    env_before = os.environ.get("FLEXKV_METRICS_PORT")
+    os.environ["FLEXKV_METRICS_PORT"] = str(port)
+    try:
+        with flexkv_serve([*SERVE_FLAGS, "--server-address", f"ipc://{tmp_path}/s.sock"]) as (_, banner):
+            assert f"metrics at http://127.0.0.1:{port}/metrics" in banner
+            assert value(scrape(port), "flexkv_up") == 1
+    finally:
+        if env_before is None:
+            del os.environ["FLEXKV_METRICS_PORT"]
+        else:
+            os.environ["FLEXKV_METRICS_PORT"] = env_before
+    port = free_port()
+    kvm = KVManager(MODEL, small_cache(metrics_port=port))  # library mode: the config travels to the server
+    try:
+        kvm.start()
+        samples = scrape(port)
+        assert value(samples, "flexkv_client_connects_total") == 1
+        assert value(samples, "flexkv_pool_blocks", tier="cpu", state="free") == 64
+    finally:
+        kvm.shutdown()
