@@ -8,6 +8,8 @@
 #   example   examples/scheduler_server_example.py on CUDA: every layout at TP=2, and a 32-layer run
 #   tests     the CUDA engine tests and the runtime tests
 #   engine    benchmarks/gpu_transfer.py, engine level, every path, T=16 and 64
+#   ops       (not in the default list; needs a prometheus_client wheel in .whl/) `flexkv check --gpu`, and
+#             metrics off vs on: control_latency.py --metrics and throughput.py --metrics (host buffers)
 # Prints PASS/FAIL per step; with $OUT set, each step's whole output is kept in $OUT/<step>.log.
 # Headers the machine lacks (xxhash.h) may be carried in .devinc/; CUDA runtime wheels in .devinc/cudart/
 # (`pip download nvidia-cuda-runtime-cu12==12.8.*` and the like) are unpacked, and the "stack" part's
@@ -63,6 +65,11 @@ for part in "${parts[@]}"; do
       tests/runtime/test_multiprocess.py tests/runtime/test_bad_input.py ;;
   engine)
     step 300 "gpu_transfer engine level" python3 benchmarks/gpu_transfer.py ;;
+  ops)
+    step 60 "flexkv check --gpu" python3 -c "import sys; from flexkv.cli import main; sys.exit(main(['check', '--gpu']))"
+    step 300 "control_latency --metrics" python3 benchmarks/control_latency.py --metrics --sizes 1024 32768 --iters 2000
+    step 300 "throughput --metrics" python3 benchmarks/throughput.py --tp 1 --metrics --prompt-blocks 1 \
+      --engine-blocks 256 --cpu-blocks 300 --rounds 8 --warmup-rounds 2 ;;
   *) say "unknown part $part"; rc=1 ;;
   esac
 done

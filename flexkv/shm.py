@@ -375,6 +375,9 @@ def _process_alive(pid: int, start_ticks: int) -> bool:
     return ticks is not None and (start_ticks == 0 or ticks == start_ticks)  # else zombie or pid reused
 
 
+_ROOM_HINT = "shrink the CPU pool (cpu_cache_gb, or num_cpu_blocks in CacheConfig) or grow /dev/shm"
+
+
 def _check_room(nbytes: int) -> None:
     """Fail before allocating anything when /dev/shm cannot hold ``nbytes`` more."""
     try:
@@ -384,7 +387,7 @@ def _check_room(nbytes: int) -> None:
     free = st.f_bavail * st.f_frsize
     if nbytes > free:
         raise OSError(errno.ENOSPC, f"{SHM_DIR} has {free} bytes free, the shared-memory pool needs {nbytes}; "
-                                    "shrink cpu_cache_gb or grow /dev/shm")
+                                    f"{_ROOM_HINT}")
 
 
 def _prefault(fd: int, pool: SharedPool, progress: ProgressFn | None, num_threads: int) -> None:
@@ -410,7 +413,7 @@ def _fallocate(fd: int, offset: int, length: int) -> bool:
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise OSError(errno.ENOSPC, f"{SHM_DIR} has no room for {length} more bytes of shared-memory "
-                                        "pool; shrink cpu_cache_gb or grow /dev/shm") from None
+                                        f"pool; {_ROOM_HINT}") from None
         if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             return False
         raise

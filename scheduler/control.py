@@ -45,6 +45,9 @@ from flexkv.types import InvalidRequest, KVResponse, Medium, OpType, TaskStatus,
 __all__ = ["ControlPlane", "TaskKey", "TransferOp"]
 
 _UNBOUNDED_MIN_BLOCKS = 1024  # initial size of a growable (unbounded remote) pool
+# GET blocks loaded, by the tier that held them (the op that brings them to the CPU pool; H2D: already there)
+_TIER_HIT_KEYS = {OpType.H2D: "get_hit_blocks_cpu", OpType.DISK2H: "get_hit_blocks_ssd",
+                  OpType.REMOTE2H: "get_hit_blocks_remote"}
 
 
 class ControlPlane:
@@ -84,7 +87,7 @@ class ControlPlane:
             ("num_get_matches", "num_put_matches", "get_query_blocks", "get_hit_blocks", "get_moved_blocks",
              "put_query_blocks", "put_hit_blocks", "put_stored_blocks", "num_failed_ops", "get_lost_blocks",
              "proactive_evicted_blocks", "num_resets", "ssd_corrupt_blocks", "ssd_discarded_blocks",
-             "ssd_restored_blocks"), 0)
+             "ssd_restored_blocks", *_TIER_HIT_KEYS.values()), 0)
 
     # ---- match (prepare) -----------------------------------------------------------------
 
@@ -138,7 +141,20 @@ class ControlPlane:
         plan = planner(self.tiers, hashes, num_tokens, t, first_block, self._clock())
         self._tasks[key] = Task(key, plan, num_tokens, first_true)
         self._count_match(task_type, hashes.size, plan.num_hit_blocks, plan.num_moved_blocks)
+        if task_type is TaskType.GET:
+            self._count_tier_hits(plan.graph.nodes, plan.num_moved_blocks)
         return plan.mask
+
+    def _count_tier_hits(self, nodes: list[OpNode], num_moved: int) -> None:
+        """Blocks each tier supplies to a GET: promotions read SSD/REMOTE (all they promote, also blocks before a
+        token mask's first block), the rest of the loaded blocks were in CPU already."""
+        from_cpu = num_moved
+        for node in nodes:
+            key = _TIER_HIT_KEYS.get(node.op_type)  # type: ignore[arg-type]
+            if key is not None and node.op_type is not OpType.H2D:
+                self._counters[key] += node.dst_block_ids.size
+                from_cpu -= node.dst_block_ids.size
+        self._counters[_TIER_HIT_KEYS[OpType.H2D]] += max(0, from_cpu)
 
     def _count_match(self, task_type: TaskType, num_blocks: int, num_hit: int, num_moved: int) -> None:
         c = self._counters

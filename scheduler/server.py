@@ -29,6 +29,7 @@ from flexkv import security
 from flexkv.common.config import CacheConfig, ModelConfig, RemoteConfig, configs_to_json, kv_fingerprint
 from flexkv.layout import BlockFirstLayout, KVCacheLayout
 from flexkv.native.hasher import encode_namespace
+from flexkv.progress import Progress
 from flexkv.protocol import client_msgs as cm
 from flexkv.protocol.codec import (
     CLIENT_REQUESTS,
@@ -47,6 +48,8 @@ from flexkv.scheduler.graph import TransferOp
 from flexkv.scheduler.remote_lookup import RemoteLookup
 from flexkv.scheduler.ssd_rebuild import progress_logger
 from flexkv.scheduler.supervisor import OpResult, RestartPolicy, WorkerSupervisor, device_worker_id
+from flexkv.scheduler.telemetry import Telemetry, build_snapshot
+from flexkv.scheduler.trace import TraceWriter
 from flexkv.security import CurveAuthenticator, CurveServerKeys
 from flexkv.shm import SharedPool, make_pool_name
 from flexkv.ssd_journal import journal_path, scan
@@ -116,8 +119,9 @@ class SchedulerServer:
             self.control = ControlPlane(model, cache, remote_lookup=self._remote_lookup)
             self.block_bytes = model.block_bytes(cache.tokens_per_block)
             self.block_first = BlockFirstLayout(model, cache.tokens_per_block)
-            self.pool = SharedPool.create(make_pool_name("cpu"), cache.num_cpu_blocks * self.block_bytes,
-                                          progress=_prefault_progress)
+            pool_bytes = cache.num_cpu_blocks * self.block_bytes
+            with Progress("pre-faulting CPU pool", pool_bytes) as progress:
+                self.pool = SharedPool.create(make_pool_name("cpu"), pool_bytes, progress=progress)
         except BaseException:
             self.close()  # e.g. the address is taken: leave no segment or socket file behind
             raise
@@ -135,6 +139,10 @@ class SchedulerServer:
         self._results: OrderedDict[TaskKey, tuple[KVResponse, KVResponse]] = OrderedDict()
         self._waits: list[_Wait] = []
         self._running = False
+        self.trace = (TraceWriter(cache.trace_path, int(cache.trace_max_mb * 2**20), cache.trace_backups)
+                      if cache.trace_path else None)
+        self.telemetry = Telemetry(cache.tokens_per_block, self.trace)
+        self.metrics: Any = None  # flexkv.scheduler.metrics.MetricsExporter when metrics_port is set
         self._handlers: dict[type, Callable[[bytes, Any, list[memoryview]], None]] = {
             cm.HelloMsg: self._on_hello,
             cm.GetMatchMsg: self._on_match,
@@ -153,6 +161,7 @@ class SchedulerServer:
         try:
             self._start_tier_workers()
             self._restore_ssd_index()
+            self._start_metrics()
         except BaseException:
             self.close()
             raise
@@ -201,6 +210,25 @@ class SchedulerServer:
         sock = self._bind(zmq.ROUTER, self.client_address, secure)
         self._auth.start()
         return sock
+
+    def _start_metrics(self) -> None:
+        if not self.cache.metrics_port:
+            return
+        from flexkv.scheduler.metrics import MetricsExporter  # prometheus-client only when metrics are on
+
+        try:
+            self.metrics = MetricsExporter(self._ctx, self.cache.metrics_address, self.cache.metrics_port)
+        except OSError as e:
+            raise ConfigError(f"metrics_port: cannot listen on {self.cache.metrics_address}:"
+                              f"{self.cache.metrics_port}: {e.strerror or e}") from None
+
+    def snapshot(self) -> dict[str, Any]:
+        """What ``flexkv stats`` and /metrics show (server thread only)."""
+        roles: dict[str, int] = {}
+        for conn in self._conns.values():
+            roles[conn.role] = roles.get(conn.role, 0) + 1
+        return build_snapshot(self.control.stats(), self.telemetry, self.supervisor.workers, roles,
+                              self.block_bytes, self.cache.tokens_per_block)
 
     def _bind(self, kind: int, address: str,
               prepare: Callable[[zmq.Socket[bytes]], None] | None = None) -> zmq.Socket[bytes]:
@@ -258,6 +286,8 @@ class SchedulerServer:
         poller = zmq.Poller()
         poller.register(self._clients, zmq.POLLIN)
         poller.register(self._workers_sock, zmq.POLLIN)
+        if self.metrics is not None:
+            poller.register(self.metrics.sock, zmq.POLLIN)
         next_tick = 0.0
         while self._running:
             events = dict(poller.poll(timeout=int(_TICK_S * 1000)))
@@ -265,6 +295,8 @@ class SchedulerServer:
                 self._drain(self._workers_sock, self._on_worker_frames)
             if self._clients in events:
                 self._drain(self._clients, self._on_client_frames)
+            if self.metrics is not None and self.metrics.sock in events:
+                self.metrics.serve(self.snapshot)
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + _TICK_S
@@ -292,6 +324,9 @@ class SchedulerServer:
         for worker_id in gone:
             self._lane_gone(worker_id, "its engine process is gone")
         self.control.evict_proactively()
+        self.telemetry.on_tick(self.supervisor.workers)
+        if self.trace is not None:
+            self.trace.flush()
         for identity, conn in list(self._conns.items()):
             if conn.host == self._host and not _pid_alive(conn.pid):
                 self._client_gone(identity, conn)
@@ -307,12 +342,15 @@ class SchedulerServer:
             msg, arrays = CLIENT_REQUESTS.decode(frames[1:])
             req_id = getattr(msg, "req_id", -1)
             self._handlers[type(msg)](identity, msg, arrays)
+            self.telemetry.on_request(type(msg), ok=True)
         except ProtocolError as e:
             log.warning("bad client message: %s", e)
             self._reply(identity, cm.ErrorReplyMsg(req_id=-1, error=str(e), kind="ProtocolError"))
         except FlexKVError as e:
+            self.telemetry.on_request(type(msg), ok=False)
             self._reply(identity, cm.ErrorReplyMsg(req_id=req_id, error=str(e), kind=type(e).__name__))
         except Exception as e:
+            self.telemetry.on_request(type(msg), ok=False)
             log.exception("error handling a client message")
             self._reply(identity, cm.ErrorReplyMsg(req_id=req_id, error=f"internal error: {e!r}", kind="InternalError"))
 
@@ -325,6 +363,7 @@ class SchedulerServer:
         if not 0 <= msg.client_id < self.model.dp_size:
             raise _invalid(f"dp_client_id {msg.client_id} out of range for dp_size={self.model.dp_size}")
         self._conns[identity] = _Conn(msg.client_id, msg.role, msg.pid, msg.host)
+        self.telemetry.on_connect()
         info: dict[str, int | float | str | bool] = {
                 "tokens_per_block": self.cache.tokens_per_block, "pool_name": self.pool.name,
                 "num_cpu_blocks": self.cache.num_cpu_blocks, "block_bytes": self.block_bytes}
@@ -345,8 +384,11 @@ class SchedulerServer:
 
     def _match(self, key: TaskKey, is_get: bool, tokens: Any, mask: Any, ns: bytes) -> np.ndarray:
         self._check_new_key(key)
+        started = time.monotonic()
         match = self.control.get_match if is_get else self.control.put_match
-        return match(key, tokens, mask, ns)
+        ret = match(key, tokens, mask, ns)
+        self.telemetry.on_matched(key, TaskType.GET if is_get else TaskType.PUT, started, len(tokens), ret)
+        return ret
 
     def _on_match(self, identity: bytes, msg: cm.GetMatchMsg, arrays: list[memoryview]) -> None:
         key = (msg.client_id, msg.task_id)
@@ -357,8 +399,9 @@ class SchedulerServer:
             hashes = frame_array(arrays[0], np.uint64, "block_hashes")
             mask = frame_array(arrays[1], np.bool_, "token_mask") if msg.has_mask else None
             self._check_new_key(key)
-            ret = self.control.match_hashes(TaskType.GET if is_get else TaskType.PUT, key, hashes, msg.num_tokens,
-                                            mask)
+            started, task_type = time.monotonic(), TaskType.GET if is_get else TaskType.PUT
+            ret = self.control.match_hashes(task_type, key, hashes, msg.num_tokens, mask)
+            self.telemetry.on_matched(key, task_type, started, msg.num_tokens, ret)
         else:
             tokens, _, mask, ns = self._task_inputs(msg, arrays, with_slots=False)
             ret = self._match(key, is_get, tokens, mask, ns)
@@ -373,7 +416,7 @@ class SchedulerServer:
             self._match(key, not isinstance(msg, cm.PutAsyncMsg), tokens, mask, ns)
             self._launch(key, slots)
         except (FlexKVError, ProtocolError) as e:
-            self._fail_unstarted(key, str(e))
+            self._fail_unstarted(key, str(e), TaskType.PUT if isinstance(msg, cm.PutAsyncMsg) else TaskType.GET)
 
     def _on_prefetch(self, _: bytes, msg: cm.PrefetchMsg, arrays: list[memoryview]) -> None:
         key = (msg.client_id, msg.task_id)
@@ -404,10 +447,11 @@ class SchedulerServer:
     def _launch(self, key: TaskKey, slots: Any) -> None:
         ops = self.control.launch(key, slots)
         self._launched.add(key)
+        self.telemetry.on_launched(key)
         self._dispatch(ops)
         self._retire([key])  # a task with nothing to move is already done
 
-    def _fail_unstarted(self, key: TaskKey, error: str) -> None:
+    def _fail_unstarted(self, key: TaskKey, error: str, task_type: TaskType | None = None) -> None:
         """A fire-and-forget request failed before it ran: roll back and report FAILED at wait."""
         log.info("task %s failed: %s", key, error)
         if key not in self._launched and self.control.poll(key).status is TaskStatus.UNREADY:
@@ -415,7 +459,7 @@ class SchedulerServer:
             self.control.release(key)
         if key not in self._launched and key not in self._results:
             failed = KVResponse(TaskStatus.FAILED, key[1], None, error)
-            self._remember(key, failed, failed)
+            self._remember(key, failed, failed, task_type)
 
     def _on_cancel(self, _: bytes, msg: cm.CancelMsg, __: list[memoryview]) -> None:
         for tid in msg.task_ids:
@@ -428,6 +472,7 @@ class SchedulerServer:
     def _on_wait(self, identity: bytes, msg: cm.WaitMsg, _: list[memoryview]) -> None:
         deadline = time.monotonic() + max(0.0, msg.timeout_s)
         self._waits.append(_Wait(identity, msg.req_id, msg.client_id, list(msg.task_ids), deadline, msg.completely))
+        self.telemetry.on_wait(msg.client_id, msg.task_ids)
 
     def _on_register(self, identity: bytes, msg: cm.RegisterKVMsg, _: list[memoryview]) -> None:
         if not 0 <= msg.tp_rank < self.model.tp_size:
@@ -499,6 +544,8 @@ class SchedulerServer:
             info["worker_msgs_refused"] = self.supervisor.num_refused
             if self._auth is not None:
                 info["clients_refused"] = self._auth.num_refused
+        elif msg.what == "snapshot":
+            info = {"json": json.dumps(self.snapshot())}
         elif msg.what == "check":
             self.control.check_invariants()
             info = {"ok": True}
@@ -513,7 +560,8 @@ class SchedulerServer:
             self._running = False
             info = {"ok": True}
         else:
-            raise _invalid(f"unknown query {msg.what!r}; allowed: is_ready, stats, check, reset, shutdown")
+            raise _invalid(f"unknown query {msg.what!r}; allowed: is_ready, stats, snapshot, check, reset, "
+                           "shutdown")
         self._reply(identity, cm.OkReplyMsg(req_id=msg.req_id, info=info))
 
     def is_ready(self) -> bool:
@@ -567,8 +615,9 @@ class SchedulerServer:
             self.control.release(key)
             self._launched.discard(key)
 
-    def _remember(self, key: TaskKey, engine: KVResponse, full: KVResponse) -> None:
+    def _remember(self, key: TaskKey, engine: KVResponse, full: KVResponse, task_type: TaskType | None = None) -> None:
         self._results[key] = (engine, full)
+        self.telemetry.on_final(key, engine, full, task_type)
         if len(self._results) > _RESULT_CACHE:
             self._results.popitem(last=False)
 
@@ -595,6 +644,7 @@ class SchedulerServer:
                     else set()
                 self._corrupt_at.update((op_id, at) for op_id, at in zip(msg.op_ids, msg.corrupt_at, strict=True)
                                         if at >= 0 and op_id in in_flight)
+            self.telemetry.on_reported(msg)
             self._complete(self.supervisor.on_done(worker_id, msg.op_ids, msg.errors))
         elif isinstance(msg, WorkerByeMsg) and self.supervisor.on_bye(routing_id) is not None:
             self._lane_gone(worker_id, msg.reason or "closed")
@@ -604,6 +654,7 @@ class SchedulerServer:
         while pending:
             op = pending.pop()
             self._op_keys[op.op_id] = op.task_key
+            self.telemetry.on_dispatch(op)
             failure = self.supervisor.dispatch(op)
             if failure is not None:
                 pending += self._complete_one(failure)
@@ -618,6 +669,7 @@ class SchedulerServer:
             log.warning("op %d failed: %s", op_id, error)
         key = self._op_keys.pop(op_id, None)
         corrupt_at = self._corrupt_at.pop(op_id, -1)
+        self.telemetry.on_op_done(op_id, error)
         try:
             ops = self.control.complete_op(op_id, not error, error, corrupt_at)
         except FlexKVError as e:  # e.g. an op of a task dropped meanwhile
@@ -630,6 +682,7 @@ class SchedulerServer:
     # -- clients going away ---------------------------------------------------------------------
     def _client_gone(self, identity: bytes, conn: _Conn) -> None:
         del self._conns[identity]
+        self.telemetry.on_disconnect()
         log.warning("client %d (%s, pid %d) is gone; releasing its work", conn.client_id, conn.role, conn.pid)
         if conn.role == "manager":
             self.control.drop_client(conn.client_id)
@@ -652,6 +705,11 @@ class SchedulerServer:
             self.supervisor.stop_all()
         if self._auth is not None:
             self._auth.close()
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
+        trace: TraceWriter | None = getattr(self, "trace", None)
+        if trace is not None:
+            trace.close()
         self._ctx.destroy(linger=0)
         pool: SharedPool | None = getattr(self, "pool", None)
         if pool is not None:
@@ -689,7 +747,3 @@ def _pid_alive(pid: int) -> bool:
         return True
     return True
 
-
-def _prefault_progress(done: int, total: int) -> None:
-    if total >= 4 << 30:
-        log.info("pre-faulting CPU pool: %.1f / %.1f GiB", done / 2**30, total / 2**30)

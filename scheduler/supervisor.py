@@ -83,6 +83,7 @@ class WorkerHandle:
     in_flight: set[int] = dataclasses.field(default_factory=set)  # op ids sent, not yet reported
     deaths: collections.deque[float] = dataclasses.field(default_factory=collections.deque)  # in the window
     restart_at: float | None = None  # when a dead worker is started again
+    restarts: int = 0  # restarts over the handle's life (metrics)
     down_reason: str = ""  # set while the restart budget is spent
     last_exit: str = ""
     on_ready: list[Callable[[], None]] = dataclasses.field(default_factory=list)
@@ -95,6 +96,11 @@ class WorkerHandle:
 class _Fanout:
     remaining: set[str]
     error: str = ""
+
+
+_REGISTER_HINT = ("; register the engine's KV buffers first: KVManager.register_kv_buffers(kv_tensors, layout) "
+                  "in a single-process engine, or KVTPClient(server_address, dp_client_id, tp_rank, "
+                  "device_id).register(kv_tensors, layout) in each TP rank")
 
 
 def device_worker_id(dp_client_id: int, tp_rank: int) -> str:
@@ -261,6 +267,7 @@ class WorkerSupervisor:
             if handle.proc is not None and handle.proc.poll() is not None:
                 failed += self._on_death(handle, now)
             if handle.proc is None and handle.restart_at is not None and now >= handle.restart_at:
+                handle.restarts += 1
                 self._start_process(handle)
         return failed, gone
 
@@ -318,7 +325,10 @@ class WorkerSupervisor:
         missing = [t for t in targets if t not in self.workers]
         if not targets or missing:
             what = ", ".join(missing) if missing else f"a {op.op_type.name} worker"
-            return op.op_id, f"no worker for {op.op_type.name}: {what} not registered"
+            error = f"no worker for {op.op_type.name}: {what} not registered"
+            if op.op_type in (OpType.H2D, OpType.D2H):
+                error += _REGISTER_HINT
+            return op.op_id, error
         down = [self.workers[t].down_reason for t in targets if self.workers[t].down_reason]
         if down:
             return op.op_id, down[0]

@@ -107,6 +107,10 @@ class DeviceWorker(Worker):
     def op_types(self) -> list[OpType]:
         return [OpType.H2D, OpType.D2H]
 
+    def op_bytes(self, op: Op) -> int:
+        """This rank's shard of each block (the whole block for MLA, where every rank holds the latent)."""
+        return int(op.src_ids.size) * (self.pool_block_bytes // self.model.num_shards)
+
     # Two lanes for CUDA buffers (set in __init__). Host buffers: one lane by default (ops run in the
     # loop thread, no thread hop per op; the copy threads share the cores anyway), two with
     # FLEXKV_HOST_LANES=2 (gets and puts at once, for machines with cores to spare).

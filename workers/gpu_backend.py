@@ -27,6 +27,7 @@ from flexkv.cuda_ipc import CudaIpcEventHandle, CudaIpcHandle, open_event, open_
 from flexkv.layout import ChunkTable, KVCacheLayout
 from flexkv.native import cudacopy
 from flexkv.native.cudacopy import CopyPath, CudaCopyEngine, prepare_copy
+from flexkv.progress import Progress
 from flexkv.types import OpType
 from flexkv.workers.device_worker import CopyBackend
 
@@ -61,8 +62,9 @@ class CudaCopyBackend(CopyBackend):
                 ptrs.append(ptr)
             self._table = layout.chunk_table(ptrs)
             pool = worker.pool
-            self._engines[OpType.H2D].register_host(pool.address, pool.nbytes, block_bytes=worker.pool_block_bytes,
-                                                    progress=_progress if pool.nbytes >= 4 << 30 else None)
+            with Progress(f"{worker.worker_id}: cudaHostRegister CPU pool", pool.nbytes) as progress:
+                self._engines[OpType.H2D].register_host(pool.address, pool.nbytes,
+                                                        block_bytes=worker.pool_block_bytes, progress=progress)
             self._warm_up(layout)
         except BaseException:
             self.close()
@@ -133,7 +135,3 @@ class CudaCopyBackend(CopyBackend):
         if self._kv_written:
             cudacopy.event_destroy(self._kv_written)
             self._kv_written = 0
-
-
-def _progress(done: int, total: int) -> None:
-    log.info("registering CPU pool with CUDA: %.1f / %.1f GiB", done / 2**30, total / 2**30)

@@ -34,6 +34,7 @@ import numpy.typing as npt
 
 from flexkv.native.checksum import MAX_THREADS, checksum_blocks
 from flexkv.native.uring import ResultArray, UringEngine
+from flexkv.progress import Progress
 from flexkv.ssd_journal import JOURNAL_NAME, LOCK_NAME, Journal
 from flexkv.types import ConfigError
 
@@ -131,17 +132,25 @@ def _check_space(dirs: Sequence[str], needed: dict[str, int]) -> None:
                               f"cache files but only {free / 2**30:.2f} GiB is free")
 
 
+_PREALLOC_CHUNK_BYTES = 1 << 30
+
+
 def _create_files(path: str, layout: SSDLayout, dir_idx: int) -> None:
     """Preallocate this dir's data files, then write its metadata (last, so a crash means 'recreate')."""
-    for idx, size in enumerate(layout.file_sizes(dir_idx)):
-        name = os.path.join(path, _data_name(idx))
-        fd = os.open(name, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o600)
-        try:
-            os.posix_fallocate(fd, 0, size)
-        except OSError as e:
-            raise OSError(e.errno, f"cannot preallocate {size} bytes for the SSD cache: {e.strerror}", name) from None
-        finally:
-            os.close(fd)
+    sizes = layout.file_sizes(dir_idx)
+    with Progress(f"preallocating SSD cache files in {path}", sum(sizes)) as progress:
+        for idx, size in enumerate(sizes):
+            name = os.path.join(path, _data_name(idx))
+            fd = os.open(name, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o600)
+            try:
+                for offset in range(0, size, _PREALLOC_CHUNK_BYTES):  # in pieces, for the progress report
+                    os.posix_fallocate(fd, offset, min(_PREALLOC_CHUNK_BYTES, size - offset))
+                    progress(progress.done + min(_PREALLOC_CHUNK_BYTES, size - offset))
+            except OSError as e:
+                raise OSError(e.errno, f"cannot preallocate {size} bytes for the SSD cache: {e.strerror}",
+                              name) from None
+            finally:
+                os.close(fd)
     tmp = os.path.join(path, META_NAME + ".tmp")
     with open(tmp, "w") as f:
         json.dump(layout.meta(dir_idx), f)

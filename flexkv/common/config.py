@@ -180,6 +180,12 @@ class CacheConfig:
     # instead of evicting while they match. 1.0 = evict only when an allocation needs room.
     evict_start_threshold: float = 1.0
     evict_ratio: float = 0.05
+    # Operations (docs/operations.md): Prometheus /metrics (0 = off) and the request trace ("" = off).
+    metrics_port: int = 0
+    metrics_address: str = "127.0.0.1"
+    trace_path: str = ""
+    trace_max_mb: float = 64.0
+    trace_backups: int = 3
 
     def policy_of(self, tier: str) -> EvictionPolicy:
         """The eviction policy of ``tier`` ("cpu", "ssd", "remote")."""
@@ -228,6 +234,18 @@ class CacheConfig:
             _require(len(self.ssd_cache_dir) > 0, "ssd_cache_dir",
                      "needs at least one directory when enable_ssd is set")
         _require(isinstance(self.remote, RemoteConfig), "remote", "must be a RemoteConfig")
+        self._check_operations()
+
+    def _check_operations(self) -> None:
+        _require_int(self.metrics_port, "metrics_port", 0)
+        _require(self.metrics_port <= 65535, "metrics_port", f"must be <= 65535, got {self.metrics_port}")
+        _require(isinstance(self.metrics_address, str) and bool(self.metrics_address), "metrics_address",
+                 f"must be a host address, got {self.metrics_address!r}")
+        _require(isinstance(self.trace_path, str), "trace_path", f"must be a file path, got {self.trace_path!r}")
+        _require(isinstance(self.trace_max_mb, (int, float)) and not isinstance(self.trace_max_mb, bool)
+                 and math.isfinite(self.trace_max_mb) and self.trace_max_mb > 0, "trace_max_mb",
+                 f"must be > 0, got {self.trace_max_mb!r}")
+        _require_int(self.trace_backups, "trace_backups", 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -273,6 +291,11 @@ _USER_KEYS: dict[str, type] = {
     "remote_key_prefix": str,
     "remote_ttl_s": int,
     "remote_required": bool,
+    "metrics_port": int,
+    "metrics_address": str,
+    "trace_path": str,
+    "trace_max_mb": float,
+    "trace_backups": int,
 }
 # FLEXKV_* variables that are not config keys (read elsewhere; docs/config.md lists them).
 _NON_CONFIG_ENV = {
@@ -285,6 +308,7 @@ _NON_CONFIG_ENV = {
     "FLEXKV_NVCC", "FLEXKV_SKIP_EXTENSIONS", "FLEXKV_SKIP_APT", "FLEXKV_TORCH_SPEC", "FLEXKV_SKIP_TORCH",  # build
     "FLEXKV_SKIP_MOONCAKE",  # build: no Mooncake client
     "FLEXKV_TEST_CUDARTS",  # tests: extra libcudart files to run the BATCH ABI test under
+    "FLEXKV_PROGRESS",  # progress reports: bar, lines or off (flexkv/progress.py)
 }
 
 
@@ -384,7 +408,8 @@ def cache_config_from_user(model: ModelConfig, values: Mapping[str, Any]) -> Cac
         kw["ssd_max_file_bytes"] = int(values["ssd_max_file_gb"] * GIB)
     for key in ("io_uring_depth", "eviction_policy", "enable_remote", "eviction_policy_cpu", "eviction_policy_ssd",
                 "eviction_policy_remote", "hit_reward_seconds", "slru_promote_hits", "slru_protected_ratio",
-                "evict_start_threshold", "evict_ratio", "ssd_persist_index", "ssd_durable_writes"):
+                "evict_start_threshold", "evict_ratio", "ssd_persist_index", "ssd_durable_writes", "metrics_port",
+                "metrics_address", "trace_path", "trace_max_mb", "trace_backups"):
         if key in values:
             kw[key] = values[key]
     if "remote_cache_gb" in values:

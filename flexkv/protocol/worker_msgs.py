@@ -30,11 +30,18 @@ class WorkerHelloMsg(WorkerMsg, frozen=True, tag=True, kw_only=True):
 class OpsDoneMsg(WorkerMsg, frozen=True, tag=True, kw_only=True):
     """Completions. ``errors[i]`` is "" for success, else a message naming what failed.
     ``corrupt_at`` (empty, or one per op): for a failed DISK2H whose bytes failed verification, the
-    index of its first corrupt block (the blocks before it were verified); -1 otherwise."""
+    index of its first corrupt block (the blocks before it were verified); -1 otherwise.
+
+    The worker's own figures ride along for the server's metrics and trace (empty/0 from a worker that
+    does not measure): ``num_bytes[i]`` the bytes this worker moved for op i, ``queue_s[i]`` the seconds
+    op i waited in the worker before its batch started, ``busy_s`` the seconds the batch ran."""
 
     op_ids: list[int]
     errors: list[str]
     corrupt_at: list[int] = []
+    num_bytes: list[int] = []
+    queue_s: list[float] = []
+    busy_s: float = 0.0
 
 
 class WorkerByeMsg(WorkerMsg, frozen=True, tag=True, kw_only=True):
