@@ -14,11 +14,12 @@ from typing import Any
 
 import numpy as np
 
+from flexkv.layerwise import LayerProgress, check_layer_index, wait_for_layer
 from flexkv.layout import KVCacheLayout, LayoutKind, tensor_addresses
 from flexkv.protocol import client_msgs as cm
 from flexkv.shm import SharedPool, make_pool_name
 from flexkv.transport import ServerConnection
-from flexkv.types import DType, InvalidRequest
+from flexkv.types import DType, InvalidRequest, KVResponse
 
 _NUMPY_DTYPES = {DType.FLOAT16: np.float16, DType.FLOAT32: np.float32, DType.UINT8: np.uint8}
 _PAGE = 4096
@@ -112,15 +113,21 @@ class KVTPClient:
         self._keep: list[Any] = []
         self._event: int | None = None  # the "KV written" event (register(..., use_event=True))
         self._event_handle = b""
+        self.layer_progress: LayerProgress | None = None  # register(..., layerwise=True)
+        self._num_layers = 0
 
     def register(self, kv_tensors: Sequence[Any] | HostKVBuffers, layout: KVCacheLayout | LayoutKind | str,
-                 timeout_s: float = 120.0, *, use_event: bool = False) -> KVCacheLayout:
+                 timeout_s: float = 120.0, *, use_event: bool = False, layerwise: bool = False) -> KVCacheLayout:
         """Register this rank's KV tensors laid out as ``layout`` (a KVCacheLayout, or a kind whose
         shape is read off the tensors). Returns the layout. Raises InvalidRequest naming the problem.
 
         ``use_event`` (CUDA tensors): the worker's D2H copies wait on the GPU for this rank's "KV
         written" event, so a put may be launched right after :meth:`mark_kv_written` without
-        synchronizing the engine's stream (see docs/gpu.md, ordering contract)."""
+        synchronizing the engine's stream (see docs/gpu.md, ordering contract).
+
+        ``layerwise``: this rank's worker copies every GET layer by layer and publishes each layer's
+        arrival in a progress table this client creates (and removes at :meth:`close`); wait for a
+        layer with :meth:`wait_layer` (or ``KVManager.wait_layer``). See docs/layerwise.md."""
         tensors: Sequence[Any] = kv_tensors.arrays if isinstance(kv_tensors, HostKVBuffers) else list(kv_tensors)
         if not tensors:
             raise InvalidRequest("register: no KV tensors given")
@@ -152,12 +159,29 @@ class KVTPClient:
         else:
             bufs, offsets = _find_host_buffers(tensors)
             fields = {"host_segment": bufs.segment.name, "tensor_offsets": offsets}
+        self._num_layers = lay.num_layers
+        if layerwise:
+            if self.layer_progress is None:
+                self.layer_progress = LayerProgress.create("layers")
+            fields["layer_progress"] = self.layer_progress.name
         self._conn.request(lambda rid: cm.RegisterKVMsg(
             client_id=self.dp_client_id, req_id=rid, tp_rank=self.tp_rank, device_id=self.device_id,
             layout_kind=lay.kind.value, num_blocks=lay.num_blocks, tokens_per_block=lay.tokens_per_block,
             num_heads=lay.num_heads, head_size=lay.head_size, itemsize=lay.itemsize, num_layers=lay.num_layers,
             **fields), timeout_s=timeout_s)
         return lay
+
+    def wait_layer(self, task_id: int, layer_index: int, timeout: float = 20.0) -> KVResponse:
+        """Block until layer ``layer_index`` of GET ``task_id`` is in this rank's KV buffers.
+
+        SUCCESS: landed; FAILED: this rank's H2D failed (every waiter wakes); TIMEOUT: not landed in
+        ``timeout`` s. Sees only this rank's worker: a task that fails before its H2D starts (a failed
+        SSD read, a cancel) shows up as TIMEOUT here; ``KVManager.wait_layer`` also watches the task.
+        Needs ``register(..., layerwise=True)``; runs in the engine process, polling shared memory."""
+        if self.layer_progress is None:
+            raise InvalidRequest("wait_layer: register the KV buffers with layerwise=True first")
+        check_layer_index(layer_index, self._num_layers)
+        return wait_for_layer([self.layer_progress], task_id, layer_index, timeout)
 
     def _kv_written_event(self) -> bytes:
         if self._event is None:
@@ -186,6 +210,9 @@ class KVTPClient:
 
     def close(self) -> None:
         self._conn.close()
+        if self.layer_progress is not None:
+            self.layer_progress.close()
+            self.layer_progress = None
         if self._event is not None:
             from flexkv.native import cudacopy
 

@@ -1,0 +1,243 @@
+"""Layer-wise GET (DESIGN.md §7b, docs/layerwise.md): an H2D lands layer by layer and the engine waits per layer.
+
+The ordering test drives the real device-worker code (``start_layer_major`` with the real host copy
+backend) in this process and checks the engine's buffers at every progress store; the others go
+through the whole stack (KVManager -> server -> device worker process -> shared memory).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flexkv.client import HostKVBuffers
+from flexkv.common.config import CacheConfig, ModelConfig
+from flexkv.kvmanager import KVManager
+from flexkv.layerwise import NUM_SLOTS, LayerProgress, LayerState, pack, unpack
+from flexkv.layout import BlockFirstLayout, LayoutKind
+from flexkv.shm import SharedPool, make_pool_name
+from flexkv.types import InvalidRequest, OpType, TaskStatus
+from flexkv.workers.base import Op
+from flexkv.workers.device_worker import HostCopyBackend
+from flexkv.workers.layerwise_copy import start_layer_major
+from tests.runtime.kvtest import T, host_buffers, poison, slots_for, tokens
+
+pytestmark = pytest.mark.timeout(120)
+
+MODEL = ModelConfig(num_layers=6, num_kv_heads=4, head_size=16, dtype="float16")  # 8 KiB blocks (O_DIRECT)
+LAYOUT = LayoutKind.SGLANG
+
+
+def layer_bytes(bufs: HostKVBuffers, block_id: int, layer: int) -> bytes:
+    lay = bufs.layout
+    out = []
+    for kv in range(lay.kv_dim):
+        t, off = lay.chunk_offset(layer, kv, block_id)
+        out.append(bufs.arrays[t].reshape(-1).view(np.uint8)[off: off + lay.chunk_bytes].tobytes())
+    return b"".join(out)
+
+
+def test_words_pack_and_never_describe_another_task() -> None:
+    assert unpack(pack(7, 3), 7) == LayerState(3, False)
+    assert unpack(pack(7, 0, failed=True), 7) == LayerState(0, True)
+    assert unpack(pack(7 + NUM_SLOTS, 5), 7) is None, "a slot reused by another task is no news"
+    assert unpack(0, 7) is None
+    with pytest.raises(ValueError):
+        pack(0, 1)
+
+
+class _Rank:
+    """What the copy code reads off a device worker: its pool, shard and backend (all real)."""
+
+    def __init__(self, pool: SharedPool, bufs: HostKVBuffers) -> None:
+        bf = BlockFirstLayout(MODEL, T)
+        self.model, self.layout = MODEL, bufs.layout
+        self.pool, self.pool_block_bytes, self.pool_num_blocks = pool, bf.block_bytes, 16
+        self.shard_offsets = bf.shard_chunk_offsets(0)
+        reg = {"host_segment": bufs.segment.name, "tensor_offsets": bufs.offsets}
+        self.backend = HostCopyBackend(self, bufs.layout, reg)  # type: ignore[arg-type]
+
+    def _error(self, op_type: OpType, e: Exception) -> str:
+        return f"{op_type.name}: {type(e).__name__}: {e}"
+
+
+class _Recording(LayerProgress):
+    """A real table that also records, at every store, which layers of ``dst`` hold the pool's bytes."""
+
+    def __init__(self, inner: LayerProgress, bufs: HostKVBuffers, dst: list[int], want: dict[tuple[int, int], bytes]):
+        self.__dict__.update(inner.__dict__)
+        self.bufs, self.dst, self.want = bufs, dst, want
+        self.seen: list[tuple[int, LayerState, list[bool]]] = []
+
+    def store(self, task_id: int, num_layers_landed: int, failed: bool = False) -> None:
+        exact = [all(layer_bytes(self.bufs, d, layer) == self.want[d, layer] for d in self.dst)
+                 for layer in range(MODEL.num_layers)]
+        super().store(task_id, num_layers_landed, failed)
+        self.seen.append((task_id, LayerState(num_layers_landed, failed), exact))
+
+
+def test_the_worker_copies_layer_major_and_publishes_each_layer_after_its_bytes() -> None:
+    bf = BlockFirstLayout(MODEL, T)
+    pool = SharedPool.create(make_pool_name("test"), 16 * bf.block_bytes)
+    bufs = host_buffers(MODEL, LAYOUT, 8, seed=3)
+    table = LayerProgress.create("test")
+    try:
+        rank = _Rank(pool, bufs)
+        pool.buffer[:] = np.random.default_rng(4).integers(0, 256, pool.nbytes, dtype=np.uint8)
+        src, dst = [5, 9, 2], [1, 6, 3]
+        want = {}
+        for s, d in zip(src, dst, strict=True):
+            base = s * bf.block_bytes
+            for layer in range(MODEL.num_layers):
+                off = base + bf.chunk_offset(layer, 0, 0)
+                want[d, layer] = pool.buffer[off: off + 2 * bf.chunk_bytes].tobytes()
+        poison(bufs, dst)
+        rec = _Recording(table, bufs, dst, want)
+        op = Op(1, OpType.H2D, np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64), None, task_id=42)
+        errors = start_layer_major(rank, [op], rec)()  # type: ignore[arg-type]
+        assert errors == [""]
+        assert [s.num_layers_landed for _, s, _ in rec.seen] == list(range(MODEL.num_layers + 1))
+        for _, state, exact in rec.seen:
+            n = state.num_layers_landed
+            assert exact == [layer < n for layer in range(MODEL.num_layers)], \
+                f"at the store of {n} layers only layers < {n} may have landed: {exact}"
+        assert table.read(42) == LayerState(MODEL.num_layers, False)
+
+        bad = Op(2, OpType.H2D, np.array([1], dtype=np.int64), np.array([99], dtype=np.int64), None, task_id=43)
+        errors = start_layer_major(rank, [bad], table)()  # type: ignore[arg-type]
+        assert "out of range" in errors[0] and table.read(43) == LayerState(0, True)
+    finally:
+        table.close()
+        bufs.close()
+        pool.close()
+        pool.unlink()
+
+
+def _serve(cache: CacheConfig, num_blocks: int = 32, layerwise: bool = True) -> tuple[KVManager, HostKVBuffers]:
+    kvm = KVManager(MODEL, cache)
+    kvm.start()
+    bufs = host_buffers(MODEL, LAYOUT, num_blocks, seed=11)
+    kvm.register_kv_buffers(bufs, bufs.layout, layerwise=layerwise)
+    return kvm, bufs
+
+
+def _put(kvm: KVManager, toks: np.ndarray, blocks: list[int]) -> None:
+    tid = kvm.put_async(toks, slots_for(blocks, len(toks)))
+    assert kvm.wait(tid, timeout=30, completely=True)[tid].status is TaskStatus.SUCCESS
+
+
+def test_every_layer_wait_returns_with_that_layers_bytes_in_place() -> None:
+    kvm, bufs = _serve(CacheConfig(tokens_per_block=T, num_cpu_blocks=64))
+    try:
+        toks = tokens(8 * T, seed=1)
+        src = list(range(8))
+        _put(kvm, toks, src)
+        want = {(s, layer): layer_bytes(bufs, s, layer) for s in src for layer in range(MODEL.num_layers)}
+        for round_ in range(3):
+            dst = list(range(16 + round_, 24 + round_))
+            poison(bufs, dst)
+            tid, mask = kvm.get_match(toks)
+            assert mask.all()
+            kvm.launch(tid, slots_for(dst, len(toks)), layerwise=True)
+            for layer in range(MODEL.num_layers):
+                res = kvm.wait_layer(tid, layer, timeout=30)
+                assert res.status is TaskStatus.SUCCESS, res
+                for s, d in zip(src, dst, strict=True):
+                    assert layer_bytes(bufs, d, layer) == want[s, layer], f"layer {layer} of block {d}"
+            assert kvm.wait(tid, timeout=30)[tid].status is TaskStatus.SUCCESS
+        # a miss moves nothing: every layer wait returns SUCCESS from the task's final status
+        tid, mask = kvm.get_match(tokens(4 * T, seed=99))
+        assert not mask.any()
+        kvm.launch(tid, slots_for(list(range(4)), 4 * T), layerwise=True)
+        assert kvm.wait_layer(tid, MODEL.num_layers - 1, timeout=30).status is TaskStatus.SUCCESS
+        assert kvm.wait(tid)[tid].status is TaskStatus.SUCCESS
+        kvm.check_invariants()
+    finally:
+        kvm.shutdown()
+        bufs.close()
+
+
+def _wait_all_layers(kvm: KVManager, tid: int) -> list[tuple[TaskStatus, str]]:
+    out: list[tuple[TaskStatus, str]] = [(TaskStatus.NOTFOUND, "")] * MODEL.num_layers
+
+    def waiter(layer: int) -> None:
+        res = kvm.wait_layer(tid, layer, timeout=60)
+        out[layer] = (res.status, res.error)
+    threads = [threading.Thread(target=waiter, args=(layer,)) for layer in range(MODEL.num_layers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=90)
+    return out
+
+
+def test_a_failed_copy_wakes_every_layer_waiter_with_the_error() -> None:
+    kvm, bufs = _serve(CacheConfig(tokens_per_block=T, num_cpu_blocks=64), num_blocks=16)
+    try:
+        toks = tokens(4 * T, seed=2)
+        _put(kvm, toks, [0, 1, 2, 3])
+        tid, _ = kvm.get_match(toks)
+        kvm.launch(tid, slots_for([4, 5, 6, 400], len(toks)), layerwise=True)  # block 400 is past the buffers
+        results = _wait_all_layers(kvm, tid)
+        assert all(st is TaskStatus.FAILED for st, _ in results), results
+        assert all("out of range" in err for _, err in results), results
+        assert kvm.wait(tid)[tid].status is TaskStatus.FAILED
+        kvm.check_invariants()
+    finally:
+        kvm.shutdown()
+        bufs.close()
+
+
+def test_a_get_failing_before_its_copy_wakes_every_layer_waiter(tmp_path: Path) -> None:
+    dirs = [tmp_path / "nvme0"]
+    dirs[0].mkdir()
+    cache = CacheConfig(tokens_per_block=T, num_cpu_blocks=8, enable_ssd=True, num_ssd_blocks=64,
+                        ssd_cache_dir=tuple(str(d) for d in dirs))
+    kvm, bufs = _serve(cache)
+    try:
+        prompt = tokens(6 * T, seed=5)
+        _put(kvm, prompt, list(range(6)))
+        _put(kvm, tokens(6 * T, seed=6), list(range(6, 12)))  # evicts the first prompt from the CPU tier
+        for f in glob.glob(str(tmp_path / "nvme*" / "*")):
+            if not f.endswith(".json"):
+                os.truncate(f, 0)  # the drive loses its data: the DISK2H read fails
+        tid, mask = kvm.get_match(prompt)
+        assert mask.any()
+        kvm.launch(tid, slots_for(list(range(16, 22)), len(prompt)), layerwise=True)
+        results = _wait_all_layers(kvm, tid)
+        assert all(st is TaskStatus.FAILED and "DISK2H" in err for st, err in results), results
+        kvm.check_invariants()
+    finally:
+        kvm.shutdown()
+        bufs.close()
+
+
+def test_layerwise_misuse_is_a_clear_error() -> None:
+    kvm, bufs = _serve(CacheConfig(tokens_per_block=T, num_cpu_blocks=16), layerwise=False)
+    try:
+        toks = tokens(2 * T, seed=3)
+        tid, _ = kvm.get_match(toks)
+        with pytest.raises(InvalidRequest, match="layerwise=True"):
+            kvm.launch(tid, slots_for([0, 1], len(toks)), layerwise=True)
+        kvm.launch(tid, slots_for([0, 1], len(toks)))
+        with pytest.raises(InvalidRequest, match="not launched with layerwise"):
+            kvm.wait_layer(tid, 0)
+        kvm.wait(tid)
+    finally:
+        kvm.shutdown()
+        bufs.close()
+    kvm, bufs = _serve(CacheConfig(tokens_per_block=T, num_cpu_blocks=16))
+    try:
+        tid, _ = kvm.get_match(tokens(2 * T, seed=3))
+        kvm.launch(tid, slots_for([0, 1], 2 * T), layerwise=True)
+        with pytest.raises(InvalidRequest, match="layer_index"):
+            kvm.wait_layer(tid, MODEL.num_layers)
+        kvm.wait(tid)
+    finally:
+        kvm.shutdown()
+        bufs.close()
