@@ -8,6 +8,9 @@
 #   example   examples/scheduler_server_example.py on CUDA: every layout at TP=2, and a 32-layer run
 #   tests     the CUDA engine tests and the runtime tests
 #   engine    benchmarks/gpu_transfer.py, engine level, every path, T=16 and 64
+#   layerwise layer-wise GET on CUDA (per-layer events, bytes exact at every layer wait, failures wake
+#             every waiter) and the HF engine on CUDA (bit-exact restores, conversations unchanged)
+#   ttft      benchmarks/ttft.py: TTFT of the HF engine, Llama-3-8B shape (not in the default list: ~3-5 min)
 # Prints PASS/FAIL per step; with $OUT set, each step's whole output is kept in $OUT/<step>.log.
 # Headers the machine lacks (xxhash.h) may be carried in .devinc/; CUDA runtime wheels in .devinc/cudart/
 # (`pip download nvidia-cuda-runtime-cu12==12.8.*` and the like) are unpacked, and the "stack" part's
@@ -16,7 +19,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 say() { printf '[gpu_e2e %s] %s\n' "$(date +%T)" "$*"; }
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(stack transfer example tests engine)
+[ ${#parts[@]} -eq 0 ] && parts=(stack transfer example tests engine layerwise)
 python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH="$PWD:/tmp/site"
 ln -sfn ../scheduler flexkv/scheduler && ln -sfn ../workers flexkv/workers   # what the install's package_dir does
@@ -63,6 +66,11 @@ for part in "${parts[@]}"; do
       tests/runtime/test_multiprocess.py tests/runtime/test_bad_input.py ;;
   engine)
     step 300 "gpu_transfer engine level" python3 benchmarks/gpu_transfer.py ;;
+  layerwise)
+    step 300 "pytest layer-wise GET + HF engine on CUDA" "${PYTEST[@]}" tests/runtime/test_layerwise.py \
+      tests/integration/test_hf_engine.py -k "cuda or layer" ;;
+  ttft)
+    step 590 "ttft (HF engine, Llama-3-8B shape)" python3 benchmarks/ttft.py ;;
   *) say "unknown part $part"; rc=1 ;;
   esac
 done

@@ -32,6 +32,7 @@ from flexkv.integration.hf import (
 from flexkv.integration.hf.engine import layer_kv
 from flexkv.integration.hf.models import kv_shape
 from flexkv.kvmanager import KVManager
+from flexkv.native import cudacopy
 from flexkv.shm import list_flexkv_segments
 from flexkv.types import TaskStatus
 from tests.runtime.kvtest import start_server
@@ -63,13 +64,14 @@ class Stack:
     """A library-mode flexkv server with the engine's pool registered, and engines over one model."""
 
     def __init__(self, dtype: torch.dtype, attn: str = "sdpa", cache: CacheConfig | None = None,
-                 layerwise: bool = True, address: str | None = None, request_timeout_s: float = 60.0) -> None:
+                 layerwise: bool = True, address: str | None = None, request_timeout_s: float = 60.0,
+                 device: str = "cpu") -> None:
         self.config = tiny_llama_config(attn)
         self.dtype = dtype
-        self.model = random_model(self.config, dtype, seed=0)
+        self.model = random_model(self.config, dtype, seed=0, device=device)
         layers, heads, head_dim = kv_shape(self.config)
-        self.pool = PagedKVPool(layers, heads, head_dim, NUM_PAGES, T, dtype)
-        self.ref_pool = PagedKVPool(layers, heads, head_dim, NUM_PAGES, T, dtype)
+        self.pool = PagedKVPool(layers, heads, head_dim, NUM_PAGES, T, dtype, device)
+        self.ref_pool = PagedKVPool(layers, heads, head_dim, NUM_PAGES, T, dtype, device)
         self.kvm = KVManager(flexkv_model_config(self.config, dtype),
                              cache or CacheConfig(tokens_per_block=T, num_cpu_blocks=256), server_address=address,
                              request_timeout_s=request_timeout_s)
@@ -270,3 +272,38 @@ def test_an_unreachable_server_means_recompute_not_an_error(stacks: list[Stack],
     finally:
         server.send_signal(signal.SIGINT)  # type: ignore[attr-defined]
         assert server.wait(20) == 0  # type: ignore[attr-defined]
+
+
+def _cuda_why() -> str:
+    ok, why = cudacopy.cuda_available()
+    return "" if ok and torch.cuda.is_available() else f"no CUDA here: {why or 'torch has no CUDA'}"
+
+
+@pytest.mark.skipif(bool(_cuda_why()), reason=_cuda_why() or "-")
+@pytest.mark.parametrize("layerwise", [False, True], ids=["whole", "layerwise"])
+def test_on_cuda_restores_are_bit_exact_and_the_conversation_unchanged(stacks: list[Stack], layerwise: bool) -> None:
+    """The GPU path: pages are CUDA tensors the GPU worker opens by IPC (gpu_e2e_check.sh hf)."""
+    s = Stack(torch.bfloat16, device="cuda")
+    stacks.append(s)
+    with_kv, stats = converse(s.engine(layerwise=layerwise), 4, seed=3)
+    without, _ = converse(s.engine(use_flexkv=False), 4, seed=3)
+    assert with_kv == without
+    for prev, st in itertools.pairwise(stats):
+        assert st.num_restored_tokens == prev.num_prompt_tokens // T * T and not st.fallback, st
+    eng = s.engine(layerwise=layerwise)
+    first = prompt(6 * T + 3, seed=1)
+    _, cache, _, put = eng.prefill(first)
+    eng._finish_put(put)
+    for t in s.pool.tensors:
+        t.fill_(float("nan"))
+    tid, mask = s.kvm.get_match(first[:6 * T].numpy())
+    assert int(mask.sum()) == 6 * T
+    pages = s.pool.allocate(6)
+    s.kvm.launch(tid, s.pool.slot_mapping(pages, 6 * T))
+    assert s.kvm.wait(tid)[tid].status is TaskStatus.SUCCESS
+    for i in range(s.config.num_hidden_layers):
+        k, v = layer_kv(cache, i)
+        rk, rv = s.pool.read_layer(i, pages, 6 * T)
+        assert torch.equal(rk, k[:, :, :6 * T]) and torch.equal(rv, v[:, :, :6 * T]), f"layer {i}"
+    s.pool.free(pages)
+    s.kvm.check_invariants()

@@ -2,7 +2,9 @@
 
 The ordering test drives the real device-worker code (``start_layer_major`` with the real host copy
 backend) in this process and checks the engine's buffers at every progress store; the others go
-through the whole stack (KVManager -> server -> device worker process -> shared memory).
+through the whole stack (KVManager -> server -> device worker process -> shared memory), with the
+engine's KV in host shared memory and, where there is a GPU, in CUDA tensors (the GPU worker's
+per-layer events; run by ``benchmarks/gpu_e2e_check.sh layerwise``).
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from flexkv.client import HostKVBuffers
 from flexkv.common.config import CacheConfig, ModelConfig
 from flexkv.kvmanager import KVManager
 from flexkv.layerwise import NUM_SLOTS, LayerProgress, LayerState, pack, unpack
-from flexkv.layout import BlockFirstLayout, LayoutKind
+from flexkv.layout import BlockFirstLayout, KVCacheLayout, LayoutKind
+from flexkv.native import cudacopy
 from flexkv.shm import SharedPool, make_pool_name
 from flexkv.types import InvalidRequest, OpType, TaskStatus
 from flexkv.workers.base import Op
@@ -118,12 +121,73 @@ def test_the_worker_copies_layer_major_and_publishes_each_layer_after_its_bytes(
         pool.unlink()
 
 
-def _serve(cache: CacheConfig, num_blocks: int = 32, layerwise: bool = True) -> tuple[KVManager, HostKVBuffers]:
+def _cuda_why() -> str:
+    ok, why = cudacopy.cuda_available()
+    if not ok:
+        return f"no CUDA here: {why}"
+    import torch
+
+    return "" if torch.cuda.is_available() else "torch has no CUDA"
+
+
+NO_CUDA_WHY = _cuda_why()
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(bool(NO_CUDA_WHY), reason=NO_CUDA_WHY or "-"))]
+
+
+class _Engine:
+    """One rank's KV as torch tensors: host shared memory (``cpu``) or CUDA tensors registered by IPC."""
+
+    def __init__(self, device: str, num_blocks: int) -> None:
+        import torch
+
+        self.torch = torch
+        self.host = host_buffers(MODEL, LAYOUT, num_blocks, seed=11) if device == "cpu" else None
+        if self.host is not None:
+            self.tensors = self.host.torch_tensors()
+        else:
+            lay = self.layout = host_layout(num_blocks)
+            gen = torch.Generator(device="cuda").manual_seed(11)
+            self.tensors = [torch.randint(0, 256, (lay.tensor_bytes(i),), dtype=torch.uint8, device="cuda",
+                                          generator=gen).view(torch.float16).view(lay.tensor_shape(i))
+                            for i in range(lay.num_tensors)]
+            torch.cuda.synchronize()
+        self.layout = self.host.layout if self.host is not None else self.layout
+
+    def register(self, kvm: KVManager, layerwise: bool) -> None:
+        kvm.register_kv_buffers(self.host if self.host is not None else self.tensors, self.layout, layerwise=layerwise)
+
+    def layer_bytes(self, block_id: int, layer: int) -> bytes:
+        out = []
+        for kv in (0, 1):
+            rows = self.tensors[2 * layer + kv][block_id * T:(block_id + 1) * T]
+            out.append(rows.contiguous().view(self.torch.uint8).cpu().numpy().tobytes())
+        return b"".join(out)
+
+    def poison(self, block_ids: list[int]) -> None:
+        for t in self.tensors:
+            for b in block_ids:
+                t[b * T:(b + 1) * T].view(self.torch.uint8).fill_(0xAB)
+        if self.host is None:
+            self.torch.cuda.synchronize()
+
+    def close(self) -> None:
+        self.tensors = []
+        if self.host is not None:
+            self.host.close()
+
+
+def host_layout(num_blocks: int) -> KVCacheLayout:
+    return KVCacheLayout(LAYOUT, MODEL.num_layers, num_blocks, T, MODEL.num_kv_heads, MODEL.head_size,
+                         MODEL.itemsize)
+
+
+def _serve(cache: CacheConfig, device: str = "cpu", num_blocks: int = 32,
+           layerwise: bool = True) -> tuple[KVManager, _Engine]:
     kvm = KVManager(MODEL, cache)
     kvm.start()
-    bufs = host_buffers(MODEL, LAYOUT, num_blocks, seed=11)
-    kvm.register_kv_buffers(bufs, bufs.layout, layerwise=layerwise)
-    return kvm, bufs
+    eng = _Engine(device, num_blocks)
+    eng.register(kvm, layerwise)
+    return kvm, eng
 
 
 def _put(kvm: KVManager, toks: np.ndarray, blocks: list[int]) -> None:
@@ -131,16 +195,17 @@ def _put(kvm: KVManager, toks: np.ndarray, blocks: list[int]) -> None:
     assert kvm.wait(tid, timeout=30, completely=True)[tid].status is TaskStatus.SUCCESS
 
 
-def test_every_layer_wait_returns_with_that_layers_bytes_in_place() -> None:
-    kvm, bufs = _serve(CacheConfig(tokens_per_block=T, num_cpu_blocks=64))
+@pytest.mark.parametrize("device", DEVICES)
+def test_every_layer_wait_returns_with_that_layers_bytes_in_place(device: str) -> None:
+    kvm, eng = _serve(CacheConfig(tokens_per_block=T, num_cpu_blocks=64), device)
     try:
         toks = tokens(8 * T, seed=1)
         src = list(range(8))
         _put(kvm, toks, src)
-        want = {(s, layer): layer_bytes(bufs, s, layer) for s in src for layer in range(MODEL.num_layers)}
+        want = {(s, layer): eng.layer_bytes(s, layer) for s in src for layer in range(MODEL.num_layers)}
         for round_ in range(3):
             dst = list(range(16 + round_, 24 + round_))
-            poison(bufs, dst)
+            eng.poison(dst)
             tid, mask = kvm.get_match(toks)
             assert mask.all()
             kvm.launch(tid, slots_for(dst, len(toks)), layerwise=True)
@@ -148,7 +213,7 @@ def test_every_layer_wait_returns_with_that_layers_bytes_in_place() -> None:
                 res = kvm.wait_layer(tid, layer, timeout=30)
                 assert res.status is TaskStatus.SUCCESS, res
                 for s, d in zip(src, dst, strict=True):
-                    assert layer_bytes(bufs, d, layer) == want[s, layer], f"layer {layer} of block {d}"
+                    assert eng.layer_bytes(d, layer) == want[s, layer], f"layer {layer} of block {d}"
             assert kvm.wait(tid, timeout=30)[tid].status is TaskStatus.SUCCESS
         # a miss moves nothing: every layer wait returns SUCCESS from the task's final status
         tid, mask = kvm.get_match(tokens(4 * T, seed=99))
@@ -159,7 +224,7 @@ def test_every_layer_wait_returns_with_that_layers_bytes_in_place() -> None:
         kvm.check_invariants()
     finally:
         kvm.shutdown()
-        bufs.close()
+        eng.close()
 
 
 def _wait_all_layers(kvm: KVManager, tid: int) -> list[tuple[TaskStatus, str]]:
@@ -176,8 +241,9 @@ def _wait_all_layers(kvm: KVManager, tid: int) -> list[tuple[TaskStatus, str]]:
     return out
 
 
-def test_a_failed_copy_wakes_every_layer_waiter_with_the_error() -> None:
-    kvm, bufs = _serve(CacheConfig(tokens_per_block=T, num_cpu_blocks=64), num_blocks=16)
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_failed_copy_wakes_every_layer_waiter_with_the_error(device: str) -> None:
+    kvm, eng = _serve(CacheConfig(tokens_per_block=T, num_cpu_blocks=64), device, num_blocks=16)
     try:
         toks = tokens(4 * T, seed=2)
         _put(kvm, toks, [0, 1, 2, 3])
@@ -190,7 +256,7 @@ def test_a_failed_copy_wakes_every_layer_waiter_with_the_error() -> None:
         kvm.check_invariants()
     finally:
         kvm.shutdown()
-        bufs.close()
+        eng.close()
 
 
 def test_a_get_failing_before_its_copy_wakes_every_layer_waiter(tmp_path: Path) -> None:
@@ -198,7 +264,7 @@ def test_a_get_failing_before_its_copy_wakes_every_layer_waiter(tmp_path: Path) 
     dirs[0].mkdir()
     cache = CacheConfig(tokens_per_block=T, num_cpu_blocks=8, enable_ssd=True, num_ssd_blocks=64,
                         ssd_cache_dir=tuple(str(d) for d in dirs))
-    kvm, bufs = _serve(cache)
+    kvm, eng = _serve(cache)
     try:
         prompt = tokens(6 * T, seed=5)
         _put(kvm, prompt, list(range(6)))
@@ -214,11 +280,11 @@ def test_a_get_failing_before_its_copy_wakes_every_layer_waiter(tmp_path: Path) 
         kvm.check_invariants()
     finally:
         kvm.shutdown()
-        bufs.close()
+        eng.close()
 
 
 def test_layerwise_misuse_is_a_clear_error() -> None:
-    kvm, bufs = _serve(CacheConfig(tokens_per_block=T, num_cpu_blocks=16), layerwise=False)
+    kvm, eng = _serve(CacheConfig(tokens_per_block=T, num_cpu_blocks=16), layerwise=False)
     try:
         toks = tokens(2 * T, seed=3)
         tid, _ = kvm.get_match(toks)
@@ -230,8 +296,8 @@ def test_layerwise_misuse_is_a_clear_error() -> None:
         kvm.wait(tid)
     finally:
         kvm.shutdown()
-        bufs.close()
-    kvm, bufs = _serve(CacheConfig(tokens_per_block=T, num_cpu_blocks=16))
+        eng.close()
+    kvm, eng = _serve(CacheConfig(tokens_per_block=T, num_cpu_blocks=16))
     try:
         tid, _ = kvm.get_match(tokens(2 * T, seed=3))
         kvm.launch(tid, slots_for([0, 1], 2 * T), layerwise=True)
@@ -240,4 +306,4 @@ def test_layerwise_misuse_is_a_clear_error() -> None:
         kvm.wait(tid)
     finally:
         kvm.shutdown()
-        bufs.close()
+        eng.close()

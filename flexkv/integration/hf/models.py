@@ -37,10 +37,14 @@ def random_model(config: LlamaConfig, dtype: torch.dtype, seed: int = 0,
     """A causal LM of ``config`` with random weights from ``seed`` (HF's initializers; no download), built
     on ``device`` (an 8B model is initialised on the GPU in seconds)."""
     torch.manual_seed(seed)
-    with torch.device(device):
-        model: Any = LlamaForCausalLM(config)
-    model = model.to(dtype=dtype).eval()
-    return model
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in ``dtype``: no float32 copy of an 8B model first
+    try:
+        with torch.device(device):
+            model: Any = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    return model.eval()
 
 
 def kv_shape(config: Any) -> tuple[int, int, int]:

@@ -9,6 +9,7 @@ copies them in (GET) or out (PUT).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 
 import numpy as np
@@ -36,6 +37,7 @@ class PagedKVPool:
             self.host = allocate_host_kv_buffers(self.layout, DType.parse(str(dtype).removeprefix("torch.")),
                                                  tag="hfkv")
             self.tensors: list[torch.Tensor] = self.host.torch_tensors()
+            weakref.finalize(self, self.host.close)  # a pool never closed still leaves no segment at exit
         else:
             shape = self.layout.tensor_shape(0)
             self.tensors = [torch.zeros(shape, dtype=dtype, device=self.device)
