@@ -191,7 +191,9 @@ def measure_length(stack: Stack, length: int, seed: int) -> LengthRow:
         num_cached = int(length * frac) // t * t
         base = prompt[:num_cached]
         ttft(stack.plain, torch.cat([base, random_tokens(1, s.vocab, seed + 1)]))  # stores the prefix
-        plain, layer, suffix = [], [], []
+        plain: list[float] = []
+        layer: list[float] = []
+        suffix: list[float] = []
         for r in range(s.repeats):
             for k, (engine, out) in enumerate(((stack.plain, plain), (stack.layerwise, layer))):
                 tail = random_tokens(length - num_cached, s.vocab, seed + 1000 * (r + 1) + 100 * k + int(10 * frac))
