@@ -125,7 +125,7 @@ def test_a_restored_prefix_is_bit_exact_kv_and_gives_bit_exact_logits(stacks: li
     eng = s.engine(layerwise=False)
     first = prompt(6 * T + 3, seed=1)
     _, cache, _, put = eng.prefill(first)  # computes and stores 6 whole blocks
-    eng._finish_put(put)
+    eng.finish_put(put)
     p = 6 * T
     computed = [tuple(x[:, :, :p].clone() for x in layer_kv(cache, i)) for i in range(s.config.num_hidden_layers)]
 
@@ -147,7 +147,7 @@ def test_a_restored_prefix_is_bit_exact_kv_and_gives_bit_exact_logits(stacks: li
         second = torch.cat([first[:p], prompt(9, seed=2 + layerwise)])  # its own suffix: only p is cached
         eng2 = s.engine(layerwise=layerwise)
         logits, _, stats, put = eng2.prefill(second)
-        eng2._finish_put(put)
+        eng2.finish_put(put)
         assert stats.num_restored_tokens == p and stats.num_computed_tokens == 9 and not stats.fallback
         ref_cache = DynamicCache(config=s.config)
         for i, (k, v) in enumerate(computed):
@@ -293,7 +293,7 @@ def test_on_cuda_restores_are_bit_exact_and_the_conversation_unchanged(stacks: l
     eng = s.engine(layerwise=layerwise)
     first = prompt(6 * T + 3, seed=1)
     _, cache, _, put = eng.prefill(first)
-    eng._finish_put(put)
+    eng.finish_put(put)
     for t in s.pool.tensors:
         t.fill_(float("nan"))
     tid, mask = s.kvm.get_match(first[:6 * T].numpy())

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flexkv.client import HostKVBuffers
+from flexkv.client import HostKVBuffers, KVTPClient
 from flexkv.common.config import CacheConfig, ModelConfig
 from flexkv.kvmanager import KVManager
 from flexkv.layerwise import NUM_SLOTS, LayerProgress, LayerState, pack, unpack
@@ -305,5 +305,33 @@ def test_layerwise_misuse_is_a_clear_error() -> None:
             kvm.wait_layer(tid, MODEL.num_layers)
         kvm.wait(tid)
     finally:
+        kvm.shutdown()
+        eng.close()
+
+
+def test_a_tp_client_waits_for_its_own_rank_layer_by_layer() -> None:
+    """Ranks in other processes than the manager (vLLM's workers) wait on their own KVTPClient."""
+    kvm = KVManager(MODEL, CacheConfig(tokens_per_block=T, num_cpu_blocks=64))
+    kvm.start()
+    eng = _Engine("cpu", 32)
+    tp = KVTPClient(kvm.server_address)
+    try:
+        tp.register(eng.host, eng.layout, layerwise=True)  # type: ignore[arg-type]
+        toks = tokens(6 * T, seed=8)
+        src, dst = list(range(6)), list(range(10, 16))
+        _put(kvm, toks, src)
+        want = {(s, layer): eng.layer_bytes(s, layer) for s in src for layer in range(MODEL.num_layers)}
+        eng.poison(dst)
+        tid, _ = kvm.get_match(toks)
+        with pytest.raises(InvalidRequest, match="every TP rank"):
+            kvm.launch(tid, slots_for(dst, len(toks)), layerwise=True)  # this manager cannot watch the rank
+        kvm.launch(tid, slots_for(dst, len(toks)))
+        for layer in range(MODEL.num_layers):
+            assert tp.wait_layer(tid, layer, timeout=30).status is TaskStatus.SUCCESS
+            assert all(eng.layer_bytes(d, layer) == want[s, layer] for s, d in zip(src, dst, strict=True))
+        assert kvm.wait(tid)[tid].status is TaskStatus.SUCCESS
+        assert tp.wait_layer(tid + 1000, 0, timeout=0.2).status is TaskStatus.TIMEOUT, "no news is not SUCCESS"
+    finally:
+        tp.close()
         kvm.shutdown()
         eng.close()

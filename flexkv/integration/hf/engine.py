@@ -65,7 +65,9 @@ class _Restore:
 
 
 @dataclasses.dataclass
-class _Put:
+class PendingPut:
+    """A put started after a prefill; its pages stay allocated until ``finish_put``."""
+
     task_id: int
     pages: list[int]
 
@@ -171,13 +173,13 @@ class HFPagedEngine:
                 pos += 1
                 out.append(int(logits.argmax()))
         finally:
-            self._finish_put(put)
+            self.finish_put(put)
         return out, stats
 
     @torch.inference_mode()
-    def prefill(self, tokens: torch.Tensor) -> tuple[torch.Tensor, DynamicCache, TurnStats, _Put | None]:
+    def prefill(self, tokens: torch.Tensor) -> tuple[torch.Tensor, DynamicCache, TurnStats, PendingPut | None]:
         """Restore what flexkv has, compute the rest; returns the last logits, the cache, the stats and
-        the started put (finish it with ``_finish_put``; ``generate`` does)."""
+        the started put (pass it to ``finish_put`` once done with the pages; ``generate`` does)."""
         t0 = time.perf_counter()
         n = tokens.numel()
         restore, fallback = self._start_restore(tokens)
@@ -196,6 +198,11 @@ class HFPagedEngine:
             self._abandon(restore)
             restore, cache = None, DynamicCache(config=self.config)
             logits = self._forward(tokens, cache, 0)
+        except BaseException:
+            if restore is not None:  # e.g. out of memory mid-forward: end the task, then free its pages
+                self._active = None
+                self._abandon(restore)
+            raise
         finally:
             self._active = None
         _ = float(logits[0])  # the first token exists once its logits do (synchronizes a GPU)
@@ -273,7 +280,7 @@ class HFPagedEngine:
         else:
             self.pool.free(pages)
 
-    def _start_put(self, tokens: torch.Tensor, cache: DynamicCache, restore: _Restore | None) -> _Put | None:
+    def _start_put(self, tokens: torch.Tensor, cache: DynamicCache, restore: _Restore | None) -> PendingPut | None:
         t = self.tokens_per_block
         num_blocks = tokens.numel() // t
         have = restore.pages if restore is not None else []
@@ -299,8 +306,9 @@ class HFPagedEngine:
             log.warning("flexkv put failed: %s", e)
             self.pool.free(pages)
             return None
-        return _Put(task_id, pages)
+        return PendingPut(task_id, pages)
 
-    def _finish_put(self, put: _Put | None) -> None:
+    def finish_put(self, put: PendingPut | None) -> None:
+        """Wait for ``put`` (completely, with ``put_completely``) and free its pages."""
         if put is not None:
             self._release(put.pages, self._wait(put.task_id, self.put_completely))
