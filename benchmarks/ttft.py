@@ -331,7 +331,7 @@ def main() -> None:
     ap.add_argument("--cpu-gb", type=float, default=None, help="CPU tier of part 1 (default: 12, tiny: 0.25)")
     ap.add_argument("--conversations", type=int, default=None, help="trace conversations (default 12, tiny 4)")
     ap.add_argument("--max-prompt", type=int, default=None, help="trace prompts are cut here (default 32K, tiny 1K)")
-    ap.add_argument("--replay-cpu-gb", type=float, default=None, help="CPU tier of the replay (default 6, tiny 0.01)")
+    ap.add_argument("--replay-cpu-gb", type=float, default=None, help="CPU tier of the replay (default 6, tiny 0.003)")
     ap.add_argument("--replay-ssd-gb", type=float, default=None, help="SSD tier of the replay (default 24, tiny 1)")
     ap.add_argument("--ssd-dir", default=None, help="SSD tier directory of the replay (default: a temp dir in /tmp)")
     ap.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
@@ -360,7 +360,7 @@ def main() -> None:
     if not args.skip_replay:
         requests = conversations(args.trace, args.conversations or (4 if tiny else 12))
         max_prompt = args.max_prompt or (1024 if tiny else 32768)
-        cpu = int((args.replay_cpu_gb or (0.01 if tiny else 6.0)) * 2**30)
+        cpu = int((args.replay_cpu_gb or (0.003 if tiny else 6.0)) * 2**30)
         ssd = int((args.replay_ssd_gb or (1.0 if tiny else 24.0)) * 2**30)
         if args.ssd_dir is not None or not ssd_available():
             replay(s, requests, max_prompt, cpu, args.ssd_dir if ssd_available() else None, ssd)
