@@ -108,7 +108,11 @@ def test_mla_blocks_hold_one_latent_shared_by_all_ranks() -> None:
         ({"ssd_max_file_bytes": 100}, r"ssd_max_file_bytes: must be >= 4096, got 100"),
         ({"io_uring_depth": 0}, r"io_uring_depth: must be >= 1, got 0"),
         ({"io_uring_depth": 65536}, r"io_uring_depth: must be <= 32768, got 65536"),
-        ({"eviction_policy": "fifo"}, r"eviction_policy: unsupported 'fifo'; allowed: lru"),
+        ({"eviction_policy": "mru"}, r"eviction_policy: unsupported 'mru'; allowed: lru, lfu, slru, flru, fifo"),
+        ({"eviction_policy_ssd": "arc"}, r"eviction_policy_ssd: unsupported 'arc'"),
+        ({"slru_protected_ratio": 1.5}, r"slru_protected_ratio: must be a number in \(0, 1\]"),
+        ({"evict_ratio": 0}, r"evict_ratio: must be a number in \(0, 1\]"),
+        ({"hit_reward_seconds": float("nan")}, r"hit_reward_seconds: must be a finite number"),
         ({"remote": {"host": "x"}}, r"remote: must be a RemoteConfig"),
     ],
 )
