@@ -335,3 +335,36 @@ def test_a_tp_client_waits_for_its_own_rank_layer_by_layer() -> None:
         tp.close()
         kvm.shutdown()
         eng.close()
+
+
+def test_an_engine_side_lane_publishes_layers_too() -> None:
+    """KV memory private to the engine (its device worker runs as a thread here) lands layer by layer."""
+    import torch
+
+    kvm = KVManager(MODEL, CacheConfig(tokens_per_block=T, num_cpu_blocks=64))
+    kvm.start()
+    lay = host_layout(32)
+    gen = torch.Generator().manual_seed(12)
+    tensors = [torch.randint(-2**15, 2**15, lay.tensor_shape(i), dtype=torch.int16, generator=gen).view(torch.float16)
+               for i in range(lay.num_tensors)]
+    tp = KVTPClient(kvm.server_address)
+    try:
+        tp.register(tensors, lay, engine_side=True, layerwise=True)
+
+        def layer(b: int, i: int) -> bytes:
+            return b"".join(tensors[2 * i + kv][b * T:(b + 1) * T].view(torch.uint8).numpy().tobytes() for kv in (0, 1))
+        toks = tokens(5 * T, seed=13)
+        src, dst = list(range(5)), list(range(20, 25))
+        _put(kvm, toks, src)
+        want = {(s, i): layer(s, i) for s in src for i in range(MODEL.num_layers)}
+        for t in tensors:
+            t[20 * T:25 * T].view(torch.uint8).fill_(0xAB)
+        tid, _ = kvm.get_match(toks)
+        kvm.launch(tid, slots_for(dst, len(toks)))
+        for i in range(MODEL.num_layers):
+            assert tp.wait_layer(tid, i, timeout=30).status is TaskStatus.SUCCESS
+            assert all(layer(d, i) == want[s, i] for s, d in zip(src, dst, strict=True)), f"layer {i}"
+        assert kvm.wait(tid)[tid].status is TaskStatus.SUCCESS
+    finally:
+        tp.close()
+        kvm.shutdown()
