@@ -54,7 +54,8 @@ fi
 # --- Python packages -------------------------------------------------------------------------
 PY_PKGS=(setuptools wheel "cffi>=1.16" "numpy>=1.24" "pyzmq>=25" "posix_ipc>=1.1" "msgspec>=0.18"
          "xxhash>=3.0" "PyYAML>=6.0" "redis>=5.0" "hiredis>=2.0" "prometheus-client>=0.17"
-         "pytest>=8" "pytest-timeout>=2.2" "hypothesis>=6.100" "ruff>=0.5" "mypy>=1.10")
+         "pytest>=8" "pytest-timeout>=2.2" "hypothesis>=6.100" "ruff>=0.5" "mypy>=1.10"
+         "transformers>=5.17")  # the HF reference engine (flexkv/integration/hf) and its tests
 say "pip install (already satisfied requirements cost no download)"
 "$PY" -m pip install -q --disable-pip-version-check "${PY_PKGS[@]}" 2>&1 | grep -v -E "^WARNING: (Location|Running pip)" || true
 "$PY" -c "import cffi, zmq, posix_ipc, msgspec, xxhash, yaml, redis, numpy, prometheus_client" || die "pip install failed"

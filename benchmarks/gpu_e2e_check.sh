@@ -10,6 +10,9 @@
 #   engine    benchmarks/gpu_transfer.py, engine level, every path, T=16 and 64
 #   ops       (not in the default list; needs a prometheus_client wheel in .whl/) `flexkv check --gpu`, and
 #             metrics off vs on: control_latency.py --metrics and throughput.py --metrics (host buffers)
+#   layerwise layer-wise GET on CUDA (per-layer events, bytes exact at every layer wait, failures wake
+#             every waiter) and the HF engine on CUDA (bit-exact restores, conversations unchanged)
+#   ttft      benchmarks/ttft.py: TTFT of the HF engine, Llama-3-8B shape (not in the default list: ~3-5 min)
 # Prints PASS/FAIL per step; with $OUT set, each step's whole output is kept in $OUT/<step>.log.
 # Headers the machine lacks (xxhash.h) may be carried in .devinc/; CUDA runtime wheels in .devinc/cudart/
 # (`pip download nvidia-cuda-runtime-cu12==12.8.*` and the like) are unpacked, and the "stack" part's
@@ -18,7 +21,7 @@ set -uo pipefail
 export PYTHONUNBUFFERED=1
 say() { printf '[gpu_e2e %s] %s\n' "$(date +%T)" "$*"; }
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(stack transfer example tests engine)
+[ ${#parts[@]} -eq 0 ] && parts=(stack transfer example tests engine layerwise)
 python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH="$PWD:/tmp/site"
 ln -sfn ../scheduler flexkv/scheduler && ln -sfn ../workers flexkv/workers   # what the install's package_dir does
@@ -70,6 +73,11 @@ for part in "${parts[@]}"; do
     step 300 "control_latency --metrics" python3 benchmarks/control_latency.py --metrics --sizes 1024 32768 --iters 2000
     step 300 "throughput --metrics" python3 benchmarks/throughput.py --tp 1 --metrics --prompt-blocks 1 \
       --engine-blocks 256 --cpu-blocks 300 --rounds 8 --warmup-rounds 2 ;;
+  layerwise)
+    step 300 "pytest layer-wise GET + HF engine on CUDA" "${PYTEST[@]}" tests/runtime/test_layerwise.py \
+      tests/integration/test_hf_engine.py -k "cuda or layer" ;;
+  ttft)
+    step 590 "ttft (HF engine, Llama-3-8B shape)" python3 benchmarks/ttft.py ;;
   *) say "unknown part $part"; rc=1 ;;
   esac
 done

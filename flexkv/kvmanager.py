@@ -26,6 +26,7 @@ import xxhash
 
 from flexkv.client import HostKVBuffers, KVTPClient
 from flexkv.common.config import CacheConfig, ModelConfig, configs_to_json
+from flexkv.layerwise import LayerProgress, check_layer_index, wait_for_layer
 from flexkv.layout import KVCacheLayout, LayoutKind
 from flexkv.native.hasher import encode_namespace, hash_blocks
 from flexkv.protocol import client_msgs as cm
@@ -115,6 +116,7 @@ class KVManager:
         self._task_ids = itertools.count(first_task_id)
         self._launched: dict[int, int] = {}  # task id -> digest of the slot mapping it was launched with
         self._tp_clients: list[KVTPClient] = []
+        self._layerwise: set[int] = set()  # tasks launched with layerwise=True, not yet final
         self._tokens_per_block = cache_config.tokens_per_block  # the server's, once connected
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -233,11 +235,12 @@ class KVManager:
         self._query("check")
 
     def register_kv_buffers(self, kv_tensors: Sequence[Any] | HostKVBuffers, layout: KVCacheLayout | LayoutKind | str,
-                            tp_rank: int = 0, device_id: int = 0) -> KVCacheLayout:
-        """Register KV buffers from this process (single-process engines; no separate TP client)."""
+                            tp_rank: int = 0, device_id: int = 0, *, layerwise: bool = False) -> KVCacheLayout:
+        """Register KV buffers from this process (single-process engines; no separate TP client).
+        ``layerwise``: GETs into them land layer by layer (see :meth:`wait_layer`)."""
         tp = KVTPClient(self.server_address, self.dp_client_id, tp_rank, device_id)
         self._tp_clients.append(tp)
-        return tp.register(kv_tensors, layout)
+        return tp.register(kv_tensors, layout, layerwise=layerwise)
 
     # -- tasks ----------------------------------------------------------------------------------
     def _match(self, cls: type[cm.GetMatchMsg], token_ids: IntArrayLike, token_mask: IntArrayLike | None,
@@ -316,9 +319,16 @@ class KVManager:
         self.cancel(task_id)
         return end - first_block
 
-    def launch(self, task_ids: int | Sequence[int], slot_mappings: IntArrayLike | Sequence[IntArrayLike]) -> None:
-        """Bind GPU slots to matched tasks and start their transfers (no reply; errors at wait)."""
+    def launch(self, task_ids: int | Sequence[int], slot_mappings: IntArrayLike | Sequence[IntArrayLike],
+               layerwise: bool = False) -> None:
+        """Bind GPU slots to matched tasks and start their transfers (no reply; errors at wait).
+
+        ``layerwise=True`` (GETs): the engine will wait for each layer with :meth:`wait_layer` before
+        computing it; needs every TP rank registered here with ``layerwise=True``."""
         ids = [task_ids] if isinstance(task_ids, int) else list(task_ids)
+        if layerwise:
+            self._layer_tables()  # raises unless every rank can be watched from here
+            self._layerwise.update(ids)
         maps = [slot_mappings] if isinstance(task_ids, int) else list(slot_mappings)
         if len(ids) != len(maps):
             raise InvalidRequest(f"launch: {len(ids)} task ids but {len(maps)} slot mappings")
@@ -380,6 +390,42 @@ class KVManager:
         safely and their results are still reported, but what they store is never matched."""
         return int(self._query("reset")["cancelled"])
 
+    def _layer_tables(self) -> list[LayerProgress]:
+        tables = {tp.tp_rank: tp.layer_progress for tp in self._tp_clients if tp.layer_progress is not None}
+        if sorted(tables) != list(range(self.model_config.tp_size)):
+            raise InvalidRequest("layer-wise GET needs every TP rank registered through this KVManager with "
+                                 f"layerwise=True (have ranks {sorted(tables)} of {self.model_config.tp_size}); "
+                                 "ranks in other processes wait with KVTPClient.wait_layer")
+        return list(tables.values())
+
+    def wait_layer(self, task_id: int, layer_index: int, timeout: float = 20.0) -> KVResponse:
+        """Block until layer ``layer_index`` of GET ``task_id`` (launched with ``layerwise=True``) is in
+        every TP rank's KV buffers, while later layers may still move.
+
+        Returns a KVResponse: SUCCESS once the layer landed (or the whole task succeeded), FAILED as
+        soon as a rank's copy failed or the task failed before its copy (the error names why; every
+        waiter of the task wakes), CANCELLED, or TIMEOUT after ``timeout`` s. Never returns SUCCESS
+        before that layer's bytes are in place. Call :meth:`wait` afterwards as usual to end the task.
+        """
+        if task_id not in self._layerwise:
+            raise InvalidRequest(f"wait_layer: task {task_id} was not launched with layerwise=True "
+                                 "(or is already final)")
+        check_layer_index(layer_index, self.model_config.num_layers)
+        tables = self._layer_tables()
+
+        def final_status() -> KVResponse | None:
+            resp = self._wait(task_id, 0.0, completely=False, forget=False)[task_id]
+            return None if resp.status in (TaskStatus.UNREADY, TaskStatus.TIMEOUT) else resp
+
+        resp = wait_for_layer(tables, task_id, layer_index, timeout, final_status)
+        if resp.status is TaskStatus.FAILED and not resp.error.startswith("layer-wise"):
+            return resp
+        if resp.status is TaskStatus.FAILED:  # a worker said so; the server has (or soon has) the reason
+            final = self._wait(task_id, min(5.0, timeout), completely=False, forget=False)[task_id]
+            if final.status is TaskStatus.FAILED:
+                return final
+        return resp
+
     def cancel(self, task_ids: int | Sequence[int]) -> None:
         """Release what not-yet-running plans reserved; running ones stop at the next op."""
         ids = [task_ids] if isinstance(task_ids, int) else list(task_ids)
@@ -392,6 +438,10 @@ class KVManager:
         ``completely=False`` returns once the engine-side part is done (GET: H2D, PUT: D2H);
         ``completely=True`` also waits for write-through to SSD/remote.
         """
+        return self._wait(task_ids, timeout, completely, forget=True)
+
+    def _wait(self, task_ids: int | Sequence[int], timeout: float, completely: bool,
+              forget: bool) -> dict[int, KVResponse]:
         ids = [task_ids] if isinstance(task_ids, int) else list(task_ids)
         reply, frames = self._c.request(
             lambda rid: cm.WaitMsg(client_id=self.dp_client_id, req_id=rid, task_ids=ids, timeout_s=timeout,
@@ -402,8 +452,9 @@ class KVManager:
             st, error = TaskStatus(reply.statuses[i]), reply.errors[i]
             mask = range_to_mask(reply.num_tokens[i], reply.mask_begins[i], reply.mask_ends[i], frames)
             out[tid] = KVResponse(st, tid, mask, error)
-            if st not in (TaskStatus.UNREADY, TaskStatus.TIMEOUT):
+            if forget and st not in (TaskStatus.UNREADY, TaskStatus.TIMEOUT):
                 self._launched.pop(tid, None)
+                self._layerwise.discard(tid)
         return out
 
     def try_wait(self, task_ids: int | Sequence[int], completely: bool = False) -> dict[int, KVResponse]:

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import socket
@@ -491,6 +492,8 @@ class SchedulerServer:
             raise _invalid("register: neither a host segment nor CUDA handles given (nor engine_side)")
         if msg.cuda_event and (not msg.cuda_handles or len(msg.cuda_event) != 64):
             raise _invalid("register: cuda_event needs CUDA tensors and a 64-byte cudaIpcEventHandle_t")
+        if msg.layer_progress is not None and not _is_segment_name(msg.layer_progress):
+            raise _invalid(f"register: layer_progress {msg.layer_progress!r} is not a flexkv shared-memory name")
         reg["cuda_handles"] = [h.hex() for h in msg.cuda_handles]
         reg["cuda_event"] = msg.cuda_event.hex()
         worker_id = device_worker_id(msg.client_id, msg.tp_rank)
@@ -728,8 +731,13 @@ class SchedulerServer:
         log.info("flexkv server stopped")
 
 
+def _is_segment_name(name: str) -> bool:
+    """A name ``flexkv.shm.make_pool_name`` makes: ``/flexkv-<tag>-<pid>-<hex>``, at most 31 characters."""
+    return len(name) <= 31 and re.fullmatch(r"/flexkv-[a-z0-9_]+-[0-9]+-[0-9a-f]+", name) is not None
+
+
 _REG_FIELDS = ("num_layers", "num_blocks", "tokens_per_block", "num_heads", "head_size", "itemsize",
-               "host_segment", "tensor_offsets", "device_id")
+               "host_segment", "tensor_offsets", "device_id", "layer_progress")
 
 
 def _invalid(msg: str) -> FlexKVError:

@@ -346,7 +346,8 @@ class WorkerSupervisor:
         arrays: list[Any] = [op.src_block_ids, op.dst_block_ids]
         if op.block_hashes is not None:
             arrays.append(op.block_hashes)
-        frames = SERVER_TO_WORKER.encode(ExecuteOpMsg(op_id=op.op_id, op_type=int(op.op_type)), arrays)
+        msg = ExecuteOpMsg(op_id=op.op_id, op_type=int(op.op_type), task_id=op.task_key[1])
+        frames = SERVER_TO_WORKER.encode(msg, arrays)
         self._sock.send_multipart([handle.routing_id, *frames], copy=False)
         handle.in_flight.add(op.op_id)
 

@@ -23,7 +23,7 @@ SCANNED_DIRS = ("flexkv", "scheduler", "workers", "tests", "examples", "benchmar
 BARE_NAMES = ("scheduler", "workers")
 # The lowest layer: these must never depend on the server, the workers or the engine-facing manager.
 CORE_MODULES = ("flexkv.common.config", "flexkv.types", "flexkv.layout", "flexkv.protocol", "flexkv.shm",
-                "flexkv.native", "flexkv.security")
+                "flexkv.native", "flexkv.security", "flexkv.layerwise")
 HIGHER_LAYERS = ("flexkv.scheduler", "flexkv.workers", "flexkv.kvmanager")
 
 
@@ -139,12 +139,24 @@ for pkg in (flexkv, flexkv.scheduler, flexkv.workers):
               if (not m.name.startswith(("flexkv.scheduler", "flexkv.workers")) or pkg is not flexkv)
               and not m.name.startswith("flexkv.integration.")]  # engine adapters import their engine
 failures = {}
-for name in sorted(set(names)):
+# Engine integrations (flexkv.integration.*) need their engine's packages (torch, transformers, vllm...):
+# imported last, after checking that nothing else dragged torch in; a missing engine package is no failure.
+core = [n for n in sorted(set(names)) if not n.startswith("flexkv.integration.")]
+for name in core:
     try:
         importlib.import_module(name)
     except BaseException:
         failures[name] = traceback.format_exc(limit=3)
-print(json.dumps({"modules": sorted(set(names)), "failures": failures, "torch": "torch" in sys.modules}))
+torch_loaded = "torch" in sys.modules
+for name in sorted(set(names) - set(core)):
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if (e.name or "").startswith("flexkv"):
+            failures[name] = traceback.format_exc(limit=3)
+    except BaseException:
+        failures[name] = traceback.format_exc(limit=3)
+print(json.dumps({"modules": sorted(set(names)), "failures": failures, "torch": torch_loaded}))
 """
 
 

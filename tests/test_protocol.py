@@ -46,7 +46,7 @@ SAMPLES: list[tuple[Codec[typing.Any], msgspec.Struct]] = [
     (WORKER_TO_SERVER, wm.WorkerByeMsg(worker_id="w", reason="closed")),
     (WORKER_TO_SERVER, wm.OpsDoneMsg(worker_id="w", op_ids=[1, 2], errors=["", "EIO"])),
     (WORKER_TO_SERVER, wm.OpsDoneMsg(worker_id="w", op_ids=[3, 4], errors=["", "checksum"], corrupt_at=[-1, 2])),
-    (SERVER_TO_WORKER, wm.ExecuteOpMsg(op_id=3, op_type=2)),
+    (SERVER_TO_WORKER, wm.ExecuteOpMsg(op_id=3, op_type=2, task_id=9)),
     (SERVER_TO_WORKER, wm.HelloAcceptedMsg()),
     (SERVER_TO_WORKER, wm.StopWorkerMsg(reason="bye")),
 ]

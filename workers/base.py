@@ -57,11 +57,11 @@ MAX_BATCH = 256
 class Op:
     """One op as a worker sees it."""
 
-    __slots__ = ("block_hashes", "corrupt_at", "dst_ids", "op_id", "op_type", "received", "src_ids")
+    __slots__ = ("block_hashes", "corrupt_at", "dst_ids", "op_id", "op_type", "received", "src_ids", "task_id")
 
     def __init__(self, op_id: int, op_type: OpType, src_ids: npt.NDArray[np.int64], dst_ids: npt.NDArray[np.int64],
-                 block_hashes: npt.NDArray[np.uint64] | None) -> None:
-        self.op_id, self.op_type = op_id, op_type
+                 block_hashes: npt.NDArray[np.uint64] | None, task_id: int = -1) -> None:
+        self.op_id, self.op_type, self.task_id = op_id, op_type, task_id
         self.src_ids, self.dst_ids, self.block_hashes = src_ids, dst_ids, block_hashes
         self.received = time.monotonic()
         self.corrupt_at = -1  # set by a worker that found this op's bytes corrupt (see OpsDoneMsg)
@@ -222,7 +222,7 @@ class Worker(abc.ABC):
         src = frame_array(arrays[0], np.int64, "src_block_ids")
         dst = frame_array(arrays[1], np.int64, "dst_block_ids")
         hashes = frame_array(arrays[2], np.uint64, "block_hashes") if len(arrays) > 2 else None
-        return Op(msg.op_id, OpType(msg.op_type), src, dst, hashes)
+        return Op(msg.op_id, OpType(msg.op_type), src, dst, hashes, msg.task_id)
 
     def _execute_safely(self, batch: list[Op]) -> list[str]:
         try:

@@ -99,6 +99,7 @@ class RegisterKVMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
     cuda_handles: list[bytes] = []  # one cudaIpcMemHandle_t (64 bytes) per tensor, for CUDA buffers
     cuda_event: bytes = b""  # cudaIpcEventHandle_t of the rank's "KV written" event; D2H copies wait on it
     engine_side: bool = False  # the engine runs the device worker itself (DESIGN §7b); the reply has its spec
+    layer_progress: str | None = None  # shared-memory segment of the rank's layer progress table (flexkv.layerwise)
 
 
 class QueryMsg(ClientMsg, frozen=True, tag=True, kw_only=True):

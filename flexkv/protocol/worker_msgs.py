@@ -58,10 +58,12 @@ class ServerToWorker(msgspec.Struct, frozen=True, tag=True, kw_only=True):
 
 
 class ExecuteOpMsg(ServerToWorker, frozen=True, tag=True, kw_only=True):
-    """Frames: src block ids (int64), dst block ids (int64), then block hashes (uint64) for remote ops."""
+    """Frames: src block ids (int64), dst block ids (int64), then block hashes (uint64) for remote ops.
+    ``task_id``: the client's id of the op's task (device workers publish layer-wise progress under it)."""
 
     op_id: int
     op_type: int
+    task_id: int = -1
 
 
 class HelloAcceptedMsg(ServerToWorker, frozen=True, tag=True, kw_only=True):
