@@ -14,7 +14,7 @@
 #             every waiter) and the HF engine on CUDA (bit-exact restores, conversations unchanged)
 #   ttft      benchmarks/ttft.py: TTFT of the HF engine, Llama-3-8B shape (not in the default list: ~3-5 min)
 # Prints PASS/FAIL per step; with $OUT set, each step's whole output is kept in $OUT/<step>.log.
-# Headers the machine lacks (xxhash.h) may be carried in .devinc/; CUDA runtime wheels in .devinc/cudart/
+# Headers the machine lacks (xxhash.h) may be carried in .devinc/, liburing in .devinc/uring/; CUDA runtime wheels in .devinc/cudart/
 # (`pip download nvidia-cuda-runtime-cu12==12.8.*` and the like) are unpacked, and the "stack" part's
 # BATCH ABI test runs under their libcudart too (FLEXKV_TEST_CUDARTS).
 set -uo pipefail
@@ -26,7 +26,14 @@ python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache
 export PYTHONPATH="$PWD:/tmp/site"
 ln -sfn ../scheduler flexkv/scheduler && ln -sfn ../workers flexkv/workers   # what the install's package_dir does
 trap 'rm -f flexkv/scheduler flexkv/workers' EXIT
-CFLAGS="-I$PWD/.devinc ${CFLAGS:-}" FLEXKV_SKIP_EXTENSIONS=uring python3 setup.py -q build_ext --inplace > /tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }
+# liburing (headers + .so from Debian's liburing-dev/liburing2, unpacked into .devinc/uring) gives the SSD
+# tier there too; without it the io_uring module is skipped and SSD tests skip.
+skip=uring
+if [ -f .devinc/uring/liburing.h ]; then
+  skip=""; export LDFLAGS="-L$PWD/.devinc/uring/lib ${LDFLAGS:-}" LD_LIBRARY_PATH="$PWD/.devinc/uring/lib:${LD_LIBRARY_PATH:-}"
+fi
+CFLAGS="-I$PWD/.devinc -I$PWD/.devinc/uring ${CFLAGS:-}" FLEXKV_SKIP_EXTENSIONS=$skip python3 setup.py -q build_ext --inplace \
+  > /tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }
 extra=()
 for whl in .devinc/cudart/*.whl; do
   [ -e "$whl" ] || continue
