@@ -2,7 +2,8 @@
 
 With no ``server_address`` it runs in library mode: ``start()`` launches the server (and through it
 the workers) as a child process and ``shutdown()`` (or interpreter exit) stops it. With an address it
-connects to a running server. Task ids are chosen here (unique per client), so ``get_async``,
+connects to a running server. Task ids are chosen here (unique per session: each ``start()`` opens a
+new session, and the server never shows one session another's tasks or results), so ``get_async``,
 ``put_async``, ``launch`` and ``cancel`` are fire-and-forget; their errors surface at ``wait``.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 import atexit
 import itertools
 import logging
+import math
+import numbers
 import os
 import shutil
 import subprocess
@@ -63,6 +66,15 @@ def _mask(value: IntArrayLike | None, num_tokens: int) -> npt.NDArray[np.bool_] 
     return np.ascontiguousarray(value)
 
 
+def _check_timeout(timeout: object) -> float:
+    """A wait timeout in seconds: >= 0, ``inf`` allowed; InvalidRequest for NaN, negatives, non-numbers."""
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise InvalidRequest(f"wait: timeout must be a number of seconds, got {type(timeout).__name__}")
+    if math.isnan(timeout) or timeout < 0:
+        raise InvalidRequest(f"wait: timeout must be >= 0 seconds (inf: until final), got {timeout!r}")
+    return float(timeout)
+
+
 def _namespace(namespace: Sequence[str] | None) -> list[str] | None:
     if namespace is None:
         return None
@@ -87,6 +99,7 @@ class KVManager:
         self._proc: subprocess.Popen[bytes] | None = None
         self._runtime_dir: str | None = None
         self._task_ids = itertools.count(1)
+        self._last_task_id = 0  # task ids 1.._last_task_id were handed out in this session
         self._launched: dict[int, int] = {}  # task id -> digest of the slot mapping it was launched with
         self._tp_clients: list[KVTPClient] = []
         self._tokens_per_block = cache_config.tokens_per_block  # the server's, once connected
@@ -102,6 +115,9 @@ class KVManager:
         """Start the server (library mode) or connect to it. Idempotent."""
         if self._conn is not None:
             return
+        self._task_ids = itertools.count(1)  # a new session: its task ids start over
+        self._last_task_id = 0
+        self._launched = {}
         if self._library_mode:
             self._spawn_server()
         self._conn = ServerConnection(self.server_address, self.dp_client_id, "manager", self._request_timeout_s)
@@ -148,7 +164,7 @@ class KVManager:
             except FlexKVError:
                 self._proc.terminate()
         if self._conn is not None:
-            self._conn.close()
+            self._conn.close(bye=self._proc is None)  # server mode: end the session, the server goes on
             self._conn = None
         self._cleanup_library()
         atexit.unregister(self.shutdown)
@@ -214,7 +230,7 @@ class KVManager:
         conn = self._c
         tokens = _int64("token_ids", token_ids)
         mask = _mask(token_mask, tokens.shape[0])
-        task_id = next(self._task_ids)
+        task_id = self._new_task_id()
         # Hash here (C, ~45 us per 128K tokens): 8 bytes a block cross the socket instead of 8 a token,
         # and the server's one thread does less.
         ns = encode_namespace(_namespace(namespace))
@@ -253,7 +269,14 @@ class KVManager:
         if send_ids:
             self._c.send(cm.LaunchMsg(client_id=self.dp_client_id, task_ids=send_ids), send_maps)
 
+    def _new_task_id(self) -> int:
+        self._last_task_id = next(self._task_ids)
+        return self._last_task_id
+
     def _check_relaunch(self, task_id: int, slots: npt.NDArray[np.int64]) -> bool:
+        if isinstance(task_id, bool) or not isinstance(task_id, int) or not 0 < task_id <= self._last_task_id:
+            raise InvalidRequest(f"launch: task id {task_id!r} was not returned by get_match/put_match of this "
+                                 "KVManager session")
         digest = xxhash.xxh3_64_intdigest(slots.tobytes())
         old = self._launched.get(task_id)
         if old is None:
@@ -268,7 +291,7 @@ class KVManager:
         tokens = _int64("token_ids", token_ids)
         slots = _int64("slot_mapping", slot_mapping)
         mask = _mask(token_mask, tokens.shape[0])
-        task_id = next(self._task_ids)
+        task_id = self._new_task_id()
         self._launched[task_id] = xxhash.xxh3_64_intdigest(slots.tobytes())
         arrays: list[Any] = [tokens, slots] + ([mask] if mask is not None else [])
         ns = _namespace(namespace)
@@ -287,7 +310,10 @@ class KVManager:
         return self._async(cm.PutAsyncMsg, token_ids, slot_mapping, token_mask, namespace)
 
     def cancel(self, task_ids: int | Sequence[int]) -> None:
-        """Release what not-yet-running plans reserved; running ones stop at the next op."""
+        """Cancel tasks matched but not launched: their reservations are released and wait reports
+        CANCELLED. A launched task is not cancelled (FlexKV's rule): it runs to its end and wait
+        reports how it ended, so no final status comes while its copies may still write your KV
+        memory. Unknown ids are ignored."""
         ids = [task_ids] if isinstance(task_ids, int) else list(task_ids)
         self._c.send(cm.CancelMsg(client_id=self.dp_client_id, task_ids=ids))
 
@@ -296,9 +322,22 @@ class KVManager:
         """Block until every task is final or ``timeout`` seconds passed (those report TIMEOUT).
 
         ``completely=False`` returns once the engine-side part is done (GET: H2D, PUT: D2H);
-        ``completely=True`` also waits for write-through to SSD/remote.
+        ``completely=True`` also waits for write-through to SSD/remote. ``timeout`` may be
+        ``float('inf')`` (wait until final); NaN or a negative value is InvalidRequest, raised before
+        anything is sent.
         """
         ids = [task_ids] if isinstance(task_ids, int) else list(task_ids)
+        deadline = time.monotonic() + _check_timeout(timeout)
+        out: dict[int, KVResponse] = {}
+        pending = ids
+        while True:  # one WaitMsg waits at most MAX_WAIT_S; longer waits take several
+            step = min(cm.MAX_WAIT_S, max(0.0, deadline - time.monotonic()))
+            out.update(self._wait_once(pending, step, completely))
+            pending = [tid for tid in pending if out[tid].status is TaskStatus.TIMEOUT]
+            if not pending or time.monotonic() >= deadline:
+                return {tid: out[tid] for tid in ids}
+
+    def _wait_once(self, ids: list[int], timeout: float, completely: bool) -> dict[int, KVResponse]:
         reply, frames = self._c.request(
             lambda rid: cm.WaitMsg(client_id=self.dp_client_id, req_id=rid, task_ids=ids, timeout_s=timeout,
                                    completely=completely), timeout_s=timeout + self._request_timeout_s)

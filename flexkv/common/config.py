@@ -142,6 +142,8 @@ class CacheConfig:
     num_remote_blocks: int = 0  # remote capacity we account for; 0 = the store decides (unbounded)
     remote: RemoteConfig = dataclasses.field(default_factory=RemoteConfig)
     eviction_policy: EvictionPolicy | str = EvictionPolicy.LRU
+    match_ttl_s: float = 600.0  # a get_match/put_match never launched is released after this long
+    result_cache_bytes: int = 32 << 20  # bound of the server's cache of finished results
 
     def __post_init__(self) -> None:
         dirs = self.ssd_cache_dir
@@ -172,6 +174,10 @@ class CacheConfig:
             _require(len(self.ssd_cache_dir) > 0, "ssd_cache_dir",
                      "needs at least one directory when enable_ssd is set")
         _require(isinstance(self.remote, RemoteConfig), "remote", "must be a RemoteConfig")
+        ttl = self.match_ttl_s
+        _require(isinstance(ttl, int | float) and not isinstance(ttl, bool) and math.isfinite(ttl) and ttl > 0,
+                 "match_ttl_s", f"must be a finite number of seconds > 0, got {ttl!r}")
+        _require_int(self.result_cache_bytes, "result_cache_bytes", 1 << 16)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -186,6 +192,7 @@ _USER_KEYS: dict[str, type] = {
     "tokens_per_block": int,
     "io_uring_depth": int,
     "eviction_policy": str,
+    "match_ttl_s": float,
     "enable_remote": bool,
     "remote_cache_gb": float,
     "remote_backend": str,
@@ -293,6 +300,8 @@ def cache_config_from_user(model: ModelConfig, values: Mapping[str, Any]) -> Cac
         kw["num_cpu_blocks"] = _gb_to_blocks("cpu_cache_gb", values["cpu_cache_gb"], block_bytes)
         if kw["num_cpu_blocks"] < 1:
             raise ConfigError(f"cpu_cache_gb: {values['cpu_cache_gb']} GiB holds no {block_bytes}-byte block")
+    if values.get("ssd_cache_gb", 0) < 0:
+        raise ConfigError(f"ssd_cache_gb: must be >= 0 (0 = no SSD tier), got {values['ssd_cache_gb']}")
     if values.get("ssd_cache_gb", 0) > 0:
         kw["enable_ssd"] = True
         kw["num_ssd_blocks"] = _gb_to_blocks("ssd_cache_gb", values["ssd_cache_gb"], block_bytes)
@@ -303,7 +312,7 @@ def cache_config_from_user(model: ModelConfig, values: Mapping[str, Any]) -> Cac
         if values["ssd_max_file_gb"] <= 0:
             raise ConfigError(f"ssd_max_file_gb: must be > 0, got {values['ssd_max_file_gb']}")
         kw["ssd_max_file_bytes"] = int(values["ssd_max_file_gb"] * GIB)
-    for key in ("io_uring_depth", "eviction_policy", "enable_remote"):
+    for key in ("io_uring_depth", "eviction_policy", "enable_remote", "match_ttl_s"):
         if key in values:
             kw[key] = values[key]
     if "remote_cache_gb" in values:
