@@ -255,7 +255,8 @@ class KVManager:
         return self._match(cm.PutMatchMsg, token_ids, token_mask, namespace)
 
     def launch(self, task_ids: int | Sequence[int], slot_mappings: IntArrayLike | Sequence[IntArrayLike]) -> None:
-        """Bind GPU slots to matched tasks and start their transfers (no reply; errors at wait)."""
+        """Bind GPU slots to matched tasks and start their transfers (no reply; errors at wait). A task id
+        this session never handed out is InvalidRequest here; a cancelled or expired one is ignored."""
         ids = [task_ids] if isinstance(task_ids, int) else list(task_ids)
         maps = [slot_mappings] if isinstance(task_ids, int) else list(slot_mappings)
         if len(ids) != len(maps):

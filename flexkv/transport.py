@@ -88,7 +88,7 @@ class ServerConnection:
             raise _ERRORS.get(reply.kind, FlexKVError)(reply.error)
         return reply, frames
 
-    def bye(self, timeout_s: float = 5.0) -> None:
+    def bye(self, timeout_s: float = 2.0) -> None:
         """End the session (the server drops what it owned). A server that is gone is not an error."""
         if not self.session_id:
             return
