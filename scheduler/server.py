@@ -385,11 +385,10 @@ class SchedulerServer:
         self._dispatch(ops)
         self._retire([key])  # a task with nothing to move is already done
 
-    def _fail_unstarted(self, key: TaskKey, error: str, new: bool = False, quiet: bool = False) -> None:
+    def _fail_unstarted(self, key: TaskKey, error: str, new: bool = False) -> None:
         """A request failed before its task ran: roll back and report FAILED at wait. Only a task this
         request created (``new``) or one matched and not launched is failed; a running one goes on."""
-        if not quiet:
-            log.info("task %d of session %d failed: %s", key[1] & 0xFFFFFFFF, key[1] >> 32, error)
+        log.info("task %d of session %d failed: %s", key[1] & 0xFFFFFFFF, key[1] >> 32, error)
         if key in self._launched:
             return
         if self.control.poll(key).status is TaskStatus.UNREADY:
@@ -429,9 +428,15 @@ class SchedulerServer:
             key, matched_at = next(iter(self._matched.items()))
             if now - matched_at < ttl:
                 return
+            del self._matched[key]
+            if key in self._launched or self.control.poll(key).status is not TaskStatus.UNREADY:
+                continue  # not a pending match after all (never the case; keeps the loop finite)
             error = f"matched {now - matched_at:.0f} s ago and never launched: released after match_ttl_s={ttl:g}"
             log.warning("task %d of session %d %s", key[1] & 0xFFFFFFFF, key[1] >> 32, error)
-            self._fail_unstarted(key, error, quiet=True)
+            self.control.cancel(key)
+            self.control.release(key)
+            failed = KVResponse(TaskStatus.FAILED, key[1], None, error)
+            self._results.put(key, failed, failed)
 
     def _on_register(self, identity: bytes, msg: cm.RegisterKVMsg, _: list[memoryview]) -> None:
         if not 0 <= msg.tp_rank < self.model.tp_size:
