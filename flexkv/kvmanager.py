@@ -310,6 +310,22 @@ class KVManager:
         """Match + launch a PUT in one message; returns the task id at once."""
         return self._async(cm.PutAsyncMsg, token_ids, slot_mapping, token_mask, namespace)
 
+    def prefetch_async(self, token_ids: IntArrayLike, namespace: Sequence[str] | None = None) -> int:
+        """Stage the prompt's SSD/remote hits into the CPU tier, with no engine destination (no slot
+        mapping, no registered buffers needed); returns the task id at once. ``wait``/``try_wait``
+        report SUCCESS once staged, with the mask of the prefix a GET can then load from CPU."""
+        tokens = _int64("token_ids", token_ids)
+        task_id = self._new_task_id()
+        self._c.send(cm.PrefetchMsg(client_id=self.dp_client_id, task_id=task_id, namespace=_namespace(namespace)),
+                     [tokens])
+        return task_id
+
+    def reset(self) -> int:
+        """Drop every tier's index (e.g. after a weight update): nothing cached before is matched
+        again. Tasks matched but not launched are cancelled (returns how many); running ones finish
+        safely and their results are still reported, but what they store is never matched."""
+        return int(self._query("reset")["cancelled"])
+
     def cancel(self, task_ids: int | Sequence[int]) -> None:
         """Cancel tasks matched but not launched: their reservations are released and wait reports
         CANCELLED. A launched task is not cancelled (FlexKV's rule): it runs to its end and wait

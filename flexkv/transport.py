@@ -14,6 +14,7 @@ import msgspec
 import numpy.typing as npt
 import zmq
 
+from flexkv import security
 from flexkv.protocol import client_msgs as cm
 from flexkv.protocol.codec import CLIENT_REQUESTS, SERVER_REPLIES
 from flexkv.types import CapacityError, ConfigError, FlexKVError, InvalidRequest
@@ -41,6 +42,7 @@ class ServerConnection:
         self._ctx = zmq.Context()
         self._sock: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
         self._sock.setsockopt(zmq.LINGER, 2000)
+        security.configure_client(self._sock, address)  # CurveZMQ over TCP when keys are configured
         self._sock.connect(address)
         self._req_ids = itertools.count(1)
         self._lock = threading.Lock()
@@ -65,7 +67,7 @@ class ServerConnection:
     def send(self, msg: msgspec.Struct, arrays: Sequence[npt.NDArray[Any] | bytes] = ()) -> None:
         """Fire and forget."""
         with self._lock:
-            self._sock.send_multipart(self._encode(msg, arrays), copy=False)
+            self._send_within(self._encode(msg, arrays), self.timeout_s)
 
     def request(self, make_msg: Any, arrays: Sequence[npt.NDArray[Any] | bytes] = (),
                 timeout_s: float | None = None) -> tuple[cm.ServerReply, list[memoryview]]:
@@ -73,7 +75,7 @@ class ServerConnection:
         timeout = self.timeout_s if timeout_s is None else timeout_s
         with self._lock:
             req_id = next(self._req_ids)
-            self._sock.send_multipart(self._encode(make_msg(req_id), arrays), copy=False)
+            self._send_within(self._encode(make_msg(req_id), arrays), timeout)
             deadline = time.monotonic() + timeout
             while True:
                 left_ms = int(max(0.0, deadline - time.monotonic()) * 1000)
@@ -87,6 +89,13 @@ class ServerConnection:
         if isinstance(reply, cm.ErrorReplyMsg):
             raise _ERRORS.get(reply.kind, FlexKVError)(reply.error)
         return reply, frames
+
+    def _send_within(self, frames: list[Any], timeout_s: float) -> None:
+        """A DEALER with no connection (e.g. its CurveZMQ handshake was refused) blocks on send: bound it."""
+        if not self._sock.poll(int(timeout_s * 1000), zmq.POLLOUT):
+            raise ServerUnavailable(f"no connection to the server at {self.address} within {timeout_s:.1f} s "
+                                    "(not running, or it refused this client's CurveZMQ key)")
+        self._sock.send_multipart(frames, copy=False)
 
     def bye(self, timeout_s: float = 2.0) -> None:
         """End the session (the server drops what it owned). A server that is gone is not an error."""

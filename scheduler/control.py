@@ -15,12 +15,15 @@ match, bounded by the store's timeouts); nothing else here does I/O.
 from __future__ import annotations
 
 import itertools
+import time
+from collections.abc import Callable
 
 import numpy as np
+import xxhash
 
 from flexkv.common.config import CacheConfig, ModelConfig
 from flexkv.native.hasher import hash_blocks
-from flexkv.scheduler.eviction import make_evictor
+from flexkv.scheduler.eviction import EvictionParams, make_evictor
 from flexkv.scheduler.graph import OpNode, Reservation, TaskKey, TransferOp
 from flexkv.scheduler.index import RadixIndex
 from flexkv.scheduler.planner import Tiers, plan_get, plan_put
@@ -35,7 +38,7 @@ from flexkv.scheduler.tasks import (
     check_tokens,
     gpu_blocks_from_slots,
 )
-from flexkv.types import EvictionPolicy, InvalidRequest, KVResponse, Medium, OpType, TaskStatus, TaskType
+from flexkv.types import InvalidRequest, KVResponse, Medium, OpType, TaskStatus, TaskType
 
 __all__ = ["ControlPlane", "TaskKey", "TransferOp"]
 
@@ -45,19 +48,23 @@ _UNBOUNDED_MIN_BLOCKS = 1024  # initial size of a growable (unbounded remote) po
 class ControlPlane:
     """Index + pools + tasks of one flexkv server. Not thread-safe: one owner thread."""
 
-    def __init__(self, model: ModelConfig, cache: CacheConfig, remote_lookup: RemoteLookup | None = None) -> None:
+    def __init__(self, model: ModelConfig, cache: CacheConfig, remote_lookup: RemoteLookup | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         """``remote_lookup`` (used only if ``cache.enable_remote``): index the remote tier by the
         shared store itself instead of by what this server stored; ``num_remote_blocks`` is then
-        not enforced (the store evicts by itself)."""
+        not enforced (the store evicts by itself). ``clock`` (seconds) stamps accesses for the
+        eviction policies (a trace replay passes the trace's time)."""
         self.model = model
         self.cache = cache
         self.tokens_per_block = cache.tokens_per_block
-        policy = EvictionPolicy(cache.eviction_policy)
+        self._clock = clock
+        params = EvictionParams(hit_reward_s=float(cache.hit_reward_seconds), promote_hits=cache.slru_promote_hits,
+                                protected_ratio=float(cache.slru_protected_ratio))
 
         def tier(medium: Medium, num_blocks: int) -> RadixIndex:
             start = num_blocks or max(_UNBOUNDED_MIN_BLOCKS, cache.num_cpu_blocks)
             pool = BlockPool(start, growable=num_blocks == 0)
-            return RadixIndex(medium, pool, make_evictor(policy))
+            return RadixIndex(medium, pool, make_evictor(cache.policy_of(medium.name.lower()), params))
 
         by_store = cache.enable_remote and remote_lookup is not None
         self.tiers = Tiers(
@@ -69,10 +76,12 @@ class ControlPlane:
         self._tasks: dict[TaskKey, Task] = {}
         self._ops: dict[int, tuple[Task, OpNode]] = {}
         self._op_ids = itertools.count(1)
-        self._clock = 0
+        self._salt = 0  # 0 until the first reset(); then every block key is XORed with it
+        self._num_resets = 0
         self._counters = dict.fromkeys(
             ("num_get_matches", "num_put_matches", "get_query_blocks", "get_hit_blocks", "get_moved_blocks",
-             "put_query_blocks", "put_hit_blocks", "put_stored_blocks", "num_failed_ops", "get_lost_blocks"), 0)
+             "put_query_blocks", "put_hit_blocks", "put_stored_blocks", "num_failed_ops", "get_lost_blocks",
+             "proactive_evicted_blocks", "num_resets"), 0)
 
     # ---- match (prepare) -----------------------------------------------------------------
 
@@ -119,10 +128,11 @@ class ControlPlane:
         if hashes is None:
             assert tokens is not None
             hashes = hash_blocks(tokens, t, namespace)
-        self._clock += 1
+        if self._salt:
+            hashes = hashes ^ np.uint64(self._salt)  # a reset's generation: no key of an older one matches
         first_block = -(-first_true // t)
         planner = plan_get if task_type is TaskType.GET else plan_put
-        plan = planner(self.tiers, hashes, num_tokens, t, first_block, self._clock)
+        plan = planner(self.tiers, hashes, num_tokens, t, first_block, self._clock())
         self._tasks[key] = Task(key, plan, num_tokens, first_true)
         self._count_match(task_type, hashes.size, plan.num_hit_blocks, plan.num_moved_blocks)
         return plan.mask
@@ -157,6 +167,18 @@ class ControlPlane:
         if task.cancelled:
             raise InvalidRequest(f"task {key} was cancelled")
         return self._track(task, task.launch(gpu_ids, self._new_op_id))
+
+    def launch_prefetch(self, key: TaskKey) -> list[TransferOp]:
+        """Start a matched GET with no engine destination: its SSD/remote hits are promoted into the
+        CPU tier and nothing is copied toward the engine. SUCCESS once the promotions landed; the
+        task's mask marks the prefix that a GET can then load from CPU. Returns the ops to dispatch."""
+        task = self._task(key)
+        if task.task_type is not TaskType.GET:
+            raise InvalidRequest(f"task {key} is a PUT; only a GET can prefetch")
+        if task.launched or task.cancelled:
+            raise InvalidRequest(f"task {key} was already launched or cancelled")
+        task.prefetch = True
+        return self._track(task, task.launch(np.empty(0, dtype=np.int64), self._new_op_id))
 
     def complete_op(self, op_id: int, ok: bool, error: str = "") -> list[TransferOp]:
         """A worker finished ``op_id``. Success publishes what it wrote and releases what it read;
@@ -240,6 +262,40 @@ class ControlPlane:
         for res in writes:
             assert res.path_hashes is not None
             res.index.prune(res.path_hashes)
+
+    def reset(self) -> list[TaskKey]:
+        """Drop every tier's index (after a weight update, say): no block cached before is ever
+        matched again. Tasks not launched yet are cancelled and released (returned); launched tasks
+        run to their end and their completions land in the old generation, which no match reaches.
+        Every unlocked block is freed now; blocks old ops still use are freed as leaves once their
+        ops end (evicted first: nothing touches them again). The remote store keeps its old keys,
+        but the new generation's keys differ from all of them (every block key is XORed with a
+        per-reset salt), so they are never read either."""
+        self._num_resets += 1
+        self._salt = int(xxhash.xxh3_64_intdigest(f"flexkv-reset-{self._num_resets}".encode())) or 1
+        dropped = [key for key, task in self._tasks.items() if not task.launched]
+        for key in dropped:
+            self.release(key)
+        for index in self.tiers.all():
+            index.evict(index.pool.num_used_blocks)
+        self._counters["num_resets"] += 1
+        return dropped
+
+    def evict_proactively(self) -> int:
+        """Proactive eviction (``evict_start_threshold`` < 1): every bounded tier fuller than the
+        threshold evicts ``evict_ratio`` of its blocks (unlocked leaves, in policy order) now, so
+        later matches find free blocks. Returns the blocks evicted. The server calls it when idle."""
+        threshold = self.cache.evict_start_threshold
+        if threshold >= 1.0:
+            return 0
+        freed = 0
+        for index in self.tiers.all():
+            pool = index.pool
+            if pool.growable or pool.num_used_blocks <= threshold * pool.num_blocks:
+                continue
+            freed += index.evict(max(1, int(self.cache.evict_ratio * pool.num_blocks)))
+        self._counters["proactive_evicted_blocks"] += freed
+        return freed
 
     # ---- introspection -------------------------------------------------------------------------
 

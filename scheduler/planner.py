@@ -119,7 +119,7 @@ def _lower_hits(tiers: Tiers, hashes: HashArray, start: int) -> list[_LowerHit]:
 
 
 def plan_get(tiers: Tiers, hashes: HashArray, num_tokens: int, tokens_per_block: int, first_block: int,
-             now: int) -> Plan:
+             now: float) -> Plan:
     """Reserve a GET of blocks [first_block, end) where end is the longest ready prefix over all tiers.
 
     Locks the CPU blocks H2D reads and the SSD/REMOTE blocks promotion reads; allocates CPU blocks
@@ -159,7 +159,7 @@ def plan_get(tiers: Tiers, hashes: HashArray, num_tokens: int, tokens_per_block:
 
 
 def _promote(graph: TaskGraph, hit: _LowerHit, hashes: HashArray, new_ids: BlockIds, num_cpu: int, end: int,
-             cpu: RadixIndex, now: int) -> OpNode:
+             cpu: RadixIndex, now: float) -> OpNode:
     """Add the DISK2H/REMOTE2H op filling new CPU blocks [hit.start, min(hit.stop, end))."""
     stop = min(hit.stop, end)
     dst = new_ids[hit.start - num_cpu:stop - num_cpu]
@@ -178,7 +178,7 @@ def _promote(graph: TaskGraph, hit: _LowerHit, hashes: HashArray, new_ids: Block
 
 
 def plan_put(tiers: Tiers, hashes: HashArray, num_tokens: int, tokens_per_block: int, first_block: int,
-             now: int) -> Plan:
+             now: float) -> Plan:
     """Reserve a PUT of the blocks past the CPU tier's path (ready or being written), from
     ``first_block`` on, as far as CPU capacity allows (evicting unlocked CPU leaves), plus
     write-through of each lower tier from its own matched prefix to the end of the new CPU range.
@@ -225,7 +225,7 @@ def _ready_sources_stop(cpu: RadixIndex, cpu_ids: BlockIds, begin: int, num_old:
 
 
 def _write_through(graph: TaskGraph, index: RadixIndex, op_type: OpType, cpu: RadixIndex, cpu_ids: BlockIds,
-                   num_old: int, hashes: HashArray, d2h: OpNode, now: int) -> None:
+                   num_old: int, hashes: HashArray, d2h: OpNode, now: float) -> None:
     """Reserve copying CPU blocks [tier prefix, end) into ``index`` (fewer if it lacks room)."""
     match = index.match(hashes)
     begin = match.num_blocks

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import logging
 import math
 import os
@@ -26,6 +27,7 @@ from typing import Any
 import numpy as np
 import zmq
 
+from flexkv import security
 from flexkv.common.config import CacheConfig, ModelConfig, RemoteConfig, configs_to_json, kv_fingerprint
 from flexkv.layout import BlockFirstLayout, KVCacheLayout
 from flexkv.native.hasher import encode_namespace
@@ -38,13 +40,16 @@ from flexkv.protocol.codec import (
     frame_array,
     mask_to_range,
 )
-from flexkv.protocol.worker_msgs import OpsDoneMsg, WorkerHelloMsg
+from flexkv.protocol.worker_msgs import OpsDoneMsg, WorkerByeMsg, WorkerHelloMsg
 from flexkv.remote import RemoteStore, RemoteUnavailable, open_remote_store
+from flexkv.scheduler import endpoint
 from flexkv.scheduler.control import ControlPlane
+from flexkv.scheduler.endpoint import IpcClaim
 from flexkv.scheduler.graph import TransferOp
 from flexkv.scheduler.remote_lookup import RemoteLookup
 from flexkv.scheduler.sessions import ResultCache, Session, TaskResult
-from flexkv.scheduler.supervisor import OpResult, WorkerSupervisor, device_worker_id
+from flexkv.scheduler.supervisor import OpResult, RestartPolicy, WorkerSupervisor, device_worker_id
+from flexkv.security import CurveAuthenticator, CurveServerKeys
 from flexkv.shm import SharedPool, make_pool_name, remove_stale_segments, unlink_if_creator_dead
 from flexkv.types import ConfigError, FlexKVError, KVResponse, OpType, TaskStatus, TaskType
 
@@ -84,9 +89,13 @@ class SchedulerServer:
     """Owns index, pools, tasks and workers. Construct, then ``serve_forever()``; ``close()`` cleans up."""
 
     def __init__(self, model: ModelConfig, cache: CacheConfig, client_address: str | None = None,
-                 runtime_dir: str | None = None, parent_pid: int | None = None) -> None:
+                 runtime_dir: str | None = None, parent_pid: int | None = None,
+                 curve: CurveServerKeys | None = None) -> None:
+        """``curve``: CurveZMQ keys for a TCP client address (default: from the environment, see
+        flexkv/security.py); binding a non-loopback address without them is a ConfigError."""
         self.model = model
         self._closed = False
+        restart_policy = RestartPolicy.from_env()  # a bad setting fails here, before anything is built
         self._own_runtime_dir = runtime_dir is None
         self.runtime_dir = runtime_dir or default_runtime_dir()
         os.chmod(self.runtime_dir, 0o700)
@@ -96,7 +105,13 @@ class SchedulerServer:
         self._host = socket.gethostname()
         self._lookup_store: RemoteStore | None = None
         self._ctx = zmq.Context()
+        self._claims: list[IpcClaim] = []
+        self._auth: CurveAuthenticator | None = None
         try:
+            # First: a second server on the same address fails here, before it builds anything.
+            self._clients = self._bind_clients(curve if curve is not None else CurveServerKeys.from_env())
+            # Workers set no identity: the ROUTER names each connection, and a hello binds it (supervisor).
+            self._workers_sock = self._bind(zmq.ROUTER, self.worker_address)
             cache = self._open_remote_lookup(model, cache)
             self.cache = cache
             self.control = ControlPlane(model, cache, remote_lookup=self._remote_lookup)
@@ -106,17 +121,14 @@ class SchedulerServer:
                 log.warning("removed the stale CPU pool %s of a server that is gone", name)
             self.pool = SharedPool.create(make_pool_name("cpu"), cache.num_cpu_blocks * self.block_bytes,
                                           progress=_prefault_progress)
-            self._clients = self._bind(zmq.ROUTER, self.client_address)
-            self._workers_sock = self._bind(zmq.ROUTER, self.worker_address)
-            # A restarted worker (and its lanes) reconnects under the same identity: it takes over.
-            self._workers_sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         except BaseException:
             self.close()  # e.g. the address is taken: leave no segment or socket file behind
             raise
         base_spec = {"worker_address": self.worker_address, "pool_name": self.pool.name,
                      "pool_block_bytes": self.block_bytes, "pool_num_blocks": cache.num_cpu_blocks,
                      "configs": configs_to_json(model, cache)}
-        self.supervisor = WorkerSupervisor(self._workers_sock, base_spec, model.tp_size, model.use_mla)
+        self.supervisor = WorkerSupervisor(self._workers_sock, base_spec, model.tp_size, model.use_mla,
+                                           restart_policy)
         self._sessions: dict[bytes, Session] = {}  # by connection identity
         self._session_ids = itertools.count(1)
         self._registrations: dict[tuple[int, int], _Registration] = {}  # (dp, rank) -> owner
@@ -134,6 +146,7 @@ class SchedulerServer:
             cm.PutMatchMsg: self._on_match,
             cm.GetAsyncMsg: self._on_async,
             cm.PutAsyncMsg: self._on_async,
+            cm.PrefetchMsg: self._on_prefetch,
             cm.LaunchMsg: self._on_launch,
             cm.CancelMsg: self._on_cancel,
             cm.WaitMsg: self._on_wait,
@@ -174,11 +187,35 @@ class SchedulerServer:
         self._remote_lookup = RemoteLookup(store.count_prefix, unavailable=(RemoteUnavailable, OSError))
         return cache
 
-    def _bind(self, kind: int, address: str) -> zmq.Socket[bytes]:
+    def _bind_clients(self, curve: CurveServerKeys | None) -> zmq.Socket[bytes]:
+        """The client ROUTER; over TCP with CurveZMQ when keys are configured (required off loopback)."""
+        security.check_bind(self.client_address, curve)
+        if curve is None or not self.client_address.startswith("tcp://"):
+            return self._bind(zmq.ROUTER, self.client_address)
+        self._auth = CurveAuthenticator(self._ctx, curve)
+
+        def secure(sock: zmq.Socket[bytes]) -> None:
+            security.make_curve_server(sock, curve)
+            assert self._auth is not None
+            self._auth.watch(sock)
+        sock = self._bind(zmq.ROUTER, self.client_address, secure)
+        self._auth.start()
+        return sock
+
+    def _bind(self, kind: int, address: str,
+              prepare: Callable[[zmq.Socket[bytes]], None] | None = None) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = self._ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        sock.bind(address)
+        if prepare is not None:
+            prepare(sock)
+        try:
+            claim = endpoint.bind(sock, address)
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        if claim is not None:
+            self._claims.append(claim)
         return sock
 
     def _start_tier_workers(self, timeout_s: float = 120.0) -> None:
@@ -239,7 +276,11 @@ class SchedulerServer:
             handle(frames)
 
     def _tick(self) -> None:
-        self._complete(self.supervisor.check_liveness())
+        failed, gone = self.supervisor.check_liveness()
+        self._complete(failed)
+        for worker_id in gone:
+            self._lane_gone(worker_id, "its engine process is gone")
+        self.control.evict_proactively()
         for session in list(self._sessions.values()):
             if session.host == self._host and not _pid_alive(session.pid):
                 self._end_session(session, f"its process {session.pid} is gone", dead=True)
@@ -362,6 +403,25 @@ class SchedulerServer:
         except (FlexKVError, ProtocolError) as e:
             self._fail_unstarted(key, str(e), new=True)
 
+    def _on_prefetch(self, identity: bytes, msg: cm.PrefetchMsg, arrays: list[memoryview]) -> None:
+        session = self._sessions[identity]
+        key = session.key(msg.task_id)
+        if self._in_use(key):  # never touch the task that holds the id
+            log.warning("session %d: PrefetchMsg for task id %d ignored: already in use", session.session_id,
+                        msg.task_id)
+            return
+        try:
+            if len(arrays) != 1:
+                raise ProtocolError(f"PrefetchMsg: expected 1 array frame, got {len(arrays)}")
+            tokens = frame_array(arrays[0], np.int64, "token_ids")
+            self._match(key, msg.task_id, True, tokens, None, encode_namespace(msg.namespace))
+            ops = self.control.launch_prefetch(key)
+            self._launched.add(key)
+            self._dispatch(ops)
+            self._retire([key])
+        except (FlexKVError, ProtocolError) as e:
+            self._fail_unstarted(key, str(e), new=True)
+
     def _on_launch(self, identity: bytes, msg: cm.LaunchMsg, arrays: list[memoryview]) -> None:
         session = self._sessions[identity]
         keys = [session.key(tid) for tid in msg.task_ids]  # all in range, or nothing happens
@@ -451,8 +511,8 @@ class SchedulerServer:
             self.block_first.check_engine_layout(KVCacheLayout.from_fields(reg))
         except ValueError as e:
             raise _invalid(f"register rank {msg.tp_rank}: {e}") from None
-        if not msg.cuda_handles and not msg.host_segment:
-            raise _invalid("register: neither a host segment nor CUDA handles given")
+        if not msg.engine_side and not msg.cuda_handles and not msg.host_segment:
+            raise _invalid("register: neither a host segment nor CUDA handles given (nor engine_side)")
         if msg.cuda_event and (not msg.cuda_handles or len(msg.cuda_event) != 64):
             raise _invalid("register: cuda_event needs CUDA tensors and a 64-byte cudaIpcEventHandle_t")
         reg["cuda_handles"] = [h.hex() for h in msg.cuda_handles]
@@ -466,14 +526,41 @@ class SchedulerServer:
                            "after it is gone")
         self._registrations[key] = _Registration(session.session_id, msg.host_segment)
         worker_id = device_worker_id(msg.client_id, msg.tp_rank)
-        handle = self.supervisor.spawn(worker_id, {"kind": "device", "dp_client_id": msg.client_id,
-                                                   "tp_rank": msg.tp_rank, "registration": reg})
+        spec = {"kind": "device", "dp_client_id": msg.client_id, "tp_rank": msg.tp_rank, "registration": reg}
+        if msg.engine_side:
+            self._register_lane(identity, msg.req_id, worker_id, key, spec)
+            return
+        handle = self.supervisor.spawn(worker_id, spec)
 
         def ready() -> None:
             self._registered.add(key)
             self._reply(identity, cm.OkReplyMsg(req_id=msg.req_id, info={"worker": worker_id}))
 
         handle.on_ready.append(ready)
+        handle.on_start_failed.append(
+            lambda why: self._reply(identity, cm.ErrorReplyMsg(req_id=msg.req_id, error=f"register: {why}")))
+
+    def _register_lane(self, identity: bytes, req_id: int, worker_id: str, key: tuple[int, int],
+                       spec: dict[str, Any]) -> None:
+        """An engine-side lane (DESIGN §7b): reply at once with what the engine needs to run the device
+        worker itself (its credential included); the rank counts as registered when the lane says hello."""
+        self._registered.discard(key)
+        handle = self.supervisor.expect_lane(worker_id, spec)
+        handle.on_ready.append(lambda: self._registered.add(key))
+        lane = self.supervisor.lane_spec(handle)
+        info: dict[str, int | float | str | bool] = {"worker": worker_id, "lane_spec": json.dumps(lane)}
+        self._reply(identity, cm.OkReplyMsg(req_id=req_id, info=info))
+
+    def _lane_gone(self, worker_id: str, reason: str) -> None:
+        """An engine-side lane stopped (or its process died): its rank is unregistered, its ops fail."""
+        handle = self.supervisor.workers.get(worker_id)
+        if handle is None:
+            return
+        log.warning("engine-side lane %s is gone (%s)", worker_id, reason)
+        dp, rank = handle.spec["dp_client_id"], handle.spec["tp_rank"]
+        self._registered.discard((dp, rank))
+        self._registrations.pop((dp, rank), None)  # the rank is free to register again
+        self._complete(self.supervisor.remove(worker_id, reason))
 
     def _on_query(self, identity: bytes, msg: cm.QueryMsg, _: list[memoryview]) -> None:
         info: dict[str, int | float | str | bool]
@@ -483,16 +570,29 @@ class SchedulerServer:
             info = {**self.control.stats(), **self._session_stats(), "in_flight_ops": self.supervisor.num_in_flight,
                     "num_workers": len(self.supervisor.workers), "server_pid": os.getpid()}
             for worker_id, handle in self.supervisor.workers.items():
-                info[f"pid:{worker_id}"] = handle.proc.pid if handle.proc is not None else -1
+                info[f"pid:{worker_id}"] = handle.proc.pid if handle.proc is not None else handle.pid
+            for worker_id, reason in self.supervisor.down().items():
+                info[f"down:{worker_id}"] = reason
+            info["worker_msgs_refused"] = self.supervisor.num_refused
+            if self._auth is not None:
+                info["clients_refused"] = self._auth.num_refused
         elif msg.what == "check":
             self.control.check_invariants()
             self._check_sessions()
             info = {"ok": True}
+        elif msg.what == "reset":
+            dropped = self.control.reset()
+            for key in dropped:  # not launched: final as CANCELLED for any later wait
+                self._matched.pop(key, None)
+                cancelled = KVResponse(TaskStatus.CANCELLED, key[1], None)
+                self._results.put(key, cancelled, cancelled)
+            log.info("reset: every tier's index dropped; %d unlaunched task(s) cancelled", len(dropped))
+            info = {"cancelled": len(dropped)}
         elif msg.what == "shutdown":
             self._running = False
             info = {"ok": True}
         else:
-            raise _invalid(f"unknown query {msg.what!r}; allowed: is_ready, stats, check, shutdown")
+            raise _invalid(f"unknown query {msg.what!r}; allowed: is_ready, stats, check, reset, shutdown")
         self._reply(identity, cm.OkReplyMsg(req_id=msg.req_id, info=info))
 
     def _session_stats(self) -> dict[str, int]:
@@ -519,8 +619,8 @@ class SchedulerServer:
 
     def is_ready(self) -> bool:
         want = {(d, r) for d in range(self.model.dp_size) for r in range(self.model.tp_size)}
-        tiers_ready = all(h.ready for h in self.supervisor.workers.values())
-        return want <= self._registered and tiers_ready
+        workers_ready = all(h.ready and not h.down_reason for h in self.supervisor.workers.values())
+        return want <= self._registered and workers_ready
 
     # -- tasks and waits ------------------------------------------------------------------------
     def _status(self, key: TaskKey, completely: bool) -> TaskStatus:
@@ -574,20 +674,28 @@ class SchedulerServer:
 
     # -- workers --------------------------------------------------------------------------------
     def _on_worker_frames(self, frames: list[zmq.Frame]) -> None:
-        identity = frames[0].bytes.decode(errors="replace")
-        # A worker's lanes report on their own sockets, "<worker id>/lane<i>"; only the worker says hello.
-        worker_id, _, lane = identity.partition("/")
+        """A hello binds its connection to a worker (or lane) if its credential is right; anything else
+        counts only from a connection so bound, and only for that worker (DESIGN §7, trust)."""
+        routing_id = frames[0].bytes
         try:
             msg, _ = WORKER_TO_SERVER.decode(frames[1:])
         except ProtocolError as e:
-            log.warning("bad message from worker %r: %s", identity, e)
+            self.supervisor.refuse(routing_id, f"bad message: {e}")
             return
-        if isinstance(msg, WorkerHelloMsg) and not lane:
-            self.supervisor.on_hello(worker_id, msg.op_types)
-        elif isinstance(msg, OpsDoneMsg) and msg.worker_id == worker_id and len(msg.op_ids) == len(msg.errors):
+        if isinstance(msg, WorkerHelloMsg):
+            self.supervisor.on_hello(routing_id, msg)
+            return
+        worker_id = self.supervisor.worker_of(routing_id)
+        if worker_id is None or msg.worker_id != worker_id:
+            self.supervisor.refuse(routing_id, f"{type(msg).__name__} as {msg.worker_id!r} from a connection "
+                                               f"that is not that worker's: dropped")
+        elif isinstance(msg, OpsDoneMsg) and len(msg.op_ids) != len(msg.errors):
+            log.warning("OpsDoneMsg from %s with %d op ids and %d errors ignored", worker_id, len(msg.op_ids),
+                        len(msg.errors))
+        elif isinstance(msg, OpsDoneMsg):
             self._complete(self.supervisor.on_done(worker_id, msg.op_ids, msg.errors))
-        else:
-            log.warning("%s from %r ignored", type(msg).__name__, identity)
+        elif isinstance(msg, WorkerByeMsg) and self.supervisor.on_bye(routing_id) is not None:
+            self._lane_gone(worker_id, msg.reason or "closed")
 
     def _dispatch(self, ops: list[TransferOp]) -> None:
         pending = list(ops)
@@ -651,6 +759,8 @@ class SchedulerServer:
         self._closed = True
         if hasattr(self, "supervisor"):
             self.supervisor.stop_all()
+        if self._auth is not None:
+            self._auth.close()
         self._ctx.destroy(linger=0)
         pool: SharedPool | None = getattr(self, "pool", None)
         if pool is not None:
@@ -658,14 +768,11 @@ class SchedulerServer:
             pool.unlink()
         if self._lookup_store is not None:
             self._lookup_store.close()
+        for claim in self._claims:  # only the paths this server bound: never another server's
+            claim.release()
+        self._claims = []
         if self._own_runtime_dir:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
-        else:
-            for name in ("server.sock", "workers.sock"):
-                try:
-                    os.unlink(os.path.join(self.runtime_dir, name))
-                except FileNotFoundError:
-                    pass
         log.info("flexkv server stopped")
 
 

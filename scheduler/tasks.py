@@ -51,6 +51,7 @@ class Task:
         self.error = ""  # why the task failed (the first failed op)
         self.mask = plan.mask  # tokens loaded/stored; a GET's shrinks if its REMOTE2H fails
         self.num_lost_blocks = 0  # GET blocks matched but not loaded (REMOTE2H failed)
+        self.prefetch = False  # a GET with no engine destination: its H2D is never dispatched
 
     @property
     def task_type(self) -> TaskType:
@@ -170,8 +171,8 @@ class Task:
             if node is end:
                 commit(node)
                 self.engine_done = True
-            elif node.src_block_ids.shape[0] == 0:  # cut to nothing (see _load_local_part)
-                pending += commit(node)
+            elif node.src_block_ids.shape[0] == 0 or (self.prefetch and node.op_type is OpType.H2D):
+                pending += commit(node)  # cut to nothing (see _load_local_part), or a prefetch's H2D
             else:
                 ops.append((node, node.to_op(new_op_id(), self.key, gpu_ids)))
         return ops

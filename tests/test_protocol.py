@@ -28,6 +28,7 @@ SAMPLES: list[tuple[Codec[typing.Any], msgspec.Struct]] = [
     (CLIENT_REQUESTS, cm.PutMatchMsg(client_id=0, req_id=1, task_id=8)),
     (CLIENT_REQUESTS, cm.GetAsyncMsg(client_id=0, task_id=9, namespace=None)),
     (CLIENT_REQUESTS, cm.PutAsyncMsg(client_id=0, task_id=10, has_mask=True)),
+    (CLIENT_REQUESTS, cm.PrefetchMsg(client_id=0, task_id=11, namespace=["lora-a"])),
     (CLIENT_REQUESTS, cm.LaunchMsg(client_id=0, task_ids=[1, 2])),
     (CLIENT_REQUESTS, cm.CancelMsg(client_id=0, task_ids=[3])),
     (CLIENT_REQUESTS, cm.WaitMsg(client_id=0, req_id=4, task_ids=[1], timeout_s=1.5, completely=True)),
@@ -42,9 +43,11 @@ SAMPLES: list[tuple[Codec[typing.Any], msgspec.Struct]] = [
     (SERVER_REPLIES, cm.WaitReplyMsg(req_id=1, task_ids=[1], statuses=[0], errors=[""], num_tokens=[-1],
                                      mask_begins=[0], mask_ends=[0])),
     (SERVER_REPLIES, cm.ErrorReplyMsg(req_id=1, error="bad", kind="InvalidRequest")),
-    (WORKER_TO_SERVER, wm.WorkerHelloMsg(worker_id="w", pid=1, op_types=[0, 1])),
+    (WORKER_TO_SERVER, wm.WorkerHelloMsg(worker_id="w", pid=1, op_types=[0, 1], credential="c0ffee", lane=1)),
+    (WORKER_TO_SERVER, wm.WorkerByeMsg(worker_id="w", reason="closed")),
     (WORKER_TO_SERVER, wm.OpsDoneMsg(worker_id="w", op_ids=[1, 2], errors=["", "EIO"])),
     (SERVER_TO_WORKER, wm.ExecuteOpMsg(op_id=3, op_type=2)),
+    (SERVER_TO_WORKER, wm.HelloAcceptedMsg()),
     (SERVER_TO_WORKER, wm.StopWorkerMsg(reason="bye")),
 ]
 

@@ -26,6 +26,13 @@ def _require(ok: bool, field: str, msg: str) -> None:
         raise ConfigError(f"{field}: {msg}")
 
 
+def _require_fraction(value: object, field: str, low_open: bool) -> None:
+    """A number in (0, 1] (``low_open``) or [0, 1]."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (0 < value <= 1 if low_open
+                                                                             else 0 <= value <= 1)
+    _require(ok, field, f"must be a number in {'(0' if low_open else '[0'}, 1], got {value!r}")
+
+
 def _require_int(value: object, field: str, minimum: int) -> None:
     _require(isinstance(value, int) and not isinstance(value, bool), field,
              f"must be an integer, got {value!r}")
@@ -141,9 +148,28 @@ class CacheConfig:
     enable_remote: bool = False
     num_remote_blocks: int = 0  # remote capacity we account for; 0 = the store decides (unbounded)
     remote: RemoteConfig = dataclasses.field(default_factory=RemoteConfig)
-    eviction_policy: EvictionPolicy | str = EvictionPolicy.LRU
+    eviction_policy: EvictionPolicy | str = EvictionPolicy.LRU  # every tier's, unless overridden below
+    eviction_policy_cpu: EvictionPolicy | str | None = None
+    eviction_policy_ssd: EvictionPolicy | str | None = None
+    eviction_policy_remote: EvictionPolicy | str | None = None
+    # Policy knobs; defaults are the best of those tried on the conversation trace (docs/benchmarks.md).
+    hit_reward_seconds: float = 30.0  # flru: grace time one hit adds to a node
+    slru_promote_hits: int = 2  # slru: hits that move a node into the protected segment
+    slru_protected_ratio: float = 0.2  # slru: largest share of a tier's evictable blocks kept protected
+    # Proactive eviction: once a tier is fuller than evict_start_threshold (a fraction of its blocks),
+    # the server's idle tick evicts evict_ratio of the tier, so puts under pressure find free blocks
+    # instead of evicting while they match. 1.0 = evict only when an allocation needs room.
+    evict_start_threshold: float = 1.0
+    evict_ratio: float = 0.05
     match_ttl_s: float = 600.0  # a get_match/put_match never launched is released after this long
     result_cache_bytes: int = 32 << 20  # bound of the server's cache of finished results
+
+    def policy_of(self, tier: str) -> EvictionPolicy:
+        """The eviction policy of ``tier`` ("cpu", "ssd", "remote")."""
+        override = getattr(self, f"eviction_policy_{tier}")
+        policy = self.eviction_policy if override is None else override
+        assert isinstance(policy, EvictionPolicy)
+        return policy
 
     def __post_init__(self) -> None:
         dirs = self.ssd_cache_dir
@@ -154,11 +180,22 @@ class CacheConfig:
         object.__setattr__(self, "ssd_cache_dir", tuple(dirs))
         for flag in ("enable_cpu", "enable_ssd", "enable_remote"):
             _require(isinstance(getattr(self, flag), bool), flag, f"must be a bool, got {getattr(self, flag)!r}")
-        try:
-            object.__setattr__(self, "eviction_policy", EvictionPolicy(self.eviction_policy))
-        except ValueError:
-            allowed = ", ".join(p.value for p in EvictionPolicy)
-            raise ConfigError(f"eviction_policy: unsupported {self.eviction_policy!r}; allowed: {allowed}") from None
+        for name in ("eviction_policy", "eviction_policy_cpu", "eviction_policy_ssd", "eviction_policy_remote"):
+            value = getattr(self, name)
+            if value is None and name != "eviction_policy":
+                continue
+            try:
+                object.__setattr__(self, name, EvictionPolicy(value))
+            except ValueError:
+                allowed = ", ".join(p.value for p in EvictionPolicy)
+                raise ConfigError(f"{name}: unsupported {value!r}; allowed: {allowed}") from None
+        _require_fraction(self.slru_protected_ratio, "slru_protected_ratio", low_open=True)
+        _require_fraction(self.evict_start_threshold, "evict_start_threshold", low_open=True)
+        _require_fraction(self.evict_ratio, "evict_ratio", low_open=True)
+        _require_int(self.slru_promote_hits, "slru_promote_hits", 1)
+        _require(isinstance(self.hit_reward_seconds, (int, float)) and not isinstance(self.hit_reward_seconds, bool)
+                 and 0 <= self.hit_reward_seconds < float("inf"), "hit_reward_seconds",
+                 f"must be a finite number >= 0, got {self.hit_reward_seconds!r}")
         t = self.tokens_per_block
         _require_int(t, "tokens_per_block", 1)
         _require(t & (t - 1) == 0, "tokens_per_block", f"must be a power of two, got {t}")
@@ -192,6 +229,14 @@ _USER_KEYS: dict[str, type] = {
     "tokens_per_block": int,
     "io_uring_depth": int,
     "eviction_policy": str,
+    "eviction_policy_cpu": str,
+    "eviction_policy_ssd": str,
+    "eviction_policy_remote": str,
+    "hit_reward_seconds": float,
+    "slru_promote_hits": int,
+    "slru_protected_ratio": float,
+    "evict_start_threshold": float,
+    "evict_ratio": float,
     "match_ttl_s": float,
     "enable_remote": bool,
     "remote_cache_gb": float,
@@ -211,6 +256,9 @@ _NON_CONFIG_ENV = {
     "FLEXKV_CONFIG_PATH", "FLEXKV_LOG_LEVEL", "FLEXKV_RUNTIME_DIR", "FLEXKV_SERVER_ADDRESS",  # run time
     "FLEXKV_CUDART", "FLEXKV_CUDART_DIR", "FLEXKV_SSD_NO_DIRECT",  # where CUDA is; no O_DIRECT
     "FLEXKV_LANE_DEPTH", "FLEXKV_STAGING_MIB", "FLEXKV_HOST_LANES",  # worker tuning (docs/gpu.md)
+    "FLEXKV_WORKER_RESTARTS", "FLEXKV_WORKER_RESTART_WINDOW_S",  # restart budget (scheduler/supervisor.py)
+    "FLEXKV_CURVE_SERVER_SECRET", "FLEXKV_CURVE_AUTHORIZED_KEYS",  # CurveZMQ, server (flexkv/security.py)
+    "FLEXKV_CURVE_SERVER_KEY", "FLEXKV_CURVE_CLIENT_SECRET",  # CurveZMQ, client
     "FLEXKV_NVCC", "FLEXKV_SKIP_EXTENSIONS", "FLEXKV_SKIP_APT", "FLEXKV_TORCH_SPEC", "FLEXKV_SKIP_TORCH",  # build
     "FLEXKV_TEST_CUDARTS",  # tests: extra libcudart files to run the BATCH ABI test under
 }
@@ -312,7 +360,9 @@ def cache_config_from_user(model: ModelConfig, values: Mapping[str, Any]) -> Cac
         if values["ssd_max_file_gb"] <= 0:
             raise ConfigError(f"ssd_max_file_gb: must be > 0, got {values['ssd_max_file_gb']}")
         kw["ssd_max_file_bytes"] = int(values["ssd_max_file_gb"] * GIB)
-    for key in ("io_uring_depth", "eviction_policy", "enable_remote", "match_ttl_s"):
+    for key in ("io_uring_depth", "eviction_policy", "enable_remote", "eviction_policy_cpu", "eviction_policy_ssd",
+                "eviction_policy_remote", "hit_reward_seconds", "slru_promote_hits", "slru_protected_ratio",
+                "evict_start_threshold", "evict_ratio", "match_ttl_s"):
         if key in values:
             kw[key] = values[key]
     if "remote_cache_gb" in values:

@@ -60,6 +60,14 @@ class PutAsyncMsg(GetAsyncMsg, frozen=True, tag=True, kw_only=True):
     """Like GetAsyncMsg for a PUT."""
 
 
+class PrefetchMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
+    """Match a GET and start staging its SSD/remote hits into CPU, with no engine destination; no
+    reply (errors at wait). Frames: token_ids (int64)."""
+
+    task_id: int
+    namespace: list[str] | None = None
+
+
 class LaunchMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
     """Bind GPU slots of matched tasks and start them, no reply. Frames: one slot_mapping per task id."""
 
@@ -99,6 +107,7 @@ class RegisterKVMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
     tensor_offsets: list[int] = []  # byte offset of each tensor inside host_segment / its CUDA allocation
     cuda_handles: list[bytes] = []  # one cudaIpcMemHandle_t (64 bytes) per tensor, for CUDA buffers
     cuda_event: bytes = b""  # cudaIpcEventHandle_t of the rank's "KV written" event; D2H copies wait on it
+    engine_side: bool = False  # the engine runs the device worker itself (DESIGN §7b); the reply has its spec
 
 
 class ByeMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
@@ -109,7 +118,8 @@ class ByeMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
 
 
 class QueryMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
-    """``what``: "is_ready" | "stats" | "check" (runs check_invariants) | "shutdown"."""
+    """``what``: "is_ready" | "stats" | "check" (runs check_invariants) | "reset" (drop every tier's
+    index) | "shutdown"."""
 
     req_id: int
     what: str
@@ -118,8 +128,8 @@ class QueryMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
 MAX_WAIT_S = 3600.0  # longest single WaitMsg; KVManager.wait(timeout=inf) waits in steps of this
 
 ClientRequest = (
-    HelloMsg | GetMatchMsg | PutMatchMsg | GetAsyncMsg | PutAsyncMsg | LaunchMsg | CancelMsg | WaitMsg | RegisterKVMsg
-    | ByeMsg | QueryMsg
+    HelloMsg | GetMatchMsg | PutMatchMsg | GetAsyncMsg | PutAsyncMsg | PrefetchMsg | LaunchMsg | CancelMsg | WaitMsg
+    | RegisterKVMsg | ByeMsg | QueryMsg
 )
 
 
