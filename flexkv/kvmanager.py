@@ -84,11 +84,35 @@ def _namespace(namespace: Sequence[str] | None) -> list[str] | None:
     return list(namespace)
 
 
+_PAGE_KEY_SEED = xxhash.xxh3_64_intdigest(b"flexkv page keys v1")
+
+
+def hash_page_keys(page_keys: Sequence[str | bytes], namespace: Sequence[str] | None = None) -> npt.NDArray[np.uint64]:
+    """flexkv block keys (uint64) for an engine that names its pages itself (SGLang's page hashes).
+
+    Key i is xxh3-64 of page key i seeded with key i - 1 (the first with the namespace), so it names
+    the whole chain of page keys up to page i, as flexkv's token hashes name their prefix. Pass the
+    chain from the sequence's first page. Pure function, any process; TypeError for a key that is
+    neither str nor bytes.
+    """
+    seed = xxhash.xxh3_64_intdigest(encode_namespace(_namespace(namespace)), seed=_PAGE_KEY_SEED)
+    out = np.empty(len(page_keys), dtype=np.uint64)
+    for i, key in enumerate(page_keys):
+        if isinstance(key, str):
+            key = key.encode()
+        elif not isinstance(key, bytes):
+            raise TypeError(f"page key {i} must be str or bytes, got {type(key).__name__}")
+        seed = xxhash.xxh3_64_intdigest(key, seed=seed)
+        out[i] = seed
+    return out
+
+
 class KVManager:
     """One DP client of a flexkv server. Thread-safe for concurrent calls."""
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, server_address: str | None = None,
-                 dp_client_id: int = 0, start_timeout_s: float = 120.0, request_timeout_s: float = 60.0) -> None:
+                 dp_client_id: int = 0, start_timeout_s: float = 120.0, request_timeout_s: float = 60.0,
+                 *, first_task_id: int = 1) -> None:
         self.model_config, self.cache_config = model_config, cache_config
         self.dp_client_id = dp_client_id
         self._address = server_address
@@ -98,8 +122,10 @@ class KVManager:
         self._conn: ServerConnection | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._runtime_dir: str | None = None
-        self._task_ids = itertools.count(1)
-        self._last_task_id = 0  # task ids 1.._last_task_id were handed out in this session
+        # Task ids are the session's own (a new session starts over); ``first_task_id`` only offsets them.
+        self._first_task_id = first_task_id
+        self._task_ids = itertools.count(first_task_id)
+        self._last_task_id = first_task_id - 1  # ids first_task_id.._last_task_id were handed out
         self._launched: dict[int, int] = {}  # task id -> digest of the slot mapping it was launched with
         self._tp_clients: list[KVTPClient] = []
         self._tokens_per_block = cache_config.tokens_per_block  # the server's, once connected
@@ -111,12 +137,17 @@ class KVManager:
             raise FlexKVError("KVManager not started: call start() first")
         return self._address
 
+    @property
+    def tokens_per_block(self) -> int:
+        """The server's block size in tokens (the config's until connected)."""
+        return self._tokens_per_block
+
     def start(self) -> None:
         """Start the server (library mode) or connect to it. Idempotent."""
         if self._conn is not None:
             return
-        self._task_ids = itertools.count(1)  # a new session: its task ids start over
-        self._last_task_id = 0
+        self._task_ids = itertools.count(self._first_task_id)  # a new session: its task ids start over
+        self._last_task_id = self._first_task_id - 1
         self._launched = {}
         if self._library_mode:
             self._spawn_server()
@@ -254,6 +285,53 @@ class KVManager:
         """Match only; the mask marks the tokens not yet cached, which will be stored."""
         return self._match(cm.PutMatchMsg, token_ids, token_mask, namespace)
 
+    # -- key-based tasks (engines that hash their own pages) ------------------------------------
+    def _match_keys(self, cls: type[cm.GetMatchMsg], block_keys: npt.NDArray[np.uint64],
+                    first_block: int) -> tuple[int, int, int]:
+        keys = np.ascontiguousarray(block_keys)
+        if keys.dtype != np.uint64 or keys.ndim != 1:
+            raise InvalidRequest(f"block_keys must be a 1-D uint64 array (see hash_page_keys), got {keys.dtype} "
+                                 f"of shape {keys.shape}")
+        if not 0 <= first_block <= keys.shape[0]:
+            raise InvalidRequest(f"first_block {first_block} out of range [0, {keys.shape[0]}]")
+        t = self._tokens_per_block
+        num_tokens = keys.shape[0] * t
+        mask = None
+        if first_block:
+            mask = np.zeros(num_tokens, dtype=np.bool_)
+            mask[first_block * t:] = True
+        task_id = self._new_task_id()
+        arrays: list[Any] = [keys] + ([mask] if mask is not None else [])
+        reply, _ = self._c.request(lambda rid: cls(client_id=self.dp_client_id, req_id=rid, task_id=task_id,
+                                                   has_mask=mask is not None, num_tokens=num_tokens), arrays)
+        assert isinstance(reply, cm.MatchReplyMsg)
+        if reply.mask_begin < 0:  # the server's mask is always one run of whole blocks
+            raise FlexKVError("key match: the server returned a mask that is not one run of blocks")
+        if reply.mask_end <= reply.mask_begin:
+            return task_id, first_block, first_block
+        return task_id, reply.mask_begin // t, reply.mask_end // t
+
+    def get_match_keys(self, block_keys: npt.NDArray[np.uint64], first_block: int = 0) -> tuple[int, int, int]:
+        """Reserve a GET of the blocks named by ``block_keys`` (:func:`hash_page_keys` of the chain from the
+        sequence's first page) from ``first_block`` on; the earlier keys only locate the prefix.
+
+        Returns ``(task_id, begin, end)``: blocks ``[begin, end)`` will be loaded (``begin == end``: none).
+        Launch it with a compact slot mapping of the blocks from ``first_block`` on, or cancel it."""
+        return self._match_keys(cm.GetMatchMsg, block_keys, first_block)
+
+    def put_match_keys(self, block_keys: npt.NDArray[np.uint64], first_block: int = 0) -> tuple[int, int, int]:
+        """Reserve a PUT of the blocks of ``block_keys`` from ``first_block`` on that flexkv lacks; like
+        :meth:`get_match_keys`, ``[begin, end)`` are the blocks that will be stored. Blocks before ``begin``
+        are cached already (or being written); a put whose prefix is not cached stores nothing."""
+        return self._match_keys(cm.PutMatchMsg, block_keys, first_block)
+
+    def count_cached_keys(self, block_keys: npt.NDArray[np.uint64], first_block: int = 0) -> int:
+        """How many blocks from ``first_block`` on are cached and ready, as a run (any tier); reserves
+        nothing (the match is cancelled at once)."""
+        task_id, _, end = self.get_match_keys(block_keys, first_block)
+        self.cancel(task_id)
+        return end - first_block
+
     def launch(self, task_ids: int | Sequence[int], slot_mappings: IntArrayLike | Sequence[IntArrayLike]) -> None:
         """Bind GPU slots to matched tasks and start their transfers (no reply; errors at wait). A task id
         this session never handed out is InvalidRequest here; a cancelled or expired one is ignored."""
@@ -275,7 +353,8 @@ class KVManager:
         return self._last_task_id
 
     def _check_relaunch(self, task_id: int, slots: npt.NDArray[np.int64]) -> bool:
-        if isinstance(task_id, bool) or not isinstance(task_id, int) or not 0 < task_id <= self._last_task_id:
+        issued = isinstance(task_id, int) and self._first_task_id <= task_id <= self._last_task_id
+        if isinstance(task_id, bool) or not issued:
             raise InvalidRequest(f"launch: task id {task_id!r} was not returned by get_match/put_match of this "
                                  "KVManager session")
         digest = xxhash.xxh3_64_intdigest(slots.tobytes())

@@ -47,7 +47,7 @@ from flexkv.scheduler.control import ControlPlane
 from flexkv.scheduler.endpoint import IpcClaim
 from flexkv.scheduler.graph import TransferOp
 from flexkv.scheduler.remote_lookup import RemoteLookup
-from flexkv.scheduler.sessions import ResultCache, Session, TaskResult
+from flexkv.scheduler.sessions import ResultCache, Session, TaskResult, session_of, task_of
 from flexkv.scheduler.supervisor import OpResult, RestartPolicy, WorkerSupervisor, device_worker_id
 from flexkv.security import CurveAuthenticator, CurveServerKeys
 from flexkv.shm import SharedPool, make_pool_name, remove_stale_segments, unlink_if_creator_dead
@@ -448,7 +448,7 @@ class SchedulerServer:
     def _fail_unstarted(self, key: TaskKey, error: str, new: bool = False) -> None:
         """A request failed before its task ran: roll back and report FAILED at wait. Only a task this
         request created (``new``) or one matched and not launched is failed; a running one goes on."""
-        log.info("task %d of session %d failed: %s", key[1] & 0xFFFFFFFF, key[1] >> 32, error)
+        log.info("task %d of session %d failed: %s", task_of(key), session_of(key), error)
         if key in self._launched:
             return
         if self.control.poll(key).status is TaskStatus.UNREADY:
@@ -492,7 +492,7 @@ class SchedulerServer:
             if key in self._launched or self.control.poll(key).status is not TaskStatus.UNREADY:
                 continue  # not a pending match after all (never the case; keeps the loop finite)
             error = f"matched {now - matched_at:.0f} s ago and never launched: released after match_ttl_s={ttl:g}"
-            log.warning("task %d of session %d %s", key[1] & 0xFFFFFFFF, key[1] >> 32, error)
+            log.warning("task %d of session %d %s", task_of(key), session_of(key), error)
             self.control.cancel(key)
             self.control.release(key)
             failed = KVResponse(TaskStatus.FAILED, key[1], None, error)
@@ -605,7 +605,7 @@ class SchedulerServer:
         live = {s.session_id: s for s in self._sessions.values()}
 
         def owned(key: TaskKey) -> bool:
-            s = live.get(key[1] >> 32)
+            s = live.get(session_of(key))
             return s is not None and s.owns(key)
 
         tasks = self.control.task_keys()

@@ -1,7 +1,7 @@
 """Client sessions (incarnations) and the bounded cache of finished results. Server thread only.
 
 Every connection that says hello gets a session: a server-unique id, never reused. Its task ids
-live in the session's own space: the control plane keys a task ``(dp_client_id, session_id << 32 |
+live in the session's own space: the control plane keys a task ``(dp_client_id, session_id << 64 |
 task_id)``, so a restarted engine with the same dp_client_id can never meet its predecessor's tasks
 or results, while GPU ops still route by ``key[0]``, the dp client (DESIGN §7).
 
@@ -24,8 +24,8 @@ from flexkv.protocol.codec import mask_to_range
 from flexkv.scheduler.graph import TaskKey
 from flexkv.types import InvalidRequest, KVResponse, TaskStatus
 
-TASK_ID_BITS = 32
-_TASK_ID_LIMIT = 1 << TASK_ID_BITS
+TASK_ID_BITS = 64  # the session id sits above them in the key
+_TASK_ID_LIMIT = 1 << 63  # task ids travel as msgpack int64
 # Bytes one cached result is counted for beyond its error text and mask: the key tuple, the NamedTuple,
 # its ints and the OrderedDict slot. tracemalloc measured ~540 bytes per entry of two results
 # (CPython 3.11); counting 400 + sizeof(error) per result over-counts, so the bound holds.
@@ -46,11 +46,21 @@ class Session:
     def key(self, task_id: object) -> TaskKey:
         """The control plane's key of this session's ``task_id``; InvalidRequest if out of range."""
         if isinstance(task_id, bool) or not isinstance(task_id, int) or not 0 <= task_id < _TASK_ID_LIMIT:
-            raise InvalidRequest(f"task id {task_id!r} out of range [0, 2**{TASK_ID_BITS})")
+            raise InvalidRequest(f"task id {task_id!r} out of range [0, 2**63)")
         return self.client_id, self.session_id << TASK_ID_BITS | task_id
 
     def owns(self, key: TaskKey) -> bool:
-        return key[0] == self.client_id and key[1] >> TASK_ID_BITS == self.session_id
+        return key[0] == self.client_id and session_of(key) == self.session_id
+
+
+def session_of(key: TaskKey) -> int:
+    """The session id inside a control-plane task key."""
+    return key[1] >> TASK_ID_BITS
+
+
+def task_of(key: TaskKey) -> int:
+    """The client's task id inside a control-plane task key."""
+    return key[1] & ((1 << TASK_ID_BITS) - 1)
 
 
 class TaskResult(NamedTuple):

@@ -119,6 +119,16 @@ def test_server_and_workers_do_not_import_the_engine_facing_manager() -> None:
     assert not offenders, "\n".join(offenders)
 
 
+def test_nothing_imports_the_engine_integrations() -> None:
+    """flexkv/integration/* sit above the engine API (DESIGN.md §7b); only they and tests import them."""
+    offenders = [f"{path.relative_to(ROOT)}:{line}: imports {name}"
+                 for path in python_files()
+                 if not is_under(module_name(path), "flexkv.integration") and path.parts[len(ROOT.parts)] in
+                 ("flexkv", "scheduler", "workers")
+                 for line, name in file_imports(path) if is_under(name, "flexkv.integration")]
+    assert not offenders, "\n".join(offenders)
+
+
 _IMPORT_ALL = r"""
 import importlib, json, pkgutil, sys, traceback
 import flexkv, flexkv.scheduler, flexkv.workers
@@ -126,7 +136,8 @@ names = []
 for pkg in (flexkv, flexkv.scheduler, flexkv.workers):
     names.append(pkg.__name__)
     names += [m.name for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")
-              if not m.name.startswith(("flexkv.scheduler", "flexkv.workers")) or pkg is not flexkv]
+              if (not m.name.startswith(("flexkv.scheduler", "flexkv.workers")) or pkg is not flexkv)
+              and not m.name.startswith("flexkv.integration.")]  # engine adapters import their engine
 failures = {}
 for name in sorted(set(names)):
     try:

@@ -90,7 +90,9 @@ class DeviceWorker(Worker):
         self.layout = KVCacheLayout.from_fields(reg)
         block_first = BlockFirstLayout(self.model, self.cache.tokens_per_block)
         block_first.check_engine_layout(self.layout)
-        self.shard_offsets = block_first.shard_chunk_offsets(block_first.shard_of_rank(self.tp_rank))
+        # One offset per entry of the layout's chunk table (per piece for the page-first host pools).
+        self.shard_offsets = self.layout.pool_piece_offsets(
+            block_first.shard_chunk_offsets(block_first.shard_of_rank(self.tp_rank)))
         self.backend: CopyBackend
         if reg.get("cuda_handles"):
             from flexkv.workers.gpu_backend import CudaCopyBackend

@@ -64,7 +64,7 @@ class ClientFuzzer:
             return self.next_id
         if r < 0.9:
             return self.rng.choice(self.matched[-64:])
-        return self.rng.choice([-1, 0, 2**32, 2**63 - 1, -(2**63)])
+        return self.rng.choice([-1, 0, 2**32, 2**63 - 1, 2**64 - 1, -(2**63)])
 
     def _session(self, session_id: int) -> int:
         return session_id if self.rng.random() < 0.9 else self.rng.choice([0, session_id + 1, -5, 2**40])

@@ -218,7 +218,7 @@ def test_messages_outside_a_live_session_are_refused_with_the_reason(raw: Any) -
         assert _refused(_ask(sock, old, []), f"session {sid} is not live")
         ok = _ask(sock, cm.GetMatchMsg(client_id=0, session_id=sid2, req_id=7, task_id=1, num_tokens=8 * T), [hashes])
         assert isinstance(ok, cm.MatchReplyMsg)
-        big = cm.GetMatchMsg(client_id=0, session_id=sid2, req_id=8, task_id=2**32, num_tokens=0)
+        big = cm.GetMatchMsg(client_id=0, session_id=sid2, req_id=8, task_id=2**63, num_tokens=0)
         reply = _ask(sock, big, [np.zeros(0, np.uint64)])
         assert isinstance(reply, cm.ErrorReplyMsg) and "out of range" in reply.error
         assert kvm.stats()["num_tasks"] == 1
