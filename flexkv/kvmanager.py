@@ -2,7 +2,8 @@
 
 With no ``server_address`` it runs in library mode: ``start()`` launches the server (and through it
 the workers) as a child process and ``shutdown()`` (or interpreter exit) stops it. With an address it
-connects to a running server. Task ids are chosen here (unique per client), so ``get_async``,
+connects to a running server. Task ids are chosen here (unique per session: each ``start()`` opens a
+new session, and the server never shows one session another's tasks or results), so ``get_async``,
 ``put_async``, ``launch`` and ``cancel`` are fire-and-forget; their errors surface at ``wait``.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 import atexit
 import itertools
 import logging
+import math
+import numbers
 import os
 import shutil
 import subprocess
@@ -64,6 +67,15 @@ def _mask(value: IntArrayLike | None, num_tokens: int) -> npt.NDArray[np.bool_] 
     return np.ascontiguousarray(value)
 
 
+def _check_timeout(timeout: object) -> float:
+    """A wait timeout in seconds: >= 0, ``inf`` allowed; InvalidRequest for NaN, negatives, non-numbers."""
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise InvalidRequest(f"wait: timeout must be a number of seconds, got {type(timeout).__name__}")
+    if math.isnan(timeout) or timeout < 0:
+        raise InvalidRequest(f"wait: timeout must be >= 0 seconds (inf: until final), got {timeout!r}")
+    return float(timeout)
+
+
 def _namespace(namespace: Sequence[str] | None) -> list[str] | None:
     if namespace is None:
         return None
@@ -111,9 +123,10 @@ class KVManager:
         self._conn: ServerConnection | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._runtime_dir: str | None = None
-        # A client that reconnects with the same dp_client_id starts past its earlier ids: the server
-        # remembers recent results by (client id, task id).
+        # Task ids are the session's own (a new session starts over); ``first_task_id`` only offsets them.
+        self._first_task_id = first_task_id
         self._task_ids = itertools.count(first_task_id)
+        self._last_task_id = first_task_id - 1  # ids first_task_id.._last_task_id were handed out
         self._launched: dict[int, int] = {}  # task id -> digest of the slot mapping it was launched with
         self._tp_clients: list[KVTPClient] = []
         self._layerwise: set[int] = set()  # tasks launched with layerwise=True, not yet final
@@ -135,6 +148,9 @@ class KVManager:
         """Start the server (library mode) or connect to it. Idempotent."""
         if self._conn is not None:
             return
+        self._task_ids = itertools.count(self._first_task_id)  # a new session: its task ids start over
+        self._last_task_id = self._first_task_id - 1
+        self._launched = {}
         if self._library_mode:
             self._spawn_server()
         self._conn = ServerConnection(self.server_address, self.dp_client_id, "manager", self._request_timeout_s)
@@ -181,7 +197,7 @@ class KVManager:
             except FlexKVError:
                 self._proc.terminate()
         if self._conn is not None:
-            self._conn.close()
+            self._conn.close(bye=self._proc is None)  # server mode: end the session, the server goes on
             self._conn = None
         self._cleanup_library()
         atexit.unregister(self.shutdown)
@@ -248,7 +264,7 @@ class KVManager:
         conn = self._c
         tokens = _int64("token_ids", token_ids)
         mask = _mask(token_mask, tokens.shape[0])
-        task_id = next(self._task_ids)
+        task_id = self._new_task_id()
         # Hash here (C, ~45 us per 128K tokens): 8 bytes a block cross the socket instead of 8 a token,
         # and the server's one thread does less.
         ns = encode_namespace(_namespace(namespace))
@@ -287,7 +303,7 @@ class KVManager:
         if first_block:
             mask = np.zeros(num_tokens, dtype=np.bool_)
             mask[first_block * t:] = True
-        task_id = next(self._task_ids)
+        task_id = self._new_task_id()
         arrays: list[Any] = [keys] + ([mask] if mask is not None else [])
         reply, _ = self._c.request(lambda rid: cls(client_id=self.dp_client_id, req_id=rid, task_id=task_id,
                                                    has_mask=mask is not None, num_tokens=num_tokens), arrays)
@@ -324,7 +340,8 @@ class KVManager:
         """Bind GPU slots to matched tasks and start their transfers (no reply; errors at wait).
 
         ``layerwise=True`` (GETs): the engine will wait for each layer with :meth:`wait_layer` before
-        computing it; needs every TP rank registered here with ``layerwise=True``."""
+        computing it; needs every TP rank registered here with ``layerwise=True``. A task id this session
+        never handed out is InvalidRequest here; a cancelled or expired one is ignored."""
         ids = [task_ids] if isinstance(task_ids, int) else list(task_ids)
         if layerwise:
             self._layer_tables()  # raises unless every rank can be watched from here
@@ -341,7 +358,15 @@ class KVManager:
         if send_ids:
             self._c.send(cm.LaunchMsg(client_id=self.dp_client_id, task_ids=send_ids), send_maps)
 
+    def _new_task_id(self) -> int:
+        self._last_task_id = next(self._task_ids)
+        return self._last_task_id
+
     def _check_relaunch(self, task_id: int, slots: npt.NDArray[np.int64]) -> bool:
+        issued = isinstance(task_id, int) and self._first_task_id <= task_id <= self._last_task_id
+        if isinstance(task_id, bool) or not issued:
+            raise InvalidRequest(f"launch: task id {task_id!r} was not returned by get_match/put_match of this "
+                                 "KVManager session")
         digest = xxhash.xxh3_64_intdigest(slots.tobytes())
         old = self._launched.get(task_id)
         if old is None:
@@ -356,7 +381,7 @@ class KVManager:
         tokens = _int64("token_ids", token_ids)
         slots = _int64("slot_mapping", slot_mapping)
         mask = _mask(token_mask, tokens.shape[0])
-        task_id = next(self._task_ids)
+        task_id = self._new_task_id()
         self._launched[task_id] = xxhash.xxh3_64_intdigest(slots.tobytes())
         arrays: list[Any] = [tokens, slots] + ([mask] if mask is not None else [])
         ns = _namespace(namespace)
@@ -379,7 +404,7 @@ class KVManager:
         mapping, no registered buffers needed); returns the task id at once. ``wait``/``try_wait``
         report SUCCESS once staged, with the mask of the prefix a GET can then load from CPU."""
         tokens = _int64("token_ids", token_ids)
-        task_id = next(self._task_ids)
+        task_id = self._new_task_id()
         self._c.send(cm.PrefetchMsg(client_id=self.dp_client_id, task_id=task_id, namespace=_namespace(namespace)),
                      [tokens])
         return task_id
@@ -427,7 +452,10 @@ class KVManager:
         return resp
 
     def cancel(self, task_ids: int | Sequence[int]) -> None:
-        """Release what not-yet-running plans reserved; running ones stop at the next op."""
+        """Cancel tasks matched but not launched: their reservations are released and wait reports
+        CANCELLED. A launched task is not cancelled (FlexKV's rule): it runs to its end and wait
+        reports how it ended, so no final status comes while its copies may still write your KV
+        memory. Unknown ids are ignored."""
         ids = [task_ids] if isinstance(task_ids, int) else list(task_ids)
         self._c.send(cm.CancelMsg(client_id=self.dp_client_id, task_ids=ids))
 
@@ -436,13 +464,26 @@ class KVManager:
         """Block until every task is final or ``timeout`` seconds passed (those report TIMEOUT).
 
         ``completely=False`` returns once the engine-side part is done (GET: H2D, PUT: D2H);
-        ``completely=True`` also waits for write-through to SSD/remote.
+        ``completely=True`` also waits for write-through to SSD/remote. ``timeout`` may be
+        ``float('inf')`` (wait until final); NaN or a negative value is InvalidRequest, raised before
+        anything is sent.
         """
         return self._wait(task_ids, timeout, completely, forget=True)
 
     def _wait(self, task_ids: int | Sequence[int], timeout: float, completely: bool,
               forget: bool) -> dict[int, KVResponse]:
         ids = [task_ids] if isinstance(task_ids, int) else list(task_ids)
+        deadline = time.monotonic() + _check_timeout(timeout)
+        out: dict[int, KVResponse] = {}
+        pending = ids
+        while True:  # one WaitMsg waits at most MAX_WAIT_S; longer waits take several
+            step = min(cm.MAX_WAIT_S, max(0.0, deadline - time.monotonic()))
+            out.update(self._wait_once(pending, step, completely, forget))
+            pending = [tid for tid in pending if out[tid].status is TaskStatus.TIMEOUT]
+            if not pending or time.monotonic() >= deadline:
+                return {tid: out[tid] for tid in ids}
+
+    def _wait_once(self, ids: list[int], timeout: float, completely: bool, forget: bool) -> dict[int, KVResponse]:
         reply, frames = self._c.request(
             lambda rid: cm.WaitMsg(client_id=self.dp_client_id, req_id=rid, task_ids=ids, timeout_s=timeout,
                                    completely=completely), timeout_s=timeout + self._request_timeout_s)

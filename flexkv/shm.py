@@ -61,6 +61,25 @@ def make_pool_name(tag: str) -> str:
     return name[:_NAME_MAX]
 
 
+def remove_stale_segments(tag: str) -> list[str]:
+    """Unlink every ``/flexkv-<tag>-*`` segment whose creator (pid and start time, from its header) is
+    dead, logging each; segments of live creators and segments that are not flexkv pools stay.
+    The server calls it with ``"cpu"`` at start: a killed server's pool is found whatever its name."""
+    clean = "".join(c for c in tag.lower() if c.isascii() and (c.isalnum() or c == "_"))[:8] or "pool"
+    prefix = f"/flexkv-{clean}-"
+    return [name for name in list_flexkv_segments() if name.startswith(prefix) and unlink_if_creator_dead(name)]
+
+
+def unlink_if_creator_dead(name: str) -> bool:
+    """Unlink the flexkv segment ``name`` if its creator process is dead (logged). False, and nothing
+    done, when it is gone already, its creator is alive, or it is not a flexkv segment."""
+    try:
+        _check_name(name)
+        return _remove_if_stale(name)
+    except (PoolInUseError, ValueError, OSError, posix_ipc.Error):
+        return False
+
+
 def list_flexkv_segments() -> list[str]:
     """Names (``/flexkv...``) of the shared-memory segments under /dev/shm whose name starts with flexkv."""
     try:
@@ -317,12 +336,13 @@ def _create_segment(name: str, size: int) -> posix_ipc.SharedMemory:
         raise PoolInUseError(f"shared-memory pool {name!r} was created by another process meanwhile") from None
 
 
-def _remove_if_stale(name: str) -> None:
-    """Unlink ``name`` if its creator is dead; raise PoolInUseError if alive or not ours."""
+def _remove_if_stale(name: str) -> bool:
+    """Unlink ``name`` if its creator is dead (True); raise PoolInUseError if alive or not ours;
+    False if it is gone already."""
     try:
         shm = posix_ipc.SharedMemory(name)
     except posix_ipc.ExistentialError:
-        return  # removed meanwhile
+        return False  # removed meanwhile
     try:
         header = _read_header(shm)
     finally:
@@ -337,7 +357,8 @@ def _remove_if_stale(name: str) -> None:
     try:
         posix_ipc.unlink_shared_memory(name)
     except posix_ipc.ExistentialError:
-        pass
+        return False
+    return True
 
 
 def _read_header(shm: posix_ipc.SharedMemory) -> tuple[bytes, int, int, int, int, int, int] | None:

@@ -252,11 +252,13 @@ class ControlPlane:
 
     # ---- cancel, poll, release ---------------------------------------------------------------
 
-    def cancel(self, key: TaskKey) -> None:
-        """Cancel a task: before launch everything is released now; after launch undispatched ops
-        are dropped and in-flight ops roll back as they complete. No-op once the engine-facing part
-        finished (write-through, if any, goes on). Unknown key: InvalidRequest."""
-        self._prune(self._task(key).cancel())
+    def cancel(self, key: TaskKey) -> bool:
+        """Cancel a task not yet launched: its reservations are released now, it polls CANCELLED and
+        can no longer be launched. A launched task is not cancelled (returns False): it ends on its
+        own, and poll keeps reporting its real state. Unknown key: InvalidRequest."""
+        cancelled, to_prune = self._task(key).cancel()
+        self._prune(to_prune)
+        return cancelled
 
     def poll(self, key: TaskKey, completely: bool = False) -> KVResponse:
         """Status without blocking: NOTFOUND (unknown), UNREADY (not launched / running), SUCCESS
@@ -268,10 +270,10 @@ class ControlPlane:
         return task.response(completely)
 
     def release(self, key: TaskKey) -> None:
-        """Forget a task. A task whose engine part is still pending is cancelled first; write-through
+        """Forget a task. A task whose engine part is still pending is aborted first; write-through
         still in flight finishes (and commits) after the key is gone. Unknown key: InvalidRequest."""
         task = self._task(key)
-        self._prune(task.cancel())
+        self._prune(task.abort())
         del self._tasks[key]
 
     def drop_client(self, client_id: int) -> list[int]:
@@ -280,6 +282,10 @@ class ControlPlane:
         for key in [k for k in self._tasks if k[0] == client_id]:
             self.release(key)
         return sorted(op_id for op_id, (task, _) in self._ops.items() if task.key[0] == client_id)
+
+    def task_keys(self) -> list[TaskKey]:
+        """Keys of every task in the table (matched, running, or final and not yet released)."""
+        return list(self._tasks)
 
     def _task(self, key: TaskKey) -> Task:
         task = self._tasks.get(key) if isinstance(key, tuple) else None

@@ -9,8 +9,10 @@ attributed) and the loop carries on: no input kills the server or leaves a reser
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -47,12 +49,13 @@ from flexkv.scheduler.control import ControlPlane
 from flexkv.scheduler.endpoint import IpcClaim
 from flexkv.scheduler.graph import TransferOp
 from flexkv.scheduler.remote_lookup import RemoteLookup
+from flexkv.scheduler.sessions import ResultCache, Session, TaskResult, session_of, task_of
 from flexkv.scheduler.ssd_rebuild import progress_logger
 from flexkv.scheduler.supervisor import OpResult, RestartPolicy, WorkerSupervisor, device_worker_id
 from flexkv.scheduler.telemetry import Telemetry, build_snapshot
 from flexkv.scheduler.trace import TraceWriter
 from flexkv.security import CurveAuthenticator, CurveServerKeys
-from flexkv.shm import SharedPool, make_pool_name
+from flexkv.shm import SharedPool, make_pool_name, remove_stale_segments, unlink_if_creator_dead
 from flexkv.ssd_journal import journal_path, scan
 from flexkv.types import ConfigError, FlexKVError, KVResponse, OpType, TaskStatus, TaskType
 
@@ -61,25 +64,25 @@ log = logging.getLogger("flexkv.server")
 TaskKey = tuple[int, int]
 _FINAL = (TaskStatus.SUCCESS, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.NOTFOUND)
 _TICK_S = 0.1
-_RESULT_CACHE = 65536
-
-
-@dataclasses.dataclass
-class _Conn:
-    client_id: int
-    role: str
-    pid: int
-    host: str
+_ROLES = ("manager", "tp")
 
 
 @dataclasses.dataclass
 class _Wait:
-    identity: bytes
+    session: Session
     req_id: int
-    client_id: int
     task_ids: list[int]
+    keys: list[TaskKey]
     deadline: float
     completely: bool
+
+
+@dataclasses.dataclass
+class _Registration:
+    """A TP rank's KV buffers, owned by the session that registered them (DESIGN §7, trust)."""
+
+    session_id: int
+    host_segment: str | None
 
 
 def default_runtime_dir() -> str:
@@ -120,6 +123,8 @@ class SchedulerServer:
             self.control = ControlPlane(model, cache, remote_lookup=self._remote_lookup)
             self.block_bytes = model.block_bytes(cache.tokens_per_block)
             self.block_first = BlockFirstLayout(model, cache.tokens_per_block)
+            for name in remove_stale_segments("cpu"):  # pools of servers that were killed
+                log.warning("removed the stale CPU pool %s of a server that is gone", name)
             pool_bytes = cache.num_cpu_blocks * self.block_bytes
             with Progress("pre-faulting CPU pool", pool_bytes) as progress:
                 self.pool = SharedPool.create(make_pool_name("cpu"), pool_bytes, progress=progress)
@@ -131,13 +136,16 @@ class SchedulerServer:
                      "configs": configs_to_json(model, cache)}
         self.supervisor = WorkerSupervisor(self._workers_sock, base_spec, model.tp_size, model.use_mla,
                                            restart_policy)
-        self._conns: dict[bytes, _Conn] = {}
-        self._registered: set[tuple[int, int]] = set()
+        self._sessions: dict[bytes, Session] = {}  # by connection identity
+        self._session_ids = itertools.count(1)
+        self._registrations: dict[tuple[int, int], _Registration] = {}  # (dp, rank) -> owner
+        self._registered: set[tuple[int, int]] = set()  # ranks whose device worker runs
         self._launched: set[TaskKey] = set()  # launched (or cancelled) tasks still in the control plane
+        self._matched: OrderedDict[TaskKey, float] = OrderedDict()  # matched, not launched: match time
         self._op_keys: dict[int, TaskKey] = {}  # dispatched op -> its task
         self._corrupt_at: dict[int, int] = {}  # failed DISK2H op -> its first corrupt block (OpsDoneMsg)
-        # Final results of retired tasks, (engine part, every op), kept for later waits; bounded.
-        self._results: OrderedDict[TaskKey, tuple[KVResponse, KVResponse]] = OrderedDict()
+        # Final results of retired tasks, (engine part, every op), kept for later waits; bounded by bytes.
+        self._results = ResultCache(cache.result_cache_bytes)
         self._waits: list[_Wait] = []
         self._running = False
         self.trace = (TraceWriter(cache.trace_path, int(cache.trace_max_mb * 2**20), cache.trace_backups)
@@ -155,6 +163,7 @@ class SchedulerServer:
             cm.CancelMsg: self._on_cancel,
             cm.WaitMsg: self._on_wait,
             cm.RegisterKVMsg: self._on_register,
+            cm.ByeMsg: self._on_bye,
             cm.QueryMsg: self._on_query,
         }
         missing = set(typing.get_args(cm.ClientRequest)) - set(self._handlers)
@@ -226,8 +235,8 @@ class SchedulerServer:
     def snapshot(self) -> dict[str, Any]:
         """What ``flexkv stats`` and /metrics show (server thread only)."""
         roles: dict[str, int] = {}
-        for conn in self._conns.values():
-            roles[conn.role] = roles.get(conn.role, 0) + 1
+        for session in self._sessions.values():
+            roles[session.role] = roles.get(session.role, 0) + 1
         return build_snapshot(self.control.stats(), self.telemetry, self.supervisor.workers, roles,
                               self.block_bytes, self.cache.tokens_per_block)
 
@@ -328,9 +337,10 @@ class SchedulerServer:
         self.telemetry.on_tick(self.supervisor.workers)
         if self.trace is not None:
             self.trace.flush()
-        for identity, conn in list(self._conns.items()):
-            if conn.host == self._host and not _pid_alive(conn.pid):
-                self._client_gone(identity, conn)
+        for session in list(self._sessions.values()):
+            if session.host == self._host and not _pid_alive(session.pid):
+                self._end_session(session, f"its process {session.pid} is gone", dead=True)
+        self._expire_matches(time.monotonic())
         if self._parent_pid is not None and not _pid_alive(self._parent_pid):
             log.warning("parent process %d is gone; shutting down", self._parent_pid)
             self._running = False
@@ -342,6 +352,8 @@ class SchedulerServer:
         try:
             msg, arrays = CLIENT_REQUESTS.decode(frames[1:])
             req_id = getattr(msg, "req_id", -1)
+            if not isinstance(msg, cm.HelloMsg):
+                self._check_session(identity, msg)
             self._handlers[type(msg)](identity, msg, arrays)
             self.telemetry.on_request(type(msg), ok=True)
         except ProtocolError as e:
@@ -360,15 +372,42 @@ class SchedulerServer:
             return
         self._clients.send_multipart([identity, *SERVER_REPLIES.encode(msg, arrays or [])], copy=False)
 
+    def _check_session(self, identity: bytes, msg: cm.ClientMsg) -> Session:
+        """The live session of this connection, if ``msg`` may speak for it; else InvalidRequest naming why."""
+        name = type(msg).__name__
+        session = self._sessions.get(identity)
+        if session is None:
+            raise _invalid(f"{name} refused: this connection never said hello (send HelloMsg first)")
+        if msg.session_id != session.session_id:
+            raise _invalid(f"{name} refused: session {msg.session_id} is not live "
+                           f"(this connection's session is {session.session_id})")
+        if msg.client_id != session.client_id:
+            raise _invalid(f"{name} refused: it claims client id {msg.client_id}, this connection said hello "
+                           f"as client {session.client_id}")
+        return session
+
     def _on_hello(self, identity: bytes, msg: cm.HelloMsg, _: list[memoryview]) -> None:
         if not 0 <= msg.client_id < self.model.dp_size:
             raise _invalid(f"dp_client_id {msg.client_id} out of range for dp_size={self.model.dp_size}")
-        self._conns[identity] = _Conn(msg.client_id, msg.role, msg.pid, msg.host)
+        if msg.role not in _ROLES:
+            raise _invalid(f"hello: unknown role {msg.role!r}; allowed: {', '.join(_ROLES)}")
+        old = self._sessions.get(identity)
+        if old is not None:
+            self._end_session(old, "its connection said hello again")
+        session = Session(next(self._session_ids), identity, msg.client_id, msg.role, msg.pid, msg.host)
+        self._sessions[identity] = session
+        log.info("session %d: client %d (%s, pid %d on %s)", session.session_id, msg.client_id, msg.role, msg.pid,
+                 msg.host)
         self.telemetry.on_connect()
         info: dict[str, int | float | str | bool] = {
-                "tokens_per_block": self.cache.tokens_per_block, "pool_name": self.pool.name,
-                "num_cpu_blocks": self.cache.num_cpu_blocks, "block_bytes": self.block_bytes}
+                "session_id": session.session_id, "tokens_per_block": self.cache.tokens_per_block,
+                "pool_name": self.pool.name, "num_cpu_blocks": self.cache.num_cpu_blocks,
+                "block_bytes": self.block_bytes}
         self._reply(identity, cm.OkReplyMsg(req_id=msg.req_id, info=info))
+
+    def _on_bye(self, identity: bytes, msg: cm.ByeMsg, _: list[memoryview]) -> None:
+        self._end_session(self._sessions[identity], "it closed")
+        self._reply(identity, cm.OkReplyMsg(req_id=msg.req_id))
 
     def _task_inputs(self, msg: Any, arrays: list[memoryview], with_slots: bool) -> tuple[Any, ...]:
         want = 1 + int(with_slots) + int(msg.has_mask)
@@ -379,101 +418,150 @@ class SchedulerServer:
         mask = frame_array(arrays[-1], np.bool_, "token_mask") if msg.has_mask else None
         return tokens, slots, mask, encode_namespace(msg.namespace)
 
-    def _check_new_key(self, key: TaskKey) -> None:
-        if key in self._launched or key in self._results or self.control.poll(key).status is not TaskStatus.NOTFOUND:
-            raise _invalid(f"task id {key[1]} of client {key[0]} is already in use")
+    def _in_use(self, key: TaskKey) -> bool:
+        return key in self._launched or key in self._results or self.control.poll(key).status is not TaskStatus.NOTFOUND
 
-    def _match(self, key: TaskKey, is_get: bool, tokens: Any, mask: Any, ns: bytes) -> np.ndarray:
-        self._check_new_key(key)
-        started = time.monotonic()
-        match = self.control.get_match if is_get else self.control.put_match
-        ret = match(key, tokens, mask, ns)
-        self.telemetry.on_matched(key, TaskType.GET if is_get else TaskType.PUT, started, len(tokens), ret)
-        return ret
+    def _check_new_key(self, key: TaskKey, task_id: int) -> None:
+        if self._in_use(key):
+            raise _invalid(f"task id {task_id} is already in use in this session")
 
     def _on_match(self, identity: bytes, msg: cm.GetMatchMsg, arrays: list[memoryview]) -> None:
-        key = (msg.client_id, msg.task_id)
+        key = self._sessions[identity].key(msg.task_id)
         is_get = not isinstance(msg, cm.PutMatchMsg)
         if msg.num_tokens >= 0:  # the client hashed its tokens
             if len(arrays) != 1 + int(msg.has_mask):
                 raise ProtocolError(f"{type(msg).__name__}: expected {1 + int(msg.has_mask)} array frames")
             hashes = frame_array(arrays[0], np.uint64, "block_hashes")
             mask = frame_array(arrays[1], np.bool_, "token_mask") if msg.has_mask else None
-            self._check_new_key(key)
+            self._check_new_key(key, msg.task_id)
             started, task_type = time.monotonic(), TaskType.GET if is_get else TaskType.PUT
             ret = self.control.match_hashes(task_type, key, hashes, msg.num_tokens, mask)
             self.telemetry.on_matched(key, task_type, started, msg.num_tokens, ret)
         else:
             tokens, _, mask, ns = self._task_inputs(msg, arrays, with_slots=False)
-            ret = self._match(key, is_get, tokens, mask, ns)
+            ret = self._match(key, msg.task_id, is_get, tokens, mask, ns)
+        self._matched[key] = time.monotonic()
         n, begin, end, frame = mask_to_range(ret)
         reply = cm.MatchReplyMsg(req_id=msg.req_id, task_id=msg.task_id, num_tokens=n, mask_begin=begin, mask_end=end)
         self._reply(identity, reply, [frame] if frame is not None else [])
 
-    def _on_async(self, _: bytes, msg: cm.GetAsyncMsg, arrays: list[memoryview]) -> None:
-        key = (msg.client_id, msg.task_id)
+    def _match(self, key: TaskKey, task_id: int, is_get: bool, tokens: Any, mask: Any, ns: bytes) -> np.ndarray:
+        self._check_new_key(key, task_id)
+        match = self.control.get_match if is_get else self.control.put_match
+        return match(key, tokens, mask, ns)
+
+    def _on_async(self, identity: bytes, msg: cm.GetAsyncMsg, arrays: list[memoryview]) -> None:
+        session = self._sessions[identity]
+        key = session.key(msg.task_id)
+        if self._in_use(key):  # never touch the task that holds the id
+            log.warning("session %d: %s for task id %d ignored: already in use", session.session_id,
+                        type(msg).__name__, msg.task_id)
+            return
         try:
             tokens, slots, mask, ns = self._task_inputs(msg, arrays, with_slots=True)
-            self._match(key, not isinstance(msg, cm.PutAsyncMsg), tokens, mask, ns)
+            self._match(key, msg.task_id, not isinstance(msg, cm.PutAsyncMsg), tokens, mask, ns)
             self._launch(key, slots)
         except (FlexKVError, ProtocolError) as e:
-            self._fail_unstarted(key, str(e), TaskType.PUT if isinstance(msg, cm.PutAsyncMsg) else TaskType.GET)
+            self._fail_unstarted(key, str(e), new=True,
+                                 task_type=TaskType.PUT if isinstance(msg, cm.PutAsyncMsg) else TaskType.GET)
 
-    def _on_prefetch(self, _: bytes, msg: cm.PrefetchMsg, arrays: list[memoryview]) -> None:
-        key = (msg.client_id, msg.task_id)
+    def _on_prefetch(self, identity: bytes, msg: cm.PrefetchMsg, arrays: list[memoryview]) -> None:
+        session = self._sessions[identity]
+        key = session.key(msg.task_id)
+        if self._in_use(key):  # never touch the task that holds the id
+            log.warning("session %d: PrefetchMsg for task id %d ignored: already in use", session.session_id,
+                        msg.task_id)
+            return
         try:
             if len(arrays) != 1:
                 raise ProtocolError(f"PrefetchMsg: expected 1 array frame, got {len(arrays)}")
             tokens = frame_array(arrays[0], np.int64, "token_ids")
-            self._match(key, True, tokens, None, encode_namespace(msg.namespace))
+            self._match(key, msg.task_id, True, tokens, None, encode_namespace(msg.namespace))
             ops = self.control.launch_prefetch(key)
             self._launched.add(key)
             self._dispatch(ops)
             self._retire([key])
         except (FlexKVError, ProtocolError) as e:
-            self._fail_unstarted(key, str(e))
+            self._fail_unstarted(key, str(e), new=True)
 
-    def _on_launch(self, _: bytes, msg: cm.LaunchMsg, arrays: list[memoryview]) -> None:
-        if len(arrays) != len(msg.task_ids):
-            for tid in msg.task_ids:
-                self._fail_unstarted((msg.client_id, tid), "launch: one slot_mapping frame per task id expected")
-            return
-        for tid, frame in zip(msg.task_ids, arrays, strict=True):
-            key = (msg.client_id, tid)
-            try:
-                self._launch(key, frame_array(frame, np.int64, "slot_mapping"))
-            except (FlexKVError, ProtocolError) as e:
-                self._fail_unstarted(key, str(e))
+    def _on_launch(self, identity: bytes, msg: cm.LaunchMsg, arrays: list[memoryview]) -> None:
+        session = self._sessions[identity]
+        keys = [session.key(tid) for tid in msg.task_ids]  # all in range, or nothing happens
+        for i, key in enumerate(keys):
+            if key not in self._matched and key not in self._launched:
+                # Unknown (never matched, or finished): nothing is recorded, so the id stays free.
+                log.info("session %d: launch of task %d ignored: no such matched task", session.session_id,
+                         msg.task_ids[i])
+            elif len(arrays) != len(keys):
+                self._fail_unstarted(key, "launch: one slot_mapping frame per task id expected")
+            else:
+                try:
+                    self._launch(key, frame_array(arrays[i], np.int64, "slot_mapping"))
+                except (FlexKVError, ProtocolError) as e:
+                    self._fail_unstarted(key, str(e))
 
     def _launch(self, key: TaskKey, slots: Any) -> None:
         ops = self.control.launch(key, slots)
+        self._matched.pop(key, None)
         self._launched.add(key)
         self.telemetry.on_launched(key)
         self._dispatch(ops)
         self._retire([key])  # a task with nothing to move is already done
 
-    def _fail_unstarted(self, key: TaskKey, error: str, task_type: TaskType | None = None) -> None:
-        """A fire-and-forget request failed before it ran: roll back and report FAILED at wait."""
-        log.info("task %s failed: %s", key, error)
-        if key not in self._launched and self.control.poll(key).status is TaskStatus.UNREADY:
+    def _fail_unstarted(self, key: TaskKey, error: str, new: bool = False,
+                        task_type: TaskType | None = None) -> None:
+        """A request failed before its task ran: roll back and report FAILED at wait. Only a task this
+        request created (``new``) or one matched and not launched is failed; a running one goes on."""
+        log.info("task %d of session %d failed: %s", task_of(key), session_of(key), error)
+        if key in self._launched:
+            return
+        if self.control.poll(key).status is TaskStatus.UNREADY:
             self.control.cancel(key)
             self.control.release(key)
-        if key not in self._launched and key not in self._results:
-            failed = KVResponse(TaskStatus.FAILED, key[1], None, error)
-            self._remember(key, failed, failed, task_type)
+        elif not new and key not in self._matched:
+            return
+        self._matched.pop(key, None)
+        failed = KVResponse(TaskStatus.FAILED, key[1], None, error)
+        self._remember(key, failed, failed, task_type)
 
-    def _on_cancel(self, _: bytes, msg: cm.CancelMsg, __: list[memoryview]) -> None:
-        for tid in msg.task_ids:
-            key = (msg.client_id, tid)
-            if self.control.poll(key).status is not TaskStatus.NOTFOUND:
+    def _on_cancel(self, identity: bytes, msg: cm.CancelMsg, __: list[memoryview]) -> None:
+        session = self._sessions[identity]
+        for key, tid in zip([session.key(t) for t in msg.task_ids], msg.task_ids, strict=True):
+            if key in self._launched:
+                log.info("session %d: cancel of task %d ignored: it is running and ends on its own "
+                         "(cancel applies to tasks not yet launched)", session.session_id, tid)
+            elif key in self._matched:
                 self.control.cancel(key)
+                self._matched.pop(key)
                 self._launched.add(key)  # cancelled tasks are final; waiting on them must not hang
                 self._retire([key])
 
     def _on_wait(self, identity: bytes, msg: cm.WaitMsg, _: list[memoryview]) -> None:
-        deadline = time.monotonic() + max(0.0, msg.timeout_s)
-        self._waits.append(_Wait(identity, msg.req_id, msg.client_id, list(msg.task_ids), deadline, msg.completely))
-        self.telemetry.on_wait(msg.client_id, msg.task_ids)
+        t = msg.timeout_s
+        if not (math.isfinite(t) and 0 <= t <= cm.MAX_WAIT_S):
+            raise _invalid(f"wait: timeout_s must be a finite number of seconds in [0, {cm.MAX_WAIT_S:.0f}], got {t!r}")
+        session = self._sessions[identity]
+        keys = [session.key(tid) for tid in msg.task_ids]
+        self._waits.append(_Wait(session, msg.req_id, list(msg.task_ids), keys, time.monotonic() + t,
+                                 msg.completely))
+        self.telemetry.on_wait(keys)
+
+    def _expire_matches(self, now: float) -> None:
+        """Release matches never launched within ``match_ttl_s`` (a client that matched and forgot)."""
+        ttl = self.cache.match_ttl_s
+        while self._matched:
+            key, matched_at = next(iter(self._matched.items()))
+            if now - matched_at < ttl:
+                return
+            del self._matched[key]
+            if key in self._launched or self.control.poll(key).status is not TaskStatus.UNREADY:
+                continue  # not a pending match after all (never the case; keeps the loop finite)
+            error = f"matched {now - matched_at:.0f} s ago and never launched: released after match_ttl_s={ttl:g}"
+            log.warning("task %d of session %d %s", task_of(key), session_of(key), error)
+            self.control.cancel(key)
+            self.control.release(key)
+            failed = KVResponse(TaskStatus.FAILED, key[1], None, error)
+            self._remember(key, failed, failed)
 
     def _on_register(self, identity: bytes, msg: cm.RegisterKVMsg, _: list[memoryview]) -> None:
         if not 0 <= msg.tp_rank < self.model.tp_size:
@@ -496,9 +584,16 @@ class SchedulerServer:
             raise _invalid(f"register: layer_progress {msg.layer_progress!r} is not a flexkv shared-memory name")
         reg["cuda_handles"] = [h.hex() for h in msg.cuda_handles]
         reg["cuda_event"] = msg.cuda_event.hex()
+        key = (msg.client_id, msg.tp_rank)
+        session = self._sessions[identity]
+        owner = self._registrations.get(key)
+        if owner is not None and owner.session_id != session.session_id:
+            raise _invalid(f"register: dp {key[0]} rank {key[1]} is registered by another live connection "
+                           f"(session {owner.session_id}); only that connection may replace it, or anyone "
+                           "after it is gone")
+        self._registrations[key] = _Registration(session.session_id, msg.host_segment)
         worker_id = device_worker_id(msg.client_id, msg.tp_rank)
         spec = {"kind": "device", "dp_client_id": msg.client_id, "tp_rank": msg.tp_rank, "registration": reg}
-        key = (msg.client_id, msg.tp_rank)
         if msg.engine_side:
             self._register_lane(identity, msg.req_id, worker_id, key, spec)
             return
@@ -531,6 +626,7 @@ class SchedulerServer:
         log.warning("engine-side lane %s is gone (%s)", worker_id, reason)
         dp, rank = handle.spec["dp_client_id"], handle.spec["tp_rank"]
         self._registered.discard((dp, rank))
+        self._registrations.pop((dp, rank), None)  # the rank is free to register again
         self._complete(self.supervisor.remove(worker_id, reason))
 
     def _on_query(self, identity: bytes, msg: cm.QueryMsg, _: list[memoryview]) -> None:
@@ -538,7 +634,7 @@ class SchedulerServer:
         if msg.what == "is_ready":
             info = {"ready": self.is_ready()}
         elif msg.what == "stats":
-            info = {**self.control.stats(), "in_flight_ops": self.supervisor.num_in_flight,
+            info = {**self.control.stats(), **self._session_stats(), "in_flight_ops": self.supervisor.num_in_flight,
                     "num_workers": len(self.supervisor.workers), "server_pid": os.getpid()}
             for worker_id, handle in self.supervisor.workers.items():
                 info[f"pid:{worker_id}"] = handle.proc.pid if handle.proc is not None else handle.pid
@@ -551,10 +647,12 @@ class SchedulerServer:
             info = {"json": json.dumps(self.snapshot())}
         elif msg.what == "check":
             self.control.check_invariants()
+            self._check_sessions()
             info = {"ok": True}
         elif msg.what == "reset":
             dropped = self.control.reset()
             for key in dropped:  # not launched: final as CANCELLED for any later wait
+                self._matched.pop(key, None)
                 cancelled = KVResponse(TaskStatus.CANCELLED, key[1], None)
                 self._remember(key, cancelled, cancelled)
             log.info("reset: every tier's index dropped; %d unlaunched task(s) cancelled", len(dropped))
@@ -567,21 +665,49 @@ class SchedulerServer:
                            "shutdown")
         self._reply(identity, cm.OkReplyMsg(req_id=msg.req_id, info=info))
 
+    def _session_stats(self) -> dict[str, int]:
+        return {"num_sessions": len(self._sessions), "num_results": len(self._results),
+                "result_cache_bytes": self._results.nbytes, "num_waits": len(self._waits),
+                "num_unlaunched_matches": len(self._matched)}
+
+    def _check_sessions(self) -> None:
+        """Every task, wait, result and registration belongs to a live session (raises AssertionError)."""
+        live = {s.session_id: s for s in self._sessions.values()}
+
+        def owned(key: TaskKey) -> bool:
+            s = live.get(session_of(key))
+            return s is not None and s.owns(key)
+
+        tasks = self.control.task_keys()
+        assert all(owned(k) for k in tasks), "a task belongs to no live session"
+        assert all(owned(k) for k in self._results.keys()), "a result belongs to no live session"
+        assert set(self._matched) | self._launched <= set(tasks), "a matched or launched key left the control plane"
+        assert not set(self._matched) & self._launched, "a task is both unlaunched and launched"
+        assert all(live.get(w.session.session_id) is w.session for w in self._waits), "a wait of a gone session"
+        assert all(r.session_id in live for r in self._registrations.values()), "a registration of a gone session"
+        self._results.check_invariants()
+
     def is_ready(self) -> bool:
         want = {(d, r) for d in range(self.model.dp_size) for r in range(self.model.tp_size)}
         workers_ready = all(h.ready and not h.down_reason for h in self.supervisor.workers.values())
         return want <= self._registered and workers_ready
 
     # -- tasks and waits ------------------------------------------------------------------------
-    def _status(self, key: TaskKey, completely: bool) -> KVResponse:
-        if key in self._results:
-            engine, full = self._results[key]
-            return full if completely else engine
-        return self.control.poll(key, completely)
+    def _status(self, key: TaskKey, completely: bool) -> TaskStatus:
+        cached = self._results.get(key)
+        if cached is not None:
+            return cached[1 if completely else 0].status
+        return self.control.poll(key, completely).status
 
-    def _is_final(self, key: TaskKey, resp: KVResponse) -> bool:
+    def _result(self, key: TaskKey, completely: bool) -> TaskResult:
+        cached = self._results.get(key)
+        if cached is not None:
+            return cached[1 if completely else 0]
+        return TaskResult.of(self.control.poll(key, completely))
+
+    def _is_final(self, key: TaskKey, status: TaskStatus) -> bool:
         """Final for a wait: done, or matched but never launched (waiting cannot help)."""
-        return resp.status in _FINAL or (resp.status is TaskStatus.UNREADY and key not in self._launched)
+        return status in _FINAL or (status is TaskStatus.UNREADY and key not in self._launched)
 
     def _check_waits(self) -> None:
         if not self._waits:
@@ -589,20 +715,18 @@ class SchedulerServer:
         now = time.monotonic()
         keep: list[_Wait] = []
         for w in self._waits:
-            keys = [(w.client_id, t) for t in w.task_ids]
-            resps = [self._status(k, w.completely) for k in keys]
-            done = all(self._is_final(k, r) for k, r in zip(keys, resps, strict=True))
+            done = all(self._is_final(k, self._status(k, w.completely)) for k in w.keys)
             if not done and now < w.deadline:
                 keep.append(w)
                 continue
-            statuses = [r.status if self._is_final(k, r) else TaskStatus.TIMEOUT
-                        for k, r in zip(keys, resps, strict=True)]
-            errors = [r.error for r in resps]
-            ranges = [mask_to_range(r.return_mask) for r in resps]
+            results = [self._result(k, w.completely) for k in w.keys]
+            statuses = [r.status if self._is_final(k, r.status) else TaskStatus.TIMEOUT
+                        for k, r in zip(w.keys, results, strict=True)]
             reply = cm.WaitReplyMsg(req_id=w.req_id, task_ids=w.task_ids, statuses=[int(s) for s in statuses],
-                                    errors=errors, num_tokens=[r[0] for r in ranges],
-                                    mask_begins=[r[1] for r in ranges], mask_ends=[r[2] for r in ranges])
-            self._reply(w.identity, reply, [r[3] for r in ranges if r[3] is not None])
+                                    errors=[r.error if r.status is TaskStatus.FAILED else "" for r in results],
+                                    num_tokens=[r.num_tokens for r in results],
+                                    mask_begins=[r.begin for r in results], mask_ends=[r.end for r in results])
+            self._reply(w.session.identity, reply, [r.mask for r in results if r.mask is not None])
         self._waits = keep
 
     def _retire(self, keys: list[TaskKey]) -> None:
@@ -619,10 +743,8 @@ class SchedulerServer:
             self._launched.discard(key)
 
     def _remember(self, key: TaskKey, engine: KVResponse, full: KVResponse, task_type: TaskType | None = None) -> None:
-        self._results[key] = (engine, full)
+        self._results.put(key, engine, full)
         self.telemetry.on_final(key, engine, full, task_type)
-        if len(self._results) > _RESULT_CACHE:
-            self._results.popitem(last=False)
 
     # -- workers --------------------------------------------------------------------------------
     def _on_worker_frames(self, frames: list[zmq.Frame]) -> None:
@@ -641,6 +763,9 @@ class SchedulerServer:
         if worker_id is None or msg.worker_id != worker_id:
             self.supervisor.refuse(routing_id, f"{type(msg).__name__} as {msg.worker_id!r} from a connection "
                                                f"that is not that worker's: dropped")
+        elif isinstance(msg, OpsDoneMsg) and len(msg.op_ids) != len(msg.errors):
+            log.warning("OpsDoneMsg from %s with %d op ids and %d errors ignored", worker_id, len(msg.op_ids),
+                        len(msg.errors))
         elif isinstance(msg, OpsDoneMsg):
             if len(msg.corrupt_at) == len(msg.op_ids):  # only ops in flight on this worker count
                 in_flight = self.supervisor.workers[worker_id].in_flight if worker_id in self.supervisor.workers \
@@ -682,20 +807,32 @@ class SchedulerServer:
             self._retire([key])
         return ops
 
-    # -- clients going away ---------------------------------------------------------------------
-    def _client_gone(self, identity: bytes, conn: _Conn) -> None:
-        del self._conns[identity]
+    # -- sessions ending ------------------------------------------------------------------------
+    def _end_session(self, session: Session, reason: str, dead: bool = False) -> None:
+        """Drop everything ``session`` owned: tasks (ops already running finish and roll back), waits,
+        results and registrations (their device workers stop; a ``dead`` client's host KV segment is
+        removed if its creator is gone too)."""
+        if self._sessions.get(session.identity) is session:
+            del self._sessions[session.identity]
         self.telemetry.on_disconnect()
-        log.warning("client %d (%s, pid %d) is gone; releasing its work", conn.client_id, conn.role, conn.pid)
-        if conn.role == "manager":
-            self.control.drop_client(conn.client_id)
-            self._waits = [w for w in self._waits if w.identity != identity]
-            self._launched = {k for k in self._launched if k[0] != conn.client_id}
-        else:
-            for (dp, rank) in list(self._registered):
-                if dp == conn.client_id and not any(c.client_id == dp and c.role == "tp" for c in self._conns.values()):
-                    self._registered.discard((dp, rank))
-                    self._complete(self.supervisor.remove(device_worker_id(dp, rank), "its TP client is gone"))
+        keys = [k for k in self.control.task_keys() if session.owns(k)]
+        for key in keys:
+            self.control.release(key)
+            self._launched.discard(key)
+            self._matched.pop(key, None)
+        num_results = self._results.drop_session(session)
+        self._waits = [w for w in self._waits if w.session is not session]
+        log_fn = log.warning if dead else log.info
+        log_fn("session %d (client %d, %s, pid %d) ended: %s; dropped %d tasks and %d results", session.session_id,
+               session.client_id, session.role, session.pid, reason, len(keys), num_results)
+        for rank_key, reg in list(self._registrations.items()):
+            if reg.session_id != session.session_id:
+                continue
+            del self._registrations[rank_key]
+            self._registered.discard(rank_key)
+            self._complete(self.supervisor.remove(device_worker_id(*rank_key), f"its TP client {reason}"))
+            if dead and reg.host_segment and unlink_if_creator_dead(reg.host_segment):
+                log.warning("removed host KV segment %s of dead client pid %d", reg.host_segment, session.pid)
 
     # -- shutdown -------------------------------------------------------------------------------
     def close(self) -> None:

@@ -149,9 +149,20 @@ class Task:
         mask[end_block * self.plan.tokens_per_block:] = False
         self.mask = mask
 
-    def cancel(self) -> list[Reservation]:
-        """Cancel unless the engine-facing part already finished or failed (then a no-op): drop the
-        waiting ops now (returns their writes to prune); ops in flight roll back on completion."""
+    def cancel(self) -> tuple[bool, list[Reservation]]:
+        """Cancel a task not yet launched (FlexKV's rule): every op is dropped, nothing ever moved.
+        A launched task is not cancelled, whatever its state: it ends on its own, so no final status
+        is reported while one of its ops may still write the engine's memory. Returns (cancelled,
+        writes to prune)."""
+        if self.launched or self.cancelled:
+            return False, []
+        self.cancelled = True
+        return True, self._drop_waiting()
+
+    def abort(self) -> list[Reservation]:
+        """The task is being forgotten (released, or its client went): drop the waiting ops (returns
+        their writes to prune); ops in flight roll back on completion. No-op once the engine part
+        finished or failed (write-through goes on)."""
         if self.engine_done or self.failed or self.cancelled:
             return []
         self.cancelled = True

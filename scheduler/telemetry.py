@@ -18,6 +18,7 @@ import numpy as np
 
 from flexkv.protocol import client_msgs as cm
 from flexkv.protocol.worker_msgs import OpsDoneMsg
+from flexkv.scheduler.sessions import session_of, task_of
 from flexkv.types import KVResponse, OpType, TaskStatus, TaskType
 
 if TYPE_CHECKING:
@@ -123,12 +124,12 @@ class Telemetry:
         if rec is not None and not rec.launched:
             rec.launched = time.monotonic()
 
-    def on_wait(self, client_id: int, task_ids: list[int]) -> None:
+    def on_wait(self, keys: list[TaskKey]) -> None:
         if self.trace is None:
             return
         now = time.monotonic()
-        for tid in task_ids:
-            rec = self._records.get((client_id, tid))
+        for key in keys:
+            rec = self._records.get(key)
             if rec is not None and not rec.waited:
                 rec.waited = now
 
@@ -225,7 +226,8 @@ def _since(start: float, t: float) -> float:
 def _trace_line(key: TaskKey, kind: str, rec: _TaskRecord | None, engine: KVResponse,
                 full: KVResponse) -> dict[str, Any]:
     now = time.monotonic()
-    line: dict[str, Any] = {"ts": time.time(), "client_id": key[0], "task_id": key[1], "type": kind,
+    line: dict[str, Any] = {"ts": time.time(), "client_id": key[0], "session_id": session_of(key),
+                            "task_id": task_of(key), "type": kind,
                             "status": full.status.name, "engine_status": engine.status.name, "error": full.error}
     if rec is None:
         return line

@@ -114,6 +114,9 @@ def test_mla_blocks_hold_one_latent_shared_by_all_ranks() -> None:
         ({"evict_ratio": 0}, r"evict_ratio: must be a number in \(0, 1\]"),
         ({"hit_reward_seconds": float("nan")}, r"hit_reward_seconds: must be a finite number"),
         ({"remote": {"host": "x"}}, r"remote: must be a RemoteConfig"),
+        ({"match_ttl_s": -1.0}, r"match_ttl_s: must be a finite number of seconds > 0, got -1.0"),
+        ({"match_ttl_s": float("nan")}, r"match_ttl_s: must be a finite number"),
+        ({"result_cache_bytes": 100}, r"result_cache_bytes: must be >= 65536, got 100"),
     ],
 )
 def test_cache_config_errors_name_the_field_and_what_is_allowed(kwargs: dict[str, Any], match: str) -> None:
@@ -239,6 +242,9 @@ def test_empty_file_or_environment_gives_the_defaults(tmp_path: Path) -> None:
         ({"FLEXKV_CPU_CACHE_GB": "0.001"}, r"cpu_cache_gb: 0.001 GiB holds no 2097152-byte block"),
         ({"FLEXKV_SSD_CACHE_GB": "0.001", "FLEXKV_SSD_CACHE_DIR": "/x"}, r"ssd_cache_gb: 0.001 GiB holds no"),
         ({"FLEXKV_SSD_CACHE_GB": "1"}, r"ssd_cache_dir: needs at least one directory"),
+        ({"FLEXKV_SSD_CACHE_GB": "-2", "FLEXKV_SSD_CACHE_DIR": "/x"}, r"ssd_cache_gb: must be >= 0 .*got -2.0"),
+        ({"FLEXKV_MATCH_TTL_S": "0"}, r"match_ttl_s: must be a finite number of seconds > 0, got 0.0"),
+        ({"FLEXKV_MATCH_TTL_S": "inf"}, r"match_ttl_s .*expected float, got 'inf'"),
         ({"FLEXKV_SSD_MAX_FILE_GB": "0"}, r"ssd_max_file_gb: must be > 0, got 0.0"),
         ({"FLEXKV_TOKENS_PER_BLOCK": "16.5"}, r"tokens_per_block .*expected int, got '16.5'"),
         ({"FLEXKV_TOKENS_PER_BLOCK": "12"}, r"tokens_per_block: must be a power of two, got 12"),

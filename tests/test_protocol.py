@@ -37,6 +37,7 @@ SAMPLES: list[tuple[Codec[typing.Any], msgspec.Struct]] = [
                                        num_layers=3, host_segment="/flexkv-x", tensor_offsets=[0, 4096],
                                        cuda_handles=[b"\x01" * 64])),
     (CLIENT_REQUESTS, cm.QueryMsg(client_id=0, req_id=6, what="stats")),
+    (CLIENT_REQUESTS, cm.ByeMsg(client_id=0, session_id=12, req_id=7)),
     (SERVER_REPLIES, cm.OkReplyMsg(req_id=1, info={"a": 1, "b": "x", "c": True, "d": 0.5})),
     (SERVER_REPLIES, cm.MatchReplyMsg(req_id=1, task_id=2, num_tokens=40, mask_begin=16, mask_end=32)),
     (SERVER_REPLIES, cm.WaitReplyMsg(req_id=1, task_ids=[1], statuses=[0], errors=[""], num_tokens=[-1],

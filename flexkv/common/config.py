@@ -186,6 +186,8 @@ class CacheConfig:
     trace_path: str = ""
     trace_max_mb: float = 64.0
     trace_backups: int = 3
+    match_ttl_s: float = 600.0  # a get_match/put_match never launched is released after this long
+    result_cache_bytes: int = 32 << 20  # bound of the server's cache of finished results
 
     def policy_of(self, tier: str) -> EvictionPolicy:
         """The eviction policy of ``tier`` ("cpu", "ssd", "remote")."""
@@ -234,6 +236,11 @@ class CacheConfig:
             _require(len(self.ssd_cache_dir) > 0, "ssd_cache_dir",
                      "needs at least one directory when enable_ssd is set")
         _require(isinstance(self.remote, RemoteConfig), "remote", "must be a RemoteConfig")
+        ttl = self.match_ttl_s
+        _require(isinstance(ttl, int | float) and not isinstance(ttl, bool) and math.isfinite(ttl) and ttl > 0,
+                 "match_ttl_s", f"must be a finite number of seconds > 0, got {ttl!r}")
+        _require_int(self.result_cache_bytes, "result_cache_bytes", 1 << 16)
+
         self._check_operations()
 
     def _check_operations(self) -> None:
@@ -270,6 +277,7 @@ _USER_KEYS: dict[str, type] = {
     "slru_protected_ratio": float,
     "evict_start_threshold": float,
     "evict_ratio": float,
+    "match_ttl_s": float,
     "enable_remote": bool,
     "remote_cache_gb": float,
     "remote_backend": str,
@@ -396,6 +404,8 @@ def cache_config_from_user(model: ModelConfig, values: Mapping[str, Any]) -> Cac
         kw["num_cpu_blocks"] = _gb_to_blocks("cpu_cache_gb", values["cpu_cache_gb"], block_bytes)
         if kw["num_cpu_blocks"] < 1:
             raise ConfigError(f"cpu_cache_gb: {values['cpu_cache_gb']} GiB holds no {block_bytes}-byte block")
+    if values.get("ssd_cache_gb", 0) < 0:
+        raise ConfigError(f"ssd_cache_gb: must be >= 0 (0 = no SSD tier), got {values['ssd_cache_gb']}")
     if values.get("ssd_cache_gb", 0) > 0:
         kw["enable_ssd"] = True
         kw["num_ssd_blocks"] = _gb_to_blocks("ssd_cache_gb", values["ssd_cache_gb"], block_bytes)
@@ -409,7 +419,8 @@ def cache_config_from_user(model: ModelConfig, values: Mapping[str, Any]) -> Cac
     for key in ("io_uring_depth", "eviction_policy", "enable_remote", "eviction_policy_cpu", "eviction_policy_ssd",
                 "eviction_policy_remote", "hit_reward_seconds", "slru_promote_hits", "slru_protected_ratio",
                 "evict_start_threshold", "evict_ratio", "ssd_persist_index", "ssd_durable_writes", "metrics_port",
-                "metrics_address", "trace_path", "trace_max_mb", "trace_backups"):
+                "metrics_address", "trace_path", "trace_max_mb", "trace_backups", "match_ttl_s",
+                "result_cache_bytes"):
         if key in values:
             kw[key] = values[key]
     if "remote_cache_gb" in values:

@@ -380,14 +380,31 @@ def test_all_false_mask_finishes_at_launch_without_ops() -> None:
     assert cp.poll((1, 3)).status is TaskStatus.SUCCESS
 
 
-def test_cancel_after_launch_rolls_back_when_in_flight_ops_complete() -> None:
+def test_cancel_after_launch_is_a_no_op_and_the_task_ends_on_its_own() -> None:
+    """FlexKV's rule: cancel applies to tasks not yet launched. A running task keeps reporting its
+    real state (no final status while a worker may still write the engine's memory)."""
     cp = make_cp(cpu=8, ssd=8)
     cp.put_match((1, 1), toks(16))
     [d2h] = cp.launch((1, 1), slots(16))
-    cp.cancel((1, 1))
-    assert cp.poll((1, 1)).status is TaskStatus.CANCELLED
+    assert cp.cancel((1, 1)) is False
+    assert cp.poll((1, 1)).status is TaskStatus.UNREADY, "D2H still in flight"
+    [h2disk] = cp.complete_op(d2h.op_id, True)
+    assert cp.poll((1, 1)).status is TaskStatus.SUCCESS
+    assert cp.cancel((1, 1)) is False
+    assert cp.complete_op(h2disk.op_id, True) == []
+    assert cp.poll((1, 1), completely=True).status is TaskStatus.SUCCESS, "write-through was not cut"
+    cp.release((1, 1))
+    cp.check_invariants()
+    assert cp.stats()["ssd_used_blocks"] == 4
+
+
+def test_release_after_launch_rolls_back_when_in_flight_ops_complete() -> None:
+    cp = make_cp(cpu=8, ssd=8)
+    cp.put_match((1, 1), toks(16))
+    [d2h] = cp.launch((1, 1), slots(16))
+    cp.release((1, 1))
     assert cp.stats()["cpu_used_blocks"] == 4, "the worker may still write into them"
-    assert cp.complete_op(d2h.op_id, True) == [], "no write-through after cancel"
+    assert cp.complete_op(d2h.op_id, True) == [], "no write-through after release"
     cp.check_invariants()
     assert cp.stats()["cpu_used_blocks"] == 0 and cp.stats()["ssd_used_blocks"] == 0
 
