@@ -64,7 +64,8 @@ log = logging.getLogger("flexkv.server")
 TaskKey = tuple[int, int]
 _FINAL = (TaskStatus.SUCCESS, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.NOTFOUND)
 _TICK_S = 0.1
-_ROLES = ("manager", "tp")
+_ROLES = ("manager", "tp", "monitor")  # a monitor (flexkv stats) may only read
+_MONITOR_QUERIES = ("snapshot", "stats", "is_ready")
 
 
 @dataclasses.dataclass
@@ -384,6 +385,9 @@ class SchedulerServer:
         if msg.client_id != session.client_id:
             raise _invalid(f"{name} refused: it claims client id {msg.client_id}, this connection said hello "
                            f"as client {session.client_id}")
+        if session.role == "monitor" and not (isinstance(msg, cm.ByeMsg) or (
+                isinstance(msg, cm.QueryMsg) and msg.what in _MONITOR_QUERIES)):
+            raise _invalid(f"{name} refused: a monitor connection may only query {', '.join(_MONITOR_QUERIES)}")
         return session
 
     def _on_hello(self, identity: bytes, msg: cm.HelloMsg, _: list[memoryview]) -> None:
@@ -447,8 +451,11 @@ class SchedulerServer:
 
     def _match(self, key: TaskKey, task_id: int, is_get: bool, tokens: Any, mask: Any, ns: bytes) -> np.ndarray:
         self._check_new_key(key, task_id)
+        started = time.monotonic()
         match = self.control.get_match if is_get else self.control.put_match
-        return match(key, tokens, mask, ns)
+        ret = match(key, tokens, mask, ns)
+        self.telemetry.on_matched(key, TaskType.GET if is_get else TaskType.PUT, started, len(tokens), ret)
+        return ret
 
     def _on_async(self, identity: bytes, msg: cm.GetAsyncMsg, arrays: list[memoryview]) -> None:
         session = self._sessions[identity]

@@ -34,6 +34,7 @@ import zmq
 from flexkv.protocol.codec import SERVER_TO_WORKER
 from flexkv.protocol.worker_msgs import ExecuteOpMsg, HelloAcceptedMsg, StopWorkerMsg, WorkerHelloMsg
 from flexkv.scheduler.graph import TransferOp
+from flexkv.scheduler.sessions import task_of
 from flexkv.types import ConfigError, OpType
 
 log = logging.getLogger("flexkv.server")
@@ -346,7 +347,8 @@ class WorkerSupervisor:
         arrays: list[Any] = [op.src_block_ids, op.dst_block_ids]
         if op.block_hashes is not None:
             arrays.append(op.block_hashes)
-        msg = ExecuteOpMsg(op_id=op.op_id, op_type=int(op.op_type), task_id=op.task_key[1])
+        # The engine's own task id (its session's part of the key): a layer-wise GET's progress slot.
+        msg = ExecuteOpMsg(op_id=op.op_id, op_type=int(op.op_type), task_id=task_of(op.task_key))
         frames = SERVER_TO_WORKER.encode(msg, arrays)
         self._sock.send_multipart([handle.routing_id, *frames], copy=False)
         handle.in_flight.add(op.op_id)

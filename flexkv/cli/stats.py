@@ -3,7 +3,7 @@
     flexkv stats --address ipc:///tmp/flexkv-abc/server.sock
     flexkv stats --address tcp://127.0.0.1:5555 --json      # the whole snapshot, for scripts
 
-Read-only: one ``snapshot`` query; it opens no session, so the server sees no client come or go.
+Read-only: a "monitor" session (which may only query) and one ``snapshot`` query.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def fetch_snapshot(address: str, timeout_s: float) -> dict[str, Any]:
     conn = ServerConnection(address, client_id=0, role="monitor", timeout_s=timeout_s)
     try:
+        conn.hello(timeout_s)
         reply, _ = conn.request(lambda rid: cm.QueryMsg(client_id=0, req_id=rid, what="snapshot"))
     finally:
         conn.close()

@@ -1,7 +1,7 @@
 """Operating a server: `flexkv serve` with /metrics and the request trace, `flexkv stats`, a scrape over HTTP.
 
 One scenario through the real command: puts, gets, a cancelled match, a miss, an eviction, a bad query,
-a launch of an unknown task, a client that comes and goes, a device worker killed and restarted. Every
+a put whose slot mapping is refused at launch, a client that comes and goes, a device worker killed and restarted. Every
 counter must move by exactly what the scenario did; the trace must hold one line per task.
 """
 
@@ -50,6 +50,9 @@ def _scenario(kvm: KVManager, bufs: object) -> None:
     """What the counters must show: see test_metrics_count_exactly_what_the_server_did."""
     a, b, c, miss = (tokens(3 * T + 1, seed=s) for s in (1, 2, 3, 4))
     _put(kvm, a, [0, 1, 2, 3])
+    bad = slots_for([0, 1, 2, 3], 3 * T + 1) + 1  # no block's slots start at a block boundary
+    tid = kvm.put_async(tokens(3 * T + 1, seed=5), bad)  # matched, refused at launch: FAILED at wait
+    assert kvm.wait([tid])[tid].status is TaskStatus.FAILED
     poison(bufs, [8, 9, 10, 11])  # type: ignore[arg-type]
     tid = kvm.get_async(a, slots_for([8, 9, 10, 11], len(a)))
     res = kvm.wait([tid])[tid]
@@ -66,7 +69,6 @@ def _scenario(kvm: KVManager, bufs: object) -> None:
     _put(kvm, c, [0, 1, 2, 3])  # 9 blocks into an 8-block pool: one eviction
     with pytest.raises(FlexKVError, match="unknown query"):
         kvm._query("bogus")
-    kvm.launch([999_999], [slots_for([0], T)])  # an unknown task: FAILED at wait, counted as type unknown
 
 
 def _settled(port: int, before: Samples, deadline_s: float = 60.0) -> Samples:
@@ -77,7 +79,7 @@ def _settled(port: int, before: Samples, deadline_s: float = 60.0) -> Samples:
         if (delta(now, before, "flexkv_client_disconnects_total") >= 1
                 and delta(now, before, "flexkv_worker_restarts_total", worker="device-0-0") >= 1
                 and value(now, "flexkv_worker_ready", worker="device-0-0") == 1
-                and delta(now, before, "flexkv_tasks_total", type="unknown", status="failed") >= 1):
+                and delta(now, before, "flexkv_tasks_total", type="put", status="failed") >= 1):
             return now
         assert time.monotonic() < deadline, "the disconnect / restart never showed in /metrics"
         time.sleep(0.2)
@@ -112,7 +114,7 @@ def test_metrics_count_exactly_what_the_server_did(tmp_path: Path) -> None:
 
 def _check_counters(after: Samples, before: Samples) -> None:
     d = lambda name, **labels: delta(after, before, name, **labels)  # noqa: E731
-    for kind, n in {"put_async": 3, "get_async": 2, "get_match": 1, "cancel": 1, "wait": 5, "launch": 1,
+    for kind, n in {"put_async": 4, "get_async": 2, "get_match": 1, "cancel": 1, "wait": 6, "launch": 0,
                     "hello": 1, "register": 0, "query": 0}.items():
         assert d("flexkv_requests_total", type=kind, status="ok") == n, kind
     assert d("flexkv_requests_total", type="query", status="error") == 1
@@ -121,10 +123,10 @@ def _check_counters(after: Samples, before: Samples) -> None:
     assert d("flexkv_tasks_total", type="get", status="success") == 2
     assert d("flexkv_tasks_total", type="get", status="cancelled") == 1
     assert d("flexkv_tasks_total", type="get", status="failed") == 0
-    assert d("flexkv_tasks_total", type="unknown", status="failed") == 1
+    assert d("flexkv_tasks_total", type="put", status="failed") == 1
     whole = 3 * T
     assert d("flexkv_query_tokens_total", type="get") == 3 * (whole + 1)
-    assert d("flexkv_query_tokens_total", type="put") == 3 * (whole + 1)
+    assert d("flexkv_query_tokens_total", type="put") == 4 * (whole + 1)
     assert d("flexkv_matched_tokens_total") == whole
     assert d("flexkv_loaded_tokens_total") == whole
     assert d("flexkv_stored_tokens_total") == 3 * whole
@@ -168,15 +170,15 @@ def _check_trace(path: Path) -> None:
     lines = [json.loads(line) for line in path.read_text().splitlines()]
     kinds = sorted((r["type"], r["status"]) for r in lines)
     assert kinds == sorted([("put", "SUCCESS")] * 3 + [("get", "SUCCESS")] * 2 + [("get", "CANCELLED"),
-                                                                                    ("unknown", "FAILED")])
+                                                                                    ("put", "FAILED")])
     hit = next(r for r in lines if r["type"] == "get" and r["matched_tokens"] == 3 * T) if lines else None
     assert hit is not None and [op["op"] for op in hit["ops"]] == ["H2D"]
     op = hit["ops"][0]
     assert op["blocks"] == 3 and op["bytes"] == 3 * BLOCK and op["error"] == "" and op["seconds"] >= op["queue_s"] >= 0
     assert hit["match_s"] >= 0 and hit["engine_s"] >= 0 and hit["total_s"] >= hit["engine_s"]
     assert hit["wait_s"] is None or hit["wait_s"] >= 0
-    puts = [r for r in lines if r["type"] == "put"]
-    assert all([o["op"] for o in r["ops"]] == ["D2H"] and r["ops"][0]["bytes"] == 3 * BLOCK for r in puts)
+    puts = [r for r in lines if r["type"] == "put" and r["status"] == "SUCCESS"]
+    assert len(puts) == 3 and all([o["op"] for o in r["ops"]] == ["D2H"] and r["ops"][0]["bytes"] == 3 * BLOCK for r in puts)
 
 
 def test_the_metrics_port_is_off_by_default_and_a_taken_port_is_a_clear_error(tmp_path: Path) -> None:

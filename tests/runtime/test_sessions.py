@@ -229,6 +229,24 @@ def test_messages_outside_a_live_session_are_refused_with_the_reason(raw: Any) -
         kvm.check_invariants()
 
 
+def test_a_monitor_session_may_only_read(raw: Any) -> None:
+    """What `flexkv stats` opens: queries of snapshot/stats/is_ready only; no task, no shutdown."""
+    with KVManager(small_model(), small_cache(num_cpu_blocks=32)) as kvm:
+        sock = raw(kvm.server_address)
+        reply = _ask(sock, cm.HelloMsg(client_id=0, req_id=1, pid=os.getpid(), host="raw", role="monitor"))
+        assert isinstance(reply, cm.OkReplyMsg)
+        sid = int(reply.info["session_id"])
+        snap = _ask(sock, cm.QueryMsg(client_id=0, session_id=sid, req_id=2, what="snapshot"))
+        assert isinstance(snap, cm.OkReplyMsg) and "json" in snap.info
+        match = cm.GetMatchMsg(client_id=0, session_id=sid, req_id=3, task_id=1, num_tokens=8 * T)
+        assert _refused(_ask(sock, match, [np.arange(8, dtype=np.uint64)]), "a monitor connection may only query")
+        down = cm.QueryMsg(client_id=0, session_id=sid, req_id=4, what="shutdown")
+        assert _refused(_ask(sock, down), "a monitor connection may only query")
+        assert kvm.is_ready() is False and kvm.stats()["num_tasks"] == 0, "the server still serves"
+        assert isinstance(_ask(sock, cm.ByeMsg(client_id=0, session_id=sid, req_id=5)), cm.OkReplyMsg)
+        kvm.check_invariants()
+
+
 def test_a_live_ranks_registration_is_replaced_only_by_its_own_connection(raw: Any) -> None:
     model = small_model()
     with serving(model, small_cache(), LayoutKind.VLLM_KV_FIRST, 16, seed=4) as (kvm, bufs):
