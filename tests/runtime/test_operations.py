@@ -178,7 +178,8 @@ def _check_trace(path: Path) -> None:
     assert hit["match_s"] >= 0 and hit["engine_s"] >= 0 and hit["total_s"] >= hit["engine_s"]
     assert hit["wait_s"] is None or hit["wait_s"] >= 0
     puts = [r for r in lines if r["type"] == "put" and r["status"] == "SUCCESS"]
-    assert len(puts) == 3 and all([o["op"] for o in r["ops"]] == ["D2H"] and r["ops"][0]["bytes"] == 3 * BLOCK for r in puts)
+    assert len(puts) == 3
+    assert all([o["op"] for o in r["ops"]] == ["D2H"] and r["ops"][0]["bytes"] == 3 * BLOCK for r in puts)
 
 
 def test_the_metrics_port_is_off_by_default_and_a_taken_port_is_a_clear_error(tmp_path: Path) -> None:
