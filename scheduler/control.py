@@ -306,8 +306,7 @@ class ControlPlane:
         ops end (evicted first: nothing touches them again). The remote store keeps its old keys,
         but the new generation's keys differ from all of them (every block key is XORed with a
         per-reset salt), so they are never read either."""
-        self._num_resets += 1
-        self._salt = int(xxhash.xxh3_64_intdigest(f"flexkv-reset-{self._num_resets}".encode())) or 1
+        self.set_reset_generation(self._num_resets + 1)
         dropped = [key for key, task in self._tasks.items() if not task.launched]
         for key in dropped:
             self.release(key)
@@ -315,6 +314,17 @@ class ControlPlane:
             index.evict(index.pool.num_used_blocks)
         self._counters["num_resets"] += 1
         return dropped
+
+    @property
+    def reset_generation(self) -> int:
+        """How many resets ever happened to this cache (0 = none): the salt of every block key."""
+        return self._num_resets
+
+    def set_reset_generation(self, generation: int) -> None:
+        """Key blocks as the ``generation``-th reset does (a restarted server whose durable SSD tier
+        was last reset ``generation`` times: its older blocks must stay unmatchable)."""
+        self._num_resets = generation
+        self._salt = int(xxhash.xxh3_64_intdigest(f"flexkv-reset-{generation}".encode())) or 1 if generation else 0
 
     def evict_proactively(self) -> int:
         """Proactive eviction (``evict_start_threshold`` < 1): every bounded tier fuller than the
@@ -352,6 +362,7 @@ class ControlPlane:
             out[f"{index.name}_nodes"] = index.num_nodes
         if self.tiers.remote_store is not None:
             out.update(self.tiers.remote_store.stats())
+        out["reset_generation"] = self._num_resets
         out["num_tasks"] = len(self._tasks)
         out["num_ops_in_flight"] = len(self._ops)
         return out

@@ -283,6 +283,10 @@ class SchedulerServer:
         """Find the SSD tier's blocks again from the journal the SSD worker checked and compacted."""
         if not (self.cache.enable_ssd and self.cache.ssd_persist_index):
             return
+        generation = _read_reset_generation(self.cache.ssd_cache_dir[0])
+        if generation:
+            self.control.set_reset_generation(generation)
+            log.info("SSD tier: %d reset(s) recorded; blocks stored before the last one stay unmatched", generation)
         t0 = time.monotonic()
         fingerprint = kv_fingerprint(self.model, self.cache.tokens_per_block)
         found = scan(journal_path(self.cache.ssd_cache_dir[0]), fingerprint, None, self.cache.num_ssd_blocks)
@@ -658,6 +662,8 @@ class SchedulerServer:
             info = {"ok": True}
         elif msg.what == "reset":
             dropped = self.control.reset()
+            if self.cache.enable_ssd and self.cache.ssd_persist_index:  # a restart must not undo the reset
+                _write_reset_generation(self.cache.ssd_cache_dir[0], self.control.reset_generation)
             for key in dropped:  # not launched: final as CANCELLED for any later wait
                 self._matched.pop(key, None)
                 cancelled = KVResponse(TaskStatus.CANCELLED, key[1], None)
@@ -888,6 +894,37 @@ def _invalid(msg: str) -> FlexKVError:
     from flexkv.types import InvalidRequest
 
     return InvalidRequest(msg)
+
+
+_RESET_FILE = "flexkv_reset_generation"
+
+
+def _read_reset_generation(ssd_dir: str) -> int:
+    """Resets recorded beside a durable SSD tier (0: none, or an unreadable file: said in the log)."""
+    try:
+        with open(os.path.join(ssd_dir, _RESET_FILE), encoding="ascii") as f:
+            return int(f.read().strip() or 0)
+    except FileNotFoundError:
+        return 0
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{os.path.join(ssd_dir, _RESET_FILE)}: unreadable ({e}); remove it together with the "
+                          "SSD cache files to start the SSD tier cold") from None
+
+
+def _write_reset_generation(ssd_dir: str, generation: int) -> None:
+    """Durably (temp file, fsync, rename, fsync of the directory) before the reset is acknowledged."""
+    path = os.path.join(ssd_dir, _RESET_FILE)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="ascii") as f:
+        f.write(f"{generation}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(ssd_dir, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _pid_alive(pid: int) -> bool:

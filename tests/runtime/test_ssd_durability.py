@@ -292,3 +292,43 @@ def test_a_different_model_starts_the_ssd_tier_cold(tmp_path: Path, caplog: pyte
     assert proc.returncode == 0
     text = log.read_text()
     assert text.count("starting the SSD tier cold") == 1, text
+
+
+def test_a_reset_survives_a_restart_of_the_server(tmp_path: Path) -> None:
+    """After reset() (a weight update) a restarted server must not find the blocks stored before it on
+    its durable SSD tier again, and must still find those stored after it."""
+    cache = ssd_cache(tmp_path)
+    address = f"ipc://{tmp_path}/server.sock"
+    bufs = host_buffers(MODEL, LayoutKind.VLLM_KV_FIRST, num_blocks=48, seed=11)
+    old, new = tokens(6 * T, seed=50), tokens(5 * T, seed=51)
+    servers: list[Any] = []
+    try:
+        servers.append(start_server(MODEL, cache, address))
+        kvm = _client(address, bufs, cache)
+        put(kvm, old, list(range(0, 6)))
+        assert kvm.reset() == 0
+        put(kvm, new, list(range(8, 13)))
+        workers = [int(v) for k, v in kvm.stats().items() if k.startswith("pid:")]
+        servers[0].send_signal(signal.SIGKILL)
+        servers[0].wait(20)
+        _wait_gone(workers)
+        kvm.shutdown()
+        servers.append(start_server(MODEL, cache, address))
+        kvm = _client(address, bufs, cache)
+        dst = list(range(30, 36))
+        poison(bufs, dst)
+        assert get(kvm, old, dst)[0] == 0, "a block from before the reset is never matched"
+        assert all(set(block_bytes(bufs, d)) == {0xAB} for d in dst)
+        promised, mask = get(kvm, new, dst[:5])
+        assert promised == 5 and mask.sum() == 5 * T, "what was stored after the reset is found again"
+        assert all(block_bytes(bufs, d) == block_bytes(bufs, s) for s, d in zip(range(8, 13), dst[:5], strict=True))
+        assert kvm.stats()["reset_generation"] == 1
+        kvm.check_invariants()
+        kvm.shutdown()
+    finally:
+        for server in servers:
+            if server.poll() is None:
+                server.send_signal(signal.SIGINT)
+                server.wait(20)
+            _unlink_pool_of(server.pid)
+        bufs.close()
