@@ -51,7 +51,7 @@ from flexkv.scheduler.graph import TransferOp
 from flexkv.scheduler.remote_lookup import RemoteLookup
 from flexkv.scheduler.sessions import ResultCache, Session, TaskResult, session_of, task_of
 from flexkv.scheduler.ssd_rebuild import progress_logger
-from flexkv.scheduler.supervisor import OpResult, RestartPolicy, WorkerSupervisor, device_worker_id
+from flexkv.scheduler.supervisor import OpResult, RestartPolicy, WorkerSupervisor, device_worker_id, pid_alive
 from flexkv.scheduler.telemetry import Telemetry, build_snapshot
 from flexkv.scheduler.trace import TraceWriter
 from flexkv.security import CurveAuthenticator, CurveServerKeys
@@ -343,10 +343,10 @@ class SchedulerServer:
         if self.trace is not None:
             self.trace.flush()
         for session in list(self._sessions.values()):
-            if session.host == self._host and not _pid_alive(session.pid):
+            if session.host == self._host and not pid_alive(session.pid):
                 self._end_session(session, f"its process {session.pid} is gone", dead=True)
         self._expire_matches(time.monotonic())
-        if self._parent_pid is not None and not _pid_alive(self._parent_pid):
+        if self._parent_pid is not None and not pid_alive(self._parent_pid):
             log.warning("parent process %d is gone; shutting down", self._parent_pid)
             self._running = False
 
@@ -925,14 +925,4 @@ def _write_reset_generation(ssd_dir: str, generation: int) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 

@@ -262,7 +262,7 @@ class WorkerSupervisor:
         now = time.monotonic()
         for handle in list(self.workers.values()):
             if handle.engine_side:
-                if handle.ready and handle.pid > 0 and not _pid_alive(handle.pid):
+                if handle.ready and handle.pid > 0 and not pid_alive(handle.pid):
                     gone.append(handle.worker_id)
                 continue
             if handle.proc is not None and handle.proc.poll() is not None:
@@ -394,7 +394,8 @@ def _reap(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
             proc.wait()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (on this host)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

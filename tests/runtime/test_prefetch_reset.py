@@ -4,33 +4,19 @@ from __future__ import annotations
 
 import os
 import signal
-from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from flexkv.client import HostKVBuffers
 from flexkv.kvmanager import KVManager
-from flexkv.layout import LayoutKind
 from flexkv.types import TaskStatus
-from tests.runtime.kvtest import T, block_bytes, host_buffers, poison, slots_for, tokens
-from tests.runtime.test_ssd_tier import MODEL, ssd_cache
+from tests.runtime import test_ssd_tier
+from tests.runtime.kvtest import T, block_bytes, poison, slots_for, tokens
 
 pytestmark = pytest.mark.timeout(120)
 
-
-@pytest.fixture
-def kvm_ssd(tmp_path: Path) -> Iterator[tuple[KVManager, HostKVBuffers]]:
-    kvm = KVManager(MODEL, ssd_cache(tmp_path))
-    kvm.start()
-    bufs = host_buffers(MODEL, LayoutKind.VLLM_KV_FIRST, num_blocks=64, seed=31)
-    try:
-        kvm.register_kv_buffers(bufs, bufs.layout)
-        yield kvm, bufs
-    finally:
-        kvm.shutdown()
-        bufs.close()
+ssd_kvm = test_ssd_tier.ssd_kvm  # the fixture: library mode, CPU + SSD, host buffers registered
 
 
 def _put(kvm: KVManager, toks: np.ndarray, blocks: list[int]) -> None:
@@ -46,8 +32,8 @@ def _get_into(kvm: KVManager, bufs: HostKVBuffers, toks: np.ndarray, dst: list[i
     return res.return_mask
 
 
-def test_prefetch_stages_ssd_blocks_into_cpu_so_a_get_needs_no_ssd(kvm_ssd: tuple[KVManager, HostKVBuffers]) -> None:
-    kvm, bufs = kvm_ssd
+def test_prefetch_stages_ssd_blocks_into_cpu_so_a_get_needs_no_ssd(ssd_kvm: tuple[KVManager, HostKVBuffers]) -> None:
+    kvm, bufs = ssd_kvm
     prompt = tokens(8 * T, seed=1)
     _put(kvm, prompt, list(range(8)))
     _put(kvm, tokens(8 * T, seed=2), list(range(8, 16)))  # two more prompts push it out of the
@@ -68,8 +54,8 @@ def test_prefetch_stages_ssd_blocks_into_cpu_so_a_get_needs_no_ssd(kvm_ssd: tupl
 
 
 def test_prefetch_of_an_uncached_prompt_is_success_with_nothing_usable(
-        kvm_ssd: tuple[KVManager, HostKVBuffers]) -> None:
-    kvm, _ = kvm_ssd
+        ssd_kvm: tuple[KVManager, HostKVBuffers]) -> None:
+    kvm, _ = ssd_kvm
     tid = kvm.prefetch_async(tokens(8 * T, seed=9))
     res = kvm.wait(tid, timeout=30)[tid]
     assert res.status is TaskStatus.SUCCESS and res.return_mask is not None and not res.return_mask.any()
@@ -77,8 +63,8 @@ def test_prefetch_of_an_uncached_prompt_is_success_with_nothing_usable(
 
 
 def test_reset_forgets_every_tier_and_cancels_what_was_not_launched(
-        kvm_ssd: tuple[KVManager, HostKVBuffers]) -> None:
-    kvm, bufs = kvm_ssd
+        ssd_kvm: tuple[KVManager, HostKVBuffers]) -> None:
+    kvm, bufs = ssd_kvm
     prompt = tokens(8 * T, seed=4)
     _put(kvm, prompt, list(range(8)))
     pending, mask = kvm.get_match(prompt)
@@ -97,8 +83,8 @@ def test_reset_forgets_every_tier_and_cancels_what_was_not_launched(
 
 
 def test_a_get_running_during_reset_finishes_byte_exact_and_its_blocks_are_never_matched(
-        kvm_ssd: tuple[KVManager, HostKVBuffers]) -> None:
-    kvm, bufs = kvm_ssd
+        ssd_kvm: tuple[KVManager, HostKVBuffers]) -> None:
+    kvm, bufs = ssd_kvm
     prompt = tokens(8 * T, seed=5)
     _put(kvm, prompt, list(range(8)))
     dev_pid = int(kvm.stats()["pid:device-0-0"])

@@ -246,12 +246,16 @@ def test_a_restarted_server_finds_every_ssd_block_byte_exact(tmp_path: Path, sig
         kvm.check_invariants()
         kvm.shutdown()
     finally:
-        for server in servers:
-            if server.poll() is None:
-                server.send_signal(signal.SIGINT)
-                server.wait(20)
-            _unlink_pool_of(server.pid)
+        _stop(servers)
         bufs.close()
+
+
+def _stop(servers: list[Any]) -> None:
+    for server in servers:
+        if server.poll() is None:
+            server.send_signal(signal.SIGINT)
+            server.wait(20)
+        _unlink_pool_of(server.pid)
 
 
 def _unlink_pool_of(pid: int) -> None:
@@ -326,9 +330,5 @@ def test_a_reset_survives_a_restart_of_the_server(tmp_path: Path) -> None:
         kvm.check_invariants()
         kvm.shutdown()
     finally:
-        for server in servers:
-            if server.poll() is None:
-                server.send_signal(signal.SIGINT)
-                server.wait(20)
-            _unlink_pool_of(server.pid)
+        _stop(servers)
         bufs.close()

@@ -132,13 +132,17 @@ class Driver:
 @given(steps=actions, ssd_blocks=st.sampled_from([6, 24]), remote_blocks=st.sampled_from([0, 12]))
 def test_random_operation_sequences_keep_invariants_and_bytes_right(steps: list[tuple[str, int, int]],
                                                                     ssd_blocks: int, remote_blocks: int) -> None:
-    driver = Driver(ssd_blocks, remote_blocks)
     event(f"steps {len(steps) // 10 * 10}+")
+    run_and_drain(Driver(ssd_blocks, remote_blocks), steps)
+
+
+def run_and_drain(driver: Driver, steps: list[tuple[str, int, int]]) -> None:
+    """Apply ``steps`` with the invariants checked after each; then every op completes and releasing
+    every task must return every lock."""
     cp = driver.cp
     for step in steps:
         driver.step(*step)
         cp.check_invariants()
-    # drain: every op completes; then releasing everything returns every lock
     driver.step("drain", 0, 0)
     while driver.open_keys:
         driver.step("release", 0, 0)
@@ -160,15 +164,5 @@ def test_every_eviction_policy_keeps_invariants_and_bytes_right(steps: list[tupl
                                                                 policy: EvictionPolicy, threshold: float) -> None:
     """The same random scenarios under every policy, with proactive eviction on or off: invariants
     (the policy's own bookkeeping included) after every step, H2D bytes right, every lock returned."""
-    driver = Driver(6, 12, policy, threshold)
     event(f"policy {policy.value}")
-    cp = driver.cp
-    for step in steps:
-        driver.step(*step)
-        cp.check_invariants()
-    driver.step("drain", 0, 0)
-    while driver.open_keys:
-        driver.step("release", 0, 0)
-        cp.check_invariants()
-    for index in cp.tiers.all():
-        assert not index.lock_count.any(), f"{index.name}: locks left after every task ended"
+    run_and_drain(Driver(6, 12, policy, threshold), steps)
