@@ -11,7 +11,8 @@
 #   ops       (not in the default list; needs a prometheus_client wheel in .whl/) `flexkv check --gpu`, and
 #             metrics off vs on: control_latency.py --metrics and throughput.py --metrics (host buffers)
 #   layerwise layer-wise GET on CUDA (per-layer events, bytes exact at every layer wait, failures wake
-#             every waiter) and the HF engine on CUDA (bit-exact restores, conversations unchanged)
+#             every waiter) and the HF engine on CUDA (bit-exact restores, conversations unchanged), its
+#             CPU tests too, and benchmarks/hf_numerics.py (this host's CPU: numerics vs wrong KV)
 #   ttft      benchmarks/ttft.py: TTFT of the HF engine, Llama-3-8B shape (not in the default list: ~3-5 min)
 # Prints PASS/FAIL per step; with $OUT set, each step's whole output is kept in $OUT/<step>.log.
 # Headers the machine lacks (xxhash.h) may be carried in .devinc/, liburing in .devinc/uring/; CUDA runtime wheels in .devinc/cudart/
@@ -81,8 +82,10 @@ for part in "${parts[@]}"; do
     step 300 "throughput --metrics" python3 benchmarks/throughput.py --tp 1 --metrics --prompt-blocks 1 \
       --engine-blocks 256 --cpu-blocks 300 --rounds 8 --warmup-rounds 2 ;;
   layerwise)
-    step 300 "pytest layer-wise GET + HF engine on CUDA" "${PYTEST[@]}" tests/runtime/test_layerwise.py \
-      tests/integration/test_hf_engine.py -k "cuda or layer" ;;
+    step 300 "pytest layer-wise GET + HF engine (CUDA and CPU)" "${PYTEST[@]}" \
+      tests/runtime/test_layerwise.py tests/integration/test_hf_engine.py
+    step 300 "hf_numerics (this host CPU)" \
+      python3 benchmarks/hf_numerics.py ;;
   ttft)
     step 590 "ttft (HF engine, Llama-3-8B shape)" python3 benchmarks/ttft.py ;;
   *) say "unknown part $part"; rc=1 ;;

@@ -158,36 +158,58 @@ class HFPagedEngine:
 
     # -- one prompt ------------------------------------------------------------------------------
     @torch.inference_mode()
-    def generate(self, token_ids: torch.Tensor | Sequence[int], max_new_tokens: int) -> tuple[list[int], TurnStats]:
-        """Greedy-decode ``max_new_tokens`` tokens after ``token_ids`` (1-D); returns them and the stats."""
+    def generate(self, token_ids: torch.Tensor | Sequence[int], max_new_tokens: int,
+                 reuse: tuple[DynamicCache, int] | None = None) -> tuple[list[int], TurnStats]:
+        """Greedy-decode ``max_new_tokens`` tokens after ``token_ids`` (1-D); returns them and the stats.
+
+        ``reuse``: see :meth:`prefill`."""
         tokens = torch.as_tensor(token_ids, dtype=torch.long).flatten().cpu()
         if tokens.numel() == 0 or max_new_tokens < 1:
             raise ValueError("generate needs at least one prompt token and max_new_tokens >= 1")
-        logits, cache, stats, put = self.prefill(tokens)
-        out = [int(logits.argmax())]
-        pos = tokens.numel()
+        logits, cache, stats, put = self.prefill(tokens, reuse)
         try:
-            for _ in range(max_new_tokens - 1):
-                nxt = torch.tensor([out[-1]], dtype=torch.long)
-                logits = self._forward(nxt, cache, pos)
-                pos += 1
-                out.append(int(logits.argmax()))
+            out = self.decode(logits, cache, tokens.numel(), max_new_tokens)
         finally:
             self.finish_put(put)
         return out, stats
 
     @torch.inference_mode()
-    def prefill(self, tokens: torch.Tensor) -> tuple[torch.Tensor, DynamicCache, TurnStats, PendingPut | None]:
+    def decode(self, logits: torch.Tensor, cache: DynamicCache, num_tokens: int, max_new_tokens: int) -> list[int]:
+        """Greedy tokens after a prefill of ``num_tokens`` tokens whose last logits are ``logits``."""
+        out = [int(logits.argmax())]
+        pos = num_tokens
+        for _ in range(max_new_tokens - 1):
+            nxt = torch.tensor([out[-1]], dtype=torch.long)
+            logits = self._forward(nxt, cache, pos)
+            pos += 1
+            out.append(int(logits.argmax()))
+        return out
+
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, reuse: tuple[DynamicCache, int] | None = None,
+                ) -> tuple[torch.Tensor, DynamicCache, TurnStats, PendingPut | None]:
         """Restore what flexkv has, compute the rest; returns the last logits, the cache, the stats and
-        the started put (pass it to ``finish_put`` once done with the pages; ``generate`` does)."""
+        the started put (pass it to ``finish_put`` once done with the pages; ``generate`` does).
+
+        ``reuse=(cache, n)`` (only without flexkv: the bit-exact reference): start from the first ``n``
+        tokens of ``cache``, which this engine computed for an earlier prompt starting with the same
+        tokens, and compute only the rest. Given the cache flexkv stored, that is the same sequence of
+        forwards (same shapes, same inputs) a flexkv run makes, so its outputs are bit-identical; a
+        plain recompute of the whole prompt is only numerically close (other kernel shapes round
+        differently, and greedy decoding of a random model may flip a token).
+        """
         t0 = time.perf_counter()
         n = tokens.numel()
+        if reuse is not None and (self.kvm is not None or not 0 < reuse[1] < n):
+            raise ValueError(f"reuse needs an engine without flexkv and 0 < {reuse[1]} < {n} prompt tokens")
         restore, fallback = self._start_restore(tokens)
         cache = DynamicCache(config=self.config)
         try:
             if restore is not None:
                 self._begin_restore(restore, cache)
             start = restore.num_tokens if restore is not None else 0
+            if reuse is not None:
+                start = self._reuse(reuse[0], reuse[1], cache)
             logits = self._forward(tokens[start:], cache, start)
             if restore is not None:
                 self._end_restore(restore)
@@ -212,6 +234,17 @@ class HFPagedEngine:
                           self.layerwise and restore is not None, fallback)
         put = self._start_put(tokens, cache, restore)
         return logits, cache, stats, put
+
+    def _reuse(self, earlier: DynamicCache, num_tokens: int, cache: DynamicCache) -> int:
+        """Copy the first ``num_tokens`` of ``earlier`` into the fresh ``cache``, as a restore fills it."""
+        for layer in range(self.num_layers):
+            key, value = layer_kv(earlier, layer)
+            if key.shape[2] < num_tokens:
+                raise ValueError(f"reuse of {num_tokens} tokens from a cache of {key.shape[2]}")
+            keep = torch.contiguous_format  # contiguous, as PagedKVPool.read_layer gives a restore
+            cache.update(key[:, :, :num_tokens].clone(memory_format=keep),
+                         value[:, :, :num_tokens].clone(memory_format=keep), layer)
+        return num_tokens
 
     def _start_restore(self, tokens: torch.Tensor) -> tuple[_Restore | None, str]:
         t = self.tokens_per_block
