@@ -15,7 +15,8 @@
 #             CPU tests too, and benchmarks/hf_numerics.py (this host's CPU: numerics vs wrong KV)
 #   ttft      benchmarks/ttft.py: TTFT of the HF engine, Llama-3-8B shape (not in the default list: ~3-5 min)
 # Prints PASS/FAIL per step; with $OUT set, each step's whole output is kept in $OUT/<step>.log.
-# Headers the machine lacks (xxhash.h) may be carried in .devinc/, liburing in .devinc/uring/; CUDA runtime wheels in .devinc/cudart/
+# Headers the machine lacks (xxhash.h) may be carried in .devinc/, liburing in .devinc/uring/, the
+# conversation trace (ttft's replay) in .devinc/traces/; CUDA runtime wheels in .devinc/cudart/
 # (`pip download nvidia-cuda-runtime-cu12==12.8.*` and the like) are unpacked, and the "stack" part's
 # BATCH ABI test runs under their libcudart too (FLEXKV_TEST_CUDARTS).
 set -uo pipefail
@@ -87,7 +88,8 @@ for part in "${parts[@]}"; do
     step 300 "hf_numerics (this host CPU)" \
       python3 benchmarks/hf_numerics.py ;;
   ttft)
-    step 590 "ttft (HF engine, Llama-3-8B shape)" python3 benchmarks/ttft.py ;;
+    trace=(); [ -f .devinc/traces/conversation_trace.jsonl ] && trace=(--trace .devinc/traces/conversation_trace.jsonl)
+    step "${TTFT_LIMIT_S:-590}" "ttft (HF engine, Llama-3-8B shape)" python3 benchmarks/ttft.py "${trace[@]}" ;;
   *) say "unknown part $part"; rc=1 ;;
   esac
 done
