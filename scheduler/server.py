@@ -773,7 +773,11 @@ class SchedulerServer:
             self.supervisor.on_hello(routing_id, msg)
             return
         worker_id = self.supervisor.worker_of(routing_id)
-        if worker_id is None or msg.worker_id != worker_id:
+        if worker_id is None and isinstance(msg, WorkerByeMsg):
+            # A worker the server already stopped (its session ended) says goodbye as it exits: expected,
+            # and a bye can complete nothing, so it is neither refused nor counted.
+            log.debug("bye from %r after its worker was removed", msg.worker_id)
+        elif worker_id is None or msg.worker_id != worker_id:
             self.supervisor.refuse(routing_id, f"{type(msg).__name__} as {msg.worker_id!r} from a connection "
                                                f"that is not that worker's: dropped")
         elif isinstance(msg, OpsDoneMsg) and len(msg.op_ids) != len(msg.errors):
