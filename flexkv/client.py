@@ -2,7 +2,9 @@
 
 Host buffers (CPU engines, tests) must live in shared memory so the device worker process can reach
 them: allocate them with :func:`allocate_host_kv_buffers`. CUDA tensors are shared through CUDA IPC
-handles (see docs/gpu.md). Registration returns once the rank's worker is running.
+handles (see docs/gpu.md). Host memory private to the engine process (torch CPU tensors, numpy arrays)
+is registered with ``engine_side=True``: the rank's device worker then runs as a thread of this process
+(an engine-side lane, DESIGN §7b). Registration returns once the rank's worker is running.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import threading
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -19,6 +21,9 @@ from flexkv.protocol import client_msgs as cm
 from flexkv.shm import SharedPool, make_pool_name
 from flexkv.transport import ServerConnection
 from flexkv.types import DType, InvalidRequest
+
+if TYPE_CHECKING:
+    from flexkv.workers.engine_lane import EngineLane
 
 _NUMPY_DTYPES = {DType.FLOAT16: np.float16, DType.FLOAT32: np.float32, DType.UINT8: np.uint8}
 _PAGE = 4096
@@ -101,6 +106,26 @@ def _is_cuda(t: Any) -> bool:
     return bool(getattr(t, "is_cuda", False))
 
 
+def _check_private_host_tensors(tensors: Sequence[Any], lay: KVCacheLayout) -> None:
+    """The engine-side lane copies by address: each tensor must be host memory, contiguous, writable
+    and at least as large as the layout says."""
+    if len(tensors) != lay.num_tensors:
+        raise InvalidRequest(f"register: {len(tensors)} KV tensors given, layout {lay.kind.value} needs "
+                             f"{lay.num_tensors}")
+    for i, t in enumerate(tensors):
+        if _is_cuda(t) or (not isinstance(t, np.ndarray) and getattr(getattr(t, "device", None), "type", "") != "cpu"):
+            raise InvalidRequest(f"register(engine_side=True): tensor {i} is not a host (CPU) tensor or numpy array")
+        if isinstance(t, np.ndarray):
+            ok, nbytes = bool(t.flags.c_contiguous and t.flags.writeable), int(t.nbytes)
+        else:
+            ok, nbytes = bool(t.is_contiguous()), int(t.numel() * t.element_size())
+        if not ok:
+            raise InvalidRequest(f"register(engine_side=True): tensor {i} is not contiguous and writable")
+        if nbytes < lay.tensor_bytes(i):
+            raise InvalidRequest(f"register(engine_side=True): tensor {i} has {nbytes} bytes, layout needs "
+                                 f"{lay.tensor_bytes(i)}")
+
+
 class KVTPClient:
     """Registers one TP rank's KV buffers with a running server (``server_address``)."""
 
@@ -112,15 +137,20 @@ class KVTPClient:
         self._keep: list[Any] = []
         self._event: int | None = None  # the "KV written" event (register(..., use_event=True))
         self._event_handle = b""
+        self._lane: EngineLane | None = None  # register(..., engine_side=True)
 
     def register(self, kv_tensors: Sequence[Any] | HostKVBuffers, layout: KVCacheLayout | LayoutKind | str,
-                 timeout_s: float = 120.0, *, use_event: bool = False) -> KVCacheLayout:
+                 timeout_s: float = 120.0, *, use_event: bool = False, engine_side: bool = False) -> KVCacheLayout:
         """Register this rank's KV tensors laid out as ``layout`` (a KVCacheLayout, or a kind whose
         shape is read off the tensors). Returns the layout. Raises InvalidRequest naming the problem.
 
         ``use_event`` (CUDA tensors): the worker's D2H copies wait on the GPU for this rank's "KV
         written" event, so a put may be launched right after :meth:`mark_kv_written` without
-        synchronizing the engine's stream (see docs/gpu.md, ordering contract)."""
+        synchronizing the engine's stream (see docs/gpu.md, ordering contract).
+
+        ``engine_side``: the tensors are host memory private to this process (torch CPU tensors or numpy
+        arrays, each contiguous); the rank's device worker runs here as a thread (DESIGN §7b) until
+        :meth:`close`, and the tensors must stay alive until then (this client keeps a reference)."""
         tensors: Sequence[Any] = kv_tensors.arrays if isinstance(kv_tensors, HostKVBuffers) else list(kv_tensors)
         if not tensors:
             raise InvalidRequest("register: no KV tensors given")
@@ -133,6 +163,8 @@ class KVTPClient:
             except ValueError as e:
                 raise InvalidRequest(f"register: {e}") from None
         fields: dict[str, Any] = {}
+        if engine_side:
+            return self._register_engine_side(tensors, lay, timeout_s)
         if all(_is_cuda(t) for t in tensors):
             from flexkv.cuda_ipc import export_tensor
 
@@ -152,11 +184,27 @@ class KVTPClient:
         else:
             bufs, offsets = _find_host_buffers(tensors)
             fields = {"host_segment": bufs.segment.name, "tensor_offsets": offsets}
-        self._conn.request(lambda rid: cm.RegisterKVMsg(
+        self._conn.request(lambda rid: self._register_msg(lay, rid, **fields), timeout_s=timeout_s)
+        return lay
+
+    def _register_msg(self, lay: KVCacheLayout, rid: int, **fields: Any) -> cm.RegisterKVMsg:
+        return cm.RegisterKVMsg(
             client_id=self.dp_client_id, req_id=rid, tp_rank=self.tp_rank, device_id=self.device_id,
             layout_kind=lay.kind.value, num_blocks=lay.num_blocks, tokens_per_block=lay.tokens_per_block,
             num_heads=lay.num_heads, head_size=lay.head_size, itemsize=lay.itemsize, num_layers=lay.num_layers,
-            **fields), timeout_s=timeout_s)
+            **fields)
+
+    def _register_engine_side(self, tensors: Sequence[Any], lay: KVCacheLayout, timeout_s: float) -> KVCacheLayout:
+        from flexkv.workers.engine_lane import EngineLane
+
+        _check_private_host_tensors(tensors, lay)
+        if self._lane is not None:
+            self._lane.close()
+            self._lane = None
+        reply, _ = self._conn.request(lambda rid: self._register_msg(lay, rid, engine_side=True), timeout_s=timeout_s)
+        assert isinstance(reply, cm.OkReplyMsg)
+        self._keep = list(tensors)  # the lane copies into them by address
+        self._lane = EngineLane.start(str(reply.info["lane_spec"]), tensor_addresses(tensors), timeout_s)
         return lay
 
     def _kv_written_event(self) -> bytes:
@@ -185,6 +233,12 @@ class KVTPClient:
         cudacopy.event_record(self._event, int(getattr(stream, "cuda_stream", stream)))
 
     def close(self) -> None:
+        """Stop this rank's engine-side lane (if any; the server then treats the rank as gone) and
+        disconnect."""
+        if self._lane is not None:
+            self._lane.close()
+            self._lane = None
+        self._keep = []
         self._conn.close()
         if self._event is not None:
             from flexkv.native import cudacopy

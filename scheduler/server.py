@@ -9,6 +9,7 @@ attributed) and the loop carries on: no input kills the server or leaves a reser
 from __future__ import annotations
 
 import dataclasses
+import json
 import logging
 import os
 import shutil
@@ -36,7 +37,7 @@ from flexkv.protocol.codec import (
     frame_array,
     mask_to_range,
 )
-from flexkv.protocol.worker_msgs import OpsDoneMsg, WorkerHelloMsg
+from flexkv.protocol.worker_msgs import OpsDoneMsg, WorkerByeMsg, WorkerHelloMsg
 from flexkv.remote import RemoteStore, RemoteUnavailable, open_remote_store
 from flexkv.scheduler.control import ControlPlane
 from flexkv.scheduler.graph import TransferOp
@@ -102,9 +103,8 @@ class SchedulerServer:
             self.pool = SharedPool.create(make_pool_name("cpu"), cache.num_cpu_blocks * self.block_bytes,
                                           progress=_prefault_progress)
             self._clients = self._bind(zmq.ROUTER, self.client_address)
+            # Workers set no identity: the ROUTER names each connection, and a hello binds it (supervisor).
             self._workers_sock = self._bind(zmq.ROUTER, self.worker_address)
-            # A restarted worker (and its lanes) reconnects under the same identity: it takes over.
-            self._workers_sock.setsockopt(zmq.ROUTER_HANDOVER, 1)
         except BaseException:
             self.close()  # e.g. the address is taken: leave no segment or socket file behind
             raise
@@ -230,7 +230,10 @@ class SchedulerServer:
             handle(frames)
 
     def _tick(self) -> None:
-        self._complete(self.supervisor.check_liveness())
+        failed, gone = self.supervisor.check_liveness()
+        self._complete(failed)
+        for worker_id in gone:
+            self._lane_gone(worker_id, "its engine process is gone")
         for identity, conn in list(self._conns.items()):
             if conn.host == self._host and not _pid_alive(conn.pid):
                 self._client_gone(identity, conn)
@@ -367,22 +370,46 @@ class SchedulerServer:
             self.block_first.check_engine_layout(KVCacheLayout.from_fields(reg))
         except ValueError as e:
             raise _invalid(f"register rank {msg.tp_rank}: {e}") from None
-        if not msg.cuda_handles and not msg.host_segment:
-            raise _invalid("register: neither a host segment nor CUDA handles given")
+        if not msg.engine_side and not msg.cuda_handles and not msg.host_segment:
+            raise _invalid("register: neither a host segment nor CUDA handles given (nor engine_side)")
         if msg.cuda_event and (not msg.cuda_handles or len(msg.cuda_event) != 64):
             raise _invalid("register: cuda_event needs CUDA tensors and a 64-byte cudaIpcEventHandle_t")
         reg["cuda_handles"] = [h.hex() for h in msg.cuda_handles]
         reg["cuda_event"] = msg.cuda_event.hex()
         worker_id = device_worker_id(msg.client_id, msg.tp_rank)
-        handle = self.supervisor.spawn(worker_id, {"kind": "device", "dp_client_id": msg.client_id,
-                                                   "tp_rank": msg.tp_rank, "registration": reg})
+        spec = {"kind": "device", "dp_client_id": msg.client_id, "tp_rank": msg.tp_rank, "registration": reg}
         key = (msg.client_id, msg.tp_rank)
+        if msg.engine_side:
+            self._register_lane(identity, msg.req_id, worker_id, key, spec)
+            return
+        handle = self.supervisor.spawn(worker_id, spec)
 
         def ready() -> None:
             self._registered.add(key)
             self._reply(identity, cm.OkReplyMsg(req_id=msg.req_id, info={"worker": worker_id}))
 
         handle.on_ready.append(ready)
+
+    def _register_lane(self, identity: bytes, req_id: int, worker_id: str, key: tuple[int, int],
+                       spec: dict[str, Any]) -> None:
+        """An engine-side lane (DESIGN §7b): reply at once with what the engine needs to run the device
+        worker itself (its credential included); the rank counts as registered when the lane says hello."""
+        self._registered.discard(key)
+        handle = self.supervisor.expect_lane(worker_id, spec)
+        handle.on_ready.append(lambda: self._registered.add(key))
+        lane = self.supervisor.lane_spec(handle)
+        info: dict[str, int | float | str | bool] = {"worker": worker_id, "lane_spec": json.dumps(lane)}
+        self._reply(identity, cm.OkReplyMsg(req_id=req_id, info=info))
+
+    def _lane_gone(self, worker_id: str, reason: str) -> None:
+        """An engine-side lane stopped (or its process died): its rank is unregistered, its ops fail."""
+        handle = self.supervisor.workers.get(worker_id)
+        if handle is None:
+            return
+        log.warning("engine-side lane %s is gone (%s)", worker_id, reason)
+        dp, rank = handle.spec["dp_client_id"], handle.spec["tp_rank"]
+        self._registered.discard((dp, rank))
+        self._complete(self.supervisor.remove(worker_id, reason))
 
     def _on_query(self, identity: bytes, msg: cm.QueryMsg, _: list[memoryview]) -> None:
         info: dict[str, int | float | str | bool]
@@ -392,7 +419,10 @@ class SchedulerServer:
             info = {**self.control.stats(), "in_flight_ops": self.supervisor.num_in_flight,
                     "num_workers": len(self.supervisor.workers), "server_pid": os.getpid()}
             for worker_id, handle in self.supervisor.workers.items():
-                info[f"pid:{worker_id}"] = handle.proc.pid if handle.proc is not None else -1
+                info[f"pid:{worker_id}"] = handle.proc.pid if handle.proc is not None else handle.pid
+            for worker_id, reason in self.supervisor.down().items():
+                info[f"down:{worker_id}"] = reason
+            info["worker_msgs_refused"] = self.supervisor.num_refused
         elif msg.what == "check":
             self.control.check_invariants()
             info = {"ok": True}
@@ -405,8 +435,8 @@ class SchedulerServer:
 
     def is_ready(self) -> bool:
         want = {(d, r) for d in range(self.model.dp_size) for r in range(self.model.tp_size)}
-        tiers_ready = all(h.ready for h in self.supervisor.workers.values())
-        return want <= self._registered and tiers_ready
+        workers_ready = all(h.ready and not h.down_reason for h in self.supervisor.workers.values())
+        return want <= self._registered and workers_ready
 
     # -- tasks and waits ------------------------------------------------------------------------
     def _status(self, key: TaskKey, completely: bool) -> KVResponse:
@@ -461,20 +491,25 @@ class SchedulerServer:
 
     # -- workers --------------------------------------------------------------------------------
     def _on_worker_frames(self, frames: list[zmq.Frame]) -> None:
-        identity = frames[0].bytes.decode(errors="replace")
-        # A worker's lanes report on their own sockets, "<worker id>/lane<i>"; only the worker says hello.
-        worker_id, _, lane = identity.partition("/")
+        """A hello binds its connection to a worker (or lane) if its credential is right; anything else
+        counts only from a connection so bound, and only for that worker (DESIGN §7, trust)."""
+        routing_id = frames[0].bytes
         try:
             msg, _ = WORKER_TO_SERVER.decode(frames[1:])
         except ProtocolError as e:
-            log.warning("bad message from worker %r: %s", identity, e)
+            self.supervisor.refuse(routing_id, f"bad message: {e}")
             return
-        if isinstance(msg, WorkerHelloMsg) and not lane:
-            self.supervisor.on_hello(worker_id, msg.op_types)
-        elif isinstance(msg, OpsDoneMsg) and msg.worker_id == worker_id:
+        if isinstance(msg, WorkerHelloMsg):
+            self.supervisor.on_hello(routing_id, msg)
+            return
+        worker_id = self.supervisor.worker_of(routing_id)
+        if worker_id is None or msg.worker_id != worker_id:
+            self.supervisor.refuse(routing_id, f"{type(msg).__name__} as {msg.worker_id!r} from a connection "
+                                               f"that is not that worker's: dropped")
+        elif isinstance(msg, OpsDoneMsg):
             self._complete(self.supervisor.on_done(worker_id, msg.op_ids, msg.errors))
-        else:
-            log.warning("%s from %r ignored", type(msg).__name__, identity)
+        elif isinstance(msg, WorkerByeMsg) and self.supervisor.on_bye(routing_id) is not None:
+            self._lane_gone(worker_id, msg.reason or "closed")
 
     def _dispatch(self, ops: list[TransferOp]) -> None:
         pending = list(ops)

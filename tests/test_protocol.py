@@ -41,9 +41,11 @@ SAMPLES: list[tuple[Codec[typing.Any], msgspec.Struct]] = [
     (SERVER_REPLIES, cm.WaitReplyMsg(req_id=1, task_ids=[1], statuses=[0], errors=[""], num_tokens=[-1],
                                      mask_begins=[0], mask_ends=[0])),
     (SERVER_REPLIES, cm.ErrorReplyMsg(req_id=1, error="bad", kind="InvalidRequest")),
-    (WORKER_TO_SERVER, wm.WorkerHelloMsg(worker_id="w", pid=1, op_types=[0, 1])),
+    (WORKER_TO_SERVER, wm.WorkerHelloMsg(worker_id="w", pid=1, op_types=[0, 1], credential="c0ffee", lane=1)),
+    (WORKER_TO_SERVER, wm.WorkerByeMsg(worker_id="w", reason="closed")),
     (WORKER_TO_SERVER, wm.OpsDoneMsg(worker_id="w", op_ids=[1, 2], errors=["", "EIO"])),
     (SERVER_TO_WORKER, wm.ExecuteOpMsg(op_id=3, op_type=2)),
+    (SERVER_TO_WORKER, wm.HelloAcceptedMsg()),
     (SERVER_TO_WORKER, wm.StopWorkerMsg(reason="bye")),
 ]
 

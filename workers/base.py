@@ -10,7 +10,14 @@ no ordering between them. A lane has a starter thread and a finisher thread: ``s
 a batch and returns a function that waits for it, so a worker whose work completes asynchronously
 (GPU copies on a stream) starts the next batch while the previous one is still running and the
 stream never drains between ops. Each finisher reports straight to the server on its own socket
-(identity ``<worker id>/lane<i>``), so a completion costs no extra thread hop.
+(it says hello with ``lane=i`` and the worker's credential first), so a completion costs no extra thread hop.
+
+Trust: no socket sets an identity; every socket's first message is a hello carrying the credential the
+server handed this worker (on stdin at spawn, or in an engine-side registration's reply), and the server
+drops whatever an unknown connection sends.
+
+Engine-side lane (DESIGN §7b): the same class runs as a thread inside the engine process
+(``run_in_thread``); then nothing here touches signals or looks at the parent process.
 """
 
 from __future__ import annotations
@@ -31,7 +38,14 @@ import zmq
 
 from flexkv.common.config import CacheConfig, ModelConfig, configs_from_json
 from flexkv.protocol.codec import SERVER_TO_WORKER, WORKER_TO_SERVER, Frame, ProtocolError, frame_array
-from flexkv.protocol.worker_msgs import ExecuteOpMsg, OpsDoneMsg, StopWorkerMsg, WorkerHelloMsg
+from flexkv.protocol.worker_msgs import (
+    ExecuteOpMsg,
+    HelloAcceptedMsg,
+    OpsDoneMsg,
+    StopWorkerMsg,
+    WorkerByeMsg,
+    WorkerHelloMsg,
+)
 from flexkv.shm import SharedPool
 from flexkv.types import OpType
 
@@ -64,9 +78,12 @@ class Worker(abc.ABC):
         self.pool_num_blocks: int = spec["pool_num_blocks"]
         self._ctx = zmq.Context()
         self._sock: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
-        self._sock.setsockopt(zmq.IDENTITY, self.worker_id.encode())
         self._sock.setsockopt(zmq.LINGER, 1000)
         self._sock.connect(spec["worker_address"])
+        self.credential = str(spec.get("credential", ""))
+        self.engine_side: bool = bool(spec.get("engine_side", False))
+        self.accepted = threading.Event()  # set when the server counted our hello
+        self.stop_reason = ""  # why the server stopped us ("" = not stopped by the server)
         self._running = True
 
     @staticmethod
@@ -102,43 +119,65 @@ class Worker(abc.ABC):
         """The lane (0 .. num_lanes - 1) that runs ``op``."""
         return 0
 
+    credential: str = ""  # the secret of this worker's hellos (set in __init__)
+
     def close(self) -> None:
         """Release what the worker opened (subclasses extend)."""
         self.pool.close()
 
     # -- loop -----------------------------------------------------------------------------------
     def run(self) -> None:
-        signal.signal(signal.SIGTERM, lambda *_: self._stop())
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops us
-        self._populate_pool()
-        hello = WorkerHelloMsg(worker_id=self.worker_id, pid=os.getpid(), op_types=[int(t) for t in self.op_types()])
-        self._sock.send_multipart(WORKER_TO_SERVER.encode(hello))
-        lanes = _Lanes(self, self._ctx, self.spec["worker_address"]) if self.num_lanes > 1 else None
-        poller = zmq.Poller()
-        poller.register(self._sock, zmq.POLLIN)
+        """Say hello, then execute ops until told to stop; release everything on the way out. In a
+        process's main thread SIGTERM stops it; in any other thread (an engine-side lane) call stop()."""
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, lambda *_: self.stop())
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the server, which stops us
+        lanes: _Lanes | None = None
         try:
-            while self._running:
-                if not poller.poll(timeout=500):
-                    if os.getppid() == 1:  # the server died without stopping us
-                        break
-                    continue
-                batch = self._receive_batch()
-                if batch and lanes is not None:
-                    lanes.submit(batch)
-                elif batch:
-                    self._sock.send_multipart(self._done_frames(batch, self._execute_safely(batch)))
+            self._populate_pool()
+            self._sock.send_multipart(WORKER_TO_SERVER.encode(self._hello(-1, self.op_types())))
+            lanes = _Lanes(self, self._ctx, self.spec["worker_address"]) if self.num_lanes > 1 else None
+            self._loop(lanes)
         finally:
             if lanes is not None:
                 lanes.stop()
+            bye = WorkerByeMsg(worker_id=self.worker_id, reason=self.stop_reason or "stopped")
+            self._sock.send_multipart(WORKER_TO_SERVER.encode(bye))
             self.close()
             self._ctx.destroy(linger=1000)
+
+    def run_in_thread(self) -> threading.Thread:
+        """Run this worker as a daemon thread of the calling process (an engine-side lane)."""
+        thread = threading.Thread(target=self.run, name=f"flexkv-lane-{self.worker_id}", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        """Ask the loop to end (any thread); it finishes the batch it runs and says goodbye."""
+        self._running = False
+
+    def _hello(self, lane: int, op_types: list[OpType]) -> WorkerHelloMsg:
+        return WorkerHelloMsg(worker_id=self.worker_id, pid=os.getpid(), op_types=[int(t) for t in op_types],
+                              credential=self.credential, lane=lane)
+
+    def _loop(self, lanes: _Lanes | None) -> None:
+        poller = zmq.Poller()
+        poller.register(self._sock, zmq.POLLIN)
+        idle_ms = 100 if self.engine_side else 500
+        while self._running:
+            if not poller.poll(timeout=idle_ms):
+                if not self.engine_side and os.getppid() == 1:  # the server died without stopping us
+                    break
+                continue
+            batch = self._receive_batch()
+            if batch and lanes is not None:
+                lanes.submit(batch)
+            elif batch:
+                self._sock.send_multipart(self._done_frames(batch, self._execute_safely(batch)))
 
     def _done_frames(self, batch: list[Op], errors: list[str]) -> list[Frame]:
         done = OpsDoneMsg(worker_id=self.worker_id, op_ids=[op.op_id for op in batch], errors=errors)
         return WORKER_TO_SERVER.encode(done)
-
-    def _stop(self) -> None:
-        self._running = False
 
     def _receive_batch(self) -> list[Op]:
         batch: list[Op] = []
@@ -153,8 +192,14 @@ class Worker(abc.ABC):
                 log.error("%s: bad message from server: %s", self.worker_id, e)
                 continue
             if isinstance(msg, StopWorkerMsg):
+                if msg.reason:
+                    log.info("%s: the server stops us: %s", self.worker_id, msg.reason)
+                self.stop_reason = msg.reason or "stopped by the server"
                 self._running = False
                 break
+            if isinstance(msg, HelloAcceptedMsg):
+                self.accepted.set()
+                continue
             assert isinstance(msg, ExecuteOpMsg)
             batch.append(self._decode_op(msg, arrays))
         return batch
@@ -217,9 +262,9 @@ class _Lanes:
 
     def _finisher(self, lane: int, started: queue.SimpleQueue[_Started | None], slots: threading.Semaphore) -> None:
         push: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
-        push.setsockopt(zmq.IDENTITY, f"{self._worker.worker_id}/lane{lane}".encode())
         push.setsockopt(zmq.LINGER, 1000)
         push.connect(self._server_address)
+        push.send_multipart(WORKER_TO_SERVER.encode(self._worker._hello(lane, [])))
         try:
             while (item := started.get()) is not None:
                 batch, finish, t_start, t_started = item

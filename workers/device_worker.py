@@ -1,9 +1,11 @@
 """The device worker: moves KV between one TP rank's engine buffers and the shared-memory CPU pool.
 
-One process per (DP client, TP rank). The engine's buffers are either host shared memory registered
-by a KVTPClient (CPU engines and CPU-only CI: the "host-device" path, C memcpy over threads) or CUDA
-tensors shared through CUDA IPC handles (the GPU path, see docs/gpu.md). Either way it executes
-H2D (pool -> engine) and D2H (engine -> pool) ops for its rank's head shard of each block.
+One per (DP client, TP rank). The engine's buffers are either host shared memory registered by a
+KVTPClient (CPU engines and CPU-only CI: the "host-device" path, C memcpy over threads), CUDA tensors
+shared through CUDA IPC handles (the GPU path, see docs/gpu.md), or, for an engine-side lane (DESIGN
+§7b: this worker running as a thread of the engine process), the engine's private host memory by
+address. Either way it executes H2D (pool -> engine) and D2H (engine -> pool) ops for its rank's head
+shard of each block.
 """
 
 from __future__ import annotations
@@ -45,12 +47,18 @@ class CopyBackend(abc.ABC):
 
 
 class HostCopyBackend(CopyBackend):
-    """Engine buffers in host shared memory: multi-threaded memcpy in C."""
+    """Engine buffers in host memory: multi-threaded memcpy in C. Either a shared-memory segment
+    (``host_segment`` + ``tensor_offsets``) or, in an engine-side lane, ``engine_addresses``: the
+    tensors' addresses in this very process, kept alive by the registering KVTPClient."""
 
     def __init__(self, worker: DeviceWorker, layout: KVCacheLayout, reg: dict[str, Any]) -> None:
-        self._segment = SharedPool.attach(reg["host_segment"])
-        self._segment.populate()  # the engine's buffers: no page fault per 4 KiB on the first copies
-        ptrs = [self._segment.address + off for off in reg["tensor_offsets"]]
+        self._segment: SharedPool | None = None
+        if reg.get("engine_addresses"):
+            ptrs = [int(a) for a in reg["engine_addresses"]]
+        else:
+            self._segment = SharedPool.attach(reg["host_segment"])
+            self._segment.populate()  # the engine's buffers: no page fault per 4 KiB on the first copies
+            ptrs = [self._segment.address + off for off in reg["tensor_offsets"]]
         if len(ptrs) != layout.num_tensors:
             raise ValueError(f"registration has {len(ptrs)} tensors, layout needs {layout.num_tensors}")
         self._table: ChunkTable = layout.chunk_table(ptrs)
@@ -69,7 +77,8 @@ class HostCopyBackend(CopyBackend):
         return _nothing  # copy() returns when the bytes are in place
 
     def close(self) -> None:
-        self._segment.close()
+        if self._segment is not None:
+            self._segment.close()
 
 
 class DeviceWorker(Worker):

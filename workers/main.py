@@ -1,4 +1,8 @@
-"""Entry point of a worker process: ``python -m flexkv.workers.main '<json spec>'``."""
+"""Entry point of a worker process: ``python -m flexkv.workers.main '<json spec>'``.
+
+The worker's credential (the secret its hellos carry) arrives as the first line on stdin, never on the
+command line, where every local user could read it.
+"""
 
 from __future__ import annotations
 
@@ -31,6 +35,7 @@ def main() -> int:
     logging.basicConfig(level=os.environ.get("FLEXKV_LOG_LEVEL", "INFO"),
                         format="%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s")
     spec = json.loads(sys.argv[1])
+    spec["credential"] = sys.stdin.readline().strip()
     worker = make_worker(spec)
     worker.run()
     return 0

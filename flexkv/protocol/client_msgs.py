@@ -90,6 +90,7 @@ class RegisterKVMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
     tensor_offsets: list[int] = []  # byte offset of each tensor inside host_segment / its CUDA allocation
     cuda_handles: list[bytes] = []  # one cudaIpcMemHandle_t (64 bytes) per tensor, for CUDA buffers
     cuda_event: bytes = b""  # cudaIpcEventHandle_t of the rank's "KV written" event; D2H copies wait on it
+    engine_side: bool = False  # the engine runs the device worker itself (DESIGN §7b); the reply has its spec
 
 
 class QueryMsg(ClientMsg, frozen=True, tag=True, kw_only=True):

@@ -1,4 +1,9 @@
-"""Messages between the scheduler server and its worker processes."""
+"""Messages between the scheduler server and its workers (processes it spawned, or engine-side lanes).
+
+A worker's sockets carry no chosen identity: the server's ROUTER names each connection, and a
+connection counts as a worker (or one of its lanes) only after a hello carrying that worker's
+credential (DESIGN §7, trust). Everything else from an unknown connection is dropped and logged.
+"""
 
 from __future__ import annotations
 
@@ -12,10 +17,14 @@ class WorkerMsg(msgspec.Struct, frozen=True, tag=True, kw_only=True):
 
 
 class WorkerHelloMsg(WorkerMsg, frozen=True, tag=True, kw_only=True):
-    """A worker announces the op types it serves once it is ready to execute them."""
+    """First message on each of a worker's sockets. ``lane`` -1 is the worker's main socket (it announces
+    the op types it serves once it is ready to execute them); ``lane`` >= 0 is that lane's report socket.
+    ``credential`` is the secret the server handed this worker at spawn (or at an engine-side registration)."""
 
     pid: int
     op_types: list[int]
+    credential: str = ""
+    lane: int = -1
 
 
 class OpsDoneMsg(WorkerMsg, frozen=True, tag=True, kw_only=True):
@@ -25,7 +34,13 @@ class OpsDoneMsg(WorkerMsg, frozen=True, tag=True, kw_only=True):
     errors: list[str]
 
 
-WorkerToServer = WorkerHelloMsg | OpsDoneMsg
+class WorkerByeMsg(WorkerMsg, frozen=True, tag=True, kw_only=True):
+    """A worker stops (an engine-side lane closed, or a worker told to stop): its rank is gone."""
+
+    reason: str = ""
+
+
+WorkerToServer = WorkerHelloMsg | OpsDoneMsg | WorkerByeMsg
 
 
 class ServerToWorker(msgspec.Struct, frozen=True, tag=True, kw_only=True):
@@ -39,8 +54,14 @@ class ExecuteOpMsg(ServerToWorker, frozen=True, tag=True, kw_only=True):
     op_type: int
 
 
+class HelloAcceptedMsg(ServerToWorker, frozen=True, tag=True, kw_only=True):
+    """The server counts the worker as running (its rank registered); ops may follow."""
+
+
 class StopWorkerMsg(ServerToWorker, frozen=True, tag=True, kw_only=True):
+    """Stop now. Also the answer to a hello whose credential was refused (``reason`` says so)."""
+
     reason: str = ""
 
 
-ServerToWorkerMsg = ExecuteOpMsg | StopWorkerMsg
+ServerToWorkerMsg = ExecuteOpMsg | HelloAcceptedMsg | StopWorkerMsg

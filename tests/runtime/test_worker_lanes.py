@@ -1,5 +1,5 @@
 """A worker with two lanes runs them at once (a GPU worker's gets and puts overlap) and in order
-within a lane; every op is reported exactly once, by its lane's own socket."""
+within a lane; every op is reported exactly once, by its lane's own socket after that socket's hello."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import zmq
 
 from flexkv.protocol.codec import WORKER_TO_SERVER
-from flexkv.protocol.worker_msgs import OpsDoneMsg
+from flexkv.protocol.worker_msgs import OpsDoneMsg, WorkerHelloMsg
 from flexkv.types import OpType
 from flexkv.workers.base import Op, Worker, _Lanes
 
@@ -75,13 +75,18 @@ def test_lanes_run_concurrently_in_order_and_report_every_op_once() -> None:
         lanes.submit(h2d[:2] + d2h[:1])
         lanes.submit(h2d[2:] + d2h[1:])
         done: dict[int, str] = {}
+        lane_of_socket: dict[bytes, int] = {}
         while len(done) < 10:
             assert server.poll(10_000), f"only {sorted(done)} reported"
             identity, *frames = server.recv_multipart()
             msg, _ = WORKER_TO_SERVER.decode(frames)
+            if isinstance(msg, WorkerHelloMsg):  # each lane's socket introduces itself first
+                assert msg.worker_id == "lanes-test" and identity not in lane_of_socket
+                lane_of_socket[identity] = msg.lane
+                continue
             assert isinstance(msg, OpsDoneMsg) and msg.worker_id == "lanes-test"
             lane = 1 if msg.op_ids[0] >= 5 else 0
-            assert identity == f"lanes-test/lane{lane}".encode(), "each lane reports on its own socket"
+            assert lane_of_socket.get(identity) == lane, "each lane reports on its own socket, after its hello"
             for op_id, err in zip(msg.op_ids, msg.errors, strict=True):
                 assert op_id not in done, f"op {op_id} reported twice"
                 done[op_id] = err
@@ -138,6 +143,8 @@ def test_a_lane_keeps_at_most_depth_batches_started_and_merges_the_rest(monkeypa
         while len(done) < 6:
             assert server.poll(10_000), f"only {done} reported"
             msg, _ = WORKER_TO_SERVER.decode(server.recv_multipart()[1:])
+            if isinstance(msg, WorkerHelloMsg):
+                continue
             assert isinstance(msg, OpsDoneMsg)
             done += msg.op_ids
         assert sorted(done) == list(range(6)) and worker.most == 2
