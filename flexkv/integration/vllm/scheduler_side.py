@@ -50,7 +50,7 @@ class SchedulerSide:
         self.report = StepReport()
         self.num_loaded_tokens = 0  # tokens flexkv wrote into vLLM's blocks (successful loads)
         self.num_saved_tokens = 0  # tokens offered to flexkv by finished requests
-        self._namespace = list(settings.namespace) if settings.namespace is not None else None
+        self._namespace = list(settings.namespace)
 
     # -- matching -------------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
@@ -67,12 +67,13 @@ class SchedulerSide:
         self._drop_match(req_id)
         if end <= begin or req_id in self.loading or req_id in self.no_reload or not self.link.is_ready():
             return 0, False
-        match = self._match(tokens[:end], begin)
+        namespace = self._namespace_of(request)
+        match = self._match(tokens[:end], begin, namespace)
         if match is not None and (match.num_computed + match.num_tokens) % self.block_size:
             # flexkv's blocks are smaller than vLLM's: reserve only the whole vLLM blocks of the hit.
             cut = (match.num_computed + match.num_tokens) // self.block_size * self.block_size
             self.link.call(self.link.kvm.cancel, match.task_id, default=None)
-            match = self._match(tokens[:cut], begin) if cut > begin else None
+            match = self._match(tokens[:cut], begin, namespace) if cut > begin else None
         if match is None or match.num_tokens == 0:
             if match is not None:
                 self.link.call(self.link.kvm.cancel, match.task_id, default=None)
@@ -80,11 +81,19 @@ class SchedulerSide:
         self.matched[req_id] = match
         return match.num_tokens, True
 
-    def _match(self, tokens: np.ndarray, begin: int) -> MatchedLoad | None:
+    def _namespace_of(self, request: Any) -> list[str]:
+        """Keys are salted with the model, the request's LoRA and its cache_salt: KV computed under
+        one never serves another."""
+        lora = getattr(request, "lora_request", None)
+        salt = getattr(request, "cache_salt", None)
+        return (self._namespace + ([f"lora:{lora.lora_name}"] if lora is not None else [])
+                + ([f"salt:{salt}"] if salt else []))
+
+    def _match(self, tokens: np.ndarray, begin: int, namespace: list[str]) -> MatchedLoad | None:
         """Reserve the cached run of ``tokens`` from ``begin`` (None when flexkv cannot answer)."""
         mask = np.zeros(tokens.shape[0], dtype=np.bool_)
         mask[begin:] = True
-        task_id, hit = self.link.call(self.link.kvm.get_match, tokens, mask, self._namespace,
+        task_id, hit = self.link.call(self.link.kvm.get_match, tokens, mask, namespace,
                                       default=(None, mask[:0]))
         if task_id is None:
             return None
@@ -201,7 +210,7 @@ class SchedulerSide:
             return False, None
         tokens = np.asarray(request.all_token_ids[:num], dtype=np.int64)
         task_id = self.link.call(self.link.kvm.put_async, tokens, slot_mapping(block_ids, self.block_size, num),
-                                 namespace=self._namespace, default=None)
+                                 namespace=self._namespace_of(request), default=None)
         if task_id is None:
             return False, None
         self.saving[req_id] = LaunchedSave(task_id, num)

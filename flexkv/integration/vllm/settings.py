@@ -21,7 +21,7 @@ from flexkv.types import BlockFormat, ConfigError, DType
 SERVER_ADDRESS_KEY = "flexkv_server_address"  # else FLEXKV_SERVER_ADDRESS, else library mode
 DP_CLIENT_ID_KEY = "flexkv_dp_client_id"  # else FLEXKV_DP_CLIENT_ID, else vLLM's data-parallel rank
 REQUEST_TIMEOUT_KEY = "flexkv_request_timeout_s"  # one request to the server; then flexkv is marked lost
-NAMESPACE_KEY = "flexkv_namespace"  # a list of strings every key is salted with (tenant, model revision)
+NAMESPACE_KEY = "flexkv_namespace"  # strings every key is salted with; default ["model:<vLLM's model name>"]
 
 # vLLM's KV cache layout names -> how their blocks are ordered (LBHNC = [blocks, heads, tokens, 2*D]).
 _FORMATS = {"LBHNC": BlockFormat.PACKED_HND, "LBNHC": BlockFormat.PACKED_NHD}
@@ -42,7 +42,7 @@ class ConnectorSettings:
     block_size: int  # vLLM's tokens per block (a multiple of cache.tokens_per_block)
     request_timeout_s: float
     recompute_failed_loads: bool  # kv_load_failure_policy == "recompute"
-    namespace: tuple[str, ...] | None
+    namespace: tuple[str, ...]  # fed first into every key (then the request's LoRA and cache_salt)
 
     @property
     def tokens_per_block(self) -> int:
@@ -74,7 +74,8 @@ class ConnectorSettings:
                    server_address=str(address) if address else None, dp_client_id=dp if address else 0,
                    block_size=block_size, request_timeout_s=timeout,
                    recompute_failed_loads=kv.kv_load_failure_policy == "recompute",
-                   namespace=tuple(namespace) if namespace is not None else None)
+                   namespace=tuple(namespace) if namespace is not None
+                   else (f"model:{vllm_config.model_config.model}",))
 
 
 def model_config_from_vllm(vllm_config: Any, with_block_format: bool = True) -> ModelConfig:
