@@ -210,6 +210,7 @@ _USER_KEYS: dict[str, type] = {
 # FLEXKV_* variables that are not config keys (read elsewhere; docs/config.md lists them).
 _NON_CONFIG_ENV = {
     "FLEXKV_CONFIG_PATH", "FLEXKV_LOG_LEVEL", "FLEXKV_RUNTIME_DIR", "FLEXKV_SERVER_ADDRESS",  # run time
+    "FLEXKV_DP_CLIENT_ID",  # the vLLM connector in server mode (docs/vllm.md)
     "FLEXKV_CUDART", "FLEXKV_CUDART_DIR", "FLEXKV_SSD_NO_DIRECT",  # where CUDA is; no O_DIRECT
     "FLEXKV_LANE_DEPTH", "FLEXKV_STAGING_MIB", "FLEXKV_HOST_LANES",  # worker tuning (docs/gpu.md)
     "FLEXKV_NVCC", "FLEXKV_SKIP_EXTENSIONS", "FLEXKV_SKIP_APT", "FLEXKV_TORCH_SPEC", "FLEXKV_SKIP_TORCH",  # build

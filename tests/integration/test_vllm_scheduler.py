@@ -110,7 +110,7 @@ def test_the_block_of_the_last_token_is_computed_and_a_match_is_reserved_once(ha
 
 def _gate_h2d(h: SchedulerHarness) -> threading.Event:
     """Hold every H2D copy of the rank's lane until the returned event is set (a slow load)."""
-    backend = h.worker.impl.worker.client._lane.worker.backend
+    backend: Any = h.worker.impl.worker.client._lane.worker.backend  # type: ignore[union-attr]
     gate, real_copy = threading.Event(), backend.copy
 
     def copy(op_type: OpType, engine_ids: Any, pool_ids: Any) -> None:

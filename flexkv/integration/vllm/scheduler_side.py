@@ -93,10 +93,11 @@ class SchedulerSide:
         """Reserve the cached run of ``tokens`` from ``begin`` (None when flexkv cannot answer)."""
         mask = np.zeros(tokens.shape[0], dtype=np.bool_)
         mask[begin:] = True
-        task_id, hit = self.link.call(self.link.kvm.get_match, tokens, mask, namespace,
-                                      default=(None, mask[:0]))
-        if task_id is None:
+        found: tuple[int, np.ndarray] | None = self.link.call(self.link.kvm.get_match, tokens, mask, namespace,
+                                                               default=None)
+        if found is None:
             return None
+        task_id, hit = found
         num = int(hit[begin:].sum())
         if num and not hit[begin:begin + num].all():
             log.warning("flexkv get_match mask is not a run from token %d; loading nothing", begin)
