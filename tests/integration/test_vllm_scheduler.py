@@ -93,6 +93,29 @@ def test_a_saved_prefix_is_loaded_into_another_requests_blocks_byte_exact(harnes
     assert h.side.link.kvm.stats()["get_moved_blocks"] == 3
 
 
+def test_lbnhc_with_flexkv_blocks_half_of_vllms_loads_whole_vllm_blocks_only(
+        model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FLEXKV_TOKENS_PER_BLOCK", str(BLOCK // 2))
+    h = SchedulerHarness(model_dir, layout="LBNHC")
+    try:
+        assert h.side.tokens_per_block == BLOCK // 2
+        a = prompt(13, 7 * BLOCK // 2)  # 112 tokens: 7 flexkv blocks = 3.5 vLLM blocks
+        store(h, "A", a)
+        assert h.side.num_saved_tokens == 112
+        h.poison_free_blocks()
+        req = h.add("B", a + prompt(14, 40), max_tokens=2)
+        h.step()
+        assert req.num_computed_tokens == 3 * BLOCK  # the half block flexkv holds is computed by vLLM
+        blocks = h.block_ids("B")[:3]
+        h.run_until_done()
+        assert h.side.num_loaded_tokens == 3 * BLOCK
+        for i, block in enumerate(blocks):
+            h.expect_kv(block, a[i * BLOCK:(i + 1) * BLOCK], i * BLOCK)
+        settle(h)
+    finally:
+        h.close()
+
+
 def test_the_block_of_the_last_token_is_computed_and_a_match_is_reserved_once(harness: SchedulerHarness) -> None:
     h = harness
     a = prompt(3, 3 * BLOCK)

@@ -52,12 +52,17 @@ def kv_transfer_config(policy: str = "recompute", **extra: Any) -> KVTransferCon
                             kv_load_failure_policy=policy, kv_connector_extra_config=dict(extra))
 
 
-def layer_views(num_blocks: int) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """One buffer, one LBHNC [blocks, heads, block_size, 2*head_dim] view per layer (as vLLM makes them)."""
+def layer_views(num_blocks: int, layout: str = "LBHNC") -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One buffer, one logical [blocks, heads, block_size, 2*head_dim] view per layer, physically
+    LBHNC (contiguous) or LBNHC (tokens before heads), as vLLM makes them."""
     per_layer = num_blocks * HEADS * BLOCK * 2 * HEAD_DIM
     buf = torch.full((LAYERS * per_layer,), POISON, dtype=torch.bfloat16)
-    views = {f"model.layers.{i}.self_attn.attn": buf[i * per_layer:(i + 1) * per_layer].view(
-        num_blocks, HEADS, BLOCK, 2 * HEAD_DIM) for i in range(LAYERS)}
+    views = {}
+    for i in range(LAYERS):
+        flat = buf[i * per_layer:(i + 1) * per_layer]
+        views[f"model.layers.{i}.self_attn.attn"] = (
+            flat.view(num_blocks, HEADS, BLOCK, 2 * HEAD_DIM) if layout == "LBHNC"
+            else flat.view(num_blocks, BLOCK, HEADS, 2 * HEAD_DIM).permute(0, 2, 1, 3))
     return buf, views
 
 
@@ -73,14 +78,15 @@ def tokens_kv(layer: int, first_pos: int, tokens: list[int]) -> torch.Tensor:
 
 
 class SchedulerHarness:
-    def __init__(self, model_dir: Path, num_blocks: int = 48, policy: str = "recompute", **extra: Any) -> None:
+    def __init__(self, model_dir: Path, num_blocks: int = 48, policy: str = "recompute", layout: str = "LBHNC",
+                 **extra: Any) -> None:
         args = EngineArgs(model=str(model_dir), load_format="dummy", skip_tokenizer_init=True, enforce_eager=True,
                           block_size=BLOCK, max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=1024,
                           kv_transfer_config=kv_transfer_config(policy, **extra))
         self.config = args.create_engine_config()
-        self.config.cache_config.kv_cache_layout = "LBHNC"  # the engine core resolves it before the scheduler
+        self.config.cache_config.kv_cache_layout = layout  # the engine core resolves it before the scheduler
         self.config.cache_config.num_gpu_blocks = num_blocks
-        self.buf, self.views = layer_views(num_blocks)
+        self.buf, self.views = layer_views(num_blocks, layout)
         spec = FullAttentionSpec(block_size=BLOCK, num_kv_heads=HEADS, head_size=HEAD_DIM, dtype=torch.bfloat16)
         names = list(self.views)
         page = HEADS * BLOCK * 2 * HEAD_DIM * 2
@@ -88,7 +94,7 @@ class SchedulerHarness:
             num_blocks=num_blocks,
             kv_cache_tensors=[KVCacheTensor(size=self.buf.numel() * 2, layers=names, layer_stride=page * num_blocks,
                                             block_stride=page)],
-            kv_cache_groups=[KVCacheGroupSpec(names, spec)], kv_cache_layout="LBHNC")
+            kv_cache_groups=[KVCacheGroupSpec(names, spec)], kv_cache_layout=layout)
         self.worker = FlexKVConnector(self.config, KVConnectorRole.WORKER, self.kv_cache_config)
         self.worker.register_kv_caches(self.views)
         self.scheduler = Scheduler(self.config, self.kv_cache_config, StructuredOutputManager(self.config),

@@ -62,7 +62,7 @@ class SchedulerSide:
         end = ((len(tokens) - 1) // self.block_size) * self.block_size
         begin = -(-num_computed_tokens // self.tokens_per_block) * self.tokens_per_block
         old = self.matched.get(req_id)
-        if old is not None and (old.num_computed, len(old.token_ids)) == (begin, end):
+        if old is not None and old.asked == (begin, end):
             return old.num_tokens, old.num_tokens > 0
         self._drop_match(req_id)
         if end <= begin or req_id in self.loading or req_id in self.no_reload or not self.link.is_ready():
@@ -78,6 +78,7 @@ class SchedulerSide:
             if match is not None:
                 self.link.call(self.link.kvm.cancel, match.task_id, default=None)
             return 0, False
+        match.asked = (begin, end)
         self.matched[req_id] = match
         return match.num_tokens, True
 

@@ -23,6 +23,7 @@ class MatchedLoad:
     token_ids: npt.NDArray[np.int64]  # the whole-block prefix that was matched
     num_computed: int  # tokens vLLM had already (not loaded)
     num_tokens: int  # tokens flexkv will load
+    asked: tuple[int, int] = (0, 0)  # (begin, end) vLLM asked about: the same question gets this answer
 
 
 @dataclasses.dataclass
