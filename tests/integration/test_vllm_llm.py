@@ -93,16 +93,20 @@ def test_a_multi_turn_conversation_loads_each_previous_turn(library: dict[str, A
         assert turns[k]["loaded"] == expect > 0
 
 
-def test_two_instances_one_in_tree_share_a_server_and_survive_its_death(model_dir: str,
+def test_instances_share_a_server_in_tree_and_multiprocess_too_and_survive_its_death(model_dir: str,
                                                                          library: dict[str, Any]) -> None:
-    model = ModelConfig(num_layers=2, num_kv_heads=2, head_size=64, dtype="bfloat16", dp_size=3,
+    model = ModelConfig(num_layers=2, num_kv_heads=2, head_size=64, dtype="bfloat16", dp_size=4,
                         block_format="packed_hnd")
-    kvm = KVManager(model, CacheConfig(tokens_per_block=BLOCK, num_cpu_blocks=256), dp_client_id=2)
+    kvm = KVManager(model, CacheConfig(tokens_per_block=BLOCK, num_cpu_blocks=256), dp_client_id=3)
     kvm.start()
     server_pid = int(kvm.stats()["server_pid"])
     env = {"FLEXKV_SERVER_ADDRESS": kvm.server_address}
     try:
         first = result_of(driver("store", {"model": model_dir, "a": A, "b": B, "dp": 0}, env))
+        moved = kvm.stats()["get_moved_blocks"]
+        mp_env = {**env, "VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+        third = result_of(driver("multiprocess", {"model": model_dir, "d": D, "dp": 2}, mp_env))
+        mp_moved = kvm.stats()["get_moved_blocks"] - moved
         second = driver("share_then_lose", {"model": model_dir, "d": D, "c": C, "dp": 1}, env)
         assert second.stdout is not None and second.stdin is not None
         seen = []
@@ -129,6 +133,8 @@ def test_two_instances_one_in_tree_share_a_server_and_survive_its_death(model_di
     assert first["impl"] == "FlexKVConnectorV1"
     assert (first["out_a"], first["out_b"], first["b_loaded"]) == (ref(library, A), ref(library, B), 128)
     assert first["saved"] == 128 + 160  # A's and B's whole computed blocks
+    # vLLM's default process layout (engine core in a child process) loads D's 5 blocks too.
+    assert (third["out_d"], mp_moved) == (ref(library, D), 5)
     assert res["d_loaded"] == 160, "the second instance loads what the first one stored"
     assert res["out_d"] == ref(library, D)
     assert res["lost"] and res["c_loaded"] == 0

@@ -6,6 +6,7 @@ global. Scenarios (``python -m tests.integration.vllm_llm_driver SCENARIO ARGS_J
 * ``library``: references without any connector, then our connector (module-path form, library
   mode): A; vLLM's cache reset and its KV memory poisoned; B sharing A's prefix (loaded
   blocks compared byte for byte with A's); a multi-turn conversation replayed turn by turn.
+* ``multiprocess``: vLLM's default layout (VLLM_ENABLE_V1_MULTIPROCESSING=1) in server mode: loads D.
 * ``store`` / ``share_then_lose``: server mode (FLEXKV_SERVER_ADDRESS): one instance, through vLLM's
   in-tree ``kv_connector="FlexKVConnectorV1"``, stores A, loads B's shared prefix and exits; another
   (module-path form) loads D's prefix from what the first stored, then, after the test killed the
@@ -167,9 +168,17 @@ def scenario_share_then_lose(args: dict[str, Any]) -> dict[str, Any]:
             "c_loaded": side.num_loaded_tokens - d_loaded, "lost": side.link.lost}
 
 
-SCENARIOS = {"library": scenario_library, "store": scenario_store,
+def scenario_multiprocess(args: dict[str, Any]) -> dict[str, Any]:
+    """vLLM's default process layout (the engine core in a child process): only outputs are visible."""
+    llm = make_llm(args["model"], "intree", flexkv_dp_client_id=args["dp"])
+    out = generate(llm, [args["d"]])[0]
+    llm.llm_engine.engine_core.shutdown()
+    return {"out_d": out}
+
+
+SCENARIOS = {"library": scenario_library, "store": scenario_store, "multiprocess": scenario_multiprocess,
              "share_then_lose": scenario_share_then_lose}
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the guard matters: vLLM's engine core process is spawned
     result = SCENARIOS[sys.argv[1]](json.loads(sys.argv[2]))
     print("RESULT " + json.dumps(result), flush=True)
