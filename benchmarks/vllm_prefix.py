@@ -79,6 +79,7 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
     from vllm.config import KVTransferConfig
+    from vllm.inputs import TokensPrompt
 
     kw: dict[str, Any] = {"enable_prefix_caching": args.mode == "vllm-cache"}
     if args.mode == "flexkv":
@@ -90,14 +91,15 @@ def run_one(args: argparse.Namespace) -> dict[str, Any]:
     params = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False)
     side = None
     if args.mode == "flexkv":
-        side = llm.llm_engine.engine_core.engine_core.scheduler.connector.impl.scheduler
+        core: Any = llm.llm_engine.engine_core  # in-process engine core (VLLM_ENABLE_V1_MULTIPROCESSING=0)
+        side = core.engine_core.scheduler.connector.impl.scheduler
     convs = conversations(args)
-    llm.generate([{"prompt_token_ids": [5] * 300}], params, use_tqdm=False)  # warm-up (not timed)
+    llm.generate([TokensPrompt(prompt_token_ids=[5] * 300)], params, use_tqdm=False)  # warm-up (not timed)
     ttfts, prompt_tokens, cached = [], 0, 0
     for t in range(args.turns):
         for prompts in convs:
             start = time.perf_counter()
-            out = llm.generate([{"prompt_token_ids": prompts[t]}], params, use_tqdm=False)[0]
+            out = llm.generate([TokensPrompt(prompt_token_ids=prompts[t])], params, use_tqdm=False)[0]
             ttfts.append(time.perf_counter() - start)
             prompt_tokens += len(prompts[t])
             cached += int(out.num_cached_tokens or 0)

@@ -131,13 +131,13 @@ def test_the_block_of_the_last_token_is_computed_and_a_match_is_reserved_once(ha
     settle(h)
 
 
-def _gate_h2d(h: SchedulerHarness) -> threading.Event:
-    """Hold every H2D copy of the rank's lane until the returned event is set (a slow load)."""
+def _gate_h2d(h: SchedulerHarness, gated: OpType = OpType.H2D) -> threading.Event:
+    """Hold every ``gated`` copy of the rank's lane until the returned event is set (a slow load or save)."""
     backend: Any = h.worker.impl.worker.client._lane.worker.backend  # type: ignore[union-attr]
     gate, real_copy = threading.Event(), backend.copy
 
     def copy(op_type: OpType, engine_ids: Any, pool_ids: Any) -> None:
-        if op_type is OpType.H2D:
+        if op_type is gated:
             assert gate.wait(60)
         real_copy(op_type, engine_ids, pool_ids)
     backend.copy = copy
@@ -162,6 +162,31 @@ def test_abort_mid_load_keeps_the_blocks_until_the_load_ended(harness: Scheduler
     h.run_until_done()
     assert "B" not in h.side.saving and not h.side.loading  # a request that never ran saves nothing
     assert h.scheduler.kv_cache_manager.block_pool.get_num_free_blocks() == free_before
+    settle(h)
+
+
+def test_the_next_turn_right_after_a_finish_waits_for_its_save_and_loads_it(model_dir: Path) -> None:
+    h = SchedulerHarness(model_dir, prefix_caching=False)  # vLLM's own cache would serve B itself
+    try:
+        _next_turn_waits(h)
+    finally:
+        h.close()
+
+
+def _next_turn_waits(h: SchedulerHarness) -> None:
+    a = prompt(15, 3 * BLOCK + 10)
+    h.add("A", a, max_tokens=2)
+    h.step()  # registers the rank (library mode)
+    gate = _gate_h2d(h, OpType.D2H)
+    while "A" not in h.side.saving:
+        h.step()
+    req = h.add("B", a + prompt(16, 30), max_tokens=2)  # the next turn, while A's save is still copying
+    for _ in range(3):
+        h.step()
+        assert req.status is RequestStatus.WAITING and req.num_computed_tokens == 0, "B waits for the save"
+    gate.set()
+    h.run_until_done()
+    assert h.side.num_loaded_tokens == 3 * BLOCK  # A's 3 whole blocks, from flexkv
     settle(h)
 
 

@@ -79,10 +79,10 @@ def tokens_kv(layer: int, first_pos: int, tokens: list[int]) -> torch.Tensor:
 
 class SchedulerHarness:
     def __init__(self, model_dir: Path, num_blocks: int = 48, policy: str = "recompute", layout: str = "LBHNC",
-                 **extra: Any) -> None:
+                 prefix_caching: bool = True, **extra: Any) -> None:
         args = EngineArgs(model=str(model_dir), load_format="dummy", skip_tokenizer_init=True, enforce_eager=True,
                           block_size=BLOCK, max_model_len=1024, max_num_seqs=8, max_num_batched_tokens=1024,
-                          kv_transfer_config=kv_transfer_config(policy, **extra))
+                          enable_prefix_caching=prefix_caching, kv_transfer_config=kv_transfer_config(policy, **extra))
         self.config = args.create_engine_config()
         self.config.cache_config.kv_cache_layout = layout  # the engine core resolves it before the scheduler
         self.config.cache_config.num_gpu_blocks = num_blocks

@@ -53,10 +53,11 @@ class SchedulerSide:
         self._namespace = list(settings.namespace)
 
     # -- matching -------------------------------------------------------------------------------
-    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
+    def get_num_new_matched_tokens(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
         """Tokens beyond ``num_computed_tokens`` flexkv can load (whole vLLM blocks, never the block of
         the last token, which vLLM must compute). Reserves them; calling again with the same state
-        returns the same reservation."""
+        returns the same reservation. None ("ask again next step") while a save still in flight would
+        extend the hit: a chat's next turn arriving right after the last one finished."""
         req_id = request.request_id
         tokens = np.asarray(request.all_token_ids, dtype=np.int64)
         end = ((len(tokens) - 1) // self.block_size) * self.block_size
@@ -67,6 +68,8 @@ class SchedulerSide:
         self._drop_match(req_id)
         if end <= begin or req_id in self.loading or req_id in self.no_reload or not self.link.is_ready():
             return 0, False
+        if any(save.extends_hit(tokens[:end], begin, self.block_size) for save in self.saving.values()):
+            return None, False  # saves always end (or the link is lost and they are all dropped)
         namespace = self._namespace_of(request)
         match = self._match(tokens[:end], begin, namespace)
         if match is not None and (match.num_computed + match.num_tokens) % self.block_size:
@@ -215,7 +218,7 @@ class SchedulerSide:
                                  namespace=self._namespace_of(request), default=None)
         if task_id is None:
             return False, None
-        self.saving[req_id] = LaunchedSave(task_id, num)
+        self.saving[req_id] = LaunchedSave(task_id, num, tokens)
         self.num_saved_tokens += num
         return True, None
 

@@ -37,6 +37,14 @@ class LaunchedLoad:
 class LaunchedSave:
     task_id: int
     num_tokens: int
+    token_ids: npt.NDArray[np.int64]  # what is being stored (a request sharing its prefix waits for it)
+
+    def extends_hit(self, tokens: npt.NDArray[np.int64], begin: int, block_size: int) -> bool:
+        """Would this save, once done, let ``tokens`` load at least one more vLLM block than ``begin``?"""
+        need = begin + block_size
+        if self.num_tokens < need or tokens.shape[0] < need:
+            return False
+        return bool(np.array_equal(self.token_ids[:need], tokens[:need]))
 
 
 @dataclasses.dataclass
