@@ -30,6 +30,7 @@ setup(
         "flexkv",
         "flexkv.native",
         "flexkv.common",
+        "flexkv.cli",
         "flexkv.scheduler",
         "flexkv.workers",
         "flexkv.remote",
@@ -50,7 +51,9 @@ setup(
         "xxhash>=3.0",
         "PyYAML>=6.0",
         "redis>=5.0",
+        "prometheus-client>=0.17",  # the server's /metrics endpoint (imported only when metrics_port is set)
     ],
+    entry_points={"console_scripts": ["flexkv = flexkv.cli:main"]},
     extras_require={
         "hiredis": ["hiredis>=2.0"],
         "test": ["pytest>=8", "pytest-timeout>=2.2", "hypothesis>=6.100"],

@@ -17,9 +17,14 @@ hits them alike:
 
 Goal: p50 <= 0.3 ms at 32K tokens and <= 0.5 ms at 128K.
 
+``--metrics`` adds a fifth case, interleaved with the others: the same hit on a second cached server
+with Prometheus metrics on (``metrics_port``) and scraped every second; the table then shows hit with
+metrics off beside on (the exporter's cost on the request path).
+
     python benchmarks/control_latency.py                  # 1000 iterations per size, ~10 s
     python benchmarks/control_latency.py --iters 5000     # tighter p99 (~40 s)
     python benchmarks/control_latency.py --sizes 32768 131072
+    python benchmarks/control_latency.py --metrics --sizes 1024 32768   # metrics off vs on, same run
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from typing import Any
 import msgspec
 import numpy as np
 import zmq
+from scrape_load import Scraper, free_port
 
 from flexkv.client import HostKVBuffers, allocate_host_kv_buffers
 from flexkv.common.config import CacheConfig, ModelConfig
@@ -101,9 +107,10 @@ def match_header(num_tokens: int) -> bytes:
 class CachedServer:
     """A library-mode server (tiny model) holding every prompt fully cached in its CPU tier."""
 
-    def __init__(self, prompts: dict[int, np.ndarray]) -> None:
+    def __init__(self, prompts: dict[int, np.ndarray], metrics_port: int = 0) -> None:
         num_blocks = max(n // T for n in prompts)
-        self.kvm = KVManager(TINY, CacheConfig(tokens_per_block=T, num_cpu_blocks=sum(n // T for n in prompts) + 16))
+        self.kvm = KVManager(TINY, CacheConfig(tokens_per_block=T, num_cpu_blocks=sum(n // T for n in prompts) + 16,
+                                               metrics_port=metrics_port))
         self.kvm.start()
         layout = KVCacheLayout(LayoutKind.VLLM_KV_FIRST, TINY.num_layers, num_blocks, T, TINY.num_kv_heads,
                                TINY.head_size, TINY.itemsize)
@@ -175,7 +182,8 @@ class Matcher:
 
 # -- measurement ------------------------------------------------------------------------------------
 def measure_size(num_tokens: int, iters: int, warmup: int, echo: EchoClient, miss: Matcher, hit: Matcher,
-                 inproc: InProcessPlane, prompt: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
+                 inproc: InProcessPlane, prompt: np.ndarray, rng: np.random.Generator,
+                 hit_metrics: Matcher | None = None) -> dict[str, np.ndarray]:
     """Interleaved echo / miss / hit / in-proc timings (seconds) for one prompt length; checks every mask."""
     header = match_header(num_tokens)
     uncached = rng.integers(0, 1 << 40, num_tokens, dtype=np.int64)
@@ -198,6 +206,13 @@ def measure_size(num_tokens: int, iters: int, warmup: int, echo: EchoClient, mis
             raise RuntimeError(f"a cached {num_tokens}-token prompt matched {loaded} tokens, not {expect_hit}")
         return dt
 
+    def run_hit_metrics() -> float:
+        assert hit_metrics is not None
+        dt, loaded = hit_metrics.timed_match(prompt)
+        if loaded != expect_hit:
+            raise RuntimeError(f"a cached {num_tokens}-token prompt matched {loaded} tokens, not {expect_hit}")
+        return dt
+
     def run_inproc() -> float:
         dt, loaded = inproc.timed_match(prompt)
         if loaded != expect_hit:
@@ -205,6 +220,8 @@ def measure_size(num_tokens: int, iters: int, warmup: int, echo: EchoClient, mis
         return dt
 
     runs: dict[str, Callable[[], float]] = {"echo": run_echo, "miss": run_miss, "hit": run_hit, "inproc": run_inproc}
+    if hit_metrics is not None:
+        runs["hit_metrics"] = run_hit_metrics
     out = {name: np.empty(iters) for name in runs}
     for _ in range(warmup):
         for fn in runs.values():
@@ -214,6 +231,8 @@ def measure_size(num_tokens: int, iters: int, warmup: int, echo: EchoClient, mis
             out[name][i] = fn()
     miss.retire()
     hit.retire()
+    if hit_metrics is not None:
+        hit_metrics.retire()
     return out
 
 
@@ -232,6 +251,19 @@ def print_table(results: dict[int, dict[str, np.ndarray]]) -> None:
         goal_s = "-" if goal is None else f"{goal:.1f}"
         print(f"{n:>7} {cells[0]:>15} {cells[1]:>15} {cells[2]:>15} {cells[3]:>15} {extra:>12.3f} {goal_s:>8} "
               f"{met:>4}")
+    if all("hit_metrics" in res for res in results.values()):
+        print_metrics_table(results)
+
+
+def print_metrics_table(results: dict[int, dict[str, np.ndarray]]) -> None:
+    """get_match hit on two servers, metrics off and on (scraped every second), interleaved."""
+    print("metrics off vs on (hit, same run, interleaved; ms):")
+    print(f"{'tokens':>7} {'off p50':>8} {'on p50':>8} {'on-off':>8} {'off p99':>8} {'on p99':>8} {'mean on/off':>11}")
+    for n, res in results.items():
+        off, on = res["hit"] * 1e3, res["hit_metrics"] * 1e3
+        print(f"{n:>7} {np.percentile(off, 50):>8.3f} {np.percentile(on, 50):>8.3f} "
+              f"{np.percentile(on, 50) - np.percentile(off, 50):>8.3f} {np.percentile(off, 99):>8.3f} "
+              f"{np.percentile(on, 99):>8.3f} {on.mean() / off.mean():>11.3f}")
 
 
 def main() -> None:
@@ -239,6 +271,8 @@ def main() -> None:
     ap.add_argument("--iters", type=int, default=1000, help="timed get_match calls per size and case")
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--sizes", type=int, nargs="+", default=list(SIZES), help="prompt lengths in tokens")
+    ap.add_argument("--metrics", action="store_true",
+                    help="also time the hit on a server with metrics on, scraped every second")
     args = ap.parse_args()
 
     rng = np.random.default_rng(0)
@@ -250,22 +284,34 @@ def main() -> None:
     echo = EchoClient(address)
     uncached_kvm = KVManager(LLAMA3_8B, CacheConfig(tokens_per_block=T, num_cpu_blocks=64))
     cached: CachedServer | None = None
+    metered: CachedServer | None = None
+    scraper: Scraper | None = None
     try:
         uncached_kvm.start()
         t0 = time.perf_counter()
         cached = CachedServer(prompts)
         inproc = InProcessPlane(prompts)
+        if args.metrics:
+            port = free_port()
+            metered = CachedServer(prompts, metrics_port=port)
+            scraper = Scraper(port)
         print(f"pid {os.getpid()}: servers up; {sum(prompts) // T} blocks stored for the hit case "
               f"in {time.perf_counter() - t0:.1f} s; {args.iters} iterations per size")
         results: dict[int, dict[str, Any]] = {}
         for n in args.sizes:
             results[n] = measure_size(n, args.iters, args.warmup, echo, Matcher(uncached_kvm), Matcher(cached.kvm),
-                                      inproc, prompts[n], rng)
+                                      inproc, prompts[n], rng, Matcher(metered.kvm) if metered else None)
         cached.kvm.check_invariants()
         uncached_kvm.check_invariants()
         inproc.plane.check_invariants()
         print_table(results)
+        if scraper is not None:
+            print(f"{scraper.close()} scrapes of {scraper.last_bytes} bytes during the run")
     finally:
+        if scraper is not None:
+            scraper.close()
+        if metered is not None:
+            metered.close()
         echo.close()
         proc.join(5)
         if cached is not None:

@@ -8,20 +8,34 @@
 #   example   examples/scheduler_server_example.py on CUDA: every layout at TP=2, and a 32-layer run
 #   tests     the CUDA engine tests and the runtime tests
 #   engine    benchmarks/gpu_transfer.py, engine level, every path, T=16 and 64
+#   ops       (not in the default list; needs a prometheus_client wheel in .whl/) `flexkv check --gpu`, and
+#             metrics off vs on: control_latency.py --metrics and throughput.py --metrics (host buffers)
+#   layerwise layer-wise GET on CUDA (per-layer events, bytes exact at every layer wait, failures wake
+#             every waiter) and the HF engine on CUDA (bit-exact restores, conversations unchanged), its
+#             CPU tests too, and benchmarks/hf_numerics.py (this host's CPU: numerics vs wrong KV)
+#   ttft      benchmarks/ttft.py: TTFT of the HF engine, Llama-3-8B shape (not in the default list: ~3-5 min)
 # Prints PASS/FAIL per step; with $OUT set, each step's whole output is kept in $OUT/<step>.log.
-# Headers the machine lacks (xxhash.h) may be carried in .devinc/; CUDA runtime wheels in .devinc/cudart/
+# Headers the machine lacks (xxhash.h) may be carried in .devinc/, liburing in .devinc/uring/, the
+# conversation trace (ttft's replay) in .devinc/traces/; CUDA runtime wheels in .devinc/cudart/
 # (`pip download nvidia-cuda-runtime-cu12==12.8.*` and the like) are unpacked, and the "stack" part's
 # BATCH ABI test runs under their libcudart too (FLEXKV_TEST_CUDARTS).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 say() { printf '[gpu_e2e %s] %s\n' "$(date +%T)" "$*"; }
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(stack transfer example tests engine)
+[ ${#parts[@]} -eq 0 ] && parts=(stack transfer example tests engine layerwise)
 python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH="$PWD:/tmp/site"
 ln -sfn ../scheduler flexkv/scheduler && ln -sfn ../workers flexkv/workers   # what the install's package_dir does
 trap 'rm -f flexkv/scheduler flexkv/workers' EXIT
-CFLAGS="-I$PWD/.devinc ${CFLAGS:-}" FLEXKV_SKIP_EXTENSIONS=uring python3 setup.py -q build_ext --inplace > /tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }
+# liburing (headers + .so from Debian's liburing-dev/liburing2, unpacked into .devinc/uring) gives the SSD
+# tier there too; without it the io_uring module is skipped and SSD tests skip.
+skip=uring
+if [ -f .devinc/uring/liburing.h ]; then
+  skip=""; export LDFLAGS="-L$PWD/.devinc/uring/lib ${LDFLAGS:-}" LD_LIBRARY_PATH="$PWD/.devinc/uring/lib:${LD_LIBRARY_PATH:-}"
+fi
+CFLAGS="-I$PWD/.devinc -I$PWD/.devinc/uring ${CFLAGS:-}" FLEXKV_SKIP_EXTENSIONS=$skip python3 setup.py -q build_ext --inplace \
+  > /tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }
 extra=()
 for whl in .devinc/cudart/*.whl; do
   [ -e "$whl" ] || continue
@@ -64,6 +78,19 @@ for part in "${parts[@]}"; do
       tests/runtime/test_multiprocess.py tests/runtime/test_bad_input.py ;;
   engine)
     step 300 "gpu_transfer engine level" python3 benchmarks/gpu_transfer.py ;;
+  ops)
+    step 60 "flexkv check --gpu" python3 -c "import sys; from flexkv.cli import main; sys.exit(main(['check', '--gpu']))"
+    step 300 "control_latency --metrics" python3 benchmarks/control_latency.py --metrics --sizes 1024 32768 --iters 2000
+    step 300 "throughput --metrics" python3 benchmarks/throughput.py --tp 1 --metrics --prompt-blocks 1 \
+      --engine-blocks 256 --cpu-blocks 300 --rounds 8 --warmup-rounds 2 ;;
+  layerwise)
+    step 300 "pytest layer-wise GET + HF engine (CUDA and CPU)" "${PYTEST[@]}" \
+      tests/runtime/test_layerwise.py tests/integration/test_hf_engine.py
+    step 300 "hf_numerics (this host CPU)" \
+      python3 benchmarks/hf_numerics.py ;;
+  ttft)
+    trace=(); [ -f .devinc/traces/conversation_trace.jsonl ] && trace=(--trace .devinc/traces/conversation_trace.jsonl)
+    step "${TTFT_LIMIT_S:-590}" "ttft (HF engine, Llama-3-8B shape)" python3 benchmarks/ttft.py "${trace[@]}" ;;
   *) say "unknown part $part"; rc=1 ;;
   esac
 done

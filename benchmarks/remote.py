@@ -1,8 +1,11 @@
-"""Remote tier throughput: flexkv's Redis and filesystem stores beside raw baselines, same run.
+"""Remote tier throughput: flexkv's Redis, filesystem and Mooncake stores beside raw baselines, same run.
 
 Redis ceiling: raw redis-py (hiredis) SET/GET of the very same values (block + trailer) on the
 same server, one command at a time, plus pipelined GET and MGET for the "which batching" question.
 Filesystem ceiling: plain open/write/close and open/readinto/close of the same bytes, same directory.
+Mooncake (when the package is installed): a master and one segment holder started on loopback;
+flexkv's zero-copy MooncakeStore beside Mooncake's own bytes API (put_batch/get_batch) on the same
+store, and beside the raw redis-py rows of the same run.
 Each variant runs ``--repeat`` times interleaved with the others; the table shows the median.
 
     python benchmarks/remote.py                       # 256 x 2 MiB blocks, local redis-server, /tmp
@@ -30,6 +33,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from flexkv.common.config import RemoteConfig
 from flexkv.remote import FilesystemStore, RedisStore, RemoteStore
 from flexkv.remote.base import make_trailer
+from tests.mooncake_server import MooncakeStoreProcesses
+from tests.mooncake_server import available as mooncake_available
 from tests.redis_server import RedisServer
 
 MIB = 1 << 20
@@ -125,6 +130,32 @@ def fs_round(bench: Bench, stores: dict[int, FilesystemStore], plain_dir: str) -
         assert np.array_equal(bench.dst, bench.src)
 
 
+def mooncake_round(bench: Bench, store: RemoteStore) -> None:
+    """One round on Mooncake: raw bytes API, then flexkv's zero-copy store; keys removed between
+    puts (a put of an existing key is not a write)."""
+    raw = store._store  # type: ignore[attr-defined]
+    keys = [f"raw:{i}" for i in range(bench.num_blocks)]
+    flexkv_keys = [store.key(int(h)) for h in bench.hashes]  # type: ignore[attr-defined]
+    raw.batch_remove(keys + flexkv_keys, True)
+    # the bytes API stages through the client's 16 MiB local buffer: batches of 4 blocks
+    chunks = [slice(i, i + 4) for i in range(0, bench.num_blocks, 4)]
+    def raw_put() -> None:
+        for c in chunks:
+            _check_code(raw.put_batch(keys[c], bench.values[c]))
+
+    bench.time("raw mooncake put_batch (bytes)", raw_put)
+    bench.time("flexkv mooncake put", functools.partial(_put, store, bench))
+    bench.time("raw mooncake get_batch (bytes)", lambda: [raw.get_batch(keys[c]) for c in chunks])
+    bench.dst[:] = 0
+    bench.time("flexkv mooncake get", functools.partial(_get, store, bench))
+    assert np.array_equal(bench.dst, bench.src)
+
+
+def _check_code(code: int) -> None:
+    if code != 0:
+        raise RuntimeError(f"mooncake put_batch returned {code}")
+
+
 def checksum_round(bench: Bench) -> None:
     view = bench.src.data
     bs = bench.block_bytes
@@ -133,7 +164,7 @@ def checksum_round(bench: Bench) -> None:
 
 
 def print_table(bench: Bench, rows: list[tuple[str, str | None]]) -> None:
-    print(f"{'variant':34} {'GB/s':>7} {'ceiling':>22} {'ratio':>7}")
+    print(f"{'variant':34} {'GB/s':>7} {'ceiling':>38} {'ratio':>7}")
     for name, ceiling in rows:
         if name not in bench.results:
             continue
@@ -141,7 +172,7 @@ def print_table(bench: Bench, rows: list[tuple[str, str | None]]) -> None:
         if ceiling is None:
             print(f"{name:34} {value:7.2f}")
         else:
-            print(f"{name:34} {value:7.2f} {ceiling + f' {bench.median(ceiling):.2f}':>22} "
+            print(f"{name:34} {value:7.2f} {ceiling + f' {bench.median(ceiling):.2f}':>38} "
                   f"{value / bench.median(ceiling):6.0%}")
 
 
@@ -166,6 +197,7 @@ def main() -> None:
     parser.add_argument("--fs-path", default="", help="shared filesystem directory (default: a temp dir)")
     parser.add_argument("--skip-redis", action="store_true")
     parser.add_argument("--skip-fs", action="store_true")
+    parser.add_argument("--skip-mooncake", action="store_true")
     args = parser.parse_args()
     bench = Bench(args.num_blocks, int(args.block_mib * MIB))
     print(f"{args.num_blocks} blocks x {args.block_mib} MiB, median of {args.repeat} interleaved rounds")
@@ -196,7 +228,27 @@ def main() -> None:
                                                  for k in args.fs_threads]
         rows += [("plain file read", None)] + [(f"flexkv fs get ({k} threads)", "plain file read")
                                                 for k in args.fs_threads]
+    if not args.skip_mooncake and mooncake_available():
+        rows += run_mooncake(bench, args.repeat)
     print_table(bench, rows)
+
+
+def run_mooncake(bench: Bench, repeat: int) -> list[tuple[str, str | None]]:
+    from flexkv.remote.mooncake_store import MooncakeStore
+
+    segment_mb = 3 * bench.total_bytes // MIB + 64  # raw copy + flexkv copy + slack
+    with MooncakeStoreProcesses(segment_mb=segment_mb) as procs:
+        store = MooncakeStore(RemoteConfig(backend="mooncake", port=procs.port, key_prefix="bench"))
+        store.register_pool(int(bench.src.ctypes.data), bench.src.nbytes)
+        store.register_pool(int(bench.dst.ctypes.data), bench.dst.nbytes)
+        try:
+            for _ in range(repeat):
+                mooncake_round(bench, store)
+        finally:
+            store.close()
+    return [("raw mooncake put_batch (bytes)", None), ("flexkv mooncake put", "raw mooncake put_batch (bytes)"),
+            ("flexkv mooncake put", "raw SET"), ("raw mooncake get_batch (bytes)", None),
+            ("flexkv mooncake get", "raw mooncake get_batch (bytes)"), ("flexkv mooncake get", "raw GET")]
 
 
 if __name__ == "__main__":

@@ -28,6 +28,10 @@ so a broken path cannot look fast. Goal: >= 80% of memcpy.
     python benchmarks/throughput.py                     # TP=1 and TP=2, 2 warm-up + 5 rounds each, ~30 s
     python benchmarks/throughput.py --tp 1 --rounds 5 --verify-all
     python benchmarks/throughput.py --engine-blocks 1024 --cpu-blocks 1100 --prompt-blocks 128
+    python benchmarks/throughput.py --tp 1 --metrics --prompt-blocks 1   # metrics off, then on; small ops
+
+``--metrics`` runs every TP size on two fresh servers at once, one with metrics off, one with Prometheus
+metrics on (``metrics_port``) and scraped every second, their rounds alternating; both medians are printed.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
+from scrape_load import Scraper, free_port
 
 from flexkv.client import HostKVBuffers, allocate_host_kv_buffers
 from flexkv.common.config import CacheConfig, ModelConfig
@@ -199,29 +204,53 @@ def one_round(kvm: KVManager, ranks: list[Rank], gather: Gather, threads: Thread
                        get_faults)
 
 
-def run_config(tp: int, args: argparse.Namespace) -> tuple[list[RoundResult], list[RoundResult]]:
-    """(warm-up rounds, measured rounds) for one TP size, on a fresh server."""
-    model = ModelConfig(32, 8, 128, "bfloat16", tp_size=tp)
-    kvm = KVManager(model, CacheConfig(tokens_per_block=T, num_cpu_blocks=args.cpu_blocks))
-    ranks: list[Rank] = []
+class Setup:
+    """One library-mode server (metrics on when ``metrics_port`` is set) with its ranks' buffers registered."""
+
+    def __init__(self, tp: int, args: argparse.Namespace, metrics_port: int = 0) -> None:
+        self.model = ModelConfig(32, 8, 128, "bfloat16", tp_size=tp)
+        self.kvm = KVManager(self.model, CacheConfig(tokens_per_block=T, num_cpu_blocks=args.cpu_blocks,
+                                                     metrics_port=metrics_port))
+        self.ranks: list[Rank] = []
+        try:
+            self.kvm.start()
+            self.ranks = [Rank(self.model, args.engine_blocks, r) for r in range(tp)]
+            for r, rank in enumerate(self.ranks):
+                self.kvm.register_kv_buffers(rank.bufs, rank.bufs.layout, tp_rank=r)
+            self.kvm.wait_ready(120)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        self.kvm.shutdown()
+        for rank in self.ranks:
+            rank.close()
+
+
+def run_config(tp: int, args: argparse.Namespace,
+               metrics_ports: tuple[int, ...] = (0,)) -> list[tuple[list[RoundResult], list[RoundResult]]]:
+    """(warm-up rounds, measured rounds) for one TP size per server, fresh servers (metrics on where a port is
+    given); with several servers their rounds alternate, so a noisy neighbour hits them alike."""
+    setups: list[Setup] = []
     threads = ThreadPoolExecutor(2)
     try:
-        kvm.start()
-        ranks = [Rank(model, args.engine_blocks, r) for r in range(tp)]
-        for r, rank in enumerate(ranks):
-            kvm.register_kv_buffers(rank.bufs, rank.bufs.layout, tp_rank=r)
-        kvm.wait_ready(120)
-        gather = Gather(args.engine_blocks, model.block_bytes(T))
+        setups = [Setup(tp, args, port) for port in metrics_ports]
+        gather = Gather(args.engine_blocks, setups[0].model.block_bytes(T))
         rng = np.random.default_rng(tp)
-        warmups = [one_round(kvm, ranks, gather, threads, args, rng) for _ in range(args.warmup_rounds)]
-        results = [one_round(kvm, ranks, gather, threads, args, rng) for _ in range(args.rounds)]
-        kvm.check_invariants()
-        return warmups, results
+        out: list[tuple[list[RoundResult], list[RoundResult]]] = [([], []) for _ in setups]
+        for i in range(args.warmup_rounds + args.rounds):
+            pairs = list(zip(setups, out, strict=True))
+            for setup, (warmups, results) in pairs if i % 2 == 0 else pairs[::-1]:  # neither always goes first
+                res = one_round(setup.kvm, setup.ranks, gather, threads, args, rng)
+                (warmups if i < args.warmup_rounds else results).append(res)
+        for setup in setups:
+            setup.kvm.check_invariants()
+        return out
     finally:
         threads.shutdown()
-        kvm.shutdown()
-        for rank in ranks:
-            rank.close()
+        for setup in setups:
+            setup.close()
 
 
 HEADER = (f"{'tp':>3} {'round':>5} {'put':>6} {'get':>6} {'memcpy':>6} {'memcpy2':>7} {'gather':>6} {'engD2H':>6} "
@@ -253,6 +282,7 @@ def main() -> None:
                     help="unreported rounds first (2 by default: the workers first touch every pool block)")
     ap.add_argument("--verify-blocks", type=int, default=64, help="restored blocks checked per round")
     ap.add_argument("--verify-all", action="store_true", help="check every restored block")
+    ap.add_argument("--metrics", action="store_true", help="run each TP size with metrics off, then on (scraped)")
     args = ap.parse_args()
     num_prompts = args.engine_blocks // args.prompt_blocks
     if num_prompts < 2 or args.engine_blocks % args.prompt_blocks or args.engine_blocks > args.cpu_blocks:
@@ -267,8 +297,24 @@ def main() -> None:
           f"{checked} byte-checked per round; faults = workers' minor page faults in the phase")
     print(HEADER)
     for tp in args.tp:
-        print_rows(tp, *run_config(tp, args), moved)
-
+        if not args.metrics:
+            print_rows(tp, *run_config(tp, args)[0], moved)
+            continue
+        port = free_port()
+        scraper = Scraper(port)
+        try:
+            (off, on) = run_config(tp, args, (0, port))
+        finally:
+            scrapes = scraper.close()
+        medians = {}
+        for label, (warmups, results) in (("off", off), ("on", on)):
+            print(f"metrics {label}" + (f" (scraped every second, {scrapes} scrapes)" if label == "on" else ""))
+            print_rows(tp, warmups, results, moved)
+            medians[label] = [moved / float(np.median([getattr(r, k) for r in results])) / 1e9
+                              for k in ("put_s", "get_s")]
+        (off_put, off_get), (on_put, on_get) = medians["off"], medians["on"]
+        print(f"tp {tp} median GB/s, metrics off -> on (rounds interleaved): put {off_put:.2f} -> {on_put:.2f} "
+              f"({on_put / off_put:.1%}), get {off_get:.2f} -> {on_get:.2f} ({on_get / off_get:.1%})")
 
 if __name__ == "__main__":
     main()

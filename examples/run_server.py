@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Run a flexkv server in the foreground until Ctrl-C.
+"""Run a flexkv server in the foreground until Ctrl-C: the same code and flags as ``flexkv serve``.
 
     python examples/run_server.py                      # embedded defaults: Llama-3-8B shape, 512 MiB CPU pool
     python examples/run_server.py --cpu-cache-gb 16 --enable-ssd --ssd-cache-dir /nvme0/flexkv;/nvme1/flexkv \
@@ -13,103 +13,15 @@ their KV buffers with ``KVTPClient(server_address, dp_client_id, tp_rank, device
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import os
 import sys
-from typing import Any
 
-from flexkv.common.config import GIB, CacheConfig, ModelConfig, RemoteConfig, cache_config_from_user, read_user_config
-from flexkv.scheduler.main import setup_logging
-from flexkv.scheduler.server import SchedulerServer
-from flexkv.types import ConfigError
-
-
-def parse_args() -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    m = p.add_argument_group("model (the engine's KV shape)")
-    m.add_argument("--num-layers", type=int, default=32)
-    m.add_argument("--num-kv-heads", type=int, default=8)
-    m.add_argument("--head-size", type=int, default=128)
-    m.add_argument("--dtype", default="bfloat16")
-    m.add_argument("--use-mla", action="store_true")
-    m.add_argument("--tp-size", type=int, default=1)
-    m.add_argument("--dp-size", type=int, default=1)
-    c = p.add_argument_group("cache")
-    c.add_argument("--config", help="user config file (YAML/JSON, sizes in GiB); same as FLEXKV_CONFIG_PATH")
-    c.add_argument("--tokens-per-block", type=int, default=16)
-    c.add_argument("--num-cpu-blocks", type=int, default=None, help="CPU pool size in blocks (default 256)")
-    c.add_argument("--cpu-cache-gb", type=float, default=None, help="CPU pool size in GiB")
-    c.add_argument("--enable-ssd", action="store_true")
-    c.add_argument("--ssd-cache-dir", default="", help="';'-separated directories, one per drive")
-    c.add_argument("--ssd-cache-gb", type=float, default=None)
-    c.add_argument("--num-ssd-blocks", type=int, default=None)
-    c.add_argument("--ssd-clean", action="store_true", help="delete flexkv's SSD cache files before starting")
-    c.add_argument("--enable-remote", action="store_true")
-    c.add_argument("--remote-host", default="127.0.0.1")
-    c.add_argument("--remote-port", type=int, default=6379)
-    p.add_argument("--server-address", default=None,
-                   help="ZeroMQ address to listen on, e.g. tcp://127.0.0.1:5555 (default: an ipc socket in a "
-                        "private temp dir, printed at start)")
-    return p.parse_args()
-
-
-def build_configs(args: argparse.Namespace) -> tuple[ModelConfig, CacheConfig]:
-    model = ModelConfig(args.num_layers, args.num_kv_heads, args.head_size, args.dtype, args.use_mla,
-                        args.tp_size, args.dp_size)
-    env = dict(os.environ)
-    if args.config:
-        env["FLEXKV_CONFIG_PATH"] = args.config
-    values, _ = read_user_config(env)
-    values.setdefault("tokens_per_block", args.tokens_per_block)
-    if args.cpu_cache_gb is not None:
-        values["cpu_cache_gb"] = args.cpu_cache_gb
-    if args.enable_ssd:
-        values["ssd_cache_dir"] = args.ssd_cache_dir or values.get("ssd_cache_dir", "")
-        values.setdefault("ssd_cache_gb", args.ssd_cache_gb if args.ssd_cache_gb is not None else 4.0)
-    cache = cache_config_from_user(model, values)
-    updates: dict[str, Any] = {}
-    if args.num_cpu_blocks is not None:
-        updates["num_cpu_blocks"] = args.num_cpu_blocks
-    elif "cpu_cache_gb" not in values:
-        updates["num_cpu_blocks"] = 256
-    if args.enable_ssd and args.num_ssd_blocks is not None:
-        updates["num_ssd_blocks"] = args.num_ssd_blocks
-    if args.enable_remote:
-        updates["enable_remote"] = True
-        updates["remote"] = RemoteConfig(host=args.remote_host, port=args.remote_port)
-    if updates:
-        cache = dataclasses.replace(cache, **updates)
-    return model, cache
+from flexkv.cli import serve
 
 
 def main() -> int:
-    args = parse_args()
-    setup_logging()
-    try:
-        model, cache = build_configs(args)
-    except ConfigError as e:
-        print(f"run_server.py: config error: {e}", file=sys.stderr)
-        return 2
-    if args.ssd_clean and cache.enable_ssd:
-        from flexkv.workers.ssd_store import SSDStore
-
-        SSDStore.remove_files(list(cache.ssd_cache_dir))
-        print(f"removed flexkv SSD cache files in {';'.join(cache.ssd_cache_dir)}", flush=True)
-    try:
-        server = SchedulerServer(model, cache, client_address=args.server_address)
-    except ConfigError as e:
-        print(f"run_server.py: cannot start: {e}", file=sys.stderr)
-        return 2
-    server.install_signal_handlers()
-    print(f"flexkv server listening on {server.client_address}  (CPU pool {cache.num_cpu_blocks} blocks, "
-          f"{cache.num_cpu_blocks * model.block_bytes(cache.tokens_per_block) / GIB:.2f} GiB)  -- Ctrl-C to stop",
-          flush=True)
-    try:
-        server.serve_forever()
-    finally:
-        server.close()
-    print("flexkv server stopped cleanly", flush=True)
-    return 0
+    p = argparse.ArgumentParser(prog="run_server.py", description=__doc__.split("\n")[0])
+    serve.add_arguments(p)
+    return serve.run(p.parse_args(), prog="run_server.py")
 
 
 if __name__ == "__main__":

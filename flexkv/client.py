@@ -9,6 +9,7 @@ is registered with ``engine_side=True``: the rank's device worker then runs as a
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import threading
 from collections.abc import Sequence
@@ -16,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from flexkv.layerwise import LayerProgress, check_layer_index, wait_for_layer
 from flexkv.layout import KVCacheLayout, LayoutKind, tensor_addresses
 from flexkv.protocol import client_msgs as cm
 from flexkv.shm import SharedPool, make_pool_name
 from flexkv.transport import ServerConnection
-from flexkv.types import DType, InvalidRequest
+from flexkv.types import DType, InvalidRequest, KVResponse
 
 if TYPE_CHECKING:
     from flexkv.workers.engine_lane import EngineLane
@@ -138,9 +140,12 @@ class KVTPClient:
         self._event: int | None = None  # the "KV written" event (register(..., use_event=True))
         self._event_handle = b""
         self._lane: EngineLane | None = None  # register(..., engine_side=True)
+        self.layer_progress: LayerProgress | None = None  # register(..., layerwise=True)
+        self._num_layers = 0
 
     def register(self, kv_tensors: Sequence[Any] | HostKVBuffers, layout: KVCacheLayout | LayoutKind | str,
-                 timeout_s: float = 120.0, *, use_event: bool = False, engine_side: bool = False) -> KVCacheLayout:
+                 timeout_s: float = 120.0, *, use_event: bool = False, engine_side: bool = False,
+                 layerwise: bool = False) -> KVCacheLayout:
         """Register this rank's KV tensors laid out as ``layout`` (a KVCacheLayout, or a kind whose
         shape is read off the tensors). Returns the layout. Raises InvalidRequest naming the problem.
 
@@ -150,7 +155,11 @@ class KVTPClient:
 
         ``engine_side``: the tensors are host memory private to this process (torch CPU tensors or numpy
         arrays, each contiguous); the rank's device worker runs here as a thread (DESIGN §7b) until
-        :meth:`close`, and the tensors must stay alive until then (this client keeps a reference)."""
+        :meth:`close`, and the tensors must stay alive until then (this client keeps a reference).
+
+        ``layerwise``: this rank's worker copies every GET layer by layer and publishes each layer's
+        arrival in a progress table this client creates (and removes at :meth:`close`); wait for a
+        layer with :meth:`wait_layer` (or ``KVManager.wait_layer``). See docs/layerwise.md."""
         tensors: Sequence[Any] = kv_tensors.arrays if isinstance(kv_tensors, HostKVBuffers) else list(kv_tensors)
         if not tensors:
             raise InvalidRequest("register: no KV tensors given")
@@ -162,9 +171,15 @@ class KVTPClient:
                 lay = KVCacheLayout.from_tensors(LayoutKind(layout), tensors, tpb)
             except ValueError as e:
                 raise InvalidRequest(f"register: {e}") from None
+        self._num_layers = lay.num_layers
+        progress: dict[str, Any] = {}
+        if layerwise:
+            if self.layer_progress is None:
+                self.layer_progress = LayerProgress.create("layers")
+            progress["layer_progress"] = self.layer_progress.name
         fields: dict[str, Any] = {}
         if engine_side:
-            return self._register_engine_side(tensors, lay, timeout_s)
+            return self._register_engine_side(tensors, lay, timeout_s, **progress)
         if all(_is_cuda(t) for t in tensors):
             from flexkv.cuda_ipc import export_tensor
 
@@ -184,7 +199,7 @@ class KVTPClient:
         else:
             bufs, offsets = _find_host_buffers(tensors)
             fields = {"host_segment": bufs.segment.name, "tensor_offsets": offsets}
-        self._conn.request(lambda rid: self._register_msg(lay, rid, **fields), timeout_s=timeout_s)
+        self._conn.request(lambda rid: self._register_msg(lay, rid, **fields, **progress), timeout_s=timeout_s)
         return lay
 
     def _register_msg(self, lay: KVCacheLayout, rid: int, **fields: Any) -> cm.RegisterKVMsg:
@@ -194,18 +209,37 @@ class KVTPClient:
             num_heads=lay.num_heads, head_size=lay.head_size, itemsize=lay.itemsize, num_layers=lay.num_layers,
             **fields)
 
-    def _register_engine_side(self, tensors: Sequence[Any], lay: KVCacheLayout, timeout_s: float) -> KVCacheLayout:
+    def _register_engine_side(self, tensors: Sequence[Any], lay: KVCacheLayout, timeout_s: float,
+                              **progress: Any) -> KVCacheLayout:
         from flexkv.workers.engine_lane import EngineLane
 
         _check_private_host_tensors(tensors, lay)
-        if self._lane is not None:
-            self._lane.close()
-            self._lane = None
-        reply, _ = self._conn.request(lambda rid: self._register_msg(lay, rid, engine_side=True), timeout_s=timeout_s)
+        self._stop_lane()
+        reply, _ = self._conn.request(lambda rid: self._register_msg(lay, rid, engine_side=True, **progress),
+                                      timeout_s=timeout_s)
         assert isinstance(reply, cm.OkReplyMsg)
         self._keep = list(tensors)  # the lane copies into them by address
         self._lane = EngineLane.start(str(reply.info["lane_spec"]), tensor_addresses(tensors), timeout_s)
+        atexit.register(self._stop_lane)  # a clean goodbye at interpreter exit, whoever forgot close()
         return lay
+
+    def wait_layer(self, task_id: int, layer_index: int, timeout: float = 20.0) -> KVResponse:
+        """Block until layer ``layer_index`` of GET ``task_id`` is in this rank's KV buffers.
+
+        SUCCESS: landed; FAILED: this rank's H2D failed (every waiter wakes); TIMEOUT: not landed in
+        ``timeout`` s. Sees only this rank's worker: a task that fails before its H2D starts (a failed
+        SSD read, a cancel) shows up as TIMEOUT here; ``KVManager.wait_layer`` also watches the task.
+        Needs ``register(..., layerwise=True)``; runs in the engine process, polling shared memory."""
+        if self.layer_progress is None:
+            raise InvalidRequest("wait_layer: register the KV buffers with layerwise=True first")
+        check_layer_index(layer_index, self._num_layers)
+        return wait_for_layer([self.layer_progress], task_id, layer_index, timeout)
+
+    def _stop_lane(self) -> None:
+        if self._lane is not None:
+            self._lane.close()
+            self._lane = None
+        atexit.unregister(self._stop_lane)
 
     def _kv_written_event(self) -> bytes:
         if self._event is None:
@@ -235,11 +269,12 @@ class KVTPClient:
     def close(self) -> None:
         """Stop this rank's engine-side lane (if any; the server then treats the rank as gone) and
         disconnect."""
-        if self._lane is not None:
-            self._lane.close()
-            self._lane = None
+        self._stop_lane()
         self._keep = []
         self._conn.close()
+        if self.layer_progress is not None:
+            self.layer_progress.close()
+            self.layer_progress = None
         if self._event is not None:
             from flexkv.native import cudacopy
 

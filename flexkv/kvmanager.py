@@ -2,7 +2,8 @@
 
 With no ``server_address`` it runs in library mode: ``start()`` launches the server (and through it
 the workers) as a child process and ``shutdown()`` (or interpreter exit) stops it. With an address it
-connects to a running server. Task ids are chosen here (unique per client), so ``get_async``,
+connects to a running server. Task ids are chosen here (unique per session: each ``start()`` opens a
+new session, and the server never shows one session another's tasks or results), so ``get_async``,
 ``put_async``, ``launch`` and ``cancel`` are fire-and-forget; their errors surface at ``wait``.
 """
 
@@ -11,6 +12,8 @@ from __future__ import annotations
 import atexit
 import itertools
 import logging
+import math
+import numbers
 import os
 import shutil
 import subprocess
@@ -26,6 +29,7 @@ import xxhash
 
 from flexkv.client import HostKVBuffers, KVTPClient
 from flexkv.common.config import CacheConfig, ModelConfig, configs_to_json
+from flexkv.layerwise import LayerProgress, check_layer_index, wait_for_layer
 from flexkv.layout import KVCacheLayout, LayoutKind
 from flexkv.native.hasher import encode_namespace, hash_blocks
 from flexkv.protocol import client_msgs as cm
@@ -63,6 +67,15 @@ def _mask(value: IntArrayLike | None, num_tokens: int) -> npt.NDArray[np.bool_] 
     return np.ascontiguousarray(value)
 
 
+def _check_timeout(timeout: object) -> float:
+    """A wait timeout in seconds: >= 0, ``inf`` allowed; InvalidRequest for NaN, negatives, non-numbers."""
+    if isinstance(timeout, bool) or not isinstance(timeout, numbers.Real):
+        raise InvalidRequest(f"wait: timeout must be a number of seconds, got {type(timeout).__name__}")
+    if math.isnan(timeout) or timeout < 0:
+        raise InvalidRequest(f"wait: timeout must be >= 0 seconds (inf: until final), got {timeout!r}")
+    return float(timeout)
+
+
 def _namespace(namespace: Sequence[str] | None) -> list[str] | None:
     if namespace is None:
         return None
@@ -72,11 +85,35 @@ def _namespace(namespace: Sequence[str] | None) -> list[str] | None:
     return list(namespace)
 
 
+_PAGE_KEY_SEED = xxhash.xxh3_64_intdigest(b"flexkv page keys v1")
+
+
+def hash_page_keys(page_keys: Sequence[str | bytes], namespace: Sequence[str] | None = None) -> npt.NDArray[np.uint64]:
+    """flexkv block keys (uint64) for an engine that names its pages itself (SGLang's page hashes).
+
+    Key i is xxh3-64 of page key i seeded with key i - 1 (the first with the namespace), so it names
+    the whole chain of page keys up to page i, as flexkv's token hashes name their prefix. Pass the
+    chain from the sequence's first page. Pure function, any process; TypeError for a key that is
+    neither str nor bytes.
+    """
+    seed = xxhash.xxh3_64_intdigest(encode_namespace(_namespace(namespace)), seed=_PAGE_KEY_SEED)
+    out = np.empty(len(page_keys), dtype=np.uint64)
+    for i, key in enumerate(page_keys):
+        if isinstance(key, str):
+            key = key.encode()
+        elif not isinstance(key, bytes):
+            raise TypeError(f"page key {i} must be str or bytes, got {type(key).__name__}")
+        seed = xxhash.xxh3_64_intdigest(key, seed=seed)
+        out[i] = seed
+    return out
+
+
 class KVManager:
     """One DP client of a flexkv server. Thread-safe for concurrent calls."""
 
     def __init__(self, model_config: ModelConfig, cache_config: CacheConfig, server_address: str | None = None,
-                 dp_client_id: int = 0, start_timeout_s: float = 120.0, request_timeout_s: float = 60.0) -> None:
+                 dp_client_id: int = 0, start_timeout_s: float = 120.0, request_timeout_s: float = 60.0,
+                 *, first_task_id: int = 1) -> None:
         self.model_config, self.cache_config = model_config, cache_config
         self.dp_client_id = dp_client_id
         self._address = server_address
@@ -86,9 +123,13 @@ class KVManager:
         self._conn: ServerConnection | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._runtime_dir: str | None = None
-        self._task_ids = itertools.count(1)
+        # Task ids are the session's own (a new session starts over); ``first_task_id`` only offsets them.
+        self._first_task_id = first_task_id
+        self._task_ids = itertools.count(first_task_id)
+        self._last_task_id = first_task_id - 1  # ids first_task_id.._last_task_id were handed out
         self._launched: dict[int, int] = {}  # task id -> digest of the slot mapping it was launched with
         self._tp_clients: list[KVTPClient] = []
+        self._layerwise: set[int] = set()  # tasks launched with layerwise=True, not yet final
         self._tokens_per_block = cache_config.tokens_per_block  # the server's, once connected
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -98,10 +139,18 @@ class KVManager:
             raise FlexKVError("KVManager not started: call start() first")
         return self._address
 
+    @property
+    def tokens_per_block(self) -> int:
+        """The server's block size in tokens (the config's until connected)."""
+        return self._tokens_per_block
+
     def start(self) -> None:
         """Start the server (library mode) or connect to it. Idempotent."""
         if self._conn is not None:
             return
+        self._task_ids = itertools.count(self._first_task_id)  # a new session: its task ids start over
+        self._last_task_id = self._first_task_id - 1
+        self._launched = {}
         if self._library_mode:
             self._spawn_server()
         self._conn = ServerConnection(self.server_address, self.dp_client_id, "manager", self._request_timeout_s)
@@ -148,7 +197,7 @@ class KVManager:
             except FlexKVError:
                 self._proc.terminate()
         if self._conn is not None:
-            self._conn.close()
+            self._conn.close(bye=self._proc is None)  # server mode: end the session, the server goes on
             self._conn = None
         self._cleanup_library()
         atexit.unregister(self.shutdown)
@@ -202,11 +251,12 @@ class KVManager:
         self._query("check")
 
     def register_kv_buffers(self, kv_tensors: Sequence[Any] | HostKVBuffers, layout: KVCacheLayout | LayoutKind | str,
-                            tp_rank: int = 0, device_id: int = 0) -> KVCacheLayout:
-        """Register KV buffers from this process (single-process engines; no separate TP client)."""
+                            tp_rank: int = 0, device_id: int = 0, *, layerwise: bool = False) -> KVCacheLayout:
+        """Register KV buffers from this process (single-process engines; no separate TP client).
+        ``layerwise``: GETs into them land layer by layer (see :meth:`wait_layer`)."""
         tp = KVTPClient(self.server_address, self.dp_client_id, tp_rank, device_id)
         self._tp_clients.append(tp)
-        return tp.register(kv_tensors, layout)
+        return tp.register(kv_tensors, layout, layerwise=layerwise)
 
     # -- tasks ----------------------------------------------------------------------------------
     def _match(self, cls: type[cm.GetMatchMsg], token_ids: IntArrayLike, token_mask: IntArrayLike | None,
@@ -214,7 +264,7 @@ class KVManager:
         conn = self._c
         tokens = _int64("token_ids", token_ids)
         mask = _mask(token_mask, tokens.shape[0])
-        task_id = next(self._task_ids)
+        task_id = self._new_task_id()
         # Hash here (C, ~45 us per 128K tokens): 8 bytes a block cross the socket instead of 8 a token,
         # and the server's one thread does less.
         ns = encode_namespace(_namespace(namespace))
@@ -238,9 +288,64 @@ class KVManager:
         """Match only; the mask marks the tokens not yet cached, which will be stored."""
         return self._match(cm.PutMatchMsg, token_ids, token_mask, namespace)
 
-    def launch(self, task_ids: int | Sequence[int], slot_mappings: IntArrayLike | Sequence[IntArrayLike]) -> None:
-        """Bind GPU slots to matched tasks and start their transfers (no reply; errors at wait)."""
+    # -- key-based tasks (engines that hash their own pages) ------------------------------------
+    def _match_keys(self, cls: type[cm.GetMatchMsg], block_keys: npt.NDArray[np.uint64],
+                    first_block: int) -> tuple[int, int, int]:
+        keys = np.ascontiguousarray(block_keys)
+        if keys.dtype != np.uint64 or keys.ndim != 1:
+            raise InvalidRequest(f"block_keys must be a 1-D uint64 array (see hash_page_keys), got {keys.dtype} "
+                                 f"of shape {keys.shape}")
+        if not 0 <= first_block <= keys.shape[0]:
+            raise InvalidRequest(f"first_block {first_block} out of range [0, {keys.shape[0]}]")
+        t = self._tokens_per_block
+        num_tokens = keys.shape[0] * t
+        mask = None
+        if first_block:
+            mask = np.zeros(num_tokens, dtype=np.bool_)
+            mask[first_block * t:] = True
+        task_id = self._new_task_id()
+        arrays: list[Any] = [keys] + ([mask] if mask is not None else [])
+        reply, _ = self._c.request(lambda rid: cls(client_id=self.dp_client_id, req_id=rid, task_id=task_id,
+                                                   has_mask=mask is not None, num_tokens=num_tokens), arrays)
+        assert isinstance(reply, cm.MatchReplyMsg)
+        if reply.mask_begin < 0:  # the server's mask is always one run of whole blocks
+            raise FlexKVError("key match: the server returned a mask that is not one run of blocks")
+        if reply.mask_end <= reply.mask_begin:
+            return task_id, first_block, first_block
+        return task_id, reply.mask_begin // t, reply.mask_end // t
+
+    def get_match_keys(self, block_keys: npt.NDArray[np.uint64], first_block: int = 0) -> tuple[int, int, int]:
+        """Reserve a GET of the blocks named by ``block_keys`` (:func:`hash_page_keys` of the chain from the
+        sequence's first page) from ``first_block`` on; the earlier keys only locate the prefix.
+
+        Returns ``(task_id, begin, end)``: blocks ``[begin, end)`` will be loaded (``begin == end``: none).
+        Launch it with a compact slot mapping of the blocks from ``first_block`` on, or cancel it."""
+        return self._match_keys(cm.GetMatchMsg, block_keys, first_block)
+
+    def put_match_keys(self, block_keys: npt.NDArray[np.uint64], first_block: int = 0) -> tuple[int, int, int]:
+        """Reserve a PUT of the blocks of ``block_keys`` from ``first_block`` on that flexkv lacks; like
+        :meth:`get_match_keys`, ``[begin, end)`` are the blocks that will be stored. Blocks before ``begin``
+        are cached already (or being written); a put whose prefix is not cached stores nothing."""
+        return self._match_keys(cm.PutMatchMsg, block_keys, first_block)
+
+    def count_cached_keys(self, block_keys: npt.NDArray[np.uint64], first_block: int = 0) -> int:
+        """How many blocks from ``first_block`` on are cached and ready, as a run (any tier); reserves
+        nothing (the match is cancelled at once)."""
+        task_id, _, end = self.get_match_keys(block_keys, first_block)
+        self.cancel(task_id)
+        return end - first_block
+
+    def launch(self, task_ids: int | Sequence[int], slot_mappings: IntArrayLike | Sequence[IntArrayLike],
+               layerwise: bool = False) -> None:
+        """Bind GPU slots to matched tasks and start their transfers (no reply; errors at wait).
+
+        ``layerwise=True`` (GETs): the engine will wait for each layer with :meth:`wait_layer` before
+        computing it; needs every TP rank registered here with ``layerwise=True``. A task id this session
+        never handed out is InvalidRequest here; a cancelled or expired one is ignored."""
         ids = [task_ids] if isinstance(task_ids, int) else list(task_ids)
+        if layerwise:
+            self._layer_tables()  # raises unless every rank can be watched from here
+            self._layerwise.update(ids)
         maps = [slot_mappings] if isinstance(task_ids, int) else list(slot_mappings)
         if len(ids) != len(maps):
             raise InvalidRequest(f"launch: {len(ids)} task ids but {len(maps)} slot mappings")
@@ -253,7 +358,15 @@ class KVManager:
         if send_ids:
             self._c.send(cm.LaunchMsg(client_id=self.dp_client_id, task_ids=send_ids), send_maps)
 
+    def _new_task_id(self) -> int:
+        self._last_task_id = next(self._task_ids)
+        return self._last_task_id
+
     def _check_relaunch(self, task_id: int, slots: npt.NDArray[np.int64]) -> bool:
+        issued = isinstance(task_id, int) and self._first_task_id <= task_id <= self._last_task_id
+        if isinstance(task_id, bool) or not issued:
+            raise InvalidRequest(f"launch: task id {task_id!r} was not returned by get_match/put_match of this "
+                                 "KVManager session")
         digest = xxhash.xxh3_64_intdigest(slots.tobytes())
         old = self._launched.get(task_id)
         if old is None:
@@ -268,7 +381,7 @@ class KVManager:
         tokens = _int64("token_ids", token_ids)
         slots = _int64("slot_mapping", slot_mapping)
         mask = _mask(token_mask, tokens.shape[0])
-        task_id = next(self._task_ids)
+        task_id = self._new_task_id()
         self._launched[task_id] = xxhash.xxh3_64_intdigest(slots.tobytes())
         arrays: list[Any] = [tokens, slots] + ([mask] if mask is not None else [])
         ns = _namespace(namespace)
@@ -286,8 +399,63 @@ class KVManager:
         """Match + launch a PUT in one message; returns the task id at once."""
         return self._async(cm.PutAsyncMsg, token_ids, slot_mapping, token_mask, namespace)
 
+    def prefetch_async(self, token_ids: IntArrayLike, namespace: Sequence[str] | None = None) -> int:
+        """Stage the prompt's SSD/remote hits into the CPU tier, with no engine destination (no slot
+        mapping, no registered buffers needed); returns the task id at once. ``wait``/``try_wait``
+        report SUCCESS once staged, with the mask of the prefix a GET can then load from CPU."""
+        tokens = _int64("token_ids", token_ids)
+        task_id = self._new_task_id()
+        self._c.send(cm.PrefetchMsg(client_id=self.dp_client_id, task_id=task_id, namespace=_namespace(namespace)),
+                     [tokens])
+        return task_id
+
+    def reset(self) -> int:
+        """Drop every tier's index (e.g. after a weight update): nothing cached before is matched
+        again. Tasks matched but not launched are cancelled (returns how many); running ones finish
+        safely and their results are still reported, but what they store is never matched."""
+        return int(self._query("reset")["cancelled"])
+
+    def _layer_tables(self) -> list[LayerProgress]:
+        tables = {tp.tp_rank: tp.layer_progress for tp in self._tp_clients if tp.layer_progress is not None}
+        if sorted(tables) != list(range(self.model_config.tp_size)):
+            raise InvalidRequest("layer-wise GET needs every TP rank registered through this KVManager with "
+                                 f"layerwise=True (have ranks {sorted(tables)} of {self.model_config.tp_size}); "
+                                 "ranks in other processes wait with KVTPClient.wait_layer")
+        return list(tables.values())
+
+    def wait_layer(self, task_id: int, layer_index: int, timeout: float = 20.0) -> KVResponse:
+        """Block until layer ``layer_index`` of GET ``task_id`` (launched with ``layerwise=True``) is in
+        every TP rank's KV buffers, while later layers may still move.
+
+        Returns a KVResponse: SUCCESS once the layer landed (or the whole task succeeded), FAILED as
+        soon as a rank's copy failed or the task failed before its copy (the error names why; every
+        waiter of the task wakes), CANCELLED, or TIMEOUT after ``timeout`` s. Never returns SUCCESS
+        before that layer's bytes are in place. Call :meth:`wait` afterwards as usual to end the task.
+        """
+        if task_id not in self._layerwise:
+            raise InvalidRequest(f"wait_layer: task {task_id} was not launched with layerwise=True "
+                                 "(or is already final)")
+        check_layer_index(layer_index, self.model_config.num_layers)
+        tables = self._layer_tables()
+
+        def final_status() -> KVResponse | None:
+            resp = self._wait(task_id, 0.0, completely=False, forget=False)[task_id]
+            return None if resp.status in (TaskStatus.UNREADY, TaskStatus.TIMEOUT) else resp
+
+        resp = wait_for_layer(tables, task_id, layer_index, timeout, final_status)
+        if resp.status is TaskStatus.FAILED and not resp.error.startswith("layer-wise"):
+            return resp
+        if resp.status is TaskStatus.FAILED:  # a worker said so; the server has (or soon has) the reason
+            final = self._wait(task_id, min(5.0, timeout), completely=False, forget=False)[task_id]
+            if final.status is TaskStatus.FAILED:
+                return final
+        return resp
+
     def cancel(self, task_ids: int | Sequence[int]) -> None:
-        """Release what not-yet-running plans reserved; running ones stop at the next op."""
+        """Cancel tasks matched but not launched: their reservations are released and wait reports
+        CANCELLED. A launched task is not cancelled (FlexKV's rule): it runs to its end and wait
+        reports how it ended, so no final status comes while its copies may still write your KV
+        memory. Unknown ids are ignored."""
         ids = [task_ids] if isinstance(task_ids, int) else list(task_ids)
         self._c.send(cm.CancelMsg(client_id=self.dp_client_id, task_ids=ids))
 
@@ -296,9 +464,26 @@ class KVManager:
         """Block until every task is final or ``timeout`` seconds passed (those report TIMEOUT).
 
         ``completely=False`` returns once the engine-side part is done (GET: H2D, PUT: D2H);
-        ``completely=True`` also waits for write-through to SSD/remote.
+        ``completely=True`` also waits for write-through to SSD/remote. ``timeout`` may be
+        ``float('inf')`` (wait until final); NaN or a negative value is InvalidRequest, raised before
+        anything is sent.
         """
+        return self._wait(task_ids, timeout, completely, forget=True)
+
+    def _wait(self, task_ids: int | Sequence[int], timeout: float, completely: bool,
+              forget: bool) -> dict[int, KVResponse]:
         ids = [task_ids] if isinstance(task_ids, int) else list(task_ids)
+        deadline = time.monotonic() + _check_timeout(timeout)
+        out: dict[int, KVResponse] = {}
+        pending = ids
+        while True:  # one WaitMsg waits at most MAX_WAIT_S; longer waits take several
+            step = min(cm.MAX_WAIT_S, max(0.0, deadline - time.monotonic()))
+            out.update(self._wait_once(pending, step, completely, forget))
+            pending = [tid for tid in pending if out[tid].status is TaskStatus.TIMEOUT]
+            if not pending or time.monotonic() >= deadline:
+                return {tid: out[tid] for tid in ids}
+
+    def _wait_once(self, ids: list[int], timeout: float, completely: bool, forget: bool) -> dict[int, KVResponse]:
         reply, frames = self._c.request(
             lambda rid: cm.WaitMsg(client_id=self.dp_client_id, req_id=rid, task_ids=ids, timeout_s=timeout,
                                    completely=completely), timeout_s=timeout + self._request_timeout_s)
@@ -308,8 +493,9 @@ class KVManager:
             st, error = TaskStatus(reply.statuses[i]), reply.errors[i]
             mask = range_to_mask(reply.num_tokens[i], reply.mask_begins[i], reply.mask_ends[i], frames)
             out[tid] = KVResponse(st, tid, mask, error)
-            if st not in (TaskStatus.UNREADY, TaskStatus.TIMEOUT):
+            if forget and st not in (TaskStatus.UNREADY, TaskStatus.TIMEOUT):
                 self._launched.pop(tid, None)
+                self._layerwise.discard(tid)
         return out
 
     def try_wait(self, task_ids: int | Sequence[int], completely: bool = False) -> dict[int, KVResponse]:

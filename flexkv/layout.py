@@ -30,6 +30,13 @@ class LayoutKind(enum.Enum):
     SGLANG = "sglang"  # K and V tensors per layer [num_blocks*T, H, D], ordered K0, V0, K1, V1, ...
     MLA = "mla"  # one tensor per layer [num_blocks, T, D] (kv_dim 1, one latent "head")
     BLOCK_FIRST = "block_first"  # one tensor [num_blocks, num_layers, 2, T, H, D] (flexkv's own order)
+    # SGLang's HiCache host pool (mem_cache/pool_host/mha.py, mla.py); N = num_blocks * T host tokens.
+    SGLANG_HOST_LAYER_FIRST = "sglang_host_layer_first"  # one tensor [2, L, N, H, D]
+    SGLANG_HOST_PAGE_FIRST = "sglang_host_page_first"  # one tensor [2, N, L, H, D] (chunks strided by token)
+    SGLANG_HOST_PAGE_FIRST_DIRECT = "sglang_host_page_first_direct"  # one tensor [2, num_blocks, L, T, H, D]
+    SGLANG_HOST_MLA_LAYER_FIRST = "sglang_host_mla_layer_first"  # one tensor [L, N, 1, D]
+    SGLANG_HOST_MLA_PAGE_FIRST = "sglang_host_mla_page_first"  # one tensor [N, L, 1, D] (chunks strided by token)
+
     # vLLM >= 0.26: one tensor per layer with K and V packed in the last dim (LBHNC / LBNHC). The two
     # halves of a layer's block are its (layer, 0) and (layer, 1) chunks, stored as they are.
     VLLM_PACKED_HND = "vllm_packed_hnd"  # [num_blocks, H, T, 2*D]
@@ -44,15 +51,25 @@ class LayoutKind(enum.Enum):
 _BLOCK_FORMATS = {LayoutKind.VLLM_PACKED_HND: BlockFormat.PACKED_HND,
                   LayoutKind.VLLM_PACKED_NHD: BlockFormat.PACKED_NHD}
 _PACKED = frozenset(_BLOCK_FORMATS)
+_MLA_KINDS = frozenset({LayoutKind.MLA, LayoutKind.SGLANG_HOST_MLA_LAYER_FIRST, LayoutKind.SGLANG_HOST_MLA_PAGE_FIRST})
+_SINGLE_TENSOR_KINDS = frozenset({LayoutKind.BLOCK_FIRST, LayoutKind.SGLANG_HOST_LAYER_FIRST,
+                                  LayoutKind.SGLANG_HOST_PAGE_FIRST, LayoutKind.SGLANG_HOST_PAGE_FIRST_DIRECT,
+                                  LayoutKind.SGLANG_HOST_MLA_LAYER_FIRST, LayoutKind.SGLANG_HOST_MLA_PAGE_FIRST})
+# Kinds whose (layer, kv) chunk of a block is not contiguous: each token's H x D row is its own piece,
+# one block's token rows ``_token_stride`` bytes apart.
+_PER_TOKEN_KINDS = frozenset({LayoutKind.SGLANG_HOST_PAGE_FIRST, LayoutKind.SGLANG_HOST_MLA_PAGE_FIRST})
 
 
 class ChunkTable(NamedTuple):
     """Everything a copy engine needs about the engine side of a copy.
 
     Chunk ``(layer, kv)`` of block ``b`` starts at ``bases[layer * kv_dim + kv] + b * block_stride``.
+    For a layout whose chunks are not contiguous (:attr:`KVCacheLayout.pieces_per_chunk` > 1) each
+    entry is one piece instead: piece ``j`` of chunk ``c`` is entry ``c * pieces_per_chunk + j`` and
+    ``chunk_bytes`` is the piece's size; pair it with :meth:`KVCacheLayout.pool_piece_offsets`.
     """
 
-    bases: npt.NDArray[np.uint64]  # [num_layers * kv_dim]: address of chunk (layer, kv, block 0)
+    bases: npt.NDArray[np.uint64]  # [num_layers * kv_dim (* pieces)]: address of chunk (layer, kv, block 0)
     block_stride: int  # bytes from one block's chunk to the next block's chunk (same layer, kv)
     chunk_bytes: int
     num_blocks: int
@@ -91,19 +108,19 @@ class KVCacheLayout:
             object.__setattr__(self, "kind", LayoutKind(self.kind))
         for name in ("num_layers", "num_blocks", "tokens_per_block", "num_heads", "head_size", "itemsize"):
             _check_positive(name, getattr(self, name))
-        if self.kind is LayoutKind.MLA and self.num_heads != 1:
-            raise ValueError(f"MLA layout holds one latent head, got num_heads={self.num_heads}")
+        if self.kind in _MLA_KINDS and self.num_heads != 1:
+            raise ValueError(f"{self.kind.value} layout holds one latent head, got num_heads={self.num_heads}")
 
     @property
     def kv_dim(self) -> int:
         """1 for MLA (one latent per token), else 2 (K and V)."""
-        return 1 if self.kind is LayoutKind.MLA else 2
+        return 1 if self.kind in _MLA_KINDS else 2
 
     @property
     def num_tensors(self) -> int:
         if self.kind is LayoutKind.SGLANG:
             return 2 * self.num_layers
-        if self.kind is LayoutKind.BLOCK_FIRST:
+        if self.kind in _SINGLE_TENSOR_KINDS:
             return 1
         return self.num_layers
 
@@ -112,12 +129,27 @@ class KVCacheLayout:
         return self.tokens_per_block * self.num_heads * self.head_size * self.itemsize
 
     @property
+    def row_bytes(self) -> int:
+        """One token's row of one (layer, kv): ``num_heads * head_size * itemsize``."""
+        return self.num_heads * self.head_size * self.itemsize
+
+    @property
+    def pieces_per_chunk(self) -> int:
+        """Contiguous pieces of one chunk in this layout: 1, or ``tokens_per_block`` for the page-first
+        host pools (where a token's rows of all layers sit together)."""
+        return self.tokens_per_block if self.kind in _PER_TOKEN_KINDS else 1
+
+    @property
     def block_stride(self) -> int:
         """Bytes between chunk (layer, kv) of block b and of block b + 1; the same for every chunk."""
+        page_rows = self.num_layers * self.chunk_bytes  # one block's rows of every layer (one of K, V)
         if self.kind is LayoutKind.VLLM_BLOCK_FIRST or self.kind in _PACKED:
             return 2 * self.chunk_bytes
         if self.kind is LayoutKind.BLOCK_FIRST:
             return self.num_layers * 2 * self.chunk_bytes
+        if self.kind in (LayoutKind.SGLANG_HOST_PAGE_FIRST, LayoutKind.SGLANG_HOST_PAGE_FIRST_DIRECT,
+                         LayoutKind.SGLANG_HOST_MLA_PAGE_FIRST):
+            return page_rows
         return self.chunk_bytes
 
     def tensor_shape(self, i: int) -> tuple[int, ...]:
@@ -132,6 +164,11 @@ class KVCacheLayout:
             LayoutKind.BLOCK_FIRST: (nb, self.num_layers, 2, t, h, d),
             LayoutKind.VLLM_PACKED_HND: (nb, h, t, 2 * d),
             LayoutKind.VLLM_PACKED_NHD: (nb, t, h, 2 * d),
+            LayoutKind.SGLANG_HOST_LAYER_FIRST: (2, self.num_layers, nb * t, h, d),
+            LayoutKind.SGLANG_HOST_PAGE_FIRST: (2, nb * t, self.num_layers, h, d),
+            LayoutKind.SGLANG_HOST_PAGE_FIRST_DIRECT: (2, nb, self.num_layers, t, h, d),
+            LayoutKind.SGLANG_HOST_MLA_LAYER_FIRST: (self.num_layers, nb * t, 1, d),
+            LayoutKind.SGLANG_HOST_MLA_PAGE_FIRST: (nb * t, self.num_layers, 1, d),
         }
         return shapes[self.kind]
 
@@ -144,19 +181,37 @@ class KVCacheLayout:
         _check_index("kv", kv, self.kv_dim)
         if self.kind is LayoutKind.SGLANG:
             return 2 * layer + kv
-        if self.kind is LayoutKind.BLOCK_FIRST:
+        if self.kind in _SINGLE_TENSOR_KINDS:
             return 0
         return layer
 
     def _chunk_base(self, layer: int, kv: int) -> int:
-        """Byte offset of chunk (layer, kv, block 0) inside its tensor."""
-        if self.kind is LayoutKind.VLLM_KV_FIRST:
+        """Byte offset of chunk (layer, kv, block 0) (its first piece) inside its tensor."""
+        k = self.kind
+        half = self.num_blocks * self.num_layers * self.chunk_bytes  # all of K (or V) of a host pool
+        if k is LayoutKind.VLLM_KV_FIRST:
             return kv * self.num_blocks * self.chunk_bytes
-        if self.kind is LayoutKind.VLLM_BLOCK_FIRST or self.kind in _PACKED:
+        if k is LayoutKind.VLLM_BLOCK_FIRST or k in _PACKED:
             return kv * self.chunk_bytes
-        if self.kind is LayoutKind.BLOCK_FIRST:
+        if k is LayoutKind.BLOCK_FIRST:
             return (layer * 2 + kv) * self.chunk_bytes
+        if k in (LayoutKind.SGLANG_HOST_LAYER_FIRST, LayoutKind.SGLANG_HOST_MLA_LAYER_FIRST):
+            return kv * half + layer * self.num_blocks * self.chunk_bytes
+        if k in (LayoutKind.SGLANG_HOST_PAGE_FIRST, LayoutKind.SGLANG_HOST_MLA_PAGE_FIRST):
+            return kv * half + layer * self.row_bytes
+        if k is LayoutKind.SGLANG_HOST_PAGE_FIRST_DIRECT:
+            return kv * half + layer * self.chunk_bytes
         return 0
+
+    def pool_piece_offsets(self, chunk_offsets: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+        """The pool side matching :meth:`chunk_table`: ``chunk_offsets`` (one per (layer, kv), e.g.
+        :meth:`BlockFirstLayout.shard_chunk_offsets`) itself, or, for a layout of several pieces per
+        chunk, each chunk's offset plus ``j * row_bytes`` for piece ``j``."""
+        n = self.pieces_per_chunk
+        if n == 1:
+            return chunk_offsets
+        rows = np.arange(n, dtype=np.uint64) * np.uint64(self.row_bytes)
+        return (chunk_offsets.astype(np.uint64)[:, None] + rows[None, :]).reshape(-1)
 
     def chunk_offset(self, layer: int, kv: int, block_id: int) -> tuple[int, int]:
         """(tensor index, byte offset inside that tensor) of one chunk. Raises IndexError when out of range."""
@@ -176,7 +231,13 @@ class KVCacheLayout:
                 if ptr <= 0:
                     raise ValueError(f"address of tensor {self.tensor_index(layer, kv)} must be positive, got {ptr}")
                 bases[layer * self.kv_dim + kv] = ptr + self._chunk_base(layer, kv)
-        return ChunkTable(bases, self.block_stride, self.chunk_bytes, self.num_blocks)
+        n = self.pieces_per_chunk
+        if n == 1:
+            return ChunkTable(bases, self.block_stride, self.chunk_bytes, self.num_blocks)
+        # Piece j of a chunk is token j's row: the next token's rows of every layer lie between them.
+        token_stride = np.arange(n, dtype=np.uint64) * np.uint64(self.num_layers * self.row_bytes)
+        pieces = (bases[:, None] + token_stride[None, :]).reshape(-1)
+        return ChunkTable(pieces, self.block_stride, self.row_bytes, self.num_blocks)
 
     @classmethod
     def from_shapes(
@@ -210,36 +271,21 @@ class KVCacheLayout:
                   LayoutKind.VLLM_BLOCK_FIRST: "[num_blocks, 2, T, H, D]",
                   LayoutKind.SGLANG: "[num_blocks*T, H, D]", LayoutKind.MLA: "[num_blocks, T, D]",
                   LayoutKind.BLOCK_FIRST: "[num_blocks, num_layers, 2, T, H, D]",
+                  LayoutKind.SGLANG_HOST_LAYER_FIRST: "[2, num_layers, num_blocks*T, H, D]",
+                  LayoutKind.SGLANG_HOST_PAGE_FIRST: "[2, num_blocks*T, num_layers, H, D]",
+                  LayoutKind.SGLANG_HOST_PAGE_FIRST_DIRECT: "[2, num_blocks, num_layers, T, H, D]",
+                  LayoutKind.SGLANG_HOST_MLA_LAYER_FIRST: "[num_layers, num_blocks*T, 1, D]",
+                  LayoutKind.SGLANG_HOST_MLA_PAGE_FIRST: "[num_blocks*T, num_layers, 1, D]",
                   LayoutKind.VLLM_PACKED_HND: "[num_blocks, H, T, 2*D]",
                   LayoutKind.VLLM_PACKED_NHD: "[num_blocks, T, H, 2*D]"}[kind]
-        dims = {LayoutKind.VLLM_KV_FIRST: 5, LayoutKind.VLLM_BLOCK_FIRST: 5, LayoutKind.SGLANG: 3,
-                LayoutKind.MLA: 3, LayoutKind.BLOCK_FIRST: 6, LayoutKind.VLLM_PACKED_HND: 4,
-                LayoutKind.VLLM_PACKED_NHD: 4}[kind]
         bad = ValueError(f"tensor 0 has shape {shape}, expected {kind.value} shape {expect} with T={t}")
-        if len(shape) != dims or min(shape) <= 0:
+        if len(shape) != expect.count(",") + 1 or min(shape) <= 0:
             raise bad
-        layers = num_shapes
-        if kind is LayoutKind.VLLM_KV_FIRST:
-            kv, nb, tt, h, d = shape
-        elif kind is LayoutKind.VLLM_BLOCK_FIRST:
-            nb, kv, tt, h, d = shape
-        elif kind is LayoutKind.SGLANG:
-            if shape[0] % t:
-                raise bad
-            (nb, tt, kv, h, d), layers = (shape[0] // t, t, 2, shape[1], shape[2]), num_shapes // 2
-        elif kind is LayoutKind.MLA:
-            (nb, tt, d), kv, h = shape, 1, 1
-        elif kind in _PACKED:
-            if shape[3] % 2:
-                raise bad
-            if kind is LayoutKind.VLLM_PACKED_HND:
-                nb, h, tt, d2 = shape
-            else:
-                nb, tt, h, d2 = shape
-            kv, d = 2, d2 // 2
-        else:
-            nb, layers, kv, tt, h, d = shape
-        if tt != t or kv != (1 if kind is LayoutKind.MLA else 2):
+        parsed = _parse_shape(kind, shape, num_shapes, t)
+        if parsed is None:
+            raise bad
+        layers, nb, tt, kv, h, d = parsed
+        if tt != t or kv != (1 if kind in _MLA_KINDS else 2):
             raise bad
         return cls(kind, max(layers, 1), nb, t, h, d, itemsize)
 
@@ -263,6 +309,47 @@ class KVCacheLayout:
             if str(t.dtype) != str(tensors[0].dtype):
                 raise ValueError(f"tensor {i} has dtype {t.dtype}, tensor 0 has {tensors[0].dtype}")
         return cls.from_shapes(kind, [tuple(t.shape) for t in tensors], itemsizes[0], tokens_per_block)
+
+
+def _parse_shape(kind: LayoutKind, shape: tuple[int, ...], num_shapes: int,
+                 t: int) -> tuple[int, int, int, int, int, int] | None:
+    """(layers, num_blocks, T, kv_dim, heads, head_size) read off tensor 0's shape; None if impossible."""
+    if kind is LayoutKind.VLLM_KV_FIRST:
+        kv, nb, tt, h, d = shape
+        return num_shapes, nb, tt, kv, h, d
+    if kind is LayoutKind.VLLM_BLOCK_FIRST:
+        nb, kv, tt, h, d = shape
+        return num_shapes, nb, tt, kv, h, d
+    if kind is LayoutKind.MLA:
+        nb, tt, d = shape
+        return num_shapes, nb, tt, 1, 1, d
+    if kind is LayoutKind.BLOCK_FIRST:
+        nb, layers, kv, tt, h, d = shape
+        return layers, nb, tt, kv, h, d
+    if kind is LayoutKind.SGLANG_HOST_PAGE_FIRST_DIRECT:
+        kv, nb, layers, tt, h, d = shape
+        return layers, nb, tt, kv, h, d
+    if kind in _PACKED:
+        if shape[3] % 2:
+            return None
+        if kind is LayoutKind.VLLM_PACKED_HND:
+            nb, h, tt, d2 = shape
+        else:
+            nb, tt, h, d2 = shape
+        return num_shapes, nb, tt, 2, h, d2 // 2
+    if kind is LayoutKind.SGLANG:
+        (tokens, h, d), layers, kv = shape, num_shapes // 2, 2
+    elif kind is LayoutKind.SGLANG_HOST_LAYER_FIRST:
+        kv, layers, tokens, h, d = shape
+    elif kind is LayoutKind.SGLANG_HOST_PAGE_FIRST:
+        kv, tokens, layers, h, d = shape
+    elif kind is LayoutKind.SGLANG_HOST_MLA_LAYER_FIRST:
+        (layers, tokens, h, d), kv = shape, 1
+    else:
+        (tokens, layers, h, d), kv = shape, 1
+    if tokens % t:
+        return None
+    return max(layers, 1), tokens // t, t, kv, h, d
 
 
 def _itemsize(t: Any) -> int:

@@ -61,6 +61,25 @@ def make_pool_name(tag: str) -> str:
     return name[:_NAME_MAX]
 
 
+def remove_stale_segments(tag: str) -> list[str]:
+    """Unlink every ``/flexkv-<tag>-*`` segment whose creator (pid and start time, from its header) is
+    dead, logging each; segments of live creators and segments that are not flexkv pools stay.
+    The server calls it with ``"cpu"`` at start: a killed server's pool is found whatever its name."""
+    clean = "".join(c for c in tag.lower() if c.isascii() and (c.isalnum() or c == "_"))[:8] or "pool"
+    prefix = f"/flexkv-{clean}-"
+    return [name for name in list_flexkv_segments() if name.startswith(prefix) and unlink_if_creator_dead(name)]
+
+
+def unlink_if_creator_dead(name: str) -> bool:
+    """Unlink the flexkv segment ``name`` if its creator process is dead (logged). False, and nothing
+    done, when it is gone already, its creator is alive, or it is not a flexkv segment."""
+    try:
+        _check_name(name)
+        return _remove_if_stale(name)
+    except (PoolInUseError, ValueError, OSError, posix_ipc.Error):
+        return False
+
+
 def list_flexkv_segments() -> list[str]:
     """Names (``/flexkv...``) of the shared-memory segments under /dev/shm whose name starts with flexkv."""
     try:
@@ -317,12 +336,13 @@ def _create_segment(name: str, size: int) -> posix_ipc.SharedMemory:
         raise PoolInUseError(f"shared-memory pool {name!r} was created by another process meanwhile") from None
 
 
-def _remove_if_stale(name: str) -> None:
-    """Unlink ``name`` if its creator is dead; raise PoolInUseError if alive or not ours."""
+def _remove_if_stale(name: str) -> bool:
+    """Unlink ``name`` if its creator is dead (True); raise PoolInUseError if alive or not ours;
+    False if it is gone already."""
     try:
         shm = posix_ipc.SharedMemory(name)
     except posix_ipc.ExistentialError:
-        return  # removed meanwhile
+        return False  # removed meanwhile
     try:
         header = _read_header(shm)
     finally:
@@ -337,7 +357,8 @@ def _remove_if_stale(name: str) -> None:
     try:
         posix_ipc.unlink_shared_memory(name)
     except posix_ipc.ExistentialError:
-        pass
+        return False
+    return True
 
 
 def _read_header(shm: posix_ipc.SharedMemory) -> tuple[bytes, int, int, int, int, int, int] | None:
@@ -375,6 +396,9 @@ def _process_alive(pid: int, start_ticks: int) -> bool:
     return ticks is not None and (start_ticks == 0 or ticks == start_ticks)  # else zombie or pid reused
 
 
+_ROOM_HINT = "shrink the CPU pool (cpu_cache_gb, or num_cpu_blocks in CacheConfig) or grow /dev/shm"
+
+
 def _check_room(nbytes: int) -> None:
     """Fail before allocating anything when /dev/shm cannot hold ``nbytes`` more."""
     try:
@@ -384,7 +408,7 @@ def _check_room(nbytes: int) -> None:
     free = st.f_bavail * st.f_frsize
     if nbytes > free:
         raise OSError(errno.ENOSPC, f"{SHM_DIR} has {free} bytes free, the shared-memory pool needs {nbytes}; "
-                                    "shrink cpu_cache_gb or grow /dev/shm")
+                                    f"{_ROOM_HINT}")
 
 
 def _prefault(fd: int, pool: SharedPool, progress: ProgressFn | None, num_threads: int) -> None:
@@ -410,7 +434,7 @@ def _fallocate(fd: int, offset: int, length: int) -> bool:
     except OSError as e:
         if e.errno == errno.ENOSPC:
             raise OSError(errno.ENOSPC, f"{SHM_DIR} has no room for {length} more bytes of shared-memory "
-                                        "pool; shrink cpu_cache_gb or grow /dev/shm") from None
+                                        f"pool; {_ROOM_HINT}") from None
         if e.errno in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
             return False
         raise

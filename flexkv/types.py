@@ -81,7 +81,13 @@ class BlockFormat(enum.Enum):
 
 
 class EvictionPolicy(enum.Enum):
-    LRU = "lru"
+    """Which unlocked leaf a tier evicts first (scheduler/eviction.py)."""
+
+    LRU = "lru"  # least recently used
+    LFU = "lfu"  # fewest hits, then least recent
+    SLRU = "slru"  # segmented LRU: probation before protected
+    FLRU = "flru"  # frequency-aware LRU: each hit adds grace time
+    FIFO = "fifo"  # oldest insertion
 
 
 class DType(enum.Enum):

@@ -15,17 +15,21 @@ match, bounded by the store's timeouts); nothing else here does I/O.
 from __future__ import annotations
 
 import itertools
+import time
+from collections.abc import Callable
 
 import numpy as np
+import xxhash
 
 from flexkv.common.config import CacheConfig, ModelConfig
 from flexkv.native.hasher import hash_blocks
-from flexkv.scheduler.eviction import make_evictor
+from flexkv.scheduler.eviction import EvictionParams, make_evictor
 from flexkv.scheduler.graph import OpNode, Reservation, TaskKey, TransferOp
 from flexkv.scheduler.index import RadixIndex
 from flexkv.scheduler.planner import Tiers, plan_get, plan_put
 from flexkv.scheduler.pool import BlockPool
 from flexkv.scheduler.remote_lookup import RemoteLookup, RemoteTier
+from flexkv.scheduler.ssd_rebuild import Progress, restore
 from flexkv.scheduler.tasks import (
     Dispatched,
     Task,
@@ -35,29 +39,37 @@ from flexkv.scheduler.tasks import (
     check_tokens,
     gpu_blocks_from_slots,
 )
-from flexkv.types import EvictionPolicy, InvalidRequest, KVResponse, Medium, OpType, TaskStatus, TaskType
+from flexkv.ssd_journal import Records
+from flexkv.types import InvalidRequest, KVResponse, Medium, OpType, TaskStatus, TaskType
 
 __all__ = ["ControlPlane", "TaskKey", "TransferOp"]
 
 _UNBOUNDED_MIN_BLOCKS = 1024  # initial size of a growable (unbounded remote) pool
+# GET blocks loaded, by the tier that held them (the op that brings them to the CPU pool; H2D: already there)
+_TIER_HIT_KEYS = {OpType.H2D: "get_hit_blocks_cpu", OpType.DISK2H: "get_hit_blocks_ssd",
+                  OpType.REMOTE2H: "get_hit_blocks_remote"}
 
 
 class ControlPlane:
     """Index + pools + tasks of one flexkv server. Not thread-safe: one owner thread."""
 
-    def __init__(self, model: ModelConfig, cache: CacheConfig, remote_lookup: RemoteLookup | None = None) -> None:
+    def __init__(self, model: ModelConfig, cache: CacheConfig, remote_lookup: RemoteLookup | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         """``remote_lookup`` (used only if ``cache.enable_remote``): index the remote tier by the
         shared store itself instead of by what this server stored; ``num_remote_blocks`` is then
-        not enforced (the store evicts by itself)."""
+        not enforced (the store evicts by itself). ``clock`` (seconds) stamps accesses for the
+        eviction policies (a trace replay passes the trace's time)."""
         self.model = model
         self.cache = cache
         self.tokens_per_block = cache.tokens_per_block
-        policy = EvictionPolicy(cache.eviction_policy)
+        self._clock = clock
+        params = EvictionParams(hit_reward_s=float(cache.hit_reward_seconds), promote_hits=cache.slru_promote_hits,
+                                protected_ratio=float(cache.slru_protected_ratio))
 
         def tier(medium: Medium, num_blocks: int) -> RadixIndex:
             start = num_blocks or max(_UNBOUNDED_MIN_BLOCKS, cache.num_cpu_blocks)
             pool = BlockPool(start, growable=num_blocks == 0)
-            return RadixIndex(medium, pool, make_evictor(policy))
+            return RadixIndex(medium, pool, make_evictor(cache.policy_of(medium.name.lower()), params))
 
         by_store = cache.enable_remote and remote_lookup is not None
         self.tiers = Tiers(
@@ -69,10 +81,13 @@ class ControlPlane:
         self._tasks: dict[TaskKey, Task] = {}
         self._ops: dict[int, tuple[Task, OpNode]] = {}
         self._op_ids = itertools.count(1)
-        self._clock = 0
+        self._salt = 0  # 0 until the first reset(); then every block key is XORed with it
+        self._num_resets = 0
         self._counters = dict.fromkeys(
             ("num_get_matches", "num_put_matches", "get_query_blocks", "get_hit_blocks", "get_moved_blocks",
-             "put_query_blocks", "put_hit_blocks", "put_stored_blocks", "num_failed_ops", "get_lost_blocks"), 0)
+             "put_query_blocks", "put_hit_blocks", "put_stored_blocks", "num_failed_ops", "get_lost_blocks",
+             "proactive_evicted_blocks", "num_resets", "ssd_corrupt_blocks", "ssd_discarded_blocks",
+             "ssd_restored_blocks", *_TIER_HIT_KEYS.values()), 0)
 
     # ---- match (prepare) -----------------------------------------------------------------
 
@@ -119,13 +134,27 @@ class ControlPlane:
         if hashes is None:
             assert tokens is not None
             hashes = hash_blocks(tokens, t, namespace)
-        self._clock += 1
+        if self._salt:
+            hashes = hashes ^ np.uint64(self._salt)  # a reset's generation: no key of an older one matches
         first_block = -(-first_true // t)
         planner = plan_get if task_type is TaskType.GET else plan_put
-        plan = planner(self.tiers, hashes, num_tokens, t, first_block, self._clock)
+        plan = planner(self.tiers, hashes, num_tokens, t, first_block, self._clock())
         self._tasks[key] = Task(key, plan, num_tokens, first_true)
         self._count_match(task_type, hashes.size, plan.num_hit_blocks, plan.num_moved_blocks)
+        if task_type is TaskType.GET:
+            self._count_tier_hits(plan.graph.nodes, plan.num_moved_blocks)
         return plan.mask
+
+    def _count_tier_hits(self, nodes: list[OpNode], num_moved: int) -> None:
+        """Blocks each tier supplies to a GET: promotions read SSD/REMOTE (all they promote, also blocks before a
+        token mask's first block), the rest of the loaded blocks were in CPU already."""
+        from_cpu = num_moved
+        for node in nodes:
+            key = _TIER_HIT_KEYS.get(node.op_type)  # type: ignore[arg-type]
+            if key is not None and node.op_type is not OpType.H2D:
+                self._counters[key] += node.dst_block_ids.size
+                from_cpu -= node.dst_block_ids.size
+        self._counters[_TIER_HIT_KEYS[OpType.H2D]] += max(0, from_cpu)
 
     def _count_match(self, task_type: TaskType, num_blocks: int, num_hit: int, num_moved: int) -> None:
         c = self._counters
@@ -158,12 +187,26 @@ class ControlPlane:
             raise InvalidRequest(f"task {key} was cancelled")
         return self._track(task, task.launch(gpu_ids, self._new_op_id))
 
-    def complete_op(self, op_id: int, ok: bool, error: str = "") -> list[TransferOp]:
+    def launch_prefetch(self, key: TaskKey) -> list[TransferOp]:
+        """Start a matched GET with no engine destination: its SSD/remote hits are promoted into the
+        CPU tier and nothing is copied toward the engine. SUCCESS once the promotions landed; the
+        task's mask marks the prefix that a GET can then load from CPU. Returns the ops to dispatch."""
+        task = self._task(key)
+        if task.task_type is not TaskType.GET:
+            raise InvalidRequest(f"task {key} is a PUT; only a GET can prefetch")
+        if task.launched or task.cancelled:
+            raise InvalidRequest(f"task {key} was already launched or cancelled")
+        task.prefetch = True
+        return self._track(task, task.launch(np.empty(0, dtype=np.int64), self._new_op_id))
+
+    def complete_op(self, op_id: int, ok: bool, error: str = "", corrupt_at: int = -1) -> list[TransferOp]:
         """A worker finished ``op_id``. Success publishes what it wrote and releases what it read;
         failure fails its task (engine part too unless already done; ``error`` is reported by poll),
         drops its undispatched ops and rolls back. Completions after the task failed or was
         cancelled roll back whatever their outcome. Returns the ops that became runnable.
-        Unknown or already completed op id: InvalidRequest."""
+        ``corrupt_at`` >= 0 (a failed DISK2H): its block at that index had corrupt bytes on SSD; it
+        and the rest of the prompt are a miss (see ``Task``), and that block leaves the SSD index
+        with everything below it. Unknown or already completed op id: InvalidRequest."""
         entry = self._ops.pop(op_id, None) if isinstance(op_id, int) else None
         if entry is None:
             raise InvalidRequest(f"unknown or already completed op id {op_id!r}")
@@ -171,11 +214,25 @@ class ControlPlane:
         if not ok:
             self._counters["num_failed_ops"] += 1
             self._note_remote_miss(node)
+        corrupt_at = corrupt_at if not ok and node.op_type is OpType.DISK2H and 0 <= corrupt_at < len(
+            node.src_block_ids) else -1
         num_lost = task.num_lost_blocks
-        ops, to_prune = task.complete(node, bool(ok), self._new_op_id, error)
+        ops, to_prune = task.complete(node, bool(ok), self._new_op_id, error, corrupt_at)
         self._counters["get_lost_blocks"] += task.num_lost_blocks - num_lost
         self._prune(to_prune)
+        if corrupt_at >= 0:
+            self._discard_corrupt(node, corrupt_at)
         return self._track(task, ops)
+
+    def _discard_corrupt(self, disk2h: OpNode, corrupt_at: int) -> None:
+        """Drop the DISK2H's corrupt SSD block (and its subtree) from the SSD index: never served again."""
+        ssd = self.tiers.ssd
+        path = disk2h.writes[0].path_hashes if disk2h.writes else None
+        if ssd is None or path is None:
+            return
+        self._counters["ssd_corrupt_blocks"] += 1
+        end = path.shape[0] - disk2h.src_block_ids.shape[0] + corrupt_at + 1
+        self._counters["ssd_discarded_blocks"] += ssd.discard(path[:end])
 
     def _note_remote_miss(self, node: OpNode) -> None:
         """A failed REMOTE2H: the store no longer holds (some of) its keys, or is gone; forget them."""
@@ -195,11 +252,13 @@ class ControlPlane:
 
     # ---- cancel, poll, release ---------------------------------------------------------------
 
-    def cancel(self, key: TaskKey) -> None:
-        """Cancel a task: before launch everything is released now; after launch undispatched ops
-        are dropped and in-flight ops roll back as they complete. No-op once the engine-facing part
-        finished (write-through, if any, goes on). Unknown key: InvalidRequest."""
-        self._prune(self._task(key).cancel())
+    def cancel(self, key: TaskKey) -> bool:
+        """Cancel a task not yet launched: its reservations are released now, it polls CANCELLED and
+        can no longer be launched. A launched task is not cancelled (returns False): it ends on its
+        own, and poll keeps reporting its real state. Unknown key: InvalidRequest."""
+        cancelled, to_prune = self._task(key).cancel()
+        self._prune(to_prune)
+        return cancelled
 
     def poll(self, key: TaskKey, completely: bool = False) -> KVResponse:
         """Status without blocking: NOTFOUND (unknown), UNREADY (not launched / running), SUCCESS
@@ -211,10 +270,10 @@ class ControlPlane:
         return task.response(completely)
 
     def release(self, key: TaskKey) -> None:
-        """Forget a task. A task whose engine part is still pending is cancelled first; write-through
+        """Forget a task. A task whose engine part is still pending is aborted first; write-through
         still in flight finishes (and commits) after the key is gone. Unknown key: InvalidRequest."""
         task = self._task(key)
-        self._prune(task.cancel())
+        self._prune(task.abort())
         del self._tasks[key]
 
     def drop_client(self, client_id: int) -> list[int]:
@@ -223,6 +282,10 @@ class ControlPlane:
         for key in [k for k in self._tasks if k[0] == client_id]:
             self.release(key)
         return sorted(op_id for op_id, (task, _) in self._ops.items() if task.key[0] == client_id)
+
+    def task_keys(self) -> list[TaskKey]:
+        """Keys of every task in the table (matched, running, or final and not yet released)."""
+        return list(self._tasks)
 
     def _task(self, key: TaskKey) -> Task:
         task = self._tasks.get(key) if isinstance(key, tuple) else None
@@ -234,6 +297,58 @@ class ControlPlane:
         for res in writes:
             assert res.path_hashes is not None
             res.index.prune(res.path_hashes)
+
+    def reset(self) -> list[TaskKey]:
+        """Drop every tier's index (after a weight update, say): no block cached before is ever
+        matched again. Tasks not launched yet are cancelled and released (returned); launched tasks
+        run to their end and their completions land in the old generation, which no match reaches.
+        Every unlocked block is freed now; blocks old ops still use are freed as leaves once their
+        ops end (evicted first: nothing touches them again). The remote store keeps its old keys,
+        but the new generation's keys differ from all of them (every block key is XORed with a
+        per-reset salt), so they are never read either."""
+        self.set_reset_generation(self._num_resets + 1)
+        dropped = [key for key, task in self._tasks.items() if not task.launched]
+        for key in dropped:
+            self.release(key)
+        for index in self.tiers.all():
+            index.evict(index.pool.num_used_blocks)
+        self._counters["num_resets"] += 1
+        return dropped
+
+    @property
+    def reset_generation(self) -> int:
+        """How many resets ever happened to this cache (0 = none): the salt of every block key."""
+        return self._num_resets
+
+    def set_reset_generation(self, generation: int) -> None:
+        """Key blocks as the ``generation``-th reset does (a restarted server whose durable SSD tier
+        was last reset ``generation`` times: its older blocks must stay unmatchable)."""
+        self._num_resets = generation
+        self._salt = int(xxhash.xxh3_64_intdigest(f"flexkv-reset-{generation}".encode())) or 1 if generation else 0
+
+    def evict_proactively(self) -> int:
+        """Proactive eviction (``evict_start_threshold`` < 1): every bounded tier fuller than the
+        threshold evicts ``evict_ratio`` of its blocks (unlocked leaves, in policy order) now, so
+        later matches find free blocks. Returns the blocks evicted. The server calls it when idle."""
+        threshold = self.cache.evict_start_threshold
+        if threshold >= 1.0:
+            return 0
+        freed = 0
+        for index in self.tiers.all():
+            pool = index.pool
+            if pool.growable or pool.num_used_blocks <= threshold * pool.num_blocks:
+                continue
+            freed += index.evict(max(1, int(self.cache.evict_ratio * pool.num_blocks)))
+        self._counters["proactive_evicted_blocks"] += freed
+        return freed
+
+    def restore_ssd_index(self, records: Records, progress: Progress | None = None) -> int:
+        """At start, before any match: index the SSD journal's blocks (ready) again; returns how many."""
+        if self.tiers.ssd is None:
+            return 0
+        num = restore(self.tiers.ssd, records, self._clock(), progress)
+        self._counters["ssd_restored_blocks"] += num
+        return num
 
     # ---- introspection -------------------------------------------------------------------------
 
@@ -247,6 +362,7 @@ class ControlPlane:
             out[f"{index.name}_nodes"] = index.num_nodes
         if self.tiers.remote_store is not None:
             out.update(self.tiers.remote_store.stats())
+        out["reset_generation"] = self._num_resets
         out["num_tasks"] = len(self._tasks)
         out["num_ops_in_flight"] = len(self._ops)
         return out

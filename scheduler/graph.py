@@ -31,8 +31,11 @@ class TransferOp:
     """One op of a task's transfer graph, as sent to a worker.
 
     Block ids by type: H2D cpu -> gpu, D2H gpu -> cpu, DISK2H ssd -> cpu, H2DISK cpu -> ssd,
-    REMOTE2H remote -> cpu, H2REMOTE cpu -> remote. ``block_hashes`` (uint64, one per block) are
-    the remote store's keys, set for REMOTE2H/H2REMOTE only. When the remote tier is indexed by the
+    REMOTE2H remote -> cpu, H2REMOTE cpu -> remote. ``block_hashes`` (uint64): REMOTE2H/H2REMOTE
+    and DISK2H: one per block, the blocks' keys (the remote store's keys; the SSD worker checks
+    that each slot holds the block it names); H2DISK: the whole path up to the last written
+    block (its last ``len(dst)`` entries are the blocks' keys, the ones before name their parents
+    and depth, for the SSD journal); None for H2D/D2H. When the remote tier is indexed by the
     store itself (``RemoteLookup``) there are no remote block ids: that side holds -1 per block.
     """
 

@@ -34,21 +34,27 @@ _NO_IDS: BlockIds = np.empty(0, dtype=np.int64)
 class RadixNode:
     """A run of consecutive blocks of one path. The root is empty and never evicted."""
 
-    __slots__ = ("alive", "block_ids", "children", "hashes", "last_access", "num_hits", "parent", "tail_hash")
+    __slots__ = ("alive", "block_ids", "children", "hashes", "inserted", "last_access", "num_hits", "parent",
+                 "tail_hash")
 
-    def __init__(self, hashes: HashArray, block_ids: BlockIds, parent: RadixNode | None, now: int) -> None:
+    def __init__(self, hashes: HashArray, block_ids: BlockIds, parent: RadixNode | None, now: float) -> None:
         self.hashes = hashes
         self.block_ids = block_ids
         self.tail_hash = int(hashes[-1]) if hashes.size else -1
         self.children: dict[int, RadixNode] = {}
         self.parent = parent
         self.last_access = now
+        self.inserted = now
         self.num_hits = 0
         self.alive = True
 
     @property
     def is_evictable_leaf(self) -> bool:
         return self.alive and not self.children and self.parent is not None
+
+    @property
+    def num_blocks(self) -> int:
+        return int(self.block_ids.shape[0])
 
     def set_run(self, hashes: HashArray, block_ids: BlockIds) -> None:
         self.hashes = hashes
@@ -129,7 +135,7 @@ class RadixIndex:
 
     # ---- recency -------------------------------------------------------------------------
 
-    def touch(self, match: PathMatch, num_blocks: int, now: int) -> None:
+    def touch(self, match: PathMatch, num_blocks: int, now: float) -> None:
         """Refresh recency of the first ``num_blocks`` matched blocks (splitting a node matched in
         part so the unread rest keeps its age). Invalidates ``match``."""
         for node in match.nodes:
@@ -180,7 +186,7 @@ class RadixIndex:
             self._grow_state(pool.num_blocks)
         return ids
 
-    def insert(self, match: PathMatch, hashes: HashArray, block_ids: BlockIds, now: int) -> None:
+    def insert(self, match: PathMatch, hashes: HashArray, block_ids: BlockIds, now: float) -> None:
         """Append unready blocks (``hashes[i]`` held in ``block_ids[i]``) where ``match`` ended and
         refresh the path. The caller locks them for their writer. Invalidates ``match``."""
         if block_ids.size == 0:
@@ -196,6 +202,8 @@ class RadixIndex:
             node.set_run(np.concatenate([node.hashes, hashes]), np.concatenate([node.block_ids, block_ids]))
         else:
             parent, node = node, RadixNode(hashes.copy(), block_ids.copy(), node, now)
+            if not parent.children:
+                self.evictor.discard(parent)
             parent.children[int(hashes[0])] = node
             self.num_nodes += 1
         self.evictor.offer(node)
@@ -251,6 +259,38 @@ class RadixIndex:
         self._release(freed)
         return sum(f.size for f in freed)
 
+    def discard(self, hashes: HashArray) -> int:
+        """Remove the block at the end of the path ``hashes`` and everything below it (its bytes are
+        known bad), unless one of those blocks is locked (then nothing changes: a later reader finds
+        it bad again). Returns how many blocks were freed; 0 if the path is not indexed."""
+        match = self.match(hashes)
+        if not match.nodes or match.num_blocks != hashes.shape[0]:
+            return 0
+        node, cut = match.nodes[-1], match.last_offset - 1
+        below = self._subtree(node)
+        ids = np.concatenate([node.block_ids[cut:], *(n.block_ids for n in below)])
+        if self.lock_count[ids].any():
+            return 0
+        for n in below:
+            n.alive = False
+        self.num_nodes -= len(below)
+        node.children = {}
+        self._cut_tail(node, cut)
+        if node.alive:
+            self.evictor.offer(node)
+        self._release([ids])
+        return int(ids.shape[0])
+
+    @staticmethod
+    def _subtree(node: RadixNode) -> list[RadixNode]:
+        out: list[RadixNode] = []
+        stack = list(node.children.values())
+        while stack:
+            n = stack.pop()
+            out.append(n)
+            stack.extend(n.children.values())
+        return out
+
     # ---- internals -----------------------------------------------------------------------
 
     def _locked_len(self, node: RadixNode) -> int:
@@ -270,6 +310,7 @@ class RadixIndex:
         assert parent is not None
         del parent.children[int(node.hashes[0])]
         node.alive = False
+        self.evictor.discard(node)
         self.num_nodes -= 1
         if parent.parent is not None and not parent.children:
             self.evictor.offer(parent)
@@ -286,6 +327,9 @@ class RadixIndex:
         """Keep blocks ``:at`` in ``node``; move the rest (and the children) to a new child."""
         tail = RadixNode(node.hashes[at:], node.block_ids[at:], node, node.last_access)
         tail.num_hits = node.num_hits
+        tail.inserted = node.inserted
+        if not node.children:
+            self.evictor.discard(node)
         tail.children = node.children
         for child in tail.children.values():
             child.parent = tail
@@ -325,6 +369,7 @@ class RadixIndex:
         double use), lock counts >= 0, free blocks neither locked nor ready. Raises AssertionError
         naming the problem. (Lock counts against live reservations: ``ControlPlane.check_invariants``.)"""
         self.pool.check_invariants()
+        self.evictor.check_invariants()
         nodes = self.iter_nodes()
         queued = self.evictor.queued()
         for node in nodes:

@@ -27,8 +27,9 @@ node using it:
 * PUT: write-through covers the blocks the store lacks from its known prefix to the end of the
   new CPU range, minus keys this server is already writing (the store is prefix-closed as far as
   we know; a hole after the known prefix is rewritten, which is harmless). While the store is
-  unavailable PUTs plan no H2REMOTE at all. The store evicts by itself: ``num_remote_blocks`` is
-  not enforced in this mode.
+  unavailable PUTs plan no H2REMOTE at all; ``wait(completely=True)`` then reports FAILED naming
+  the skipped blocks (counted in ``remote_skipped_write_blocks``). The store evicts by itself:
+  ``num_remote_blocks`` is not enforced in this mode.
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class Plan:
     end_block: int
     num_hit_blocks: int = 0  # GET: cached ready prefix (all tiers); PUT: blocks already in CPU
     tokens_per_block: int = 1
+    write_through_skipped: str = ""  # PUT: why a write-through could not even be planned (completely=True fails)
 
     @property
     def num_moved_blocks(self) -> int:
@@ -119,7 +121,7 @@ def _lower_hits(tiers: Tiers, hashes: HashArray, start: int) -> list[_LowerHit]:
 
 
 def plan_get(tiers: Tiers, hashes: HashArray, num_tokens: int, tokens_per_block: int, first_block: int,
-             now: int) -> Plan:
+             now: float) -> Plan:
     """Reserve a GET of blocks [first_block, end) where end is the longest ready prefix over all tiers.
 
     Locks the CPU blocks H2D reads and the SSD/REMOTE blocks promotion reads; allocates CPU blocks
@@ -159,7 +161,7 @@ def plan_get(tiers: Tiers, hashes: HashArray, num_tokens: int, tokens_per_block:
 
 
 def _promote(graph: TaskGraph, hit: _LowerHit, hashes: HashArray, new_ids: BlockIds, num_cpu: int, end: int,
-             cpu: RadixIndex, now: int) -> OpNode:
+             cpu: RadixIndex, now: float) -> OpNode:
     """Add the DISK2H/REMOTE2H op filling new CPU blocks [hit.start, min(hit.stop, end))."""
     stop = min(hit.stop, end)
     dst = new_ids[hit.start - num_cpu:stop - num_cpu]
@@ -173,12 +175,11 @@ def _promote(graph: TaskGraph, hit: _LowerHit, hashes: HashArray, new_ids: Block
     hit.index.touch(hit.match, stop, now)
     is_remote = hit.index.medium is Medium.REMOTE
     return graph.add(OpType.REMOTE2H if is_remote else OpType.DISK2H, src, dst,
-                     reads=(Reservation(hit.index, src),), writes=writes,
-                     block_hashes=hashes[hit.start:stop] if is_remote else None)
+                     reads=(Reservation(hit.index, src),), writes=writes, block_hashes=hashes[hit.start:stop])
 
 
 def plan_put(tiers: Tiers, hashes: HashArray, num_tokens: int, tokens_per_block: int, first_block: int,
-             now: int) -> Plan:
+             now: float) -> Plan:
     """Reserve a PUT of the blocks past the CPU tier's path (ready or being written), from
     ``first_block`` on, as far as CPU capacity allows (evicting unlocked CPU leaves), plus
     write-through of each lower tier from its own matched prefix to the end of the new CPU range.
@@ -209,10 +210,14 @@ def plan_put(tiers: Tiers, hashes: HashArray, num_tokens: int, tokens_per_block:
     for index, op_type in ((tiers.ssd, OpType.H2DISK), (tiers.remote, OpType.H2REMOTE)):
         if index is not None:
             _write_through(graph, index, op_type, cpu, cpu_ids, start, hashes[:end], d2h, now)
+    skipped = ""
     if store is not None and store.available:
         _write_through_store(graph, store, min(store_known, end), cpu, cpu_ids, start, hashes[:end], d2h)
+    elif store is not None and end > store_known:  # the store is down: blocks stay local, completely=True says so
+        store.lookup.note_skipped_write(end - store_known)
+        skipped = f"remote store unavailable: {end - store_known} blocks not written through"
     mask = _mask(num_tokens, tokens_per_block, start, end)
-    return Plan(TaskType.PUT, graph, mask, start, end, start, tokens_per_block)
+    return Plan(TaskType.PUT, graph, mask, start, end, start, tokens_per_block, skipped)
 
 
 def _ready_sources_stop(cpu: RadixIndex, cpu_ids: BlockIds, begin: int, num_old: int, stop: int) -> int:
@@ -225,7 +230,7 @@ def _ready_sources_stop(cpu: RadixIndex, cpu_ids: BlockIds, begin: int, num_old:
 
 
 def _write_through(graph: TaskGraph, index: RadixIndex, op_type: OpType, cpu: RadixIndex, cpu_ids: BlockIds,
-                   num_old: int, hashes: HashArray, d2h: OpNode, now: int) -> None:
+                   num_old: int, hashes: HashArray, d2h: OpNode, now: float) -> None:
     """Reserve copying CPU blocks [tier prefix, end) into ``index`` (fewer if it lacks room)."""
     match = index.match(hashes)
     begin = match.num_blocks
@@ -244,7 +249,7 @@ def _write_through(graph: TaskGraph, index: RadixIndex, op_type: OpType, cpu: Ra
     cpu.lock(src)
     graph.add(op_type, src, new_ids, reads=(Reservation(cpu, src),),
               writes=(Reservation(index, new_ids, hashes[:stop]),), deps=(d2h,) if stop > num_old else (),
-              block_hashes=hashes[begin:stop] if op_type is OpType.H2REMOTE else None)
+              block_hashes=hashes[begin:stop] if op_type is OpType.H2REMOTE else hashes[:stop])
 
 
 def _write_through_store(graph: TaskGraph, store: RemoteTier, begin: int, cpu: RadixIndex, cpu_ids: BlockIds,

@@ -60,6 +60,20 @@ class BlockPool:
         self._used[ids] = True
         return ids
 
+    def take(self, block_ids: BlockIds) -> None:
+        """Reserve exactly these ids (distinct, free), e.g. blocks found again at start. ValueError
+        (nothing changed) if one is out of range, repeated or already used."""
+        if block_ids.size == 0:
+            return
+        if (block_ids.min() < 0 or block_ids.max() >= self.num_blocks or np.unique(block_ids).size != block_ids.size
+                or self._used[block_ids].any()):
+            raise ValueError("take: block ids must be distinct, in range and free")
+        self._used[block_ids] = True
+        free = self._free_ids[:self._num_free]
+        keep = free[~self._used[free]]
+        self._free_ids[:keep.size] = keep
+        self._num_free = int(keep.size)
+
     def free(self, block_ids: BlockIds) -> None:
         """Return ids to the pool. Raises ValueError (and changes nothing) on a double free."""
         if block_ids.size == 0:

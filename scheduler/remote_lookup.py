@@ -12,20 +12,28 @@ store stops at the first missing key, so an evicted key in the middle ends the p
   (H2REMOTE planned, not finished). GETs stop before them; PUTs do not write them twice.
 
 Both run in the server process, on the thread that owns the control plane. A lookup makes at most
-one store call, none during an outage's retry delay, so it never blocks longer than the store's
-own timeouts; the server should open its lookup store with short ones (it stalls the loop)::
+one store call, none during an outage's retry delay. With ``wait_s`` set (the server's mode) that
+call runs on a helper thread and the loop waits for it at most ``wait_s``: a hung store (SIGSTOPped,
+a dead link that has not timed out yet) holds that thread, never the loop. An answer later than
+``wait_s`` is a miss for that request; when it lands its positives are cached, so the next request
+for the prefix hits. While the helper is still busy with a late call, lookups do not queue behind
+it: they answer from the cache at once. Without ``wait_s`` the call runs inline (tests)::
 
     store = open_remote_store(cache.remote, namespace_tag)  # the tag the remote workers use
-    control = ControlPlane(model, cache, RemoteLookup(store.count_prefix))
+    control = ControlPlane(model, cache, RemoteLookup(store.count_prefix, wait_s=0.005))
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import itertools
 import logging
+import queue
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from concurrent.futures import Future
 
 import numpy as np
 import numpy.typing as npt
@@ -51,9 +59,9 @@ class RemoteLookup:
     def __init__(self, count_prefix: Callable[[np.ndarray], int], ttl_s: float = 2.0, retry_after_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic,
                  unavailable: tuple[type[BaseException], ...] = (OSError, FlexKVError),
-                 max_cached_hashes: int = 1 << 18) -> None:
-        if not ttl_s >= 0 or not retry_after_s >= 0 or max_cached_hashes < 0:
-            raise ValueError(f"RemoteLookup: ttl_s={ttl_s}, retry_after_s={retry_after_s} and "
+                 max_cached_hashes: int = 1 << 18, wait_s: float | None = None) -> None:
+        if not ttl_s >= 0 or not retry_after_s >= 0 or max_cached_hashes < 0 or not (wait_s is None or wait_s >= 0):
+            raise ValueError(f"RemoteLookup: ttl_s={ttl_s}, retry_after_s={retry_after_s}, wait_s={wait_s} and "
                              f"max_cached_hashes={max_cached_hashes} must be >= 0")
         self._count_prefix = count_prefix
         self.ttl_s = ttl_s
@@ -64,7 +72,12 @@ class RemoteLookup:
         self._expiry: OrderedDict[int, float] = OrderedDict()  # insertion order == expiry order
         self._down_since: float | None = None  # when the current outage began
         self._retry_at = 0.0
-        self._counters = dict.fromkeys(("lookups", "store_calls", "cache_hit_blocks", "store_hit_blocks", "outages"), 0)
+        self._counters = dict.fromkeys(("lookups", "store_calls", "cache_hit_blocks", "store_hit_blocks", "outages",
+                                        "late_lookups", "busy_lookups", "skipped_write_blocks"), 0)
+        self.wait_s = wait_s
+        self._thread = _StoreThread(count_prefix) if wait_s is not None else None
+        self._pending: Future[int] | None = None  # the helper thread's call, once it outlived wait_s
+        self._pending_tail: HashArray | None = None
 
     @property
     def available(self) -> bool:
@@ -76,23 +89,37 @@ class RemoteLookup:
         call on the uncached tail (whose positives are cached for ``ttl_s``). During an outage
         returns 0 without calling the store until ``retry_after_s`` after the failed call."""
         hashes = _check_hashes(hashes)
+        self._harvest()
         now = self._clock()
         self._expire(now)
         self._counters["lookups"] += 1
         if self._down_since is not None and now < self._retry_at:
             return 0
+        if self._pending is not None:  # the helper is stuck in a late call: do not queue behind it
+            self._counters["busy_lookups"] += 1
+            return self._cached_prefix(hashes)
         num_cached = self._cached_prefix(hashes)
         if num_cached == hashes.size:
             self._counters["cache_hit_blocks"] += num_cached
             return num_cached
         tail = hashes[num_cached:]
         num_found = self._ask_store(tail, now)
-        if num_found is None:
-            return 0
+        if num_found is None:  # unreachable (the cache was just cleared) or late: what is cached
+            return self._cached_prefix(hashes)
         self._remember(tail[:num_found], now)
         self._counters["cache_hit_blocks"] += num_cached
         self._counters["store_hit_blocks"] += num_found
         return num_cached + num_found
+
+    def note_skipped_write(self, num_blocks: int) -> None:
+        """A PUT planned no write-through of ``num_blocks`` blocks because the store is unavailable."""
+        self._counters["skipped_write_blocks"] += num_blocks
+
+    def close(self) -> None:
+        """Stop the helper thread (a call hung in the store ends with the store's timeout). Idempotent."""
+        if self._thread is not None:
+            self._thread.close()
+            self._thread = None
 
     def note_stored(self, hashes: HashArray) -> None:
         """This server's H2REMOTE of ``hashes`` succeeded: cache them as present for ``ttl_s``."""
@@ -123,19 +150,48 @@ class RemoteLookup:
     # ---- internals -------------------------------------------------------------------------
 
     def _ask_store(self, tail: HashArray, now: float) -> int | None:
-        """One store call; None (and outage bookkeeping) when it is unreachable."""
+        """One store call; None when it is unreachable (outage bookkeeping) or, with ``wait_s``,
+        did not answer within it (then it stays pending and ``_harvest`` takes its answer later)."""
         self._counters["store_calls"] += 1
-        try:
-            num_found = int(self._count_prefix(tail))
-        except InvalidRequest:
-            raise
-        except self._unavailable as e:
-            self._enter_outage(now, e)
+        if self._thread is None:
+            try:
+                num_found: int | BaseException = int(self._count_prefix(tail))
+            except InvalidRequest:
+                raise
+            except self._unavailable as e:
+                num_found = e
+            return self._take_answer(tail, num_found, now)
+        future = self._thread.submit(tail)
+        concurrent.futures.wait([future], timeout=self.wait_s)
+        if not future.done():
+            self._counters["late_lookups"] += 1
+            self._pending, self._pending_tail = future, tail
             return None
+        return self._take_answer(tail, _outcome(future), now)
+
+    def _harvest(self) -> None:
+        """Take a late answer that has landed: cache its positives (or enter the outage it reports)."""
+        future, tail = self._pending, self._pending_tail
+        if future is None or tail is None or not future.done():
+            return
+        self._pending = self._pending_tail = None
+        now = self._clock()
+        num_found = self._take_answer(tail, _outcome(future), now)
+        if num_found:
+            self._remember(tail[:num_found], now)
+
+    def _take_answer(self, tail: HashArray, answer: int | BaseException, now: float) -> int | None:
+        if isinstance(answer, InvalidRequest):
+            raise answer
+        if isinstance(answer, self._unavailable):
+            self._enter_outage(now, answer)
+            return None
+        if isinstance(answer, BaseException):
+            raise answer
         if self._down_since is not None:
             log.warning("remote store is back after %.1f s; remote lookups resume", now - self._down_since)
             self._down_since = None
-        return min(max(num_found, 0), tail.size)
+        return min(max(int(answer), 0), tail.size)
 
     def _enter_outage(self, now: float, error: BaseException) -> None:
         self._retry_at = now + self.retry_after_s
@@ -175,6 +231,39 @@ class RemoteLookup:
             if until > now:
                 break
             del expiry[h]
+
+
+def _outcome(future: Future[int]) -> int | BaseException:
+    error = future.exception()
+    return error if error is not None else future.result()
+
+
+class _StoreThread:
+    """One daemon thread making ``count_prefix`` calls one at a time, so that a store that hangs
+    holds this thread and not the server loop. The store object is used by this thread only."""
+
+    def __init__(self, count_prefix: Callable[[np.ndarray], int]) -> None:
+        self._count_prefix = count_prefix
+        self._requests: queue.SimpleQueue[tuple[HashArray, Future[int]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="flexkv-remote-lookup", daemon=True)
+        self._thread.start()
+
+    def submit(self, hashes: HashArray) -> Future[int]:
+        future: Future[int] = Future()
+        self._requests.put((hashes, future))
+        return future
+
+    def _run(self) -> None:
+        while (request := self._requests.get()) is not None:
+            hashes, future = request
+            try:
+                future.set_result(int(self._count_prefix(hashes)))
+            except BaseException as e:  # noqa: BLE001 - handed to the loop thread, which decides
+                future.set_exception(e)
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._thread.join(timeout=0.2)  # a call hung in the store is not waited for
 
 
 class RemoteTier:

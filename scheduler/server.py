@@ -9,9 +9,12 @@ attributed) and the loop carries on: no input kills the server or leaves a reser
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import logging
+import math
 import os
+import re
 import shutil
 import signal
 import socket
@@ -25,9 +28,11 @@ from typing import Any
 import numpy as np
 import zmq
 
+from flexkv import security
 from flexkv.common.config import CacheConfig, ModelConfig, RemoteConfig, configs_to_json, kv_fingerprint
 from flexkv.layout import BlockFirstLayout, KVCacheLayout
 from flexkv.native.hasher import encode_namespace
+from flexkv.progress import Progress
 from flexkv.protocol import client_msgs as cm
 from flexkv.protocol.codec import (
     CLIENT_REQUESTS,
@@ -39,11 +44,19 @@ from flexkv.protocol.codec import (
 )
 from flexkv.protocol.worker_msgs import OpsDoneMsg, WorkerByeMsg, WorkerHelloMsg
 from flexkv.remote import RemoteStore, RemoteUnavailable, open_remote_store
+from flexkv.scheduler import endpoint
 from flexkv.scheduler.control import ControlPlane
+from flexkv.scheduler.endpoint import IpcClaim
 from flexkv.scheduler.graph import TransferOp
 from flexkv.scheduler.remote_lookup import RemoteLookup
-from flexkv.scheduler.supervisor import OpResult, WorkerSupervisor, device_worker_id
-from flexkv.shm import SharedPool, make_pool_name
+from flexkv.scheduler.sessions import ResultCache, Session, TaskResult, session_of, task_of
+from flexkv.scheduler.ssd_rebuild import progress_logger
+from flexkv.scheduler.supervisor import OpResult, RestartPolicy, WorkerSupervisor, device_worker_id, pid_alive
+from flexkv.scheduler.telemetry import Telemetry, build_snapshot
+from flexkv.scheduler.trace import TraceWriter
+from flexkv.security import CurveAuthenticator, CurveServerKeys
+from flexkv.shm import SharedPool, make_pool_name, remove_stale_segments, unlink_if_creator_dead
+from flexkv.ssd_journal import journal_path, scan
 from flexkv.types import ConfigError, FlexKVError, KVResponse, OpType, TaskStatus, TaskType
 
 log = logging.getLogger("flexkv.server")
@@ -51,25 +64,26 @@ log = logging.getLogger("flexkv.server")
 TaskKey = tuple[int, int]
 _FINAL = (TaskStatus.SUCCESS, TaskStatus.FAILED, TaskStatus.CANCELLED, TaskStatus.NOTFOUND)
 _TICK_S = 0.1
-_RESULT_CACHE = 65536
-
-
-@dataclasses.dataclass
-class _Conn:
-    client_id: int
-    role: str
-    pid: int
-    host: str
+_ROLES = ("manager", "tp", "monitor")  # a monitor (flexkv stats) may only read
+_MONITOR_QUERIES = ("snapshot", "stats", "is_ready")
 
 
 @dataclasses.dataclass
 class _Wait:
-    identity: bytes
+    session: Session
     req_id: int
-    client_id: int
     task_ids: list[int]
+    keys: list[TaskKey]
     deadline: float
     completely: bool
+
+
+@dataclasses.dataclass
+class _Registration:
+    """A TP rank's KV buffers, owned by the session that registered them (DESIGN §7, trust)."""
+
+    session_id: int
+    host_segment: str | None
 
 
 def default_runtime_dir() -> str:
@@ -82,9 +96,13 @@ class SchedulerServer:
     """Owns index, pools, tasks and workers. Construct, then ``serve_forever()``; ``close()`` cleans up."""
 
     def __init__(self, model: ModelConfig, cache: CacheConfig, client_address: str | None = None,
-                 runtime_dir: str | None = None, parent_pid: int | None = None) -> None:
+                 runtime_dir: str | None = None, parent_pid: int | None = None,
+                 curve: CurveServerKeys | None = None) -> None:
+        """``curve``: CurveZMQ keys for a TCP client address (default: from the environment, see
+        flexkv/security.py); binding a non-loopback address without them is a ConfigError."""
         self.model = model
         self._closed = False
+        restart_policy = RestartPolicy.from_env()  # a bad setting fails here, before anything is built
         self._own_runtime_dir = runtime_dir is None
         self.runtime_dir = runtime_dir or default_runtime_dir()
         os.chmod(self.runtime_dir, 0o700)
@@ -94,48 +112,67 @@ class SchedulerServer:
         self._host = socket.gethostname()
         self._lookup_store: RemoteStore | None = None
         self._ctx = zmq.Context()
+        self._claims: list[IpcClaim] = []
+        self._auth: CurveAuthenticator | None = None
         try:
+            # First: a second server on the same address fails here, before it builds anything.
+            self._clients = self._bind_clients(curve if curve is not None else CurveServerKeys.from_env())
+            # Workers set no identity: the ROUTER names each connection, and a hello binds it (supervisor).
+            self._workers_sock = self._bind(zmq.ROUTER, self.worker_address)
             cache = self._open_remote_lookup(model, cache)
             self.cache = cache
             self.control = ControlPlane(model, cache, remote_lookup=self._remote_lookup)
             self.block_bytes = model.block_bytes(cache.tokens_per_block)
             self.block_first = BlockFirstLayout(model, cache.tokens_per_block)
-            self.pool = SharedPool.create(make_pool_name("cpu"), cache.num_cpu_blocks * self.block_bytes,
-                                          progress=_prefault_progress)
-            self._clients = self._bind(zmq.ROUTER, self.client_address)
-            # Workers set no identity: the ROUTER names each connection, and a hello binds it (supervisor).
-            self._workers_sock = self._bind(zmq.ROUTER, self.worker_address)
+            for name in remove_stale_segments("cpu"):  # pools of servers that were killed
+                log.warning("removed the stale CPU pool %s of a server that is gone", name)
+            pool_bytes = cache.num_cpu_blocks * self.block_bytes
+            with Progress("pre-faulting CPU pool", pool_bytes) as progress:
+                self.pool = SharedPool.create(make_pool_name("cpu"), pool_bytes, progress=progress)
         except BaseException:
             self.close()  # e.g. the address is taken: leave no segment or socket file behind
             raise
         base_spec = {"worker_address": self.worker_address, "pool_name": self.pool.name,
                      "pool_block_bytes": self.block_bytes, "pool_num_blocks": cache.num_cpu_blocks,
                      "configs": configs_to_json(model, cache)}
-        self.supervisor = WorkerSupervisor(self._workers_sock, base_spec, model.tp_size, model.use_mla)
-        self._conns: dict[bytes, _Conn] = {}
-        self._registered: set[tuple[int, int]] = set()
+        self.supervisor = WorkerSupervisor(self._workers_sock, base_spec, model.tp_size, model.use_mla,
+                                           restart_policy)
+        self._sessions: dict[bytes, Session] = {}  # by connection identity
+        self._session_ids = itertools.count(1)
+        self._registrations: dict[tuple[int, int], _Registration] = {}  # (dp, rank) -> owner
+        self._registered: set[tuple[int, int]] = set()  # ranks whose device worker runs
         self._launched: set[TaskKey] = set()  # launched (or cancelled) tasks still in the control plane
+        self._matched: OrderedDict[TaskKey, float] = OrderedDict()  # matched, not launched: match time
         self._op_keys: dict[int, TaskKey] = {}  # dispatched op -> its task
-        # Final results of retired tasks, (engine part, every op), kept for later waits; bounded.
-        self._results: OrderedDict[TaskKey, tuple[KVResponse, KVResponse]] = OrderedDict()
+        self._corrupt_at: dict[int, int] = {}  # failed DISK2H op -> its first corrupt block (OpsDoneMsg)
+        # Final results of retired tasks, (engine part, every op), kept for later waits; bounded by bytes.
+        self._results = ResultCache(cache.result_cache_bytes)
         self._waits: list[_Wait] = []
         self._running = False
+        self.trace = (TraceWriter(cache.trace_path, int(cache.trace_max_mb * 2**20), cache.trace_backups)
+                      if cache.trace_path else None)
+        self.telemetry = Telemetry(cache.tokens_per_block, self.trace)
+        self.metrics: Any = None  # flexkv.scheduler.metrics.MetricsExporter when metrics_port is set
         self._handlers: dict[type, Callable[[bytes, Any, list[memoryview]], None]] = {
             cm.HelloMsg: self._on_hello,
             cm.GetMatchMsg: self._on_match,
             cm.PutMatchMsg: self._on_match,
             cm.GetAsyncMsg: self._on_async,
             cm.PutAsyncMsg: self._on_async,
+            cm.PrefetchMsg: self._on_prefetch,
             cm.LaunchMsg: self._on_launch,
             cm.CancelMsg: self._on_cancel,
             cm.WaitMsg: self._on_wait,
             cm.RegisterKVMsg: self._on_register,
+            cm.ByeMsg: self._on_bye,
             cm.QueryMsg: self._on_query,
         }
         missing = set(typing.get_args(cm.ClientRequest)) - set(self._handlers)
         assert not missing, f"dispatch table incomplete: {missing}"
         try:
             self._start_tier_workers()
+            self._restore_ssd_index()
+            self._start_metrics()
         except BaseException:
             self.close()
             raise
@@ -153,7 +190,9 @@ class SchedulerServer:
             return cache
         assert isinstance(cache.remote, RemoteConfig)
         try:
-            store = open_remote_store(cache.remote, kv_fingerprint(model, cache.tokens_per_block),
+            # (a Mooncake lookup connection only asks: it contributes no DRAM segment)
+            store = open_remote_store(dataclasses.replace(cache.remote, mooncake_segment_mb=0),
+                                      kv_fingerprint(model, cache.tokens_per_block),
                                       connect_timeout_s=0.5, op_timeout_s=1.0)
         except RemoteUnavailable as e:
             if cache.remote.required:
@@ -162,14 +201,60 @@ class SchedulerServer:
             log.warning("remote store unreachable at start (%s); remote tier disabled", e)
             return dataclasses.replace(cache, enable_remote=False)
         self._lookup_store = store
-        self._remote_lookup = RemoteLookup(store.count_prefix, unavailable=(RemoteUnavailable, OSError))
+        # The existence check runs on the lookup's own thread; the loop waits for it at most
+        # lookup_timeout_ms (a late answer is a miss), so a hung store never stalls other clients.
+        self._remote_lookup = RemoteLookup(store.count_prefix, unavailable=(RemoteUnavailable, OSError),
+                                           wait_s=cache.remote.lookup_timeout_ms / 1000)
         return cache
 
-    def _bind(self, kind: int, address: str) -> zmq.Socket[bytes]:
+    def _bind_clients(self, curve: CurveServerKeys | None) -> zmq.Socket[bytes]:
+        """The client ROUTER; over TCP with CurveZMQ when keys are configured (required off loopback)."""
+        security.check_bind(self.client_address, curve)
+        if curve is None or not self.client_address.startswith("tcp://"):
+            return self._bind(zmq.ROUTER, self.client_address)
+        self._auth = CurveAuthenticator(self._ctx, curve)
+
+        def secure(sock: zmq.Socket[bytes]) -> None:
+            security.make_curve_server(sock, curve)
+            assert self._auth is not None
+            self._auth.watch(sock)
+        sock = self._bind(zmq.ROUTER, self.client_address, secure)
+        self._auth.start()
+        return sock
+
+    def _start_metrics(self) -> None:
+        if not self.cache.metrics_port:
+            return
+        from flexkv.scheduler.metrics import MetricsExporter  # prometheus-client only when metrics are on
+
+        try:
+            self.metrics = MetricsExporter(self._ctx, self.cache.metrics_address, self.cache.metrics_port)
+        except OSError as e:
+            raise ConfigError(f"metrics_port: cannot listen on {self.cache.metrics_address}:"
+                              f"{self.cache.metrics_port}: {e.strerror or e}") from None
+
+    def snapshot(self) -> dict[str, Any]:
+        """What ``flexkv stats`` and /metrics show (server thread only)."""
+        roles: dict[str, int] = {}
+        for session in self._sessions.values():
+            roles[session.role] = roles.get(session.role, 0) + 1
+        return build_snapshot(self.control.stats(), self.telemetry, self.supervisor.workers, roles,
+                              self.block_bytes, self.cache.tokens_per_block)
+
+    def _bind(self, kind: int, address: str,
+              prepare: Callable[[zmq.Socket[bytes]], None] | None = None) -> zmq.Socket[bytes]:
         sock: zmq.Socket[bytes] = self._ctx.socket(kind)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
-        sock.bind(address)
+        if prepare is not None:
+            prepare(sock)
+        try:
+            claim = endpoint.bind(sock, address)
+        except BaseException:
+            sock.close(linger=0)
+            raise
+        if claim is not None:
+            self._claims.append(claim)
         return sock
 
     def _start_tier_workers(self, timeout_s: float = 120.0) -> None:
@@ -194,6 +279,21 @@ class SchedulerServer:
             if self._workers_sock.poll(100):
                 self._drain(self._workers_sock, self._on_worker_frames)
 
+    def _restore_ssd_index(self) -> None:
+        """Find the SSD tier's blocks again from the journal the SSD worker checked and compacted."""
+        if not (self.cache.enable_ssd and self.cache.ssd_persist_index):
+            return
+        generation = _read_reset_generation(self.cache.ssd_cache_dir[0])
+        if generation:
+            self.control.set_reset_generation(generation)
+            log.info("SSD tier: %d reset(s) recorded; blocks stored before the last one stay unmatched", generation)
+        t0 = time.monotonic()
+        fingerprint = kv_fingerprint(self.model, self.cache.tokens_per_block)
+        found = scan(journal_path(self.cache.ssd_cache_dir[0]), fingerprint, None, self.cache.num_ssd_blocks)
+        num = self.control.restore_ssd_index(found.records, progress_logger())
+        log.info("SSD index rebuilt: %d blocks found again (%d slot records, %d skipped) in %.2f s", num,
+                 found.records.shape[0], found.num_skipped, time.monotonic() - t0)
+
     # -- loop -----------------------------------------------------------------------------------
     def serve_forever(self) -> None:
         """Run until a shutdown request, SIGINT/SIGTERM, or the parent process (library mode) is gone."""
@@ -201,6 +301,8 @@ class SchedulerServer:
         poller = zmq.Poller()
         poller.register(self._clients, zmq.POLLIN)
         poller.register(self._workers_sock, zmq.POLLIN)
+        if self.metrics is not None:
+            poller.register(self.metrics.sock, zmq.POLLIN)
         next_tick = 0.0
         while self._running:
             events = dict(poller.poll(timeout=int(_TICK_S * 1000)))
@@ -208,6 +310,8 @@ class SchedulerServer:
                 self._drain(self._workers_sock, self._on_worker_frames)
             if self._clients in events:
                 self._drain(self._clients, self._on_client_frames)
+            if self.metrics is not None and self.metrics.sock in events:
+                self.metrics.serve(self.snapshot)
             now = time.monotonic()
             if now >= next_tick:
                 next_tick = now + _TICK_S
@@ -234,10 +338,15 @@ class SchedulerServer:
         self._complete(failed)
         for worker_id in gone:
             self._lane_gone(worker_id, "its engine process is gone")
-        for identity, conn in list(self._conns.items()):
-            if conn.host == self._host and not _pid_alive(conn.pid):
-                self._client_gone(identity, conn)
-        if self._parent_pid is not None and not _pid_alive(self._parent_pid):
+        self.control.evict_proactively()
+        self.telemetry.on_tick(self.supervisor.workers)
+        if self.trace is not None:
+            self.trace.flush()
+        for session in list(self._sessions.values()):
+            if session.host == self._host and not pid_alive(session.pid):
+                self._end_session(session, f"its process {session.pid} is gone", dead=True)
+        self._expire_matches(time.monotonic())
+        if self._parent_pid is not None and not pid_alive(self._parent_pid):
             log.warning("parent process %d is gone; shutting down", self._parent_pid)
             self._running = False
 
@@ -248,13 +357,18 @@ class SchedulerServer:
         try:
             msg, arrays = CLIENT_REQUESTS.decode(frames[1:])
             req_id = getattr(msg, "req_id", -1)
+            if not isinstance(msg, cm.HelloMsg):
+                self._check_session(identity, msg)
             self._handlers[type(msg)](identity, msg, arrays)
+            self.telemetry.on_request(type(msg), ok=True)
         except ProtocolError as e:
             log.warning("bad client message: %s", e)
             self._reply(identity, cm.ErrorReplyMsg(req_id=-1, error=str(e), kind="ProtocolError"))
         except FlexKVError as e:
+            self.telemetry.on_request(type(msg), ok=False)
             self._reply(identity, cm.ErrorReplyMsg(req_id=req_id, error=str(e), kind=type(e).__name__))
         except Exception as e:
+            self.telemetry.on_request(type(msg), ok=False)
             log.exception("error handling a client message")
             self._reply(identity, cm.ErrorReplyMsg(req_id=req_id, error=f"internal error: {e!r}", kind="InternalError"))
 
@@ -263,14 +377,45 @@ class SchedulerServer:
             return
         self._clients.send_multipart([identity, *SERVER_REPLIES.encode(msg, arrays or [])], copy=False)
 
+    def _check_session(self, identity: bytes, msg: cm.ClientMsg) -> Session:
+        """The live session of this connection, if ``msg`` may speak for it; else InvalidRequest naming why."""
+        name = type(msg).__name__
+        session = self._sessions.get(identity)
+        if session is None:
+            raise _invalid(f"{name} refused: this connection never said hello (send HelloMsg first)")
+        if msg.session_id != session.session_id:
+            raise _invalid(f"{name} refused: session {msg.session_id} is not live "
+                           f"(this connection's session is {session.session_id})")
+        if msg.client_id != session.client_id:
+            raise _invalid(f"{name} refused: it claims client id {msg.client_id}, this connection said hello "
+                           f"as client {session.client_id}")
+        if session.role == "monitor" and not (isinstance(msg, cm.ByeMsg) or (
+                isinstance(msg, cm.QueryMsg) and msg.what in _MONITOR_QUERIES)):
+            raise _invalid(f"{name} refused: a monitor connection may only query {', '.join(_MONITOR_QUERIES)}")
+        return session
+
     def _on_hello(self, identity: bytes, msg: cm.HelloMsg, _: list[memoryview]) -> None:
         if not 0 <= msg.client_id < self.model.dp_size:
             raise _invalid(f"dp_client_id {msg.client_id} out of range for dp_size={self.model.dp_size}")
-        self._conns[identity] = _Conn(msg.client_id, msg.role, msg.pid, msg.host)
+        if msg.role not in _ROLES:
+            raise _invalid(f"hello: unknown role {msg.role!r}; allowed: {', '.join(_ROLES)}")
+        old = self._sessions.get(identity)
+        if old is not None:
+            self._end_session(old, "its connection said hello again")
+        session = Session(next(self._session_ids), identity, msg.client_id, msg.role, msg.pid, msg.host)
+        self._sessions[identity] = session
+        log.info("session %d: client %d (%s, pid %d on %s)", session.session_id, msg.client_id, msg.role, msg.pid,
+                 msg.host)
+        self.telemetry.on_connect()
         info: dict[str, int | float | str | bool] = {
-                "tokens_per_block": self.cache.tokens_per_block, "pool_name": self.pool.name,
-                "num_cpu_blocks": self.cache.num_cpu_blocks, "block_bytes": self.block_bytes}
+                "session_id": session.session_id, "tokens_per_block": self.cache.tokens_per_block,
+                "pool_name": self.pool.name, "num_cpu_blocks": self.cache.num_cpu_blocks,
+                "block_bytes": self.block_bytes}
         self._reply(identity, cm.OkReplyMsg(req_id=msg.req_id, info=info))
+
+    def _on_bye(self, identity: bytes, msg: cm.ByeMsg, _: list[memoryview]) -> None:
+        self._end_session(self._sessions[identity], "it closed")
+        self._reply(identity, cm.OkReplyMsg(req_id=msg.req_id))
 
     def _task_inputs(self, msg: Any, arrays: list[memoryview], with_slots: bool) -> tuple[Any, ...]:
         want = 1 + int(with_slots) + int(msg.has_mask)
@@ -281,81 +426,153 @@ class SchedulerServer:
         mask = frame_array(arrays[-1], np.bool_, "token_mask") if msg.has_mask else None
         return tokens, slots, mask, encode_namespace(msg.namespace)
 
-    def _check_new_key(self, key: TaskKey) -> None:
-        if key in self._launched or key in self._results or self.control.poll(key).status is not TaskStatus.NOTFOUND:
-            raise _invalid(f"task id {key[1]} of client {key[0]} is already in use")
+    def _in_use(self, key: TaskKey) -> bool:
+        return key in self._launched or key in self._results or self.control.poll(key).status is not TaskStatus.NOTFOUND
 
-    def _match(self, key: TaskKey, is_get: bool, tokens: Any, mask: Any, ns: bytes) -> np.ndarray:
-        self._check_new_key(key)
-        match = self.control.get_match if is_get else self.control.put_match
-        return match(key, tokens, mask, ns)
+    def _check_new_key(self, key: TaskKey, task_id: int) -> None:
+        if self._in_use(key):
+            raise _invalid(f"task id {task_id} is already in use in this session")
 
     def _on_match(self, identity: bytes, msg: cm.GetMatchMsg, arrays: list[memoryview]) -> None:
-        key = (msg.client_id, msg.task_id)
+        key = self._sessions[identity].key(msg.task_id)
         is_get = not isinstance(msg, cm.PutMatchMsg)
         if msg.num_tokens >= 0:  # the client hashed its tokens
             if len(arrays) != 1 + int(msg.has_mask):
                 raise ProtocolError(f"{type(msg).__name__}: expected {1 + int(msg.has_mask)} array frames")
             hashes = frame_array(arrays[0], np.uint64, "block_hashes")
             mask = frame_array(arrays[1], np.bool_, "token_mask") if msg.has_mask else None
-            self._check_new_key(key)
-            ret = self.control.match_hashes(TaskType.GET if is_get else TaskType.PUT, key, hashes, msg.num_tokens,
-                                            mask)
+            self._check_new_key(key, msg.task_id)
+            started, task_type = time.monotonic(), TaskType.GET if is_get else TaskType.PUT
+            ret = self.control.match_hashes(task_type, key, hashes, msg.num_tokens, mask)
+            self.telemetry.on_matched(key, task_type, started, msg.num_tokens, ret)
         else:
             tokens, _, mask, ns = self._task_inputs(msg, arrays, with_slots=False)
-            ret = self._match(key, is_get, tokens, mask, ns)
+            ret = self._match(key, msg.task_id, is_get, tokens, mask, ns)
+        self._matched[key] = time.monotonic()
         n, begin, end, frame = mask_to_range(ret)
         reply = cm.MatchReplyMsg(req_id=msg.req_id, task_id=msg.task_id, num_tokens=n, mask_begin=begin, mask_end=end)
         self._reply(identity, reply, [frame] if frame is not None else [])
 
-    def _on_async(self, _: bytes, msg: cm.GetAsyncMsg, arrays: list[memoryview]) -> None:
-        key = (msg.client_id, msg.task_id)
+    def _match(self, key: TaskKey, task_id: int, is_get: bool, tokens: Any, mask: Any, ns: bytes) -> np.ndarray:
+        self._check_new_key(key, task_id)
+        started = time.monotonic()
+        match = self.control.get_match if is_get else self.control.put_match
+        ret = match(key, tokens, mask, ns)
+        self.telemetry.on_matched(key, TaskType.GET if is_get else TaskType.PUT, started, len(tokens), ret)
+        return ret
+
+    def _on_async(self, identity: bytes, msg: cm.GetAsyncMsg, arrays: list[memoryview]) -> None:
+        session = self._sessions[identity]
+        key = session.key(msg.task_id)
+        if self._in_use(key):  # never touch the task that holds the id
+            log.warning("session %d: %s for task id %d ignored: already in use", session.session_id,
+                        type(msg).__name__, msg.task_id)
+            return
         try:
             tokens, slots, mask, ns = self._task_inputs(msg, arrays, with_slots=True)
-            self._match(key, not isinstance(msg, cm.PutAsyncMsg), tokens, mask, ns)
+            self._match(key, msg.task_id, not isinstance(msg, cm.PutAsyncMsg), tokens, mask, ns)
             self._launch(key, slots)
         except (FlexKVError, ProtocolError) as e:
-            self._fail_unstarted(key, str(e))
+            self._fail_unstarted(key, str(e), new=True,
+                                 task_type=TaskType.PUT if isinstance(msg, cm.PutAsyncMsg) else TaskType.GET)
 
-    def _on_launch(self, _: bytes, msg: cm.LaunchMsg, arrays: list[memoryview]) -> None:
-        if len(arrays) != len(msg.task_ids):
-            for tid in msg.task_ids:
-                self._fail_unstarted((msg.client_id, tid), "launch: one slot_mapping frame per task id expected")
+    def _on_prefetch(self, identity: bytes, msg: cm.PrefetchMsg, arrays: list[memoryview]) -> None:
+        session = self._sessions[identity]
+        key = session.key(msg.task_id)
+        if self._in_use(key):  # never touch the task that holds the id
+            log.warning("session %d: PrefetchMsg for task id %d ignored: already in use", session.session_id,
+                        msg.task_id)
             return
-        for tid, frame in zip(msg.task_ids, arrays, strict=True):
-            key = (msg.client_id, tid)
-            try:
-                self._launch(key, frame_array(frame, np.int64, "slot_mapping"))
-            except (FlexKVError, ProtocolError) as e:
-                self._fail_unstarted(key, str(e))
+        try:
+            if len(arrays) != 1:
+                raise ProtocolError(f"PrefetchMsg: expected 1 array frame, got {len(arrays)}")
+            tokens = frame_array(arrays[0], np.int64, "token_ids")
+            self._match(key, msg.task_id, True, tokens, None, encode_namespace(msg.namespace))
+            ops = self.control.launch_prefetch(key)
+            self._launched.add(key)
+            self._dispatch(ops)
+            self._retire([key])
+        except (FlexKVError, ProtocolError) as e:
+            self._fail_unstarted(key, str(e), new=True)
+
+    def _on_launch(self, identity: bytes, msg: cm.LaunchMsg, arrays: list[memoryview]) -> None:
+        session = self._sessions[identity]
+        keys = [session.key(tid) for tid in msg.task_ids]  # all in range, or nothing happens
+        for i, key in enumerate(keys):
+            if key not in self._matched and key not in self._launched:
+                # Unknown (never matched, or finished): nothing is recorded, so the id stays free.
+                log.info("session %d: launch of task %d ignored: no such matched task", session.session_id,
+                         msg.task_ids[i])
+            elif len(arrays) != len(keys):
+                self._fail_unstarted(key, "launch: one slot_mapping frame per task id expected")
+            else:
+                try:
+                    self._launch(key, frame_array(arrays[i], np.int64, "slot_mapping"))
+                except (FlexKVError, ProtocolError) as e:
+                    self._fail_unstarted(key, str(e))
 
     def _launch(self, key: TaskKey, slots: Any) -> None:
         ops = self.control.launch(key, slots)
+        self._matched.pop(key, None)
         self._launched.add(key)
+        self.telemetry.on_launched(key)
         self._dispatch(ops)
         self._retire([key])  # a task with nothing to move is already done
 
-    def _fail_unstarted(self, key: TaskKey, error: str) -> None:
-        """A fire-and-forget request failed before it ran: roll back and report FAILED at wait."""
-        log.info("task %s failed: %s", key, error)
-        if key not in self._launched and self.control.poll(key).status is TaskStatus.UNREADY:
+    def _fail_unstarted(self, key: TaskKey, error: str, new: bool = False,
+                        task_type: TaskType | None = None) -> None:
+        """A request failed before its task ran: roll back and report FAILED at wait. Only a task this
+        request created (``new``) or one matched and not launched is failed; a running one goes on."""
+        log.info("task %d of session %d failed: %s", task_of(key), session_of(key), error)
+        if key in self._launched:
+            return
+        if self.control.poll(key).status is TaskStatus.UNREADY:
             self.control.cancel(key)
             self.control.release(key)
-        if key not in self._launched and key not in self._results:
-            failed = KVResponse(TaskStatus.FAILED, key[1], None, error)
-            self._remember(key, failed, failed)
+        elif not new and key not in self._matched:
+            return
+        self._matched.pop(key, None)
+        failed = KVResponse(TaskStatus.FAILED, key[1], None, error)
+        self._remember(key, failed, failed, task_type)
 
-    def _on_cancel(self, _: bytes, msg: cm.CancelMsg, __: list[memoryview]) -> None:
-        for tid in msg.task_ids:
-            key = (msg.client_id, tid)
-            if self.control.poll(key).status is not TaskStatus.NOTFOUND:
+    def _on_cancel(self, identity: bytes, msg: cm.CancelMsg, __: list[memoryview]) -> None:
+        session = self._sessions[identity]
+        for key, tid in zip([session.key(t) for t in msg.task_ids], msg.task_ids, strict=True):
+            if key in self._launched:
+                log.info("session %d: cancel of task %d ignored: it is running and ends on its own "
+                         "(cancel applies to tasks not yet launched)", session.session_id, tid)
+            elif key in self._matched:
                 self.control.cancel(key)
+                self._matched.pop(key)
                 self._launched.add(key)  # cancelled tasks are final; waiting on them must not hang
                 self._retire([key])
 
     def _on_wait(self, identity: bytes, msg: cm.WaitMsg, _: list[memoryview]) -> None:
-        deadline = time.monotonic() + max(0.0, msg.timeout_s)
-        self._waits.append(_Wait(identity, msg.req_id, msg.client_id, list(msg.task_ids), deadline, msg.completely))
+        t = msg.timeout_s
+        if not (math.isfinite(t) and 0 <= t <= cm.MAX_WAIT_S):
+            raise _invalid(f"wait: timeout_s must be a finite number of seconds in [0, {cm.MAX_WAIT_S:.0f}], got {t!r}")
+        session = self._sessions[identity]
+        keys = [session.key(tid) for tid in msg.task_ids]
+        self._waits.append(_Wait(session, msg.req_id, list(msg.task_ids), keys, time.monotonic() + t,
+                                 msg.completely))
+        self.telemetry.on_wait(keys)
+
+    def _expire_matches(self, now: float) -> None:
+        """Release matches never launched within ``match_ttl_s`` (a client that matched and forgot)."""
+        ttl = self.cache.match_ttl_s
+        while self._matched:
+            key, matched_at = next(iter(self._matched.items()))
+            if now - matched_at < ttl:
+                return
+            del self._matched[key]
+            if key in self._launched or self.control.poll(key).status is not TaskStatus.UNREADY:
+                continue  # not a pending match after all (never the case; keeps the loop finite)
+            error = f"matched {now - matched_at:.0f} s ago and never launched: released after match_ttl_s={ttl:g}"
+            log.warning("task %d of session %d %s", task_of(key), session_of(key), error)
+            self.control.cancel(key)
+            self.control.release(key)
+            failed = KVResponse(TaskStatus.FAILED, key[1], None, error)
+            self._remember(key, failed, failed)
 
     def _on_register(self, identity: bytes, msg: cm.RegisterKVMsg, _: list[memoryview]) -> None:
         if not 0 <= msg.tp_rank < self.model.tp_size:
@@ -374,11 +591,20 @@ class SchedulerServer:
             raise _invalid("register: neither a host segment nor CUDA handles given (nor engine_side)")
         if msg.cuda_event and (not msg.cuda_handles or len(msg.cuda_event) != 64):
             raise _invalid("register: cuda_event needs CUDA tensors and a 64-byte cudaIpcEventHandle_t")
+        if msg.layer_progress is not None and not _is_segment_name(msg.layer_progress):
+            raise _invalid(f"register: layer_progress {msg.layer_progress!r} is not a flexkv shared-memory name")
         reg["cuda_handles"] = [h.hex() for h in msg.cuda_handles]
         reg["cuda_event"] = msg.cuda_event.hex()
+        key = (msg.client_id, msg.tp_rank)
+        session = self._sessions[identity]
+        owner = self._registrations.get(key)
+        if owner is not None and owner.session_id != session.session_id:
+            raise _invalid(f"register: dp {key[0]} rank {key[1]} is registered by another live connection "
+                           f"(session {owner.session_id}); only that connection may replace it, or anyone "
+                           "after it is gone")
+        self._registrations[key] = _Registration(session.session_id, msg.host_segment)
         worker_id = device_worker_id(msg.client_id, msg.tp_rank)
         spec = {"kind": "device", "dp_client_id": msg.client_id, "tp_rank": msg.tp_rank, "registration": reg}
-        key = (msg.client_id, msg.tp_rank)
         if msg.engine_side:
             self._register_lane(identity, msg.req_id, worker_id, key, spec)
             return
@@ -389,6 +615,8 @@ class SchedulerServer:
             self._reply(identity, cm.OkReplyMsg(req_id=msg.req_id, info={"worker": worker_id}))
 
         handle.on_ready.append(ready)
+        handle.on_start_failed.append(
+            lambda why: self._reply(identity, cm.ErrorReplyMsg(req_id=msg.req_id, error=f"register: {why}")))
 
     def _register_lane(self, identity: bytes, req_id: int, worker_id: str, key: tuple[int, int],
                        spec: dict[str, Any]) -> None:
@@ -409,6 +637,7 @@ class SchedulerServer:
         log.warning("engine-side lane %s is gone (%s)", worker_id, reason)
         dp, rank = handle.spec["dp_client_id"], handle.spec["tp_rank"]
         self._registered.discard((dp, rank))
+        self._registrations.pop((dp, rank), None)  # the rank is free to register again
         self._complete(self.supervisor.remove(worker_id, reason))
 
     def _on_query(self, identity: bytes, msg: cm.QueryMsg, _: list[memoryview]) -> None:
@@ -416,22 +645,60 @@ class SchedulerServer:
         if msg.what == "is_ready":
             info = {"ready": self.is_ready()}
         elif msg.what == "stats":
-            info = {**self.control.stats(), "in_flight_ops": self.supervisor.num_in_flight,
+            info = {**self.control.stats(), **self._session_stats(), "in_flight_ops": self.supervisor.num_in_flight,
                     "num_workers": len(self.supervisor.workers), "server_pid": os.getpid()}
             for worker_id, handle in self.supervisor.workers.items():
                 info[f"pid:{worker_id}"] = handle.proc.pid if handle.proc is not None else handle.pid
             for worker_id, reason in self.supervisor.down().items():
                 info[f"down:{worker_id}"] = reason
             info["worker_msgs_refused"] = self.supervisor.num_refused
+            if self._auth is not None:
+                info["clients_refused"] = self._auth.num_refused
+        elif msg.what == "snapshot":
+            info = {"json": json.dumps(self.snapshot())}
         elif msg.what == "check":
             self.control.check_invariants()
+            self._check_sessions()
             info = {"ok": True}
+        elif msg.what == "reset":
+            dropped = self.control.reset()
+            if self.cache.enable_ssd and self.cache.ssd_persist_index:  # a restart must not undo the reset
+                _write_reset_generation(self.cache.ssd_cache_dir[0], self.control.reset_generation)
+            for key in dropped:  # not launched: final as CANCELLED for any later wait
+                self._matched.pop(key, None)
+                cancelled = KVResponse(TaskStatus.CANCELLED, key[1], None)
+                self._remember(key, cancelled, cancelled)
+            log.info("reset: every tier's index dropped; %d unlaunched task(s) cancelled", len(dropped))
+            info = {"cancelled": len(dropped)}
         elif msg.what == "shutdown":
             self._running = False
             info = {"ok": True}
         else:
-            raise _invalid(f"unknown query {msg.what!r}; allowed: is_ready, stats, check, shutdown")
+            raise _invalid(f"unknown query {msg.what!r}; allowed: is_ready, stats, snapshot, check, reset, "
+                           "shutdown")
         self._reply(identity, cm.OkReplyMsg(req_id=msg.req_id, info=info))
+
+    def _session_stats(self) -> dict[str, int]:
+        return {"num_sessions": len(self._sessions), "num_results": len(self._results),
+                "result_cache_bytes": self._results.nbytes, "num_waits": len(self._waits),
+                "num_unlaunched_matches": len(self._matched)}
+
+    def _check_sessions(self) -> None:
+        """Every task, wait, result and registration belongs to a live session (raises AssertionError)."""
+        live = {s.session_id: s for s in self._sessions.values()}
+
+        def owned(key: TaskKey) -> bool:
+            s = live.get(session_of(key))
+            return s is not None and s.owns(key)
+
+        tasks = self.control.task_keys()
+        assert all(owned(k) for k in tasks), "a task belongs to no live session"
+        assert all(owned(k) for k in self._results.keys()), "a result belongs to no live session"
+        assert set(self._matched) | self._launched <= set(tasks), "a matched or launched key left the control plane"
+        assert not set(self._matched) & self._launched, "a task is both unlaunched and launched"
+        assert all(live.get(w.session.session_id) is w.session for w in self._waits), "a wait of a gone session"
+        assert all(r.session_id in live for r in self._registrations.values()), "a registration of a gone session"
+        self._results.check_invariants()
 
     def is_ready(self) -> bool:
         want = {(d, r) for d in range(self.model.dp_size) for r in range(self.model.tp_size)}
@@ -439,15 +706,21 @@ class SchedulerServer:
         return want <= self._registered and workers_ready
 
     # -- tasks and waits ------------------------------------------------------------------------
-    def _status(self, key: TaskKey, completely: bool) -> KVResponse:
-        if key in self._results:
-            engine, full = self._results[key]
-            return full if completely else engine
-        return self.control.poll(key, completely)
+    def _status(self, key: TaskKey, completely: bool) -> TaskStatus:
+        cached = self._results.get(key)
+        if cached is not None:
+            return cached[1 if completely else 0].status
+        return self.control.poll(key, completely).status
 
-    def _is_final(self, key: TaskKey, resp: KVResponse) -> bool:
+    def _result(self, key: TaskKey, completely: bool) -> TaskResult:
+        cached = self._results.get(key)
+        if cached is not None:
+            return cached[1 if completely else 0]
+        return TaskResult.of(self.control.poll(key, completely))
+
+    def _is_final(self, key: TaskKey, status: TaskStatus) -> bool:
         """Final for a wait: done, or matched but never launched (waiting cannot help)."""
-        return resp.status in _FINAL or (resp.status is TaskStatus.UNREADY and key not in self._launched)
+        return status in _FINAL or (status is TaskStatus.UNREADY and key not in self._launched)
 
     def _check_waits(self) -> None:
         if not self._waits:
@@ -455,20 +728,18 @@ class SchedulerServer:
         now = time.monotonic()
         keep: list[_Wait] = []
         for w in self._waits:
-            keys = [(w.client_id, t) for t in w.task_ids]
-            resps = [self._status(k, w.completely) for k in keys]
-            done = all(self._is_final(k, r) for k, r in zip(keys, resps, strict=True))
+            done = all(self._is_final(k, self._status(k, w.completely)) for k in w.keys)
             if not done and now < w.deadline:
                 keep.append(w)
                 continue
-            statuses = [r.status if self._is_final(k, r) else TaskStatus.TIMEOUT
-                        for k, r in zip(keys, resps, strict=True)]
-            errors = [r.error for r in resps]
-            ranges = [mask_to_range(r.return_mask) for r in resps]
+            results = [self._result(k, w.completely) for k in w.keys]
+            statuses = [r.status if self._is_final(k, r.status) else TaskStatus.TIMEOUT
+                        for k, r in zip(w.keys, results, strict=True)]
             reply = cm.WaitReplyMsg(req_id=w.req_id, task_ids=w.task_ids, statuses=[int(s) for s in statuses],
-                                    errors=errors, num_tokens=[r[0] for r in ranges],
-                                    mask_begins=[r[1] for r in ranges], mask_ends=[r[2] for r in ranges])
-            self._reply(w.identity, reply, [r[3] for r in ranges if r[3] is not None])
+                                    errors=[r.error if r.status is TaskStatus.FAILED else "" for r in results],
+                                    num_tokens=[r.num_tokens for r in results],
+                                    mask_begins=[r.begin for r in results], mask_ends=[r.end for r in results])
+            self._reply(w.session.identity, reply, [r.mask for r in results if r.mask is not None])
         self._waits = keep
 
     def _retire(self, keys: list[TaskKey]) -> None:
@@ -484,10 +755,9 @@ class SchedulerServer:
             self.control.release(key)
             self._launched.discard(key)
 
-    def _remember(self, key: TaskKey, engine: KVResponse, full: KVResponse) -> None:
-        self._results[key] = (engine, full)
-        if len(self._results) > _RESULT_CACHE:
-            self._results.popitem(last=False)
+    def _remember(self, key: TaskKey, engine: KVResponse, full: KVResponse, task_type: TaskType | None = None) -> None:
+        self._results.put(key, engine, full)
+        self.telemetry.on_final(key, engine, full, task_type)
 
     # -- workers --------------------------------------------------------------------------------
     def _on_worker_frames(self, frames: list[zmq.Frame]) -> None:
@@ -506,7 +776,16 @@ class SchedulerServer:
         if worker_id is None or msg.worker_id != worker_id:
             self.supervisor.refuse(routing_id, f"{type(msg).__name__} as {msg.worker_id!r} from a connection "
                                                f"that is not that worker's: dropped")
+        elif isinstance(msg, OpsDoneMsg) and len(msg.op_ids) != len(msg.errors):
+            log.warning("OpsDoneMsg from %s with %d op ids and %d errors ignored", worker_id, len(msg.op_ids),
+                        len(msg.errors))
         elif isinstance(msg, OpsDoneMsg):
+            if len(msg.corrupt_at) == len(msg.op_ids):  # only ops in flight on this worker count
+                in_flight = self.supervisor.workers[worker_id].in_flight if worker_id in self.supervisor.workers \
+                    else set()
+                self._corrupt_at.update((op_id, at) for op_id, at in zip(msg.op_ids, msg.corrupt_at, strict=True)
+                                        if at >= 0 and op_id in in_flight)
+            self.telemetry.on_reported(msg)
             self._complete(self.supervisor.on_done(worker_id, msg.op_ids, msg.errors))
         elif isinstance(msg, WorkerByeMsg) and self.supervisor.on_bye(routing_id) is not None:
             self._lane_gone(worker_id, msg.reason or "closed")
@@ -516,6 +795,7 @@ class SchedulerServer:
         while pending:
             op = pending.pop()
             self._op_keys[op.op_id] = op.task_key
+            self.telemetry.on_dispatch(op)
             failure = self.supervisor.dispatch(op)
             if failure is not None:
                 pending += self._complete_one(failure)
@@ -529,8 +809,10 @@ class SchedulerServer:
         if error:
             log.warning("op %d failed: %s", op_id, error)
         key = self._op_keys.pop(op_id, None)
+        corrupt_at = self._corrupt_at.pop(op_id, -1)
+        self.telemetry.on_op_done(op_id, error)
         try:
-            ops = self.control.complete_op(op_id, not error, error)
+            ops = self.control.complete_op(op_id, not error, error, corrupt_at)
         except FlexKVError as e:  # e.g. an op of a task dropped meanwhile
             log.debug("completion of op %d ignored: %s", op_id, e)
             return []
@@ -538,19 +820,32 @@ class SchedulerServer:
             self._retire([key])
         return ops
 
-    # -- clients going away ---------------------------------------------------------------------
-    def _client_gone(self, identity: bytes, conn: _Conn) -> None:
-        del self._conns[identity]
-        log.warning("client %d (%s, pid %d) is gone; releasing its work", conn.client_id, conn.role, conn.pid)
-        if conn.role == "manager":
-            self.control.drop_client(conn.client_id)
-            self._waits = [w for w in self._waits if w.identity != identity]
-            self._launched = {k for k in self._launched if k[0] != conn.client_id}
-        else:
-            for (dp, rank) in list(self._registered):
-                if dp == conn.client_id and not any(c.client_id == dp and c.role == "tp" for c in self._conns.values()):
-                    self._registered.discard((dp, rank))
-                    self._complete(self.supervisor.remove(device_worker_id(dp, rank), "its TP client is gone"))
+    # -- sessions ending ------------------------------------------------------------------------
+    def _end_session(self, session: Session, reason: str, dead: bool = False) -> None:
+        """Drop everything ``session`` owned: tasks (ops already running finish and roll back), waits,
+        results and registrations (their device workers stop; a ``dead`` client's host KV segment is
+        removed if its creator is gone too)."""
+        if self._sessions.get(session.identity) is session:
+            del self._sessions[session.identity]
+        self.telemetry.on_disconnect()
+        keys = [k for k in self.control.task_keys() if session.owns(k)]
+        for key in keys:
+            self.control.release(key)
+            self._launched.discard(key)
+            self._matched.pop(key, None)
+        num_results = self._results.drop_session(session)
+        self._waits = [w for w in self._waits if w.session is not session]
+        log_fn = log.warning if dead else log.info
+        log_fn("session %d (client %d, %s, pid %d) ended: %s; dropped %d tasks and %d results", session.session_id,
+               session.client_id, session.role, session.pid, reason, len(keys), num_results)
+        for rank_key, reg in list(self._registrations.items()):
+            if reg.session_id != session.session_id:
+                continue
+            del self._registrations[rank_key]
+            self._registered.discard(rank_key)
+            self._complete(self.supervisor.remove(device_worker_id(*rank_key), f"its TP client {reason}"))
+            if dead and reg.host_segment and unlink_if_creator_dead(reg.host_segment):
+                log.warning("removed host KV segment %s of dead client pid %d", reg.host_segment, session.pid)
 
     # -- shutdown -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -561,26 +856,38 @@ class SchedulerServer:
         self._closed = True
         if hasattr(self, "supervisor"):
             self.supervisor.stop_all()
+        if self._auth is not None:
+            self._auth.close()
+        if getattr(self, "metrics", None) is not None:
+            self.metrics.close()
+        trace: TraceWriter | None = getattr(self, "trace", None)
+        if trace is not None:
+            trace.close()
         self._ctx.destroy(linger=0)
         pool: SharedPool | None = getattr(self, "pool", None)
         if pool is not None:
             pool.close()
             pool.unlink()
+        lookup: RemoteLookup | None = getattr(self, "_remote_lookup", None)
+        if lookup is not None:
+            lookup.close()  # its thread uses the lookup store: stop it first
         if self._lookup_store is not None:
             self._lookup_store.close()
+        for claim in self._claims:  # only the paths this server bound: never another server's
+            claim.release()
+        self._claims = []
         if self._own_runtime_dir:
             shutil.rmtree(self.runtime_dir, ignore_errors=True)
-        else:
-            for name in ("server.sock", "workers.sock"):
-                try:
-                    os.unlink(os.path.join(self.runtime_dir, name))
-                except FileNotFoundError:
-                    pass
         log.info("flexkv server stopped")
 
 
+def _is_segment_name(name: str) -> bool:
+    """A name ``flexkv.shm.make_pool_name`` makes: ``/flexkv-<tag>-<pid>-<hex>``, at most 31 characters."""
+    return len(name) <= 31 and re.fullmatch(r"/flexkv-[a-z0-9_]+-[0-9]+-[0-9a-f]+", name) is not None
+
+
 _REG_FIELDS = ("num_layers", "num_blocks", "tokens_per_block", "num_heads", "head_size", "itemsize",
-               "host_segment", "tensor_offsets", "device_id")
+               "host_segment", "tensor_offsets", "device_id", "layer_progress")
 
 
 def _invalid(msg: str) -> FlexKVError:
@@ -589,16 +896,33 @@ def _invalid(msg: str) -> FlexKVError:
     return InvalidRequest(msg)
 
 
-def _pid_alive(pid: int) -> bool:
+_RESET_FILE = "flexkv_reset_generation"
+
+
+def _read_reset_generation(ssd_dir: str) -> int:
+    """Resets recorded beside a durable SSD tier (0: none, or an unreadable file: said in the log)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        with open(os.path.join(ssd_dir, _RESET_FILE), encoding="ascii") as f:
+            return int(f.read().strip() or 0)
+    except FileNotFoundError:
+        return 0
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{os.path.join(ssd_dir, _RESET_FILE)}: unreadable ({e}); remove it together with the "
+                          "SSD cache files to start the SSD tier cold") from None
 
 
-def _prefault_progress(done: int, total: int) -> None:
-    if total >= 4 << 30:
-        log.info("pre-faulting CPU pool: %.1f / %.1f GiB", done / 2**30, total / 2**30)
+def _write_reset_generation(ssd_dir: str, generation: int) -> None:
+    """Durably (temp file, fsync, rename, fsync of the directory) before the reset is acknowledged."""
+    path = os.path.join(ssd_dir, _RESET_FILE)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="ascii") as f:
+        f.write(f"{generation}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(ssd_dir, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+

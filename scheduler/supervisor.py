@@ -34,6 +34,7 @@ import zmq
 from flexkv.protocol.codec import SERVER_TO_WORKER
 from flexkv.protocol.worker_msgs import ExecuteOpMsg, HelloAcceptedMsg, StopWorkerMsg, WorkerHelloMsg
 from flexkv.scheduler.graph import TransferOp
+from flexkv.scheduler.sessions import task_of
 from flexkv.types import ConfigError, OpType
 
 log = logging.getLogger("flexkv.server")
@@ -83,15 +84,24 @@ class WorkerHandle:
     in_flight: set[int] = dataclasses.field(default_factory=set)  # op ids sent, not yet reported
     deaths: collections.deque[float] = dataclasses.field(default_factory=collections.deque)  # in the window
     restart_at: float | None = None  # when a dead worker is started again
+    restarts: int = 0  # restarts over the handle's life (metrics)
     down_reason: str = ""  # set while the restart budget is spent
     last_exit: str = ""
     on_ready: list[Callable[[], None]] = dataclasses.field(default_factory=list)
+    # Called (with the reason) if the worker dies before its first hello; it is then removed, not restarted.
+    on_start_failed: list[Callable[[str], None]] = dataclasses.field(default_factory=list)
+    ever_ready: bool = False
 
 
 @dataclasses.dataclass
 class _Fanout:
     remaining: set[str]
     error: str = ""
+
+
+_REGISTER_HINT = ("; register the engine's KV buffers first: KVManager.register_kv_buffers(kv_tensors, layout) "
+                  "in a single-process engine, or KVTPClient(server_address, dp_client_id, tp_rank, "
+                  "device_id).register(kv_tensors, layout) in each TP rank")
 
 
 def device_worker_id(dp_client_id: int, tp_rank: int) -> str:
@@ -135,6 +145,8 @@ class WorkerSupervisor:
         old = self.workers.get(worker_id)
         if old is not None:
             self._stop_one(old, "replaced")
+            for cb in old.on_start_failed:  # its registrant waits for a reply
+                cb(f"worker {worker_id} was replaced by a newer registration before it started")
         handle = WorkerHandle(worker_id=worker_id, spec={**self._base_spec, **spec, "worker_id": worker_id},
                               engine_side=engine_side)
         self.workers[worker_id] = handle
@@ -167,7 +179,8 @@ class WorkerSupervisor:
         if msg.lane >= 0:
             return
         handle.routing_id, handle.pid = routing_id, msg.pid
-        handle.ready = True
+        handle.ready = handle.ever_ready = True
+        handle.on_start_failed = []
         handle.down_reason = ""
         handle.op_types = frozenset(msg.op_types)
         backlog, handle.backlog = handle.backlog, []
@@ -249,12 +262,13 @@ class WorkerSupervisor:
         now = time.monotonic()
         for handle in list(self.workers.values()):
             if handle.engine_side:
-                if handle.ready and handle.pid > 0 and not _pid_alive(handle.pid):
+                if handle.ready and handle.pid > 0 and not pid_alive(handle.pid):
                     gone.append(handle.worker_id)
                 continue
             if handle.proc is not None and handle.proc.poll() is not None:
                 failed += self._on_death(handle, now)
             if handle.proc is None and handle.restart_at is not None and now >= handle.restart_at:
+                handle.restarts += 1
                 self._start_process(handle)
         return failed, gone
 
@@ -265,6 +279,12 @@ class WorkerSupervisor:
         self._forget_routes(handle)
         handle.last_exit = f"exit code {code}" if code >= 0 else f"killed by signal {-code}"
         failed = self._fail_worker_ops(handle, f"worker {handle.worker_id} died ({handle.last_exit})")
+        if not handle.ever_ready and handle.on_start_failed:  # e.g. a registration it cannot open
+            log.error("worker %s could not start (%s); not restarting it", handle.worker_id, handle.last_exit)
+            del self.workers[handle.worker_id]
+            for cb in handle.on_start_failed:
+                cb(f"worker {handle.worker_id} could not start ({handle.last_exit}; the server log says why)")
+            return failed
         handle.deaths.append(now)
         while handle.deaths and handle.deaths[0] < now - self.policy.window_s:
             handle.deaths.popleft()
@@ -306,7 +326,10 @@ class WorkerSupervisor:
         missing = [t for t in targets if t not in self.workers]
         if not targets or missing:
             what = ", ".join(missing) if missing else f"a {op.op_type.name} worker"
-            return op.op_id, f"no worker for {op.op_type.name}: {what} not registered"
+            error = f"no worker for {op.op_type.name}: {what} not registered"
+            if op.op_type in (OpType.H2D, OpType.D2H):
+                error += _REGISTER_HINT
+            return op.op_id, error
         down = [self.workers[t].down_reason for t in targets if self.workers[t].down_reason]
         if down:
             return op.op_id, down[0]
@@ -324,7 +347,9 @@ class WorkerSupervisor:
         arrays: list[Any] = [op.src_block_ids, op.dst_block_ids]
         if op.block_hashes is not None:
             arrays.append(op.block_hashes)
-        frames = SERVER_TO_WORKER.encode(ExecuteOpMsg(op_id=op.op_id, op_type=int(op.op_type)), arrays)
+        # The engine's own task id (its session's part of the key): a layer-wise GET's progress slot.
+        msg = ExecuteOpMsg(op_id=op.op_id, op_type=int(op.op_type), task_id=task_of(op.task_key))
+        frames = SERVER_TO_WORKER.encode(msg, arrays)
         self._sock.send_multipart([handle.routing_id, *frames], copy=False)
         handle.in_flight.add(op.op_id)
 
@@ -369,7 +394,8 @@ def _reap(proc: subprocess.Popen[bytes], timeout_s: float) -> None:
             proc.wait()
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (on this host)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:

@@ -13,7 +13,10 @@ Two failures do not fail the engine-facing part:
   the remote part and still runs (after any DISK2H), and the task ends SUCCESS with a return mask
   shorter than the match's mask -- the engine loads the local prefix and recomputes the rest. If
   nothing before the remote part was to be loaded, the task is SUCCESS with an all-False mask.
-  A DISK2H failure still fails the GET (SSD errors are faults, remote misses are expected).
+  A DISK2H whose worker found a block's bytes corrupt (``corrupt_at``: checksum mismatch) is a
+  late miss too, from that block on: the blocks before it were verified and are published, the
+  rest roll back, and the H2D is cut before the first corrupt block. Any other DISK2H failure
+  (an I/O error) still fails the GET (SSD faults are faults, remote misses are expected).
 * A PUT's write-through (H2DISK/H2REMOTE, after D2H) failing rolls back only that op: the blocks
   stay in CPU (``wait(completely=False)`` is SUCCESS), sibling write-throughs still commit, and
   ``wait(completely=True)`` reports FAILED, naming the op, once every op has finished.
@@ -51,6 +54,7 @@ class Task:
         self.error = ""  # why the task failed (the first failed op)
         self.mask = plan.mask  # tokens loaded/stored; a GET's shrinks if its REMOTE2H fails
         self.num_lost_blocks = 0  # GET blocks matched but not loaded (REMOTE2H failed)
+        self.prefetch = False  # a GET with no engine destination: its H2D is never dispatched
 
     @property
     def task_type(self) -> TaskType:
@@ -78,12 +82,14 @@ class Task:
         if self.failed:
             return TaskStatus.FAILED
         if completely and not self.live_nodes():
-            return TaskStatus.FAILED if self.write_through_failed else TaskStatus.SUCCESS
+            failed = self.write_through_failed or bool(self.plan.write_through_skipped)
+            return TaskStatus.FAILED if failed else TaskStatus.SUCCESS
         return TaskStatus.UNREADY
 
     def response(self, completely: bool) -> KVResponse:
         status = self.status(completely)
-        return KVResponse(status, self.key[1], self.mask, self.error if status is TaskStatus.FAILED else "")
+        error = (self.error or self.plan.write_through_skipped) if status is TaskStatus.FAILED else ""
+        return KVResponse(status, self.key[1], self.mask, error)
 
     def launch(self, gpu_block_ids: BlockIds, new_op_id: Callable[[], int]) -> Dispatched:
         """Bind the GPU blocks of the moved range and dispatch the runnable ops."""
@@ -91,14 +97,21 @@ class Task:
         return self._dispatch(self.plan.graph.runnable(), new_op_id)
 
     def complete(self, node: OpNode, ok: bool, new_op_id: Callable[[], int],
-                 error: str = "") -> tuple[Dispatched, list[Reservation]]:
+                 error: str = "", corrupt_at: int = -1) -> tuple[Dispatched, list[Reservation]]:
         """A dispatched op finished. Returns (ops now dispatched, written reservations to prune).
-        See the module docstring for the failures that do not fail the task."""
+        ``corrupt_at`` >= 0: a failed DISK2H's blocks from that index on had corrupt bytes, the
+        ones before were verified. See the module docstring for the failures that do not fail the task."""
         if ok and not (self.failed or self.cancelled):
             return self._dispatch(commit(node), new_op_id), []
+        verified = not ok and corrupt_at >= 0 and node.op_type is OpType.DISK2H and self.task_type is TaskType.GET
+        if verified and not (self.failed or self.cancelled):
+            for res in node.writes:  # the verified prefix lands; rollback below leaves the rest dead
+                res.index.publish(res.block_ids[:corrupt_at])
         to_prune = rollback(node)
         if ok or self.failed or self.cancelled:
             return [], to_prune
+        if verified:
+            return self._load_local_part(node, new_op_id, node.dst_block_ids[corrupt_at:]), to_prune
         if node.op_type is OpType.REMOTE2H and self.task_type is TaskType.GET:
             return self._load_local_part(node, new_op_id), to_prune  # a late miss, not an error
         self._note_error(node, error)
@@ -114,12 +127,15 @@ class Task:
             name = node.op_type.name if node.op_type is not None else "END"
             self.error = f"{name} op {node.op_id} failed" + (f": {error}" if error else "")
 
-    def _load_local_part(self, remote2h: OpNode, new_op_id: Callable[[], int]) -> Dispatched:
-        """The GET's REMOTE2H failed (already rolled back): cut its H2D before the first block the
-        REMOTE2H was to fetch, shrink the mask, and run the H2D once its other inputs are in."""
+    def _load_local_part(self, promotion: OpNode, new_op_id: Callable[[], int],
+                         lost: BlockIds | None = None) -> Dispatched:
+        """The GET's promotion op (REMOTE2H, or DISK2H that found corrupt bytes) failed and was rolled
+        back: cut its H2D before the first CPU block of ``lost`` (default: every block the op was to
+        fill), shrink the mask, and run the H2D once its other inputs are in."""
         runnable = []
-        for h2d in remote2h.successors:
-            keep = _leading_not_in(h2d.src_block_ids, remote2h.dst_block_ids)
+        lost_ids = promotion.dst_block_ids if lost is None else lost
+        for h2d in promotion.successors:
+            keep = _leading_not_in(h2d.src_block_ids, lost_ids)
             self.num_lost_blocks += h2d.src_block_ids.shape[0] - keep
             truncate(h2d, keep)
             h2d.num_deps_left -= 1
@@ -133,9 +149,20 @@ class Task:
         mask[end_block * self.plan.tokens_per_block:] = False
         self.mask = mask
 
-    def cancel(self) -> list[Reservation]:
-        """Cancel unless the engine-facing part already finished or failed (then a no-op): drop the
-        waiting ops now (returns their writes to prune); ops in flight roll back on completion."""
+    def cancel(self) -> tuple[bool, list[Reservation]]:
+        """Cancel a task not yet launched (FlexKV's rule): every op is dropped, nothing ever moved.
+        A launched task is not cancelled, whatever its state: it ends on its own, so no final status
+        is reported while one of its ops may still write the engine's memory. Returns (cancelled,
+        writes to prune)."""
+        if self.launched or self.cancelled:
+            return False, []
+        self.cancelled = True
+        return True, self._drop_waiting()
+
+    def abort(self) -> list[Reservation]:
+        """The task is being forgotten (released, or its client went): drop the waiting ops (returns
+        their writes to prune); ops in flight roll back on completion. No-op once the engine part
+        finished or failed (write-through goes on)."""
         if self.engine_done or self.failed or self.cancelled:
             return []
         self.cancelled = True
@@ -159,8 +186,8 @@ class Task:
             if node is end:
                 commit(node)
                 self.engine_done = True
-            elif node.src_block_ids.shape[0] == 0:  # cut to nothing (see _load_local_part)
-                pending += commit(node)
+            elif node.src_block_ids.shape[0] == 0 or (self.prefetch and node.op_type is OpType.H2D):
+                pending += commit(node)  # cut to nothing (see _load_local_part), or a prefetch's H2D
             else:
                 ops.append((node, node.to_op(new_op_id(), self.key, gpu_ids)))
         return ops

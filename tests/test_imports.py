@@ -23,7 +23,7 @@ SCANNED_DIRS = ("flexkv", "scheduler", "workers", "tests", "examples", "benchmar
 BARE_NAMES = ("scheduler", "workers")
 # The lowest layer: these must never depend on the server, the workers or the engine-facing manager.
 CORE_MODULES = ("flexkv.common.config", "flexkv.types", "flexkv.layout", "flexkv.protocol", "flexkv.shm",
-                "flexkv.native")
+                "flexkv.native", "flexkv.security", "flexkv.layerwise")
 HIGHER_LAYERS = ("flexkv.scheduler", "flexkv.workers", "flexkv.kvmanager")
 
 
@@ -119,24 +119,44 @@ def test_server_and_workers_do_not_import_the_engine_facing_manager() -> None:
     assert not offenders, "\n".join(offenders)
 
 
+def test_nothing_imports_the_engine_integrations() -> None:
+    """flexkv/integration/* sit above the engine API (DESIGN.md §7b); only they and tests import them."""
+    offenders = [f"{path.relative_to(ROOT)}:{line}: imports {name}"
+                 for path in python_files()
+                 if not is_under(module_name(path), "flexkv.integration") and path.parts[len(ROOT.parts)] in
+                 ("flexkv", "scheduler", "workers")
+                 for line, name in file_imports(path) if is_under(name, "flexkv.integration")]
+    assert not offenders, "\n".join(offenders)
+
+
 _IMPORT_ALL = r"""
 import importlib, json, pkgutil, sys, traceback
 import flexkv, flexkv.scheduler, flexkv.workers
 names = []
 for pkg in (flexkv, flexkv.scheduler, flexkv.workers):
     names.append(pkg.__name__)
-    # Engine adapters (flexkv.integration.<engine>) import their engine and torch by design; their
-    # own tests import them where the engine is installed.
     names += [m.name for m in pkgutil.walk_packages(pkg.__path__, pkg.__name__ + ".")
               if (not m.name.startswith(("flexkv.scheduler", "flexkv.workers")) or pkg is not flexkv)
-              and not m.name.startswith("flexkv.integration.")]
+              and not m.name.startswith("flexkv.integration.")]  # engine adapters import their engine
 failures = {}
-for name in sorted(set(names)):
+# Engine integrations (flexkv.integration.*) need their engine's packages (torch, transformers, vllm...):
+# imported last, after checking that nothing else dragged torch in; a missing engine package is no failure.
+core = [n for n in sorted(set(names)) if not n.startswith("flexkv.integration.")]
+for name in core:
     try:
         importlib.import_module(name)
     except BaseException:
         failures[name] = traceback.format_exc(limit=3)
-print(json.dumps({"modules": sorted(set(names)), "failures": failures, "torch": "torch" in sys.modules}))
+torch_loaded = "torch" in sys.modules
+for name in sorted(set(names) - set(core)):
+    try:
+        importlib.import_module(name)
+    except ModuleNotFoundError as e:
+        if (e.name or "").startswith("flexkv"):
+            failures[name] = traceback.format_exc(limit=3)
+    except BaseException:
+        failures[name] = traceback.format_exc(limit=3)
+print(json.dumps({"modules": sorted(set(names)), "failures": failures, "torch": torch_loaded}))
 """
 
 

@@ -6,6 +6,7 @@ blocks back) and checks the bytes that land in the pool, what the store holds, a
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
 import time
@@ -390,3 +391,120 @@ def test_filesystem_missing_directory_is_a_clear_error(tmp_path: os.PathLike[str
     os.rename(store.root, store.root + ".gone")
     with pytest.raises(RemoteUnavailable, match="flexkv"):
         store.ping()
+
+
+def test_cluster_slot_migration_mid_flight_keeps_every_block_readable_and_writable() -> None:
+    """ASK (slot half migrated) and MOVED (migration done) are followed; nothing becomes a miss."""
+    with RedisCluster(3) as cluster:
+        store = open_remote_store(RemoteConfig(port=cluster.ports[0]))
+        assert isinstance(store, RedisStore)
+        src, dst = Pool(16, seed=20), Pool(16)
+        hashes = chain(16, salt=20)
+        assert src.put(store, hashes[:12], range(12)).all()
+        slot = key_slot(store.key(int(hashes[0])))
+        same_slot = [i for i in range(16) if key_slot(store.key(int(hashes[i]))) == slot]
+        owner = cluster.owner_of(slot)
+        target = (owner + 1) % 3
+        # block 0 moves now; the slot stays MIGRATING, so its owner answers ASK for block 0
+        cluster.begin_migration(slot, owner, target, [store.key(int(hashes[0]))])
+        assert store.count_prefix(hashes[:12]) == 12
+        assert dst.get(store, hashes[:12], range(12)).all()
+        for i in range(12):
+            assert np.array_equal(dst.block(i), src.block(i))
+        # a new key of the migrating slot is written where the migration sends it (ASK on a miss)
+        new_key_hash = next(h for h in range(1 << 40, (1 << 40) + 10**6) if key_slot(store.key(h)) == slot)
+        assert Pool(1, seed=22).put(store, np.array([new_key_hash], dtype=np.uint64), [0]).all()
+        cluster.finish_migration(slot, owner, target)  # the old owner now answers MOVED
+        other = Pool(16)
+        assert other.get(store, hashes[:12], range(12)).all(), "MOVED followed, slot map refreshed"
+        assert store.count_prefix(hashes[:12]) == 12
+        assert Pool(1).get(store, np.array([new_key_hash], dtype=np.uint64), [0]).all()
+        with cluster.servers[target].client() as client:
+            assert client.exists(store.key(int(hashes[0]))) == 1 and same_slot[0] == 0
+        assert src.put(store, hashes[12:], range(12, 16)).all() and store.count_prefix(hashes) == 16
+        store.close()
+
+
+def test_cluster_primary_killed_makes_its_blocks_misses_while_the_rest_serve() -> None:
+    with RedisCluster(3) as cluster:
+        store = open_remote_store(RemoteConfig(port=cluster.ports[0]), op_timeout_s=1.0)
+        src, dst = Pool(24, seed=23), Pool(24)
+        hashes = chain(24, salt=23)
+        assert src.put(store, hashes, range(24)).all()
+        assert isinstance(store, RedisStore)
+        owners = [cluster.owner_of(key_slot(store.key(int(h)))) for h in hashes]
+        victim = owners[3]
+        # a primary restarted (same port, its data gone): the dead connection is replaced at once,
+        # its blocks are written again and no shard is skipped afterwards
+        cluster.servers[victim].stop()
+        cluster.servers[victim].start()
+        deadline = time.monotonic() + 10
+        while not cluster._state_ok(cluster.servers[victim]) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert src.put(store, hashes, range(24)).all()
+        assert Pool(24).get(store, hashes, range(24)).all()
+        cluster.kill(victim)
+        t0 = time.monotonic()
+        ok = dst.get(store, hashes, range(24))
+        assert ok.tolist() == [o != victim for o in owners], "exactly the dead shard's blocks miss"
+        for i in np.flatnonzero(ok):
+            assert np.array_equal(dst.block(int(i)), src.block(int(i)))
+        assert store.count_prefix(hashes) == owners.index(victim)
+        assert time.monotonic() - t0 < 5.0
+        wrote = Pool(24, seed=24).put(store, chain(24, salt=24), range(24))
+        assert wrote.any() and not wrote.all(), "writes to live shards succeed, the dead shard's fail"
+        store.close()
+
+
+# -- AUTH and TLS (issue 13 §4) -------------------------------------------------------------------
+
+
+def test_password_and_acl_user_right_ones_work_wrong_ones_are_clear_errors() -> None:
+    with RedisServer(password="admin-pw") as srv:
+        with srv.client() as admin:
+            admin.execute_command("ACL", "SETUSER", "kv", "on", ">kv-pw", "~flexkv:*", "+@all")
+            admin.execute_command("ACL", "SETUSER", "other", "on", ">other-pw", "~elsewhere:*", "+@all")
+        hashes = chain(3, salt=30)
+        with open_remote_store(RemoteConfig(port=srv.port, username="kv", password="kv-pw")) as store:
+            src, dst = Pool(3, seed=30), Pool(3)
+            assert src.put(store, hashes, range(3)).all() and dst.get(store, hashes, range(3)).all()
+            assert all(np.array_equal(dst.block(i), src.block(i)) for i in range(3))
+        for bad in (RemoteConfig(port=srv.port, username="kv", password="nope"),
+                    RemoteConfig(port=srv.port, username="nobody", password="kv-pw"),
+                    RemoteConfig(port=srv.port, password="nope"),
+                    RemoteConfig(port=srv.port)):
+            with pytest.raises(RemoteUnavailable, match=r"authentication failed.*username / remote\.password"):
+                open_remote_store(bad)
+        # a user whose ACL does not cover flexkv's keys: each block is refused (a miss), no crash
+        with open_remote_store(RemoteConfig(port=srv.port, username="other", password="other-pw")) as store:
+            assert not Pool(3, seed=31).put(store, hashes, range(3)).any()
+            assert not Pool(3).get(store, hashes, range(3)).any()
+
+
+def test_tls_with_client_certificates(tmp_path: os.PathLike[str]) -> None:
+    from tests.redis_server import TlsFiles
+
+    (tmp_path / "good").mkdir()  # type: ignore[operator]
+    (tmp_path / "rogue").mkdir()  # type: ignore[operator]
+    tls, rogue = TlsFiles.make(str(tmp_path / "good")), TlsFiles.make(str(tmp_path / "rogue"))  # type: ignore[operator]
+    with RedisServer(tls=tls, password="pw") as srv:
+        good = RemoteConfig(port=srv.port, password="pw", tls=True, tls_ca_file=tls.ca, tls_cert_file=tls.client_cert,
+                            tls_key_file=tls.client_key)
+        hashes = chain(4, salt=32)
+        with open_remote_store(good) as store:
+            src, dst = Pool(4, seed=32), Pool(4)
+            assert src.put(store, hashes, range(4)).all() and dst.get(store, hashes, range(4)).all()
+            assert all(np.array_equal(dst.block(i), src.block(i)) for i in range(4))
+            assert store.count_prefix(hashes) == 4
+        cases = [
+            (dataclasses.replace(good, tls_ca_file=rogue.ca), "certificate verify failed"),  # server not trusted
+            (dataclasses.replace(good, tls_cert_file=rogue.client_cert, tls_key_file=rogue.client_key), ""),
+            (dataclasses.replace(good, tls_cert_file="", tls_key_file=""), ""),  # server wants a client cert
+            (dataclasses.replace(good, tls=False), ""),  # plain text to a TLS port
+            (dataclasses.replace(good, password="wrong"), "authentication failed"),
+        ]
+        for config, message in cases:
+            t0 = time.monotonic()
+            with pytest.raises(RemoteUnavailable, match=rf"127\.0\.0\.1:{srv.port}.*{message}"):
+                open_remote_store(config)
+            assert time.monotonic() - t0 < 3.0

@@ -107,12 +107,13 @@ def test_restart_reuses_matching_files_and_recreates_on_mismatch(
     assert os.stat(os.path.join(dirs[0], "flexkv_ssd_0000.data")).st_ino == inode
     assert "reusing existing files" in caplog.text
 
-    # Another block size: the layout changed, so the files are recreated (zeros) with a warning.
+    # Another block size: the layout changed, so the files are recreated with a warning and the old
+    # blocks are gone (a slot no record names never reads as data).
     caplog.clear()
     dst = Pool(8, stride=8192, seed=6)
     with SSDStore(dirs, num_blocks=8, block_bytes=8192, max_file_bytes=1 << 20) as store:
-        assert not store.read_blocks(np.arange(8), dst.addr, 8192, np.arange(8)).any()
-    assert not dst.arr.any()
+        assert (store.read_blocks(np.arange(8), dst.addr, 8192, np.arange(8)) == -errno.EBADMSG).all()
+        assert store.journal.num_known == 0
     assert "do not match the configured layout; recreating" in caplog.text
     with open(os.path.join(dirs[0], META_NAME)) as f:
         assert '"block_bytes": 8192' in f.read()
@@ -125,8 +126,8 @@ def test_clean_and_remove_files_delete_only_our_files(tmp_path: Path) -> None:
     with SSDStore(dirs, num_blocks=4, block_bytes=BLOCK, max_file_bytes=1 << 20) as store:
         assert not store.write_blocks(np.arange(4), src.addr, SLOT, np.arange(4)).any()
     with SSDStore(dirs, num_blocks=4, block_bytes=BLOCK, max_file_bytes=1 << 20, clean=True) as store:
-        assert not store.read_blocks(np.arange(4), dst.addr, SLOT, np.arange(4)).any()
-    assert not dst.arr.any()  # clean=True started from fresh files
+        # clean=True started from fresh files: the old blocks are unknown, never served
+        assert (store.read_blocks(np.arange(4), dst.addr, SLOT, np.arange(4)) == -errno.EBADMSG).all()
     SSDStore.remove_files([*dirs, str(tmp_path / "never-created")])
     assert os.listdir(dirs[0]) == ["unrelated.txt"]
 

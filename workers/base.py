@@ -57,13 +57,14 @@ MAX_BATCH = 256
 class Op:
     """One op as a worker sees it."""
 
-    __slots__ = ("block_hashes", "dst_ids", "op_id", "op_type", "received", "src_ids")
+    __slots__ = ("block_hashes", "corrupt_at", "dst_ids", "op_id", "op_type", "received", "src_ids", "task_id")
 
     def __init__(self, op_id: int, op_type: OpType, src_ids: npt.NDArray[np.int64], dst_ids: npt.NDArray[np.int64],
-                 block_hashes: npt.NDArray[np.uint64] | None) -> None:
-        self.op_id, self.op_type = op_id, op_type
+                 block_hashes: npt.NDArray[np.uint64] | None, task_id: int = -1) -> None:
+        self.op_id, self.op_type, self.task_id = op_id, op_type, task_id
         self.src_ids, self.dst_ids, self.block_hashes = src_ids, dst_ids, block_hashes
         self.received = time.monotonic()
+        self.corrupt_at = -1  # set by a worker that found this op's bytes corrupt (see OpsDoneMsg)
 
 
 class Worker(abc.ABC):
@@ -74,7 +75,7 @@ class Worker(abc.ABC):
         self.worker_id: str = spec["worker_id"]
         self.model, self.cache = self._configs(spec)
         self.pool = SharedPool.attach(spec["pool_name"])
-        self.pool_block_bytes: int = spec["pool_block_bytes"]
+        self.pool_block_bytes = int(spec["pool_block_bytes"])
         self.pool_num_blocks: int = spec["pool_num_blocks"]
         self._ctx = zmq.Context()
         self._sock: zmq.Socket[bytes] = self._ctx.socket(zmq.DEALER)
@@ -104,6 +105,7 @@ class Worker(abc.ABC):
         return _known(self._execute_safely(ops))
 
     num_lanes = 1  # > 1: ops of different lanes run concurrently, each lane in its own threads
+    pool_block_bytes = 0  # from the spec (0 only in test doubles that build no pool: they report 0 bytes moved)
     pool_pinned = False  # True once something (cudaHostRegister) mapped and pinned every pool page
 
     def _populate_pool(self) -> None:
@@ -152,6 +154,18 @@ class Worker(abc.ABC):
         thread.start()
         return thread
 
+    def op_bytes(self, op: Op) -> int:
+        """Bytes this worker moves for ``op`` (whole pool blocks; a device worker moves its rank's shard)."""
+        return int(op.src_ids.size) * self.pool_block_bytes
+
+    def _done_frames(self, batch: list[Op], errors: list[str], t_start: float, t_done: float) -> list[Frame]:
+        corrupt = [op.corrupt_at for op in batch]
+        done = OpsDoneMsg(worker_id=self.worker_id, op_ids=[op.op_id for op in batch], errors=errors,
+                          corrupt_at=corrupt if max(corrupt, default=-1) >= 0 else [],
+                          num_bytes=[0 if e else self.op_bytes(op) for op, e in zip(batch, errors, strict=True)],
+                          queue_s=[max(0.0, t_start - op.received) for op in batch], busy_s=t_done - t_start)
+        return WORKER_TO_SERVER.encode(done)
+
     def stop(self) -> None:
         """Ask the loop to end (any thread); it finishes the batch it runs and says goodbye."""
         self._running = False
@@ -173,11 +187,10 @@ class Worker(abc.ABC):
             if batch and lanes is not None:
                 lanes.submit(batch)
             elif batch:
-                self._sock.send_multipart(self._done_frames(batch, self._execute_safely(batch)))
+                t_start = time.monotonic()
+                errors = self._execute_safely(batch)
+                self._sock.send_multipart(self._done_frames(batch, errors, t_start, time.monotonic()))
 
-    def _done_frames(self, batch: list[Op], errors: list[str]) -> list[Frame]:
-        done = OpsDoneMsg(worker_id=self.worker_id, op_ids=[op.op_id for op in batch], errors=errors)
-        return WORKER_TO_SERVER.encode(done)
 
     def _receive_batch(self) -> list[Op]:
         batch: list[Op] = []
@@ -209,7 +222,7 @@ class Worker(abc.ABC):
         src = frame_array(arrays[0], np.int64, "src_block_ids")
         dst = frame_array(arrays[1], np.int64, "dst_block_ids")
         hashes = frame_array(arrays[2], np.uint64, "block_hashes") if len(arrays) > 2 else None
-        return Op(msg.op_id, OpType(msg.op_type), src, dst, hashes)
+        return Op(msg.op_id, OpType(msg.op_type), src, dst, hashes, msg.task_id)
 
     def _execute_safely(self, batch: list[Op]) -> list[str]:
         try:
@@ -274,9 +287,9 @@ class _Lanes:
                     log.exception("%s: a batch failed", self._worker.worker_id)
                     errors = [f"{type(e).__name__}: {e}"] * len(batch)
                 slots.release()
-                push.send_multipart(self._worker._done_frames(batch, errors))
+                t_done = time.monotonic()
+                push.send_multipart(self._worker._done_frames(batch, errors, t_start, t_done))
                 if log.isEnabledFor(logging.DEBUG):
-                    t_done = time.monotonic()
                     log.debug("%s: %d %s op(s), %d blocks: queued %.2f ms, start %.2f ms, done %.2f ms later "
                               "(received at monotonic %.6f)", self._worker.worker_id, len(batch),
                               batch[0].op_type.name, sum(op.src_ids.size for op in batch),

@@ -19,11 +19,13 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from flexkv.layerwise import LayerProgress, layer_tables
 from flexkv.layout import BlockFirstLayout, ChunkTable, KVCacheLayout
 from flexkv.native import hostcopy
-from flexkv.shm import SharedPool
+from flexkv.shm import SHM_DIR, SharedPool
 from flexkv.types import OpType
 from flexkv.workers.base import Op, Worker
+from flexkv.workers.layerwise_copy import start_layer_major
 
 log = logging.getLogger("flexkv.worker")
 
@@ -35,6 +37,13 @@ class CopyBackend(abc.ABC):
     @abc.abstractmethod
     def copy(self, op_type: OpType, engine_ids: npt.NDArray[np.int64], pool_ids: npt.NDArray[np.int64]) -> None:
         """Start copying whole blocks (this rank's shard); raise if the copy cannot be started."""
+
+    copies_synchronously = False  # True: copy() returns once the bytes are in place
+
+    def copy_layer(self, op_type: OpType, engine_ids: npt.NDArray[np.int64], pool_ids: npt.NDArray[np.int64],
+                   layer: int) -> None:
+        """Like copy() for one layer's chunks only (layer-wise GET, ``workers/layerwise_copy.py``)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot copy layer by layer")
 
     @abc.abstractmethod
     def mark(self, op_type: OpType) -> Callable[[], None]:
@@ -56,6 +65,7 @@ class HostCopyBackend(CopyBackend):
         if reg.get("engine_addresses"):
             ptrs = [int(a) for a in reg["engine_addresses"]]
         else:
+            _check_owner(reg["host_segment"])
             self._segment = SharedPool.attach(reg["host_segment"])
             self._segment.populate()  # the engine's buffers: no page fault per 4 KiB on the first copies
             ptrs = [self._segment.address + off for off in reg["tensor_offsets"]]
@@ -66,12 +76,21 @@ class HostCopyBackend(CopyBackend):
         # Every rank's worker copies at once: share the cores instead of oversubscribing them.
         ranks = worker.model.tp_size * worker.model.dp_size
         self._threads = max(1, min(4, (os.cpu_count() or 2) // ranks))
+        self._layers = layer_tables(self._table, worker.shard_offsets, layout.kv_dim)
+
+    copies_synchronously = True
 
     def copy(self, op_type: OpType, engine_ids: npt.NDArray[np.int64], pool_ids: npt.NDArray[np.int64]) -> None:
         w = self._worker
         hostcopy.copy_blocks(hostcopy.CopyDirection.from_op(op_type), self._table, w.pool.address,
                              w.pool_block_bytes, w.shard_offsets, w.pool_num_blocks, engine_ids, pool_ids,
                              num_threads=self._threads)
+
+    def copy_layer(self, op_type: OpType, engine_ids: npt.NDArray[np.int64], pool_ids: npt.NDArray[np.int64],
+                   layer: int) -> None:
+        w, (table, offsets) = self._worker, self._layers[layer]
+        hostcopy.copy_blocks(hostcopy.CopyDirection.from_op(op_type), table, w.pool.address, w.pool_block_bytes,
+                             offsets, w.pool_num_blocks, engine_ids, pool_ids, num_threads=self._threads)
 
     def mark(self, op_type: OpType) -> Callable[[], None]:
         return _nothing  # copy() returns when the bytes are in place
@@ -89,8 +108,15 @@ class DeviceWorker(Worker):
         self.layout = KVCacheLayout.from_fields(reg)
         block_first = BlockFirstLayout(self.model, self.cache.tokens_per_block)
         block_first.check_engine_layout(self.layout)
-        self.shard_offsets = block_first.shard_chunk_offsets(block_first.shard_of_rank(self.tp_rank))
+        # One offset per entry of the layout's chunk table (per piece for the page-first host pools).
+        self.shard_offsets = self.layout.pool_piece_offsets(
+            block_first.shard_chunk_offsets(block_first.shard_of_rank(self.tp_rank)))
         self.backend: CopyBackend
+        # Layer-wise GET: the rank's engine registered a progress table; every H2D copies layer-major.
+        self.layer_progress: LayerProgress | None = None
+        if reg.get("layer_progress"):
+            _check_owner(reg["layer_progress"])  # the worker writes into it: our own user's segments only
+            self.layer_progress = LayerProgress.attach(reg["layer_progress"])
         if reg.get("cuda_handles"):
             from flexkv.workers.gpu_backend import CudaCopyBackend
 
@@ -103,6 +129,10 @@ class DeviceWorker(Worker):
 
     def op_types(self) -> list[OpType]:
         return [OpType.H2D, OpType.D2H]
+
+    def op_bytes(self, op: Op) -> int:
+        """This rank's shard of each block (the whole block for MLA, where every rank holds the latent)."""
+        return int(op.src_ids.size) * (self.pool_block_bytes // self.model.num_shards)
 
     # Two lanes for CUDA buffers (set in __init__). Host buffers: one lane by default (ops run in the
     # loop thread, no thread hop per op; the copy threads share the cores anyway), two with
@@ -118,6 +148,24 @@ class DeviceWorker(Worker):
     def start(self, ops: list[Op]) -> Callable[[], list[str]]:
         """Start every op's copy; the returned function waits once per direction. The lane starts
         the next batch meanwhile, so the GPU streams stay busy while ops keep arriving."""
+        progress = self.layer_progress
+        if progress is None or not any(op.op_type is OpType.H2D for op in ops):
+            return self._start_whole(ops)
+        layered = [i for i, op in enumerate(ops) if op.op_type is OpType.H2D]
+        whole = [i for i, op in enumerate(ops) if op.op_type is not OpType.H2D]
+        finishers = [(layered, start_layer_major(self, [ops[i] for i in layered], progress))]
+        if whole:
+            finishers.append((whole, self._start_whole([ops[i] for i in whole])))
+
+        def finish() -> list[str]:
+            errors = [""] * len(ops)
+            for idx, fin in finishers:
+                for i, err in zip(idx, fin(), strict=True):
+                    errors[i] = err
+            return errors
+        return finish
+
+    def _start_whole(self, ops: list[Op]) -> Callable[[], list[str]]:
         errors = [""] * len(ops)
         started: dict[OpType, list[int]] = {OpType.H2D: [], OpType.D2H: []}
         for i, op in enumerate(ops):
@@ -148,8 +196,22 @@ class DeviceWorker(Worker):
 
     def close(self) -> None:
         self.backend.close()
+        if self.layer_progress is not None:
+            self.layer_progress.close()
         super().close()
 
 
 def _nothing() -> None:
     pass
+
+
+def _check_owner(segment: str) -> None:
+    """Copy only to and from engine segments of our own user: a segment another user created (and made
+    readable to us) would otherwise receive cached KV, or feed its bytes into the cache."""
+    try:
+        st = os.stat(os.path.join(SHM_DIR, segment.lstrip("/")))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no shared-memory segment {segment!r}") from None
+    if st.st_uid != os.getuid():
+        raise PermissionError(f"shared-memory segment {segment!r} belongs to uid {st.st_uid}, not to this server's "
+                              f"uid {os.getuid()}: refused")

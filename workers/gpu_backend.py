@@ -24,9 +24,11 @@ import numpy as np
 import numpy.typing as npt
 
 from flexkv.cuda_ipc import CudaIpcEventHandle, CudaIpcHandle, open_event, open_handle
+from flexkv.layerwise import layer_tables
 from flexkv.layout import ChunkTable, KVCacheLayout
 from flexkv.native import cudacopy
 from flexkv.native.cudacopy import CopyPath, CudaCopyEngine, prepare_copy
+from flexkv.progress import Progress
 from flexkv.types import OpType
 from flexkv.workers.device_worker import CopyBackend
 
@@ -60,9 +62,11 @@ class CudaCopyBackend(CopyBackend):
                 self._closers.append(closer)
                 ptrs.append(ptr)
             self._table = layout.chunk_table(ptrs)
+            self._layers = layer_tables(self._table, worker.shard_offsets, layout.kv_dim)
             pool = worker.pool
-            self._engines[OpType.H2D].register_host(pool.address, pool.nbytes, block_bytes=worker.pool_block_bytes,
-                                                    progress=_progress if pool.nbytes >= 4 << 30 else None)
+            with Progress(f"{worker.worker_id}: cudaHostRegister CPU pool", pool.nbytes) as progress:
+                self._engines[OpType.H2D].register_host(pool.address, pool.nbytes,
+                                                        block_bytes=worker.pool_block_bytes, progress=progress)
             self._warm_up(layout)
         except BaseException:
             self.close()
@@ -107,6 +111,14 @@ class CudaCopyBackend(CopyBackend):
                                            w.shard_offsets, w.pool_num_blocks, engine_ids, pool_ids,
                                            wait_event=wait)
 
+    def copy_layer(self, op_type: OpType, engine_ids: npt.NDArray[np.int64], pool_ids: npt.NDArray[np.int64],
+                   layer: int) -> None:
+        """Enqueue one layer's chunks (layer-wise GET); :meth:`mark` after it fires once they landed."""
+        w, (table, offsets) = self._worker, self._layers[layer]
+        wait = self._kv_written if op_type is OpType.D2H else None
+        self._engines[op_type].copy_blocks(op_type, table, w.pool.address, w.pool_block_bytes, offsets,
+                                           w.pool_num_blocks, engine_ids, pool_ids, wait_event=wait)
+
     def mark(self, op_type: OpType) -> Callable[[], None]:
         event = cudacopy.event_create(self._device_id)  # makes the device current in this thread too
         try:
@@ -133,7 +145,3 @@ class CudaCopyBackend(CopyBackend):
         if self._kv_written:
             cudacopy.event_destroy(self._kv_written)
             self._kv_written = 0
-
-
-def _progress(done: int, total: int) -> None:
-    log.info("registering CPU pool with CUDA: %.1f / %.1f GiB", done / 2**30, total / 2**30)

@@ -23,6 +23,7 @@ class RemoteWorker(Worker):
         super().__init__(spec)
         tag = kv_fingerprint(self.model, self.cache.tokens_per_block)
         self.store = open_remote_store(self.cache.remote, namespace_tag=tag)
+        self.store.register_pool(self.pool.address, self.pool.nbytes)  # once: zero-copy where the store needs it
         self._outage = False
 
     def op_types(self) -> list[OpType]:
@@ -50,8 +51,10 @@ class RemoteWorker(Worker):
             log.warning("remote store is back")
             self._outage = False
         missing = int((~ok).sum())
+        if missing and op.op_type is OpType.H2REMOTE:
+            return f"H2REMOTE: {missing} of {ok.size} blocks not written (refused, or their shard is down)"
         if missing:
-            return f"{op.op_type.name}: {missing} of {ok.size} blocks missing or corrupt in the remote store"
+            return f"REMOTE2H: {missing} of {ok.size} blocks missing or corrupt in the remote store"
         return ""
 
     def close(self) -> None:

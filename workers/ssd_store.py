@@ -6,10 +6,17 @@ slot ``b // num_dirs`` of that directory, which is split over files of at most `
 Slots are ``block_bytes`` rounded up to 4 KiB, so every block is one aligned O_DIRECT I/O.
 Each directory holds a small metadata file recording its layout; on restart files are reused when
 it matches and recreated (with a log line) when it does not.
+
+Every block is written with a checksum (XXH3 seeded with the block's hash, ``flexkv.native.checksum``)
+kept in the index journal (``flexkv.ssd_journal``) and verified after every read: a block whose
+bytes do not match reads as ``-EBADMSG``, never as data. The journal also lets a restarted server
+find the blocks again.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import contextlib
 import dataclasses
 import errno
 import glob
@@ -25,7 +32,10 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from flexkv.native.checksum import MAX_THREADS, checksum_blocks
 from flexkv.native.uring import ResultArray, UringEngine
+from flexkv.progress import Progress
+from flexkv.ssd_journal import JOURNAL_NAME, LOCK_NAME, Journal
 from flexkv.types import ConfigError
 
 logger = logging.getLogger("flexkv.ssd")
@@ -122,17 +132,25 @@ def _check_space(dirs: Sequence[str], needed: dict[str, int]) -> None:
                               f"cache files but only {free / 2**30:.2f} GiB is free")
 
 
+_PREALLOC_CHUNK_BYTES = 1 << 30
+
+
 def _create_files(path: str, layout: SSDLayout, dir_idx: int) -> None:
     """Preallocate this dir's data files, then write its metadata (last, so a crash means 'recreate')."""
-    for idx, size in enumerate(layout.file_sizes(dir_idx)):
-        name = os.path.join(path, _data_name(idx))
-        fd = os.open(name, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o600)
-        try:
-            os.posix_fallocate(fd, 0, size)
-        except OSError as e:
-            raise OSError(e.errno, f"cannot preallocate {size} bytes for the SSD cache: {e.strerror}", name) from None
-        finally:
-            os.close(fd)
+    sizes = layout.file_sizes(dir_idx)
+    with Progress(f"preallocating SSD cache files in {path}", sum(sizes)) as progress:
+        for idx, size in enumerate(sizes):
+            name = os.path.join(path, _data_name(idx))
+            fd = os.open(name, os.O_CREAT | os.O_RDWR | os.O_TRUNC, 0o600)
+            try:
+                for offset in range(0, size, _PREALLOC_CHUNK_BYTES):  # in pieces, for the progress report
+                    os.posix_fallocate(fd, offset, min(_PREALLOC_CHUNK_BYTES, size - offset))
+                    progress(progress.done + min(_PREALLOC_CHUNK_BYTES, size - offset))
+            except OSError as e:
+                raise OSError(e.errno, f"cannot preallocate {size} bytes for the SSD cache: {e.strerror}",
+                              name) from None
+            finally:
+                os.close(fd)
     tmp = os.path.join(path, META_NAME + ".tmp")
     with open(tmp, "w") as f:
         json.dump(layout.meta(dir_idx), f)
@@ -175,10 +193,17 @@ class SSDStore:
     space, and an ``OSError`` naming the directory for a missing/unwritable one. ``clean=True``
     removes existing cache files first. ``try_direct_io=False`` (or env ``FLEXKV_SSD_NO_DIRECT=1``)
     skips O_DIRECT; when the file system refuses it, buffered I/O is used with one log line.
+
+    ``fingerprint`` names the KV layout (``kv_fingerprint``): a journal written for another one is
+    discarded (one log line). ``durable``: fdatasync the data files before appending a write's
+    journal records and the records before the write returns (False: records reach the page cache
+    only, which survives a process crash but not a power loss). ``checksum_threads`` 0: up to 4.
+    ``persist_index=False`` forgets what the journal holds at open (the tier starts cold).
     """
 
     def __init__(self, dirs: Sequence[str], num_blocks: int, block_bytes: int, max_file_bytes: int,
-                 depth: int = 512, clean: bool = False, try_direct_io: bool = True) -> None:
+                 depth: int = 512, clean: bool = False, try_direct_io: bool = True, fingerprint: str = "",
+                 durable: bool = True, checksum_threads: int = 0, persist_index: bool = True) -> None:
         self.dirs = [os.path.abspath(d) for d in dirs]
         self._check_config(num_blocks, block_bytes, max_file_bytes)
         slot_bytes = _round_up(block_bytes, SLOT_ALIGN)
@@ -188,6 +213,14 @@ class SSDStore:
         if clean:
             self.remove_files(self.dirs)
         self._prepare_files()
+        self.checksum_threads = checksum_threads or max(1, min(4, os.cpu_count() or 1, MAX_THREADS))
+        self.durable = durable
+        self.num_checksum_failures = 0
+        if not persist_index:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(os.path.join(self.dirs[0], JOURNAL_NAME))
+        self.journal = Journal(self.dirs[0], fingerprint, self.layout.meta(0), num_blocks, sync=durable)
+        self._verifier = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="ssd-verify")
         want_direct = try_direct_io and os.environ.get(NO_DIRECT_ENV, "") not in ("1", "true", "yes")
         self._engine = UringEngine(depth)
         self._direct_fds: list[list[int]] = []
@@ -199,8 +232,12 @@ class SSDStore:
         except BaseException:
             self.close()
             raise
+        logger.info("SSD store: %d of %d slots hold known blocks (journal %s)", self.journal.num_known,
+                    num_blocks, self.journal.path)
         logger.info("SSD store: %d blocks of %d bytes in %d dir(s), %s I/O, depth %d", num_blocks, block_bytes,
                     len(self.dirs), "O_DIRECT" if self.direct_io else "buffered", depth)
+
+    verify_chunk_bytes = 64 << 20  # reads are verified in chunks of this size while the next chunk is read
 
     def _check_config(self, num_blocks: int, block_bytes: int, max_file_bytes: int) -> None:
         if not self.dirs:
@@ -216,6 +253,11 @@ class SSDStore:
     def _prepare_files(self) -> None:
         """Reuse each dir's files when its metadata matches, else (re)create them."""
         stale = [i for i, path in enumerate(self.dirs) if not self._reusable(i, path)]
+        if stale:  # the journal names blocks in every dir: one recreated dir invalidates it
+            try:
+                os.unlink(os.path.join(self.dirs[0], JOURNAL_NAME))
+            except FileNotFoundError:
+                pass
         _check_space(self.dirs, {self.dirs[i]: sum(self.layout.file_sizes(i)) for i in stale})
         for i in stale:
             _create_files(self.dirs[i], self.layout, i)
@@ -277,25 +319,113 @@ class SSDStore:
         return os.path.join(self.dirs[int(d[0])], _data_name(int(f[0]))), int(off[0])
 
     def read_blocks(self, ssd_ids: npt.ArrayLike, pool_addr: int, pool_block_bytes: int,
-                    cpu_ids: npt.ArrayLike) -> ResultArray:
+                    cpu_ids: npt.ArrayLike, block_hashes: npt.ArrayLike | None = None) -> ResultArray:
         """Copy SSD block ``ssd_ids[i]`` into pool block ``cpu_ids[i]`` (at pool_addr + id * pool_block_bytes).
 
         Returns int32 results, 0 or -errno per block (-ENODATA: the slot's file is shorter than
-        expected). Raises ``ValueError`` only for programming errors (ids out of range, lengths
-        differ, pool stride smaller than block_bytes). O_DIRECT needs a 4 KiB-aligned pool address
+        expected; -EBADMSG: the bytes read do not match the checksum recorded when the slot was
+        written, the slot holds no known block, or it holds another block than ``block_hashes[i]``
+        names; the pool block then holds garbage and must not be used). Raises ``ValueError``
+        only for programming errors (ids out of range, lengths differ, pool stride smaller than
+        block_bytes). O_DIRECT needs a 4 KiB-aligned pool address
         and stride (so each block's slot padding fits in the pool; reads then also fill the pool
         bytes between block_bytes and slot_bytes); other pools get buffered I/O (one warning),
         which is slower but correct. Blocking; call from one thread.
         """
-        return self._rw(False, ssd_ids, pool_addr, pool_block_bytes, cpu_ids)
+        ssd = self._check_ids(ssd_ids, "ssd_ids", self.layout.num_blocks)
+        cpu = self._check_ids(cpu_ids, "cpu_ids", None)
+        if ssd.shape != cpu.shape:
+            raise ValueError(f"ssd_ids ({ssd.shape[0]}) and cpu_ids ({cpu.shape[0]}) differ in length")
+        n = ssd.shape[0]
+        hashes = self._hashes(block_hashes, n)
+        results = np.zeros(n, dtype=np.int32)
+        # Verify chunk k on the verifier thread while chunk k+1 is read (both release the GIL).
+        step = max(self._engine.depth, self.verify_chunk_bytes // self.layout.slot_bytes)
+        checks = []
+        for start in range(0, n, step):
+            sl = slice(start, min(n, start + step))
+            _, addrs, results[sl] = self._rw(False, ssd[sl], pool_addr, pool_block_bytes, cpu[sl])
+            checks.append(self._verifier.submit(self._verify, ssd[sl], addrs, None if hashes is None else hashes[sl],
+                                                results[sl]))
+        bad = [int(ssd[i]) for i in np.flatnonzero(results == -errno.EBADMSG)] if sum(
+            c.result() for c in checks) else []
+        if bad:
+            self.num_checksum_failures += len(bad)
+            logger.warning("SSD store: %d block(s) failed verification, first ssd block %d", len(bad), bad[0])
+        return results
+
+    def _verify(self, ssd: npt.NDArray[np.int64], addrs: npt.NDArray[np.uint64],
+                hashes: npt.NDArray[np.uint64] | None, results: ResultArray) -> int:
+        """Set ``results`` (a view) to -EBADMSG where a block read fine but does not verify; returns how many."""
+        rec = self.journal.table[ssd]
+        ok = results == 0
+        sums = checksum_blocks(addrs[ok], self.layout.block_bytes, rec["block_hash"][ok], self.checksum_threads)
+        good = (sums == rec["checksum"][ok]) & (rec["seq"][ok] != 0)
+        if hashes is not None:
+            good &= rec["block_hash"][ok] == hashes[ok]
+        bad = np.flatnonzero(ok)[~good]
+        results[bad] = -errno.EBADMSG
+        return int(bad.size)
 
     def write_blocks(self, ssd_ids: npt.ArrayLike, pool_addr: int, pool_block_bytes: int,
-                     cpu_ids: npt.ArrayLike) -> ResultArray:
-        """Copy pool block ``cpu_ids[i]`` into SSD block ``ssd_ids[i]``; results and errors as :meth:`read_blocks`."""
-        return self._rw(True, ssd_ids, pool_addr, pool_block_bytes, cpu_ids)
+                     cpu_ids: npt.ArrayLike, block_hashes: npt.ArrayLike | None = None,
+                     parent_hashes: npt.ArrayLike | None = None, depths: npt.ArrayLike | None = None) -> ResultArray:
+        """Copy pool block ``cpu_ids[i]`` into SSD block ``ssd_ids[i]``; results and errors as :meth:`read_blocks`.
+
+        ``block_hashes[i]`` is the block's key (its chained hash), ``depths[i]`` its index in its
+        prompt and ``parent_hashes[i]`` the key of the block before it (ignored at depth 0); they go
+        into the journal so a restarted server can rebuild the index. Without them the block is
+        keyed 0 at depth 0 (readable, not findable after a restart). When this returns, a block
+        with result 0 and its record are durable (``durable``) or at least in the page cache.
+        """
+        ssd = self._check_ids(ssd_ids, "ssd_ids", self.layout.num_blocks)
+        n = ssd.shape[0]
+        hashes = self._hashes(block_hashes, n)
+        hashes = hashes if hashes is not None else np.zeros(n, dtype=np.uint64)
+        parents = self._hashes(parent_hashes, n)
+        parents = parents if parents is not None else np.zeros(n, dtype=np.uint64)
+        levels = np.zeros(n, dtype=np.int64) if depths is None else np.asarray(depths, dtype=np.int64)
+        if levels.shape != (n,) or (levels < 0).any():
+            raise ValueError(f"depths must be {n} non-negative ints")
+        cpu = self._check_ids(cpu_ids, "cpu_ids", None)
+        if cpu.shape != ssd.shape:
+            raise ValueError(f"ssd_ids ({n}) and cpu_ids ({cpu.shape[0]}) differ in length")
+        self._use_direct(pool_addr, pool_block_bytes)  # ValueError for a bad pool before anything runs
+        addrs = pool_addr + cpu.astype(np.uint64) * np.uint64(pool_block_bytes)
+        # The checksums (of the bytes being written: the pool blocks are locked) run beside the write.
+        sums_f = self._verifier.submit(checksum_blocks, addrs, self.layout.block_bytes, hashes, self.checksum_threads)
+        ssd, _, results = self._rw(True, ssd, pool_addr, pool_block_bytes, cpu)
+        sums = sums_f.result()
+        self.journal.forget(ssd[results != 0])  # partly written: the slot's bytes are unknown
+        ok = np.flatnonzero(results == 0)
+        try:
+            if self.durable and ok.size:
+                self._sync_data(ssd[ok])
+            self.journal.append(ssd[ok], hashes[ok], parents[ok], levels[ok], sums[ok])
+        except OSError as e:
+            logger.error("SSD store: syncing a write of %d block(s) failed: %s", ok.size, e)
+            results[ok] = -(e.errno or errno.EIO)
+        return results
+
+    @staticmethod
+    def _hashes(values: npt.ArrayLike | None, n: int) -> npt.NDArray[np.uint64] | None:
+        if values is None:
+            return None
+        arr = np.asarray(values)
+        if arr.shape != (n,) or (arr.size and arr.dtype.kind not in "iu"):
+            raise ValueError(f"block hashes must be {n} unsigned ints, got shape {arr.shape} dtype {arr.dtype}")
+        return arr.astype(np.uint64, copy=False)
+
+    def _sync_data(self, ssd: npt.NDArray[np.int64]) -> None:
+        """fdatasync every data file holding one of these blocks (O_DIRECT bytes may sit in the drive's cache)."""
+        d, f, _ = self.layout.locate(ssd)
+        fds = self._direct_fds or self._buffered_fds
+        for dir_idx, file_idx in set(zip(d.tolist(), f.tolist(), strict=True)):
+            os.fdatasync(fds[dir_idx][file_idx])
 
     def _rw(self, is_write: bool, ssd_ids: npt.ArrayLike, pool_addr: int, pool_block_bytes: int,
-            cpu_ids: npt.ArrayLike) -> ResultArray:
+            cpu_ids: npt.ArrayLike) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.uint64], ResultArray]:
+        """(ssd ids, pool addresses, results) of one batch."""
         ssd = self._check_ids(ssd_ids, "ssd_ids", self.layout.num_blocks)
         cpu = self._check_ids(cpu_ids, "cpu_ids", None)
         if ssd.shape != cpu.shape:
@@ -306,9 +436,9 @@ class SSDStore:
         io = self._engine.write if is_write else self._engine.read
         io_len = self.layout.slot_bytes if use_direct else self.layout.block_bytes
         try:
-            return io(self._fd_tables[use_direct][d, f], offsets, addrs, io_len, fixed_files=True)
+            return ssd, addrs, io(self._fd_tables[use_direct][d, f], offsets, addrs, io_len, fixed_files=True)
         except OSError as e:
-            return self._recover(e, ssd.shape[0])
+            return ssd, addrs, self._recover(e, ssd.shape[0])
 
     def _recover(self, err: OSError, n: int) -> ResultArray:
         """The ring itself failed: fail the whole batch and start a fresh ring."""
@@ -346,7 +476,11 @@ class SSDStore:
         return False
 
     def close(self) -> None:
-        """Close the ring and the files (the files stay on disk for reuse). Idempotent."""
+        """Close the ring, the journal and the files (the files stay on disk for reuse). Idempotent."""
+        if hasattr(self, "journal"):
+            self.journal.close()
+        if hasattr(self, "_verifier"):
+            self._verifier.shutdown()
         self._engine.close()
         _close_all(self._direct_fds)
         _close_all(self._buffered_fds)
@@ -363,7 +497,8 @@ class SSDStore:
     def remove_files(dirs: Sequence[str]) -> None:
         """Delete flexkv's cache files (data + metadata) from ``dirs``; other files and the dirs stay."""
         for path in dirs:
-            for name in [*glob.glob(os.path.join(path, DATA_GLOB)), os.path.join(path, META_NAME)]:
+            for name in [*glob.glob(os.path.join(path, DATA_GLOB)), os.path.join(path, META_NAME),
+                         os.path.join(path, JOURNAL_NAME), os.path.join(path, LOCK_NAME)]:
                 try:
                     os.unlink(name)
                 except FileNotFoundError:

@@ -26,6 +26,13 @@ def _require(ok: bool, field: str, msg: str) -> None:
         raise ConfigError(f"{field}: {msg}")
 
 
+def _require_fraction(value: object, field: str, low_open: bool) -> None:
+    """A number in (0, 1] (``low_open``) or [0, 1]."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and (0 < value <= 1 if low_open
+                                                                             else 0 <= value <= 1)
+    _require(ok, field, f"must be a number in {'(0' if low_open else '[0'}, 1], got {value!r}")
+
+
 def _require_int(value: object, field: str, minimum: int) -> None:
     _require(isinstance(value, int) and not isinstance(value, bool), field,
              f"must be an integer, got {value!r}")
@@ -101,22 +108,33 @@ class ModelConfig:
 class RemoteBackend(enum.Enum):
     REDIS = "redis"
     FILESYSTEM = "filesystem"
+    MOONCAKE = "mooncake"  # Mooncake Store: host/port name its master (docs/remote.md)
 
 
 @dataclasses.dataclass(frozen=True)
 class RemoteConfig:
-    """Where the remote tier lives. Redis/Valkey by host/port, or a shared filesystem path."""
+    """Where the remote tier lives: Redis/Valkey by host/port, a shared filesystem path, or a
+    Mooncake Store master by host/port. docs/remote.md describes every field."""
 
     backend: RemoteBackend | str = RemoteBackend.REDIS
     host: str = "127.0.0.1"
     port: int = 6379
     password: str | None = None
+    username: str | None = None  # Redis ACL user (AUTH username password); None = the default user
     db: int = 0
     tls: bool = False
+    tls_ca_file: str = ""  # CA bundle that signed the server's certificate; "" = the system CAs
+    tls_cert_file: str = ""  # client certificate + key for servers that verify clients ("" = none)
+    tls_key_file: str = ""
     path: str = ""
     key_prefix: str = "flexkv"
     ttl_s: int = 0  # 0 = keys never expire
     required: bool = True  # unreachable at start: error (True) or warn and disable the tier (False)
+    lookup_timeout_ms: int = 5  # the server loop waits at most this long for an existence check
+    mooncake_local_hostname: str = "127.0.0.1"  # address other Mooncake clients reach this one at
+    mooncake_protocol: str = "tcp"  # "tcp" or "rdma"
+    mooncake_device: str = ""  # RDMA device(s), e.g. "mlx5_0"; "" for tcp
+    mooncake_segment_mb: int = 0  # DRAM each remote worker contributes to the store (0 = none)
 
     def __post_init__(self) -> None:
         try:
@@ -128,6 +146,12 @@ class RemoteConfig:
         _require(self.port <= 65535, "remote.port", f"must be <= 65535, got {self.port}")
         _require_int(self.db, "remote.db", 0)
         _require_int(self.ttl_s, "remote.ttl_s", 0)
+        _require_int(self.lookup_timeout_ms, "remote.lookup_timeout_ms", 0)
+        _require_int(self.mooncake_segment_mb, "remote.mooncake_segment_mb", 0)
+        _require(self.mooncake_protocol in ("tcp", "rdma"), "remote.mooncake_protocol",
+                 f"must be tcp or rdma, got {self.mooncake_protocol!r}")
+        _require(bool(self.tls_cert_file) == bool(self.tls_key_file), "remote.tls_cert_file",
+                 "tls_cert_file and tls_key_file go together")
         _require(bool(self.key_prefix) and "{" not in self.key_prefix and "}" not in self.key_prefix,
                  "remote.key_prefix", f"must be non-empty without braces, got {self.key_prefix!r}")
         if self.backend is RemoteBackend.FILESYSTEM:
@@ -146,10 +170,39 @@ class CacheConfig:
     ssd_cache_dir: tuple[str, ...] | str = ()  # a list or a ";"-separated string is accepted too
     ssd_max_file_bytes: int = 64 * GIB
     io_uring_depth: int = 512
+    ssd_persist_index: bool = True  # find the SSD tier's blocks again after a restart (the journal)
+    ssd_durable_writes: bool = True  # fdatasync SSD data, then its journal records, before a write is done
     enable_remote: bool = False
     num_remote_blocks: int = 0  # remote capacity we account for; 0 = the store decides (unbounded)
     remote: RemoteConfig = dataclasses.field(default_factory=RemoteConfig)
-    eviction_policy: EvictionPolicy | str = EvictionPolicy.LRU
+    eviction_policy: EvictionPolicy | str = EvictionPolicy.LRU  # every tier's, unless overridden below
+    eviction_policy_cpu: EvictionPolicy | str | None = None
+    eviction_policy_ssd: EvictionPolicy | str | None = None
+    eviction_policy_remote: EvictionPolicy | str | None = None
+    # Policy knobs; defaults are the best of those tried on the conversation trace (docs/benchmarks.md).
+    hit_reward_seconds: float = 30.0  # flru: grace time one hit adds to a node
+    slru_promote_hits: int = 2  # slru: hits that move a node into the protected segment
+    slru_protected_ratio: float = 0.2  # slru: largest share of a tier's evictable blocks kept protected
+    # Proactive eviction: once a tier is fuller than evict_start_threshold (a fraction of its blocks),
+    # the server's idle tick evicts evict_ratio of the tier, so puts under pressure find free blocks
+    # instead of evicting while they match. 1.0 = evict only when an allocation needs room.
+    evict_start_threshold: float = 1.0
+    evict_ratio: float = 0.05
+    # Operations (docs/operations.md): Prometheus /metrics (0 = off) and the request trace ("" = off).
+    metrics_port: int = 0
+    metrics_address: str = "127.0.0.1"
+    trace_path: str = ""
+    trace_max_mb: float = 64.0
+    trace_backups: int = 3
+    match_ttl_s: float = 600.0  # a get_match/put_match never launched is released after this long
+    result_cache_bytes: int = 32 << 20  # bound of the server's cache of finished results
+
+    def policy_of(self, tier: str) -> EvictionPolicy:
+        """The eviction policy of ``tier`` ("cpu", "ssd", "remote")."""
+        override = getattr(self, f"eviction_policy_{tier}")
+        policy = self.eviction_policy if override is None else override
+        assert isinstance(policy, EvictionPolicy)
+        return policy
 
     def __post_init__(self) -> None:
         dirs = self.ssd_cache_dir
@@ -158,13 +211,24 @@ class CacheConfig:
         _require(all(isinstance(d, str) and d for d in dirs), "ssd_cache_dir",
                  f"must be non-empty directory paths, got {dirs!r}")
         object.__setattr__(self, "ssd_cache_dir", tuple(dirs))
-        for flag in ("enable_cpu", "enable_ssd", "enable_remote"):
+        for flag in ("enable_cpu", "enable_ssd", "enable_remote", "ssd_persist_index", "ssd_durable_writes"):
             _require(isinstance(getattr(self, flag), bool), flag, f"must be a bool, got {getattr(self, flag)!r}")
-        try:
-            object.__setattr__(self, "eviction_policy", EvictionPolicy(self.eviction_policy))
-        except ValueError:
-            allowed = ", ".join(p.value for p in EvictionPolicy)
-            raise ConfigError(f"eviction_policy: unsupported {self.eviction_policy!r}; allowed: {allowed}") from None
+        for name in ("eviction_policy", "eviction_policy_cpu", "eviction_policy_ssd", "eviction_policy_remote"):
+            value = getattr(self, name)
+            if value is None and name != "eviction_policy":
+                continue
+            try:
+                object.__setattr__(self, name, EvictionPolicy(value))
+            except ValueError:
+                allowed = ", ".join(p.value for p in EvictionPolicy)
+                raise ConfigError(f"{name}: unsupported {value!r}; allowed: {allowed}") from None
+        _require_fraction(self.slru_protected_ratio, "slru_protected_ratio", low_open=True)
+        _require_fraction(self.evict_start_threshold, "evict_start_threshold", low_open=True)
+        _require_fraction(self.evict_ratio, "evict_ratio", low_open=True)
+        _require_int(self.slru_promote_hits, "slru_promote_hits", 1)
+        _require(isinstance(self.hit_reward_seconds, (int, float)) and not isinstance(self.hit_reward_seconds, bool)
+                 and 0 <= self.hit_reward_seconds < float("inf"), "hit_reward_seconds",
+                 f"must be a finite number >= 0, got {self.hit_reward_seconds!r}")
         t = self.tokens_per_block
         _require_int(t, "tokens_per_block", 1)
         _require(t & (t - 1) == 0, "tokens_per_block", f"must be a power of two, got {t}")
@@ -180,6 +244,23 @@ class CacheConfig:
             _require(len(self.ssd_cache_dir) > 0, "ssd_cache_dir",
                      "needs at least one directory when enable_ssd is set")
         _require(isinstance(self.remote, RemoteConfig), "remote", "must be a RemoteConfig")
+        ttl = self.match_ttl_s
+        _require(isinstance(ttl, int | float) and not isinstance(ttl, bool) and math.isfinite(ttl) and ttl > 0,
+                 "match_ttl_s", f"must be a finite number of seconds > 0, got {ttl!r}")
+        _require_int(self.result_cache_bytes, "result_cache_bytes", 1 << 16)
+
+        self._check_operations()
+
+    def _check_operations(self) -> None:
+        _require_int(self.metrics_port, "metrics_port", 0)
+        _require(self.metrics_port <= 65535, "metrics_port", f"must be <= 65535, got {self.metrics_port}")
+        _require(isinstance(self.metrics_address, str) and bool(self.metrics_address), "metrics_address",
+                 f"must be a host address, got {self.metrics_address!r}")
+        _require(isinstance(self.trace_path, str), "trace_path", f"must be a file path, got {self.trace_path!r}")
+        _require(isinstance(self.trace_max_mb, (int, float)) and not isinstance(self.trace_max_mb, bool)
+                 and math.isfinite(self.trace_max_mb) and self.trace_max_mb > 0, "trace_max_mb",
+                 f"must be > 0, got {self.trace_max_mb!r}")
+        _require_int(self.trace_backups, "trace_backups", 0)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,19 +274,44 @@ _USER_KEYS: dict[str, type] = {
     "ssd_max_file_gb": float,
     "tokens_per_block": int,
     "io_uring_depth": int,
+    "ssd_persist_index": bool,
+    "ssd_durable_writes": bool,
     "eviction_policy": str,
+    "eviction_policy_cpu": str,
+    "eviction_policy_ssd": str,
+    "eviction_policy_remote": str,
+    "hit_reward_seconds": float,
+    "slru_promote_hits": int,
+    "slru_protected_ratio": float,
+    "evict_start_threshold": float,
+    "evict_ratio": float,
+    "match_ttl_s": float,
     "enable_remote": bool,
     "remote_cache_gb": float,
     "remote_backend": str,
     "remote_host": str,
     "remote_port": int,
     "remote_password": str,
+    "remote_username": str,
     "remote_db": int,
     "remote_tls": bool,
+    "remote_tls_ca_file": str,
+    "remote_tls_cert_file": str,
+    "remote_tls_key_file": str,
+    "remote_lookup_timeout_ms": int,
+    "remote_mooncake_local_hostname": str,
+    "remote_mooncake_protocol": str,
+    "remote_mooncake_device": str,
+    "remote_mooncake_segment_mb": int,
     "remote_path": str,
     "remote_key_prefix": str,
     "remote_ttl_s": int,
     "remote_required": bool,
+    "metrics_port": int,
+    "metrics_address": str,
+    "trace_path": str,
+    "trace_max_mb": float,
+    "trace_backups": int,
 }
 # FLEXKV_* variables that are not config keys (read elsewhere; docs/config.md lists them).
 _NON_CONFIG_ENV = {
@@ -213,8 +319,13 @@ _NON_CONFIG_ENV = {
     "FLEXKV_DP_CLIENT_ID",  # the vLLM connector in server mode (docs/vllm.md)
     "FLEXKV_CUDART", "FLEXKV_CUDART_DIR", "FLEXKV_SSD_NO_DIRECT",  # where CUDA is; no O_DIRECT
     "FLEXKV_LANE_DEPTH", "FLEXKV_STAGING_MIB", "FLEXKV_HOST_LANES",  # worker tuning (docs/gpu.md)
+    "FLEXKV_WORKER_RESTARTS", "FLEXKV_WORKER_RESTART_WINDOW_S",  # restart budget (scheduler/supervisor.py)
+    "FLEXKV_CURVE_SERVER_SECRET", "FLEXKV_CURVE_AUTHORIZED_KEYS",  # CurveZMQ, server (flexkv/security.py)
+    "FLEXKV_CURVE_SERVER_KEY", "FLEXKV_CURVE_CLIENT_SECRET",  # CurveZMQ, client
     "FLEXKV_NVCC", "FLEXKV_SKIP_EXTENSIONS", "FLEXKV_SKIP_APT", "FLEXKV_TORCH_SPEC", "FLEXKV_SKIP_TORCH",  # build
+    "FLEXKV_SKIP_MOONCAKE",  # build: no Mooncake client
     "FLEXKV_TEST_CUDARTS",  # tests: extra libcudart files to run the BATCH ABI test under
+    "FLEXKV_PROGRESS",  # progress reports: bar, lines or off (flexkv/progress.py)
 }
 
 
@@ -302,6 +413,8 @@ def cache_config_from_user(model: ModelConfig, values: Mapping[str, Any]) -> Cac
         kw["num_cpu_blocks"] = _gb_to_blocks("cpu_cache_gb", values["cpu_cache_gb"], block_bytes)
         if kw["num_cpu_blocks"] < 1:
             raise ConfigError(f"cpu_cache_gb: {values['cpu_cache_gb']} GiB holds no {block_bytes}-byte block")
+    if values.get("ssd_cache_gb", 0) < 0:
+        raise ConfigError(f"ssd_cache_gb: must be >= 0 (0 = no SSD tier), got {values['ssd_cache_gb']}")
     if values.get("ssd_cache_gb", 0) > 0:
         kw["enable_ssd"] = True
         kw["num_ssd_blocks"] = _gb_to_blocks("ssd_cache_gb", values["ssd_cache_gb"], block_bytes)
@@ -312,7 +425,11 @@ def cache_config_from_user(model: ModelConfig, values: Mapping[str, Any]) -> Cac
         if values["ssd_max_file_gb"] <= 0:
             raise ConfigError(f"ssd_max_file_gb: must be > 0, got {values['ssd_max_file_gb']}")
         kw["ssd_max_file_bytes"] = int(values["ssd_max_file_gb"] * GIB)
-    for key in ("io_uring_depth", "eviction_policy", "enable_remote"):
+    for key in ("io_uring_depth", "eviction_policy", "enable_remote", "eviction_policy_cpu", "eviction_policy_ssd",
+                "eviction_policy_remote", "hit_reward_seconds", "slru_promote_hits", "slru_protected_ratio",
+                "evict_start_threshold", "evict_ratio", "ssd_persist_index", "ssd_durable_writes", "metrics_port",
+                "metrics_address", "trace_path", "trace_max_mb", "trace_backups", "match_ttl_s",
+                "result_cache_bytes"):
         if key in values:
             kw[key] = values[key]
     if "remote_cache_gb" in values:

@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from flexkv.native._cudacopy import ffi, lib
+from flexkv.native.blockids import out_of_range
 from flexkv.types import FlexKVError, InvalidRequest, OpType
 
 PTX_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "copy_kernels.ptx")
@@ -230,13 +231,13 @@ class CopyRequest(NamedTuple):
         return int(self.engine_ids.size) * int(self.bases.size) * self.chunk_bytes
 
 
-def _ids(name: str, ids: Any, limit: int, limit_name: str) -> IdArray:
+def _ids(name: str, ids: Any, limit: int) -> IdArray:
     if not isinstance(ids, np.ndarray) or ids.dtype != np.int64 or ids.ndim != 1:
         desc = f"{ids.dtype} array of shape {ids.shape}" if isinstance(ids, np.ndarray) else type(ids).__name__
         raise InvalidRequest(f"{name} must be a 1-D int64 numpy array, got {desc}")
-    if ids.size and (int(ids.min()) < 0 or int(ids.max()) >= limit):
-        bad = int(ids[(ids < 0) | (ids >= limit)][0])
-        raise InvalidRequest(f"{name} holds {bad}, outside [0, {limit_name}={limit})")
+    err = out_of_range(name, ids, limit)
+    if err is not None:
+        raise err
     return np.ascontiguousarray(ids)
 
 
@@ -275,8 +276,8 @@ def prepare_copy(direction: OpType, table: Any, pool_addr: int, pool_block_bytes
         raise InvalidRequest(f"table has chunk_bytes={chunk_bytes}, block_stride={stride}, num_blocks={num_blocks}; "
                              "need 0 < chunk_bytes <= block_stride and num_blocks > 0")
     _check_pool(table.bases, pool_chunk_offsets, chunk_bytes, pool_addr, pool_block_bytes, pool_num_blocks)
-    eng = _ids("engine_ids", engine_ids, num_blocks, "table.num_blocks")
-    pool = _ids("pool_ids", pool_ids, pool_num_blocks, "pool_num_blocks")
+    eng = _ids("engine_ids", engine_ids, num_blocks)
+    pool = _ids("pool_ids", pool_ids, pool_num_blocks)
     if eng.size != pool.size:
         raise InvalidRequest(f"engine_ids has {eng.size} entries but pool_ids has {pool.size}")
     dst_name, dst = ("pool_ids", pool) if direction is OpType.D2H else ("engine_ids", eng)

@@ -18,6 +18,7 @@ import numpy.typing as npt
 
 from flexkv.layout import ChunkTable
 from flexkv.native._hostcopy import ffi, lib
+from flexkv.native.blockids import out_of_range
 from flexkv.types import InvalidRequest, OpType
 
 MIN_BYTES_PER_THREAD: int = lib.FLEXKV_HOSTCOPY_MIN_BYTES_PER_THREAD
@@ -92,10 +93,9 @@ def _check_pool(addr: int, block_bytes: int, num_blocks: int, offsets: npt.NDArr
 def _range_error(engine_ids: npt.NDArray[np.int64], pool_ids: npt.NDArray[np.int64],
                  engine_num_blocks: int, pool_num_blocks: int) -> InvalidRequest:
     for name, ids, limit in (("engine_ids", engine_ids, engine_num_blocks), ("pool_ids", pool_ids, pool_num_blocks)):
-        bad = np.flatnonzero((ids < 0) | (ids >= limit))
-        if bad.size:
-            i = int(bad[0])
-            return InvalidRequest(f"{name}[{i}] = {int(ids[i])} out of range [0, {limit}); nothing was copied")
+        err = out_of_range(name, ids, limit)
+        if err is not None:
+            return err
     return InvalidRequest("block id out of range; nothing was copied")
 
 

@@ -2,8 +2,13 @@
 
 Requests that expect an answer carry ``req_id``; the reply echoes it. ``GetAsyncMsg``, ``PutAsyncMsg``,
 ``LaunchMsg`` and ``CancelMsg`` are fire-and-forget: task ids are chosen by the client (unique per
-client), so no reply is needed and errors surface at ``wait`` as FAILED with a message.
+session), so no reply is needed and errors surface at ``wait`` as FAILED with a message.
 Raw frames that follow a message are listed in its docstring.
+
+Sessions (incarnations): ``HelloMsg`` opens a session; the reply's ``info["session_id"]`` names it and
+every later message of that connection carries it. Task ids, reservations and results belong to the
+session and go with it (``ByeMsg``, or the client's process dying). The server refuses a message from a
+connection that never said hello, for a session that is not live, or claiming another client id.
 """
 
 from __future__ import annotations
@@ -12,9 +17,10 @@ import msgspec
 
 
 class ClientMsg(msgspec.Struct, frozen=True, tag=True, kw_only=True):
-    """Base of every engine -> server message."""
+    """Base of every engine -> server message. ``session_id``: the one the server gave at hello."""
 
     client_id: int
+    session_id: int = 0
 
 
 class HelloMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
@@ -54,6 +60,14 @@ class PutAsyncMsg(GetAsyncMsg, frozen=True, tag=True, kw_only=True):
     """Like GetAsyncMsg for a PUT."""
 
 
+class PrefetchMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
+    """Match a GET and start staging its SSD/remote hits into CPU, with no engine destination; no
+    reply (errors at wait). Frames: token_ids (int64)."""
+
+    task_id: int
+    namespace: list[str] | None = None
+
+
 class LaunchMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
     """Bind GPU slots of matched tasks and start them, no reply. Frames: one slot_mapping per task id."""
 
@@ -61,11 +75,14 @@ class LaunchMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
 
 
 class CancelMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
+    """Cancel tasks matched but not yet launched; a launched task is not cancelled (it ends on its own)."""
+
     task_ids: list[int]
 
 
 class WaitMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
-    """Reply (when every task is final or the timeout passed): WaitReplyMsg + one mask frame per task."""
+    """Reply (when every task is final or the timeout passed): WaitReplyMsg + one mask frame per task.
+    ``timeout_s`` must be finite and in [0, MAX_WAIT_S]; anything else is refused."""
 
     req_id: int
     task_ids: list[int]
@@ -91,18 +108,29 @@ class RegisterKVMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
     cuda_handles: list[bytes] = []  # one cudaIpcMemHandle_t (64 bytes) per tensor, for CUDA buffers
     cuda_event: bytes = b""  # cudaIpcEventHandle_t of the rank's "KV written" event; D2H copies wait on it
     engine_side: bool = False  # the engine runs the device worker itself (DESIGN §7b); the reply has its spec
+    layer_progress: str | None = None  # shared-memory segment of the rank's layer progress table (flexkv.layerwise)
+
+
+class ByeMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
+    """The client closes its session: its tasks, reservations, waits, results and registrations are
+    dropped (ops already running finish first; their results are discarded). Reply: OkReplyMsg."""
+
+    req_id: int
 
 
 class QueryMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
-    """``what``: "is_ready" | "stats" | "check" (runs check_invariants) | "shutdown"."""
+    """``what``: "is_ready" | "stats" | "check" (runs check_invariants) | "reset" (drop every tier's
+    index) | "shutdown"."""
 
     req_id: int
     what: str
 
 
+MAX_WAIT_S = 3600.0  # longest single WaitMsg; KVManager.wait(timeout=inf) waits in steps of this
+
 ClientRequest = (
-    HelloMsg | GetMatchMsg | PutMatchMsg | GetAsyncMsg | PutAsyncMsg | LaunchMsg | CancelMsg | WaitMsg | RegisterKVMsg
-    | QueryMsg
+    HelloMsg | GetMatchMsg | PutMatchMsg | GetAsyncMsg | PutAsyncMsg | PrefetchMsg | LaunchMsg | CancelMsg | WaitMsg
+    | RegisterKVMsg | ByeMsg | QueryMsg
 )
 
 

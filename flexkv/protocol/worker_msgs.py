@@ -28,10 +28,20 @@ class WorkerHelloMsg(WorkerMsg, frozen=True, tag=True, kw_only=True):
 
 
 class OpsDoneMsg(WorkerMsg, frozen=True, tag=True, kw_only=True):
-    """Completions. ``errors[i]`` is "" for success, else a message naming what failed."""
+    """Completions. ``errors[i]`` is "" for success, else a message naming what failed.
+    ``corrupt_at`` (empty, or one per op): for a failed DISK2H whose bytes failed verification, the
+    index of its first corrupt block (the blocks before it were verified); -1 otherwise.
+
+    The worker's own figures ride along for the server's metrics and trace (empty/0 from a worker that
+    does not measure): ``num_bytes[i]`` the bytes this worker moved for op i, ``queue_s[i]`` the seconds
+    op i waited in the worker before its batch started, ``busy_s`` the seconds the batch ran."""
 
     op_ids: list[int]
     errors: list[str]
+    corrupt_at: list[int] = []
+    num_bytes: list[int] = []
+    queue_s: list[float] = []
+    busy_s: float = 0.0
 
 
 class WorkerByeMsg(WorkerMsg, frozen=True, tag=True, kw_only=True):
@@ -48,10 +58,12 @@ class ServerToWorker(msgspec.Struct, frozen=True, tag=True, kw_only=True):
 
 
 class ExecuteOpMsg(ServerToWorker, frozen=True, tag=True, kw_only=True):
-    """Frames: src block ids (int64), dst block ids (int64), then block hashes (uint64) for remote ops."""
+    """Frames: src block ids (int64), dst block ids (int64), then block hashes (uint64) for remote ops.
+    ``task_id``: the client's id of the op's task (device workers publish layer-wise progress under it)."""
 
     op_id: int
     op_type: int
+    task_id: int = -1
 
 
 class HelloAcceptedMsg(ServerToWorker, frozen=True, tag=True, kw_only=True):

@@ -1,4 +1,4 @@
-"""The remote tier's stores: Redis/Valkey (standalone or cluster) and a shared filesystem path.
+"""The remote tier's stores: Redis/Valkey (standalone or cluster), a shared filesystem path, Mooncake Store.
 
 Used by remote worker processes (bytes) and by the server (existence checks for the remote index).
 ``open_remote_store`` picks the backend from the config and
@@ -14,6 +14,7 @@ from .fs_store import FilesystemStore
 from .redis_store import RedisStore
 
 __all__ = ["FilesystemStore", "RedisStore", "RemoteStore", "RemoteUnavailable", "open_remote_store"]
+# MooncakeStore (flexkv.remote.mooncake_store) is imported only when configured: its package is optional.
 
 
 def open_remote_store(config: RemoteConfig, namespace_tag: str = "", *, connect_timeout_s: float = 1.0,
@@ -29,6 +30,10 @@ def open_remote_store(config: RemoteConfig, namespace_tag: str = "", *, connect_
     store: RemoteStore
     if config.backend is RemoteBackend.FILESYSTEM:
         store = FilesystemStore(config, namespace_tag)
+    elif config.backend is RemoteBackend.MOONCAKE:
+        from .mooncake_store import MooncakeStore
+
+        store = MooncakeStore(config, namespace_tag, connect_timeout_s=connect_timeout_s)
     else:
         store = RedisStore(config, namespace_tag, connect_timeout_s=connect_timeout_s, op_timeout_s=op_timeout_s)
     try:

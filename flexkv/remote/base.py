@@ -118,8 +118,9 @@ class RemoteStore(abc.ABC):
     and copied to/from the shared-memory CPU pool, where block ``i`` lives at
     ``pool_addr + i * pool_block_bytes`` and its first ``block_bytes`` bytes are the block.
     The caller guarantees every ``cpu_ids`` slot lies inside the mapped pool. Every method raises
-    :class:`RemoteUnavailable` when the store cannot be reached (a per-block problem never does),
-    and ``InvalidRequest`` for malformed arguments.
+    :class:`RemoteUnavailable` when the store cannot be reached (a per-block problem never does;
+    in a sharded store one unreachable shard makes only its blocks fail, as misses), and
+    ``InvalidRequest`` for malformed arguments.
     """
 
     @abc.abstractmethod
@@ -136,6 +137,10 @@ class RemoteStore(abc.ABC):
         Missing, wrong-sized or corrupt values are False (corrupt ones logged). A False slot's bytes
         are undefined (it may hold the unverified data) and must not be published.
         """
+
+    def register_pool(self, pool_addr: int, pool_nbytes: int) -> None:  # noqa: B027 - optional hook
+        """The CPU pool every later call names lives at ``[pool_addr, pool_addr + pool_nbytes)``:
+        backends that must register memory for zero-copy transfers (Mooncake) do it once here."""
 
     @abc.abstractmethod
     def count_prefix(self, hashes: np.ndarray) -> int:

@@ -35,6 +35,17 @@ def kvm() -> Iterator[KVManager]:
     bufs.close()
 
 
+def _hello(sock: zmq.Socket[bytes]) -> int:
+    """Open a session on a raw DEALER (this process's pid); returns its id."""
+    import os
+
+    sock.send_multipart(CLIENT_REQUESTS.encode(cm.HelloMsg(client_id=0, req_id=1, pid=os.getpid(), host="x",
+                                                           role="manager")))
+    reply, _ = SERVER_REPLIES.decode(sock.recv_multipart())
+    assert isinstance(reply, cm.OkReplyMsg)
+    return int(reply.info["session_id"])
+
+
 def _free(kvm: KVManager) -> int:
     return int(kvm.stats()["cpu_free_blocks"])
 
@@ -87,8 +98,8 @@ def test_misaligned_slot_mapping_fails_the_task_and_leaks_nothing(kvm: KVManager
 
 def test_unknown_task_ids_and_relaunch_with_a_different_mapping(kvm: KVManager) -> None:
     assert kvm.wait(987654, timeout=1)[987654].status is TaskStatus.NOTFOUND
-    kvm.launch([424242], [np.arange(4, dtype=np.int64)])  # never matched: FAILED at wait, not a crash
-    assert kvm.wait(424242, timeout=2)[424242].status is TaskStatus.FAILED
+    with pytest.raises(InvalidRequest, match="was not returned by get_match"):
+        kvm.launch([424242], [np.arange(4, dtype=np.int64)])  # never matched: refused before it is sent
     kvm.cancel([31337])  # unknown: ignored
     toks = tokens(2 * T, seed=3)
     tid, _ = kvm.put_match(toks)
@@ -126,11 +137,17 @@ def test_raw_garbage_on_the_client_socket_gets_an_error_reply(kvm: KVManager) ->
             sock.send_multipart(frames)
             reply, _ = SERVER_REPLIES.decode(sock.recv_multipart())
             assert isinstance(reply, cm.ErrorReplyMsg) and reply.kind == "ProtocolError"
+        sock.send_multipart(CLIENT_REQUESTS.encode(cm.QueryMsg(client_id=0, req_id=4, what="stats")))
+        reply, _ = SERVER_REPLIES.decode(sock.recv_multipart())
+        assert isinstance(reply, cm.ErrorReplyMsg) and "never said hello" in reply.error
+        session = _hello(sock)
         # a well-formed message with missing frames and one with a bad query
-        sock.send_multipart(CLIENT_REQUESTS.encode(cm.GetMatchMsg(client_id=0, req_id=5, task_id=10**9)))
+        sock.send_multipart(CLIENT_REQUESTS.encode(cm.GetMatchMsg(client_id=0, session_id=session, req_id=5,
+                                                                  task_id=10**9)))
         reply, _ = SERVER_REPLIES.decode(sock.recv_multipart())
         assert isinstance(reply, cm.ErrorReplyMsg) and "frames" in reply.error
-        sock.send_multipart(CLIENT_REQUESTS.encode(cm.QueryMsg(client_id=0, req_id=6, what="nope")))
+        sock.send_multipart(CLIENT_REQUESTS.encode(cm.QueryMsg(client_id=0, session_id=session, req_id=6,
+                                                               what="nope")))
         reply, _ = SERVER_REPLIES.decode(sock.recv_multipart())
         assert isinstance(reply, cm.ErrorReplyMsg) and reply.req_id == 6 and "unknown query" in reply.error
         sock.send_multipart(CLIENT_REQUESTS.encode(cm.HelloMsg(client_id=99, req_id=7, pid=1, host="x", role="x")))
@@ -194,10 +211,11 @@ def test_the_kv_written_event_needs_cuda_tensors(kvm: KVManager) -> None:
     sock.setsockopt(zmq.RCVTIMEO, 5000)
     sock.connect(kvm.server_address)
     try:
+        session = _hello(sock)
         sock.send_multipart(CLIENT_REQUESTS.encode(cm.RegisterKVMsg(
-            client_id=0, req_id=8, tp_rank=0, device_id=0, layout_kind=lay.kind.value, num_blocks=lay.num_blocks,
-            tokens_per_block=lay.tokens_per_block, num_heads=lay.num_heads, head_size=lay.head_size,
-            itemsize=lay.itemsize, num_layers=lay.num_layers, host_segment=bufs.segment.name,
+            client_id=0, session_id=session, req_id=8, tp_rank=0, device_id=0, layout_kind=lay.kind.value,
+            num_blocks=lay.num_blocks, tokens_per_block=lay.tokens_per_block, num_heads=lay.num_heads,
+            head_size=lay.head_size, itemsize=lay.itemsize, num_layers=lay.num_layers, host_segment=bufs.segment.name,
             tensor_offsets=bufs.offsets, cuda_event=b"\x01" * 64)))
         reply, _ = SERVER_REPLIES.decode(sock.recv_multipart())
         assert isinstance(reply, cm.ErrorReplyMsg) and "cuda_event needs CUDA tensors" in reply.error

@@ -25,23 +25,31 @@ CTX = mp.get_context("spawn")
 
 
 @dataclasses.dataclass
-class TorchKV:
-    """Private torch CPU tensors of one rank, with numpy views of the same memory (for byte checks)."""
+class PrivateKV:
+    """Private host memory of one rank (torch CPU tensors or numpy arrays) with numpy views of it (for byte checks)."""
 
     layout: KVCacheLayout
     tensors: list[Any]
     arrays: list[np.ndarray]
 
 
-def torch_kv(model: Any, kind: LayoutKind, num_blocks: int, seed: int) -> TorchKV:
+def numpy_kv(model: Any, kind: LayoutKind, num_blocks: int, seed: int) -> PrivateKV:
+    """Private numpy arrays (plain heap memory); ``tensors`` are the arrays themselves."""
+    lay = rank_layout(model, kind, num_blocks)
+    rng = np.random.default_rng(seed)
+    arrays = [rng.integers(0, 2**16, lay.tensor_shape(i), dtype=np.uint16) for i in range(lay.num_tensors)]
+    return PrivateKV(lay, list(arrays), arrays)
+
+
+def torch_kv(model: Any, kind: LayoutKind, num_blocks: int, seed: int) -> PrivateKV:
     lay = rank_layout(model, kind, num_blocks)
     gen = torch.Generator().manual_seed(seed)
     tensors = [torch.randint(-2**15, 2**15, lay.tensor_shape(i), dtype=torch.int16, generator=gen).view(torch.float16)
                for i in range(lay.num_tensors)]
-    return TorchKV(lay, tensors, [t.numpy() for t in tensors])
+    return PrivateKV(lay, tensors, [t.numpy() for t in tensors])
 
 
-def _round_trip(kvm: KVManager, kv: TorchKV | Any, seed: int, src: list[int], dst: list[int]) -> None:
+def _round_trip(kvm: KVManager, kv: PrivateKV | Any, seed: int, src: list[int], dst: list[int]) -> None:
     """Put engine blocks ``src``, poison ``dst``, get into ``dst``: byte-exact, invariants hold."""
     toks = tokens(len(src) * T, seed=seed)
     put = kvm.put_async(toks, slots_for(src, len(toks)))
@@ -55,10 +63,12 @@ def _round_trip(kvm: KVManager, kv: TorchKV | Any, seed: int, src: list[int], ds
     kvm.check_invariants()
 
 
-@pytest.mark.parametrize("kind", [LayoutKind.VLLM_BLOCK_FIRST, LayoutKind.SGLANG])
-def test_engine_side_lane_round_trips_private_torch_tensors_byte_exact(kind: LayoutKind) -> None:
+@pytest.mark.parametrize(("kind", "make"), [(LayoutKind.VLLM_BLOCK_FIRST, torch_kv), (LayoutKind.SGLANG, torch_kv),
+                                            (LayoutKind.VLLM_BLOCK_FIRST, numpy_kv)],
+                         ids=["vllm-torch", "sglang-torch", "vllm-numpy"])
+def test_engine_side_lane_round_trips_private_host_memory_byte_exact(kind: LayoutKind, make: Any) -> None:
     model = small_model()
-    kv = torch_kv(model, kind, num_blocks=24, seed=5)
+    kv = make(model, kind, num_blocks=24, seed=5)
     with KVManager(model, small_cache()) as kvm:
         tp = KVTPClient(kvm.server_address, dp_client_id=0, tp_rank=0)
         try:
@@ -177,3 +187,20 @@ def test_engine_process_killed_mid_get_fails_its_ops_and_a_new_engine_registers_
             conn2.send("stop")
             proc2.join(20)
             assert proc2.exitcode == 0
+
+
+def test_engine_side_lane_with_two_lanes_reports_on_its_lane_sockets(monkeypatch: pytest.MonkeyPatch) -> None:
+    """FLEXKV_HOST_LANES=2 in the engine process: gets and puts run in two lane threads, each reporting
+    on its own socket after its own credentialed hello."""
+    monkeypatch.setenv("FLEXKV_HOST_LANES", "2")
+    model = small_model()
+    kv = torch_kv(model, LayoutKind.VLLM_BLOCK_FIRST, num_blocks=24, seed=8)
+    with KVManager(model, small_cache()) as kvm:
+        tp = KVTPClient(kvm.server_address)
+        try:
+            tp.register(kv.tensors, kv.layout, engine_side=True)
+            assert tp._lane is not None and tp._lane.worker.num_lanes == 2
+            _round_trip(kvm, kv, seed=4, src=[0, 1, 2, 3], dst=[12, 13, 14, 15])
+            assert kvm.stats()["worker_msgs_refused"] == 0
+        finally:
+            tp.close()

@@ -263,8 +263,15 @@ def test_an_outage_reads_as_empty_warns_once_and_retries_after_the_delay(
     # within the retry delay: no store call, no new warning; a PUT plans no write-through
     clock.now += RETRY_S / 2
     assert get(node_b, store, (2, 2), prompt)[0].sum() == 0
-    ops = put(node_b, store, (2, 3), toks(16, 5))
+    node_b.put_match((2, 3), toks(16, 5))
+    ops = drain(node_b, store, node_b.launch((2, 3), slots(16)))
     assert [op.op_type for op in ops] == [OpType.D2H], "no H2REMOTE while the store is known down"
+    assert node_b.poll((2, 3)).status is TaskStatus.SUCCESS, "the engine part is done: blocks are in CPU"
+    resp = node_b.poll((2, 3), completely=True)
+    assert resp.status is TaskStatus.FAILED and "4 blocks not written through" in resp.error, (
+        "completely=True shows the skipped write-through")
+    assert node_b.stats()["remote_skipped_write_blocks"] == 4
+    node_b.release((2, 3))
     assert len(store.queries) == num_queries
     assert node_b.stats()["remote_unavailable"] == 1 and node_b.stats()["remote_outages"] == 1
 
@@ -543,3 +550,45 @@ def test_random_interleavings_keep_invariants_and_deliver_right_bytes(
         cp.check_invariants()
         assert cp.stats()["remote_writing_blocks"] == 0 and cp.stats()["num_ops_in_flight"] == 0
         assert not cp.tiers.cpu.lock_count.any()
+
+
+def test_a_hung_store_holds_the_helper_thread_never_the_caller() -> None:
+    """wait_s mode: a call that outlives wait_s is a miss; later lookups do not queue behind it;
+    its answer, when it lands, is cached and serves the next lookup; an outage it reports counts."""
+    import threading
+    import time
+
+    release, calls = threading.Event(), []
+
+    def hung_count_prefix(hashes: np.ndarray) -> int:
+        calls.append(hashes.size)
+        if not release.wait(10):
+            raise RemoteUnavailable("still hung")
+        return int(hashes.size)
+
+    lookup = RemoteLookup(hung_count_prefix, ttl_s=60, wait_s=0.005)
+    hashes = np.arange(1, 9, dtype=np.uint64)
+    try:
+        t0 = time.monotonic()
+        assert lookup.known_prefix(hashes) == 0, "late: a miss"
+        assert lookup.known_prefix(hashes) == 0, "busy: answered from the cache at once"
+        assert time.monotonic() - t0 < 0.5 and calls == [8], "one store call, none queued"
+        stats = lookup.stats()
+        assert stats["remote_late_lookups"] == 1 and stats["remote_busy_lookups"] == 1
+        release.set()
+        deadline = time.monotonic() + 5
+        while lookup.known_prefix(hashes) != 8 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert lookup.known_prefix(hashes) == 8 and calls == [8], "the late answer was cached"
+        lookup.check_invariants()
+    finally:
+        release.set()
+        lookup.close()
+
+    def down(hashes: np.ndarray) -> int:
+        raise RemoteUnavailable("127.0.0.1:1: connection refused")
+
+    failing = RemoteLookup(down, wait_s=1.0)
+    assert failing.known_prefix(hashes) == 0 and not failing.available
+    assert failing.stats()["remote_outages"] == 1
+    failing.close()

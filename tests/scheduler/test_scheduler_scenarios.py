@@ -243,6 +243,37 @@ def test_disk2h_failure_drops_h2d_and_frees_promoted_blocks() -> None:
     assert get(cp, (1, 2), toks(16))[0].sum() == 16, "the SSD copy is intact"
 
 
+def test_corrupt_ssd_block_is_a_miss_from_there_on_and_leaves_the_ssd_index() -> None:
+    cp = make_cp(cpu=4, ssd=32)
+    h2disk = _ssd_only(cp, toks(16), filler_seed=80)
+    assert h2disk.block_hashes is not None and h2disk.block_hashes.size == 4, "H2DISK carries its whole path"
+    assert cp.get_match((1, 1), toks(16)).sum() == 16
+    [disk2h] = cp.launch((1, 1), slots(16, first_gpu_block=20))
+    assert disk2h.block_hashes is not None and disk2h.block_hashes.tolist() == h2disk.block_hashes.tolist()
+    # the worker verified blocks 0 and 1; block 2's bytes were corrupt
+    [h2d] = cp.complete_op(disk2h.op_id, False, "checksum", corrupt_at=2)
+    cp.check_invariants()
+    assert h2d.src_block_ids.tolist() == disk2h.dst_block_ids[:2].tolist()
+    assert h2d.dst_block_ids.tolist() == [20, 21]
+    drain(cp, [h2d])
+    resp = cp.poll((1, 1))
+    assert resp.status is TaskStatus.SUCCESS and resp.return_mask is not None
+    assert resp.return_mask.sum() == 2 * T and resp.return_mask[:2 * T].all()
+    cp.release((1, 1))
+    st = cp.stats()
+    assert st["ssd_corrupt_blocks"] == 1 and st["ssd_discarded_blocks"] == 2 and st["get_lost_blocks"] == 2
+    assert st["ssd_used_blocks"] == 6, "4 filler + blocks 0-1 of the prompt"
+    assert st["cpu_used_blocks"] == 2, "the 2 verified blocks were promoted, the corrupt ones were not"
+    mask, ops = get(cp, (1, 2), toks(16))
+    assert mask.sum() == 2 * T and [op.op_type for op in ops] == [OpType.H2D], "the corrupt blocks are gone"
+    # an I/O error (no corrupt_at) still fails the GET
+    put(cp, (1, 3), toks(16))
+    put(cp, (9, 90), toks(16, 91))
+    cp.get_match((1, 4), toks(16))
+    assert drain(cp, cp.launch((1, 4), slots(16)), fail=(OpType.DISK2H,))
+    assert cp.poll((1, 4)).status is TaskStatus.FAILED
+
+
 def test_put_write_through_starts_at_each_tiers_own_prefix() -> None:
     cp = make_cp(cpu=16, ssd=16, remote=0)
     tokens = toks(24)
@@ -259,7 +290,8 @@ def test_put_write_through_starts_at_each_tiers_own_prefix() -> None:
     assert h2remote.src_block_ids.tolist() == cpu_ids.tolist(), "remote gets all 6 blocks"
     assert h2remote.block_hashes is not None
     assert h2remote.block_hashes.tolist() == hash_blocks(tokens, T).tolist()
-    assert h2disk.block_hashes is None
+    assert h2disk.block_hashes is not None, "H2DISK names its whole path (the SSD journal's parents and depths)"
+    assert h2disk.block_hashes.tolist() == hash_blocks(tokens, T).tolist()
     drain(cp, later)
     assert cp.poll((1, 2), completely=True).status is TaskStatus.SUCCESS
 
@@ -348,14 +380,31 @@ def test_all_false_mask_finishes_at_launch_without_ops() -> None:
     assert cp.poll((1, 3)).status is TaskStatus.SUCCESS
 
 
-def test_cancel_after_launch_rolls_back_when_in_flight_ops_complete() -> None:
+def test_cancel_after_launch_is_a_no_op_and_the_task_ends_on_its_own() -> None:
+    """FlexKV's rule: cancel applies to tasks not yet launched. A running task keeps reporting its
+    real state (no final status while a worker may still write the engine's memory)."""
     cp = make_cp(cpu=8, ssd=8)
     cp.put_match((1, 1), toks(16))
     [d2h] = cp.launch((1, 1), slots(16))
-    cp.cancel((1, 1))
-    assert cp.poll((1, 1)).status is TaskStatus.CANCELLED
+    assert cp.cancel((1, 1)) is False
+    assert cp.poll((1, 1)).status is TaskStatus.UNREADY, "D2H still in flight"
+    [h2disk] = cp.complete_op(d2h.op_id, True)
+    assert cp.poll((1, 1)).status is TaskStatus.SUCCESS
+    assert cp.cancel((1, 1)) is False
+    assert cp.complete_op(h2disk.op_id, True) == []
+    assert cp.poll((1, 1), completely=True).status is TaskStatus.SUCCESS, "write-through was not cut"
+    cp.release((1, 1))
+    cp.check_invariants()
+    assert cp.stats()["ssd_used_blocks"] == 4
+
+
+def test_release_after_launch_rolls_back_when_in_flight_ops_complete() -> None:
+    cp = make_cp(cpu=8, ssd=8)
+    cp.put_match((1, 1), toks(16))
+    [d2h] = cp.launch((1, 1), slots(16))
+    cp.release((1, 1))
     assert cp.stats()["cpu_used_blocks"] == 4, "the worker may still write into them"
-    assert cp.complete_op(d2h.op_id, True) == [], "no write-through after cancel"
+    assert cp.complete_op(d2h.op_id, True) == [], "no write-through after release"
     cp.check_invariants()
     assert cp.stats()["cpu_used_blocks"] == 0 and cp.stats()["ssd_used_blocks"] == 0
 

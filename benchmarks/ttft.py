@@ -1,0 +1,374 @@
+"""Time to first token of the HF engine with flexkv (issue 14 §4): Llama-3-8B shape, random weights, bf16, SDPA.
+
+Part 1, per prompt length (default 2K, 8K, 32K tokens):
+* recompute: the whole prompt prefilled, nothing cached;
+* cached: the whole prompt but its last block restored from flexkv's CPU tier, one block computed;
+* 50% / 90% cached, without and with layer-wise restores (the suffix's layer i runs once layer i
+  landed), beside the restore alone and the suffix compute: the layer-wise goal is max(restore, suffix);
+* restore: get_match + launch + wait of the cached prefix into the engine's pages, beside its bytes over
+  the contiguous pinned host -> device copy measured in this run (the ceiling).
+Two DP clients share one server: DP 0 registers its pages layer-wise, DP 1 plainly, so "without
+layer-wise" rows copy whole ops exactly as an engine that never asked for layers would.
+
+Part 2, a multi-turn replay of the first N multi-request conversations of the Mooncake trace
+(../shared/traces/conversation_trace.jsonl; a conversation = requests sharing at least two leading
+512-token ids with an earlier request of it; token j of id b drawn from a generator seeded by b, so
+equal ids give equal tokens and distinct ids distinct ones; prompts capped at --max-prompt tokens):
+TTFT p50/p99 and hit rate with and without flexkv, the CPU tier sized below the replay's data so
+some turns come back from the SSD tier (when this machine has io_uring; else CPU only, said so).
+
+    python benchmarks/ttft.py                  # the H200 run (~3 min; prints progress)
+    python benchmarks/ttft.py --tiny           # CPU, a tiny random Llama: checks the script end to end
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from flexkv.common.config import CacheConfig
+from flexkv.integration.hf import HFPagedEngine, PagedKVPool, flexkv_model_config, llama3_8b_config, random_model
+from flexkv.integration.hf.models import kv_shape, tiny_llama_config
+from flexkv.kvmanager import KVManager
+from flexkv.layout import BlockFirstLayout
+from flexkv.types import TaskStatus
+
+DEFAULT_TRACE = Path(__file__).resolve().parents[1] / "../shared/traces/conversation_trace.jsonl"
+ID_TOKENS = 512
+T0 = time.monotonic()
+
+
+def say(msg: str) -> None:
+    print(f"[{time.monotonic() - T0:6.1f}s] {msg}", flush=True)
+
+
+@dataclasses.dataclass
+class Setup:
+    device: torch.device
+    dtype: torch.dtype
+    tokens_per_block: int
+    lengths: list[int]
+    repeats: int
+    model: Any
+    vocab: int
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------- stack
+class Stack:
+    """One flexkv server; DP 0 = pages registered layer-wise, DP 1 (optional) = plain pages."""
+
+    def __init__(self, s: Setup, cache: CacheConfig, num_pages: int, plain_client: bool) -> None:
+        self.s = s
+        layers, heads, head_dim = kv_shape(s.model.config)
+        mc = dataclasses.replace(flexkv_model_config(s.model.config, s.dtype), dp_size=2 if plain_client else 1)
+        self.pools = [PagedKVPool(layers, heads, head_dim, num_pages, s.tokens_per_block, s.dtype, s.device)
+                      for _ in range(2 if plain_client else 1)]
+        self.kvms = [KVManager(mc, cache, start_timeout_s=300)]
+        self.kvms[0].start()
+        if plain_client:
+            self.kvms.append(KVManager(mc, cache, server_address=self.kvms[0].server_address, dp_client_id=1))
+            self.kvms[1].start()
+        device_id = s.device.index or 0
+        for i, (kvm, pool) in enumerate(zip(self.kvms, self.pools, strict=True)):
+            kvm.register_kv_buffers(pool.register_with(), pool.layout, device_id=device_id, layerwise=i == 0)
+        self.kvms[0].wait_ready(300)
+        self.layerwise = HFPagedEngine(s.model, self.pools[0], self.kvms[0], layerwise=True)
+        self.plain = HFPagedEngine(s.model, self.pools[-1], self.kvms[-1], layerwise=False)
+        self.recompute = HFPagedEngine(s.model, self.pools[-1], None)
+
+    def close(self) -> None:
+        for eng in (self.layerwise, self.plain, self.recompute):
+            eng.close()
+        for kvm in reversed(self.kvms):
+            kvm.shutdown()
+        for pool in self.pools:
+            pool.close()
+
+
+def ttft(engine: HFPagedEngine, tokens: torch.Tensor) -> Any:
+    """One prompt, the first token only; returns the engine's TurnStats."""
+    _, stats = engine.generate(tokens, 1)
+    synchronize(engine.pool.device)
+    return stats
+
+
+def restore_s(stack: Stack, tokens: torch.Tensor) -> float:
+    """get_match + launch + wait of the cached whole blocks of ``tokens`` into DP 1's pages (plain ops)."""
+    kvm, pool, t = stack.kvms[-1], stack.pools[-1], stack.s.tokens_per_block
+    t0 = time.perf_counter()
+    tid, mask = kvm.get_match(tokens.numpy())
+    num = int(mask.sum())
+    pages = pool.allocate(num // t)
+    kvm.launch(tid, pool.slot_mapping(pages, num))
+    status = kvm.wait(tid, timeout=120)[tid].status
+    elapsed = time.perf_counter() - t0
+    pool.free(pages)
+    if status is not TaskStatus.SUCCESS or num != tokens.numel() // t * t:
+        raise RuntimeError(f"restore of {tokens.numel()} tokens: {status.name}, {num} tokens matched")
+    return elapsed
+
+
+def ceiling_s(nbytes: int, device: torch.device, repeats: int = 3) -> float:
+    """The fastest contiguous copy of ``nbytes`` into the engine's memory: pinned host -> GPU (or memcpy)."""
+    if device.type == "cuda":
+        src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
+        dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
+    else:
+        src, dst = torch.ones(nbytes, dtype=torch.uint8), torch.empty(nbytes, dtype=torch.uint8)
+    best = float("inf")
+    for _ in range(repeats + 1):
+        synchronize(device)
+        t0 = time.perf_counter()
+        dst.copy_(src, non_blocking=True)
+        synchronize(device)
+        best = min(best, time.perf_counter() - t0)
+    del src, dst
+    return best
+
+
+def random_tokens(n: int, vocab: int, seed: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+# ---------------------------------------------------------------------------------------------- part 1
+@dataclasses.dataclass
+class LengthRow:
+    length: int
+    recompute_ms: float
+    cached_ms: float
+    restored_tokens: int
+    restore_ms: float
+    restore_bytes: int
+    ceiling_ms: float
+    fractions: list[tuple[float, float, float, float, float]]  # frac, plain ms, layerwise ms, restore ms, suffix ms
+
+
+def measure_length(stack: Stack, length: int, seed: int) -> LengthRow:
+    s, t = stack.s, stack.s.tokens_per_block
+    block_bytes = BlockFirstLayout(flexkv_model_config(s.model.config, s.dtype), t).block_bytes
+    prompt = random_tokens(length, s.vocab, seed)
+    ttft(stack.recompute, prompt)  # warm-up at this length
+    recompute = [ttft(stack.recompute, prompt).ttft_s for _ in range(s.repeats)]
+    say(f"{length}: recompute {1e3 * median(recompute):.1f} ms")
+
+    first = ttft(stack.plain, prompt)  # computes and stores every whole block
+    assert first.num_restored_tokens == 0, first
+    cached, restored = [], 0
+    for _ in range(s.repeats):
+        st = ttft(stack.plain, prompt)
+        assert not st.fallback, st
+        cached.append(st.ttft_s)
+        restored = st.num_restored_tokens
+    whole = prompt[: (length - 1) // t * t]
+    restores = [restore_s(stack, whole) for _ in range(s.repeats)]
+    nbytes = whole.numel() // t * block_bytes
+    ceiling = ceiling_s(nbytes, s.device)
+    say(f"{length}: cached {1e3 * median(cached):.1f} ms ({restored} tokens restored), restore "
+        f"{1e3 * median(restores):.1f} ms vs ceiling {1e3 * ceiling:.1f} ms")
+
+    fractions = []
+    for frac in (0.5, 0.9):
+        num_cached = int(length * frac) // t * t
+        base = prompt[:num_cached]
+        ttft(stack.plain, torch.cat([base, random_tokens(1, s.vocab, seed + 1)]))  # stores the prefix
+        plain: list[float] = []
+        layer: list[float] = []
+        suffix: list[float] = []
+        for r in range(s.repeats):
+            for k, (engine, out) in enumerate(((stack.plain, plain), (stack.layerwise, layer))):
+                tail = random_tokens(length - num_cached, s.vocab, seed + 1000 * (r + 1) + 100 * k + int(10 * frac))
+                st = ttft(engine, torch.cat([base, tail]))  # a fresh suffix: exactly the prefix is cached
+                assert st.num_restored_tokens == num_cached and not st.fallback, st
+                out.append(st.ttft_s)
+                if engine is stack.plain:
+                    suffix.append(st.ttft_s - st.restore_wait_s)
+        rest = median([restore_s(stack, base) for _ in range(s.repeats)])
+        fractions.append((frac, 1e3 * median(plain), 1e3 * median(layer), 1e3 * rest, 1e3 * median(suffix)))
+        say(f"{length}: {frac:.0%} cached: plain {fractions[-1][1]:.1f} ms, layer-wise {fractions[-1][2]:.1f} ms")
+    return LengthRow(length, 1e3 * median(recompute), 1e3 * median(cached), restored, 1e3 * median(restores),
+                     nbytes, 1e3 * ceiling, fractions)
+
+
+def print_part1(rows: list[LengthRow], s: Setup) -> None:
+    goals = {8192: 10.0, 32768: 14.0}
+    print("\n== TTFT, whole prompt but its last block cached (recompute / cached = speedup)")
+    print(f"{'tokens':>7} {'recompute ms':>12} {'cached ms':>10} {'speedup':>8} {'goal':>6}")
+    for r in rows:
+        goal = goals.get(r.length)
+        print(f"{r.length:>7} {r.recompute_ms:>12.1f} {r.cached_ms:>10.1f} {r.recompute_ms / r.cached_ms:>7.1f}x "
+              f"{(f'{goal:.0f}x') if goal else '-':>6}")
+    what = "pinned H2D" if s.device.type == "cuda" else "memcpy"
+    print(f"\n== restore alone (get_match + launch + wait) vs the same bytes at the {what} ceiling (goal <= 1.15x)")
+    print(f"{'tokens':>7} {'GiB':>6} {'restore ms':>10} {'ceiling ms':>10} {'GB/s':>6} {'ceiling GB/s':>12} "
+          f"{'ratio':>6}")
+    for r in rows:
+        gb = r.restore_bytes / 1e9
+        print(f"{r.restored_tokens:>7} {r.restore_bytes / 2**30:>6.2f} {r.restore_ms:>10.2f} {r.ceiling_ms:>10.2f} "
+              f"{gb / (r.restore_ms / 1e3):>6.1f} {gb / (r.ceiling_ms / 1e3):>12.1f} "
+              f"{r.restore_ms / r.ceiling_ms:>5.2f}x")
+    print("\n== partly cached: TTFT without / with layer-wise vs max(restore, suffix compute) (goal at 32K: <= 1.1x)")
+    print(f"{'tokens':>7} {'cached':>6} {'plain ms':>9} {'layerwise ms':>12} {'restore ms':>10} {'suffix ms':>9} "
+          f"{'max ms':>7} {'lw/max':>6}")
+    for r in rows:
+        for frac, plain, layer, rest, suffix in r.fractions:
+            top = max(rest, suffix)
+            print(f"{r.length:>7} {frac:>6.0%} {plain:>9.1f} {layer:>12.1f} {rest:>10.1f} {suffix:>9.1f} {top:>7.1f} "
+                  f"{layer / top:>5.2f}x")
+
+
+# ---------------------------------------------------------------------------------------------- part 2
+def conversations(path: Path, count: int) -> list[dict[str, Any]]:
+    """The requests of the first ``count`` conversations with more than one request, in trace order."""
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    rows.sort(key=lambda r: r["timestamp"])
+    owner: dict[tuple[int, ...], int] = {}
+    members: list[list[int]] = []
+    for i, r in enumerate(rows):
+        ids = tuple(r["hash_ids"])
+        conv = next((owner[ids[:k]] for k in range(len(ids), 1, -1) if ids[:k] in owner), None)
+        if conv is None:
+            conv = len(members)
+            members.append([])
+        members[conv].append(i)
+        for k in range(2, len(ids) + 1):
+            owner.setdefault(ids[:k], conv)
+    chosen = [m for m in members if len(m) > 1][:count]
+    keep = sorted(i for m in chosen for i in m)
+    conv_of = {i: c for c, m in enumerate(chosen) for i in m}
+    return [{**rows[i], "conversation": conv_of[i]} for i in keep]
+
+
+def trace_tokens(row: dict[str, Any], vocab: int, max_tokens: int) -> torch.Tensor:
+    parts = [np.random.default_rng(b).integers(0, vocab, ID_TOKENS, dtype=np.int64) for b in row["hash_ids"]]
+    n = min(row["input_length"], max_tokens)
+    return torch.from_numpy(np.concatenate(parts)[:n].copy())
+
+
+def replay(s: Setup, requests: list[dict[str, Any]], max_tokens: int, cpu_bytes: int, ssd_dir: str | None,
+           ssd_bytes: int) -> None:
+    block_bytes = BlockFirstLayout(flexkv_model_config(s.model.config, s.dtype), s.tokens_per_block).block_bytes
+    prompts = [trace_tokens(r, s.vocab, max_tokens) for r in requests]
+    cache_kw: dict[str, Any] = {}
+    if ssd_dir is not None:
+        cache_kw = {"enable_ssd": True, "num_ssd_blocks": ssd_bytes // block_bytes, "ssd_cache_dir": (ssd_dir,)}
+    cache = CacheConfig(tokens_per_block=s.tokens_per_block, num_cpu_blocks=cpu_bytes // block_bytes, **cache_kw)
+    total_blocks = sum(p.numel() // s.tokens_per_block for p in prompts)
+    say(f"replay: {len(requests)} requests of {len({r['conversation'] for r in requests})} conversations, "
+        f"{sum(p.numel() for p in prompts)} prompt tokens ({total_blocks} blocks); CPU tier {cache.num_cpu_blocks} "
+        f"blocks, SSD tier {cache.num_ssd_blocks if ssd_dir else 'off (no io_uring here)'}")
+    num_pages = max(p.numel() for p in prompts) // s.tokens_per_block + 8
+    stack = Stack(s, cache, num_pages, plain_client=False)
+    try:
+        ttft(stack.recompute, prompts[0][:256])  # warm-up
+        results: dict[str, list[Any]] = {"recompute": [], "flexkv": []}
+        for i, p in enumerate(prompts):
+            results["recompute"].append(ttft(stack.recompute, p))
+            results["flexkv"].append(ttft(stack.layerwise, p))
+            if (i + 1) % 8 == 0 or i + 1 == len(prompts):
+                say(f"replay: {i + 1}/{len(prompts)} requests")
+        counters = stack.kvms[0].stats()
+    finally:
+        stack.close()
+    print(f"\n== multi-turn replay of {len(requests)} trace requests (TTFT; hit rate = restored / prompt tokens)")
+    print(f"{'':>10} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8} {'hit rate':>8} {'recomputed':>10}")
+    for name, sts in results.items():
+        xs = sorted(1e3 * st.ttft_s for st in sts)
+        hit = sum(st.num_restored_tokens for st in sts) / sum(st.num_prompt_tokens for st in sts)
+        p99 = xs[min(len(xs) - 1, round(0.99 * (len(xs) - 1)))]
+        print(f"{name:>10} {median(xs):>8.1f} {p99:>8.1f} {statistics.fmean(xs):>8.1f} {hit:>8.1%} "
+              f"{sum(1 for st in sts if st.fallback and st.fallback != 'no flexkv'):>10}")
+    print(f"CPU tier: {counters.get('cpu_evicted_blocks', 0)} blocks evicted during the replay; SSD tier: "
+          f"{counters.get('ssd_used_blocks', 'off')} blocks held (evicted blocks come back from there)")
+
+
+# ---------------------------------------------------------------------------------------------- main
+def setup(args: argparse.Namespace) -> Setup:
+    device = torch.device(args.device)
+    dtype = torch.float32 if args.tiny else torch.bfloat16
+    if args.tiny:
+        config = tiny_llama_config("sdpa", num_layers=4, vocab_size=1024, hidden_size=128, num_heads=4,
+                                   num_kv_heads=2)
+    else:
+        config = llama3_8b_config("sdpa", max_position_embeddings=max(65536, 2 * max(args.lengths)))
+    say(f"building a random {'tiny Llama' if args.tiny else 'Llama-3-8B'} on {device} ({dtype})")
+    model = random_model(config, dtype, seed=0, device=device)
+    synchronize(device)
+    return Setup(device, dtype, args.tokens_per_block, args.lengths, args.repeats, model, config.vocab_size)
+
+
+def ssd_available() -> bool:
+    return importlib.util.find_spec("flexkv.native._uring") is not None
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="a tiny random Llama on the CPU (checks the script)")
+    ap.add_argument("--device", default=None, help="default: cuda, or cpu with --tiny")
+    ap.add_argument("--lengths", type=int, nargs="+", default=None, help="prompt lengths (default 2K 8K 32K)")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--tokens-per-block", type=int, default=16)
+    ap.add_argument("--cpu-gb", type=float, default=None, help="CPU tier of part 1 (default: 12, tiny: 0.25)")
+    ap.add_argument("--conversations", type=int, default=None, help="trace conversations (default 12, tiny 4)")
+    ap.add_argument("--max-prompt", type=int, default=None, help="trace prompts are cut here (default 32K, tiny 1K)")
+    ap.add_argument("--replay-cpu-gb", type=float, default=None, help="CPU tier of the replay (default 6, tiny 0.003)")
+    ap.add_argument("--replay-ssd-gb", type=float, default=None, help="SSD tier of the replay (default 24, tiny 1)")
+    ap.add_argument("--ssd-dir", default=None, help="SSD tier directory of the replay (default: a temp dir in /tmp)")
+    ap.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
+    ap.add_argument("--skip-lengths", action="store_true")
+    ap.add_argument("--skip-replay", action="store_true")
+    args = ap.parse_args()
+    tiny = args.tiny
+    args.device = args.device or ("cpu" if tiny else "cuda")
+    args.lengths = args.lengths or ([128, 512] if tiny else [2048, 8192, 32768])
+    cpu_gb = args.cpu_gb or (0.25 if tiny else 12.0)
+    if not tiny and not torch.cuda.is_available():
+        sys.exit("no CUDA device: run with --tiny on a CPU machine")
+    torch.set_grad_enabled(False)
+    s = setup(args)
+    if not args.skip_lengths:
+        block_bytes = BlockFirstLayout(flexkv_model_config(s.model.config, s.dtype), s.tokens_per_block).block_bytes
+        cache = CacheConfig(tokens_per_block=s.tokens_per_block, num_cpu_blocks=int(cpu_gb * 2**30) // block_bytes)
+        num_pages = max(s.lengths) // s.tokens_per_block + 8
+        say(f"part 1: server with {cache.num_cpu_blocks} CPU blocks ({cpu_gb} GiB), 2 x {num_pages} engine pages")
+        stack = Stack(s, cache, num_pages, plain_client=True)
+        try:
+            rows = [measure_length(stack, n, seed=n) for n in s.lengths]
+        finally:
+            stack.close()
+        print_part1(rows, s)
+    if not args.skip_replay:
+        requests = conversations(args.trace, args.conversations or (4 if tiny else 12))
+        max_prompt = args.max_prompt or (1024 if tiny else 32768)
+        cpu = int((args.replay_cpu_gb or (0.003 if tiny else 6.0)) * 2**30)
+        ssd = int((args.replay_ssd_gb or (1.0 if tiny else 24.0)) * 2**30)
+        if args.ssd_dir is not None or not ssd_available():
+            replay(s, requests, max_prompt, cpu, args.ssd_dir if ssd_available() else None, ssd)
+        else:
+            with tempfile.TemporaryDirectory(prefix="flexkv-ttft-ssd-", dir="/tmp") as d:
+                replay(s, requests, max_prompt, cpu, d, ssd)
+    say("done")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,347 @@
+"""A small paged engine over HF transformers: flexkv's reference engine and real-model proof.
+
+One request at a time, greedy decoding. A prompt's life (``generate``):
+
+1. ``get_match`` on the prompt's whole blocks (never the last token: one token is always computed so
+   there are logits), ``launch`` into free pages of the :class:`PagedKVPool`;
+2. the restored prefix goes into a fresh ``DynamicCache`` (``[1, kv_heads, tokens, head_dim]`` per
+   layer): after ``wait``, or, with ``layerwise``, layer by layer: a pre-hook on decoder layer i calls
+   ``KVManager.wait_layer(task, i)`` and fills layer i just before it runs, so the suffix computes
+   while later layers still move;
+3. only the uncached suffix is prefilled; the first token is the argmax of its last logits (TTFT);
+4. the prompt's whole blocks are written into pages and ``put_async``; decoding continues meanwhile,
+   the put is waited for (and its pages freed) at the end of the turn.
+
+Any flexkv trouble (no manager, server gone, task FAILED/TIMEOUT, no free pages) makes the engine
+recompute: the output never depends on flexkv, only the time to the first token does. Pages whose
+task might still be writing (a wait that timed out) are never reused.
+
+Tested with transformers 5.17 and 5.24 (only API both have: ``DynamicCache(config=...)``,
+``Cache.update``, ``cache.layers[i].keys/values``, ``logits_to_keep``; the cache keyword is
+``past_key_values`` up to 5.23 and ``cache`` from 5.24, chosen by signature).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers import DynamicCache
+
+from flexkv.integration.hf.pool import PagedKVPool
+from flexkv.kvmanager import KVManager
+from flexkv.types import FlexKVError, TaskStatus
+
+log = logging.getLogger("flexkv.hf")
+
+
+@dataclasses.dataclass
+class TurnStats:
+    """What one prompt cost. ``fallback`` says why flexkv's prefix was not used ("" = it was, or none)."""
+
+    num_prompt_tokens: int
+    num_restored_tokens: int
+    num_computed_tokens: int
+    ttft_s: float
+    restore_wait_s: float = 0.0  # time the prefill spent waiting for restored layers
+    layerwise: bool = False
+    fallback: str = ""
+
+
+@dataclasses.dataclass
+class _Restore:
+    task_id: int
+    pages: list[int]
+    num_tokens: int
+    layerwise: bool
+    filled: set[int] = dataclasses.field(default_factory=set)
+    wait_s: float = 0.0
+    final: TaskStatus | None = None  # once a wait returned it
+
+
+@dataclasses.dataclass
+class PendingPut:
+    """A put started after a prefill; its pages stay allocated until ``finish_put``."""
+
+    task_id: int
+    pages: list[int]
+
+
+class RestoreFailed(Exception):
+    """A restore could not be used (raised inside the forward by a layer hook; the engine recomputes)."""
+
+
+def decoder_layers(model: torch.nn.Module) -> Sequence[torch.nn.Module]:
+    """The decoder layers of a causal LM (``model.model.layers`` for Llama-like models)."""
+    inner = getattr(model, "model", None)
+    layers = getattr(inner, "layers", None)
+    if layers is None:
+        raise ValueError(f"{type(model).__name__}: no decoder layers at model.model.layers")
+    return list(layers)
+
+
+def layer_kv(cache: DynamicCache, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Layer ``layer``'s K and V in ``cache``, ``[batch, kv_heads, tokens, head_dim]``."""
+    lay: Any = cache.layers[layer]
+    return lay.keys, lay.values
+
+
+class HFPagedEngine:
+    """Runs ``model`` with its KV restored from / stored to flexkv through ``pool``.
+
+    ``kvm`` None: plain recompute (the reference). ``namespace`` (e.g. ``[lora_name, tenant]``) keeps
+    caches apart. ``layerwise``: restores land layer by layer (the pool must be registered with
+    ``layerwise=True``). ``put_completely``: a turn ends once its blocks also reached SSD/remote.
+    Single-threaded: one request at a time.
+    """
+
+    def __init__(self, model: torch.nn.Module, pool: PagedKVPool, kvm: KVManager | None = None, *,
+                 namespace: Sequence[str] | None = None, layerwise: bool = False, wait_timeout_s: float = 60.0,
+                 put_completely: bool = False) -> None:
+        self.model = model.eval()
+        self.config: Any = getattr(model, "config")  # noqa: B009 - a PreTrainedModel's config
+        self.pool, self.kvm = pool, kvm
+        self.namespace = list(namespace) if namespace is not None else None
+        self.layerwise = layerwise
+        self.wait_timeout_s = wait_timeout_s
+        self.put_completely = put_completely
+        self.tokens_per_block = pool.tokens_per_page
+        self.num_layers = len(decoder_layers(model))
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._active: tuple[_Restore, DynamicCache] | None = None
+        self._hooks = [layer.register_forward_pre_hook(self._hook_for(i))
+                       for i, layer in enumerate(decoder_layers(model))]
+        self.num_quarantined_pages = 0
+
+    def close(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    # -- the model -----------------------------------------------------------------------------
+    def _forward(self, token_ids: torch.Tensor, cache: DynamicCache, start: int) -> torch.Tensor:
+        """Run tokens at positions start.. through the model; the last position's logits (float32)."""
+        device = self.pool.device
+        ids = token_ids.to(device).unsqueeze(0)
+        pos = torch.arange(start, start + ids.shape[1], device=device).unsqueeze(0)
+        out = self.model(input_ids=ids, position_ids=pos, use_cache=True, logits_to_keep=1,
+                         **{self._cache_kw: cache})
+        return out.logits[0, -1].float()
+
+    def _hook_for(self, layer: int) -> Any:
+        def hook(_module: torch.nn.Module, _args: Any) -> None:
+            if self._active is not None:
+                restore, cache = self._active
+                self._fill(restore, cache, layer)
+        return hook
+
+    def _fill(self, restore: _Restore, cache: DynamicCache, layer: int) -> None:
+        """Put layer ``layer`` of the restored prefix into ``cache`` (waiting for it when layer-wise)."""
+        if layer in restore.filled:
+            return
+        if restore.layerwise:
+            assert self.kvm is not None
+            t0 = time.perf_counter()
+            resp = self.kvm.wait_layer(restore.task_id, layer, timeout=self.wait_timeout_s)
+            restore.wait_s += time.perf_counter() - t0
+            if resp.status is not TaskStatus.SUCCESS:
+                raise RestoreFailed(f"layer {layer}: {resp.status.name} {resp.error}".strip())
+        key, value = self.pool.read_layer(layer, restore.pages, restore.num_tokens)
+        cache.update(key, value, layer)
+        restore.filled.add(layer)
+
+    # -- one prompt ------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def generate(self, token_ids: torch.Tensor | Sequence[int], max_new_tokens: int,
+                 reuse: tuple[DynamicCache, int] | None = None) -> tuple[list[int], TurnStats]:
+        """Greedy-decode ``max_new_tokens`` tokens after ``token_ids`` (1-D); returns them and the stats.
+
+        ``reuse``: see :meth:`prefill`."""
+        tokens = torch.as_tensor(token_ids, dtype=torch.long).flatten().cpu()
+        if tokens.numel() == 0 or max_new_tokens < 1:
+            raise ValueError("generate needs at least one prompt token and max_new_tokens >= 1")
+        logits, cache, stats, put = self.prefill(tokens, reuse)
+        try:
+            out = self.decode(logits, cache, tokens.numel(), max_new_tokens)
+        finally:
+            self.finish_put(put)
+        return out, stats
+
+    @torch.inference_mode()
+    def decode(self, logits: torch.Tensor, cache: DynamicCache, num_tokens: int, max_new_tokens: int) -> list[int]:
+        """Greedy tokens after a prefill of ``num_tokens`` tokens whose last logits are ``logits``."""
+        out = [int(logits.argmax())]
+        pos = num_tokens
+        for _ in range(max_new_tokens - 1):
+            nxt = torch.tensor([out[-1]], dtype=torch.long)
+            logits = self._forward(nxt, cache, pos)
+            pos += 1
+            out.append(int(logits.argmax()))
+        return out
+
+    @torch.inference_mode()
+    def prefill(self, tokens: torch.Tensor, reuse: tuple[DynamicCache, int] | None = None,
+                ) -> tuple[torch.Tensor, DynamicCache, TurnStats, PendingPut | None]:
+        """Restore what flexkv has, compute the rest; returns the last logits, the cache, the stats and
+        the started put (pass it to ``finish_put`` once done with the pages; ``generate`` does).
+
+        ``reuse=(cache, n)`` (only without flexkv: the bit-exact reference): start from the first ``n``
+        tokens of ``cache``, which this engine computed for an earlier prompt starting with the same
+        tokens, and compute only the rest. Given the cache flexkv stored, that is the same sequence of
+        forwards (same shapes, same inputs) a flexkv run makes, so its outputs are bit-identical; a
+        plain recompute of the whole prompt is only numerically close (other kernel shapes round
+        differently, and greedy decoding of a random model may flip a token).
+        """
+        t0 = time.perf_counter()
+        n = tokens.numel()
+        if reuse is not None and (self.kvm is not None or not 0 < reuse[1] < n):
+            raise ValueError(f"reuse needs an engine without flexkv and 0 < {reuse[1]} < {n} prompt tokens")
+        restore, fallback = self._start_restore(tokens)
+        cache = DynamicCache(config=self.config)
+        try:
+            if restore is not None:
+                self._begin_restore(restore, cache)
+            start = restore.num_tokens if restore is not None else 0
+            if reuse is not None:
+                start = self._reuse(reuse[0], reuse[1], cache)
+            logits = self._forward(tokens[start:], cache, start)
+            if restore is not None:
+                self._end_restore(restore)
+        except RestoreFailed as e:
+            assert restore is not None
+            fallback = f"restore failed: {e}"
+            log.warning("flexkv restore of task %d unusable (%s); recomputing", restore.task_id, e)
+            self._abandon(restore)
+            restore, cache = None, DynamicCache(config=self.config)
+            logits = self._forward(tokens, cache, 0)
+        except BaseException:
+            if restore is not None:  # e.g. out of memory mid-forward: end the task, then free its pages
+                self._active = None
+                self._abandon(restore)
+            raise
+        finally:
+            self._active = None
+        _ = float(logits[0])  # the first token exists once its logits do (synchronizes a GPU)
+        ttft = time.perf_counter() - t0
+        num_restored = restore.num_tokens if restore is not None else 0
+        stats = TurnStats(n, num_restored, n - num_restored, ttft, restore.wait_s if restore else 0.0,
+                          self.layerwise and restore is not None, fallback)
+        put = self._start_put(tokens, cache, restore)
+        return logits, cache, stats, put
+
+    def _reuse(self, earlier: DynamicCache, num_tokens: int, cache: DynamicCache) -> int:
+        """Copy the first ``num_tokens`` of ``earlier`` into the fresh ``cache``, as a restore fills it."""
+        for layer in range(self.num_layers):
+            key, value = layer_kv(earlier, layer)
+            if key.shape[2] < num_tokens:
+                raise ValueError(f"reuse of {num_tokens} tokens from a cache of {key.shape[2]}")
+            keep = torch.contiguous_format  # contiguous, as PagedKVPool.read_layer gives a restore
+            cache.update(key[:, :, :num_tokens].clone(memory_format=keep),
+                         value[:, :, :num_tokens].clone(memory_format=keep), layer)
+        return num_tokens
+
+    def _start_restore(self, tokens: torch.Tensor) -> tuple[_Restore | None, str]:
+        t = self.tokens_per_block
+        limit = (tokens.numel() - 1) // t * t  # keep at least one token to compute
+        if self.kvm is None or limit == 0:
+            return None, "" if self.kvm is not None else "no flexkv"
+        try:
+            task_id, mask = self.kvm.get_match(tokens[:limit].numpy(), namespace=self.namespace)
+        except FlexKVError as e:
+            return None, f"get_match: {e}"
+        num = int(mask.sum())
+        if num == 0 or not mask[:num].all():
+            self.kvm.cancel(task_id)
+            return None, "" if num == 0 else "mask is not a prefix"
+        num_pages = num // t
+        if not self.pool.can_allocate(num_pages):
+            self.kvm.cancel(task_id)
+            return None, "no free pages"
+        pages = self.pool.allocate(num_pages)
+        try:
+            self.kvm.launch(task_id, self.pool.slot_mapping(pages, num), layerwise=self.layerwise)
+        except FlexKVError as e:
+            self.kvm.cancel(task_id)
+            self.pool.free(pages)
+            return None, f"launch: {e}"
+        return _Restore(task_id, pages, num, self.layerwise), ""
+
+    def _begin_restore(self, restore: _Restore, cache: DynamicCache) -> None:
+        if not restore.layerwise:
+            assert self.kvm is not None
+            t0 = time.perf_counter()
+            restore.final = self._wait(restore.task_id)
+            restore.wait_s = time.perf_counter() - t0
+            if restore.final is not TaskStatus.SUCCESS:
+                raise RestoreFailed(restore.final.name)
+            for layer in range(self.num_layers):
+                self._fill(restore, cache, layer)
+            return
+        self._fill(restore, cache, 0)  # the model reads the cache length off layer 0 before it runs
+        self._active = (restore, cache)  # the hooks fill layers 1.. as the forward reaches them
+
+    def _end_restore(self, restore: _Restore) -> None:
+        """After the forward used every layer: end the task (its status is SUCCESS by then)."""
+        if restore.layerwise:
+            restore.final = self._wait(restore.task_id)
+            if restore.final is not TaskStatus.SUCCESS:  # cannot happen once every layer landed; never trust it
+                raise RestoreFailed(f"final status {restore.final.name} after every layer landed")
+
+    def _wait(self, task_id: int, completely: bool = False) -> TaskStatus:
+        assert self.kvm is not None
+        try:
+            return self.kvm.wait(task_id, timeout=self.wait_timeout_s, completely=completely)[task_id].status
+        except FlexKVError as e:
+            log.warning("flexkv wait for task %d failed: %s", task_id, e)
+            return TaskStatus.TIMEOUT
+
+    def _abandon(self, restore: _Restore) -> None:
+        """Give up on a restore; its pages come back only once the task can no longer write them."""
+        final = restore.final
+        self._release(restore.pages, final if final not in (None, TaskStatus.TIMEOUT) else self._wait(restore.task_id))
+
+    def _release(self, pages: list[int], status: TaskStatus) -> None:
+        if status in (TaskStatus.TIMEOUT, TaskStatus.UNREADY):
+            self.num_quarantined_pages += len(pages)  # its copy may still run: never reuse these pages
+            log.warning("quarantined %d pages of a task that did not finish", len(pages))
+        else:
+            self.pool.free(pages)
+
+    def _start_put(self, tokens: torch.Tensor, cache: DynamicCache, restore: _Restore | None) -> PendingPut | None:
+        t = self.tokens_per_block
+        num_blocks = tokens.numel() // t
+        have = restore.pages if restore is not None else []
+        if self.kvm is None or num_blocks <= len(have):
+            if restore is not None:
+                self.pool.free(restore.pages)
+            return None
+        if not self.pool.can_allocate(num_blocks - len(have)):
+            self.pool.free(have)
+            return None
+        new = self.pool.allocate(num_blocks - len(have))
+        begin, end = len(have) * t, num_blocks * t
+        for layer in range(self.num_layers):
+            key, value = layer_kv(cache, layer)
+            self.pool.write_layer(layer, new, key[:, :, begin:end], value[:, :, begin:end])
+        if self.pool.device.type == "cuda":
+            torch.cuda.synchronize(self.pool.device)  # the worker's D2H must see the pages written
+        pages = have + new
+        try:
+            task_id = self.kvm.put_async(tokens[:end].numpy(), self.pool.slot_mapping(pages, end),
+                                         namespace=self.namespace)
+        except FlexKVError as e:
+            log.warning("flexkv put failed: %s", e)
+            self.pool.free(pages)
+            return None
+        return PendingPut(task_id, pages)
+
+    def finish_put(self, put: PendingPut | None) -> None:
+        """Wait for ``put`` (completely, with ``put_completely``) and free its pages."""
+        if put is not None:
+            self._release(put.pages, self._wait(put.task_id, self.put_completely))

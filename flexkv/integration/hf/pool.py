@@ -1,0 +1,105 @@
+"""The HF engine's paged KV pool: the memory flexkv restores into and stores from.
+
+Per layer one K and one V buffer ``[num_pages * T, kv_heads, head_dim]`` (flexkv's SGLang layout), on
+the CPU in host shared memory (so the device worker process can reach it) or on a CUDA device (shared
+with the GPU worker through CUDA IPC at registration). A page holds one flexkv block (T tokens). The
+model itself computes with a DynamicCache; pages are where a request's whole blocks live while flexkv
+copies them in (GET) or out (PUT).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Sequence
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from flexkv.client import HostKVBuffers, allocate_host_kv_buffers
+from flexkv.layout import KVCacheLayout, LayoutKind
+from flexkv.types import DType
+
+
+class PagedKVPool:
+    """Pages of KV for ``num_layers`` layers; ``alloc``/``free`` hand out page ids (one owner thread)."""
+
+    def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, num_pages: int, tokens_per_page: int,
+                 dtype: torch.dtype, device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.tokens_per_page = tokens_per_page
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        self.layout = KVCacheLayout(LayoutKind.SGLANG, num_layers, num_pages, tokens_per_page, num_kv_heads,
+                                    head_dim, itemsize)
+        self.host: HostKVBuffers | None = None
+        if self.device.type == "cpu":
+            self.host = allocate_host_kv_buffers(self.layout, DType.parse(str(dtype).removeprefix("torch.")),
+                                                 tag="hfkv")
+            self.tensors: list[torch.Tensor] = self.host.torch_tensors()
+            weakref.finalize(self, self.host.close)  # a pool never closed still leaves no segment at exit
+        else:
+            shape = self.layout.tensor_shape(0)
+            self.tensors = [torch.zeros(shape, dtype=dtype, device=self.device)
+                            for _ in range(self.layout.num_tensors)]
+        self._free = list(range(num_pages - 1, -1, -1))
+
+    @property
+    def num_pages(self) -> int:
+        return self.layout.num_blocks
+
+    @property
+    def num_free_pages(self) -> int:
+        return len(self._free)
+
+    def register_with(self) -> Sequence[torch.Tensor] | HostKVBuffers:
+        """What to pass to ``register_kv_buffers``: the shared-memory buffers, or the CUDA tensors."""
+        return self.host if self.host is not None else self.tensors
+
+    def can_allocate(self, num_pages: int) -> bool:
+        return num_pages <= len(self._free)
+
+    def allocate(self, num_pages: int) -> list[int]:
+        """``num_pages`` free page ids; ValueError when there are fewer."""
+        if not self.can_allocate(num_pages):
+            raise ValueError(f"{num_pages} pages wanted, {len(self._free)} free")
+        return [self._free.pop() for _ in range(num_pages)]
+
+    def free(self, pages: Sequence[int]) -> None:
+        self._free.extend(reversed(pages))
+
+    def slot_mapping(self, pages: Sequence[int], num_tokens: int) -> npt.NDArray[np.int64]:
+        """Token-level slots of the first ``num_tokens`` tokens held in ``pages`` (page p, token j: p*T + j)."""
+        t = self.tokens_per_page
+        i = np.arange(num_tokens, dtype=np.int64)
+        return np.asarray(pages, dtype=np.int64)[i // t] * t + i % t
+
+    def _page_view(self, layer: int, kv: int) -> torch.Tensor:
+        t = self.tensors[2 * layer + kv]
+        return t.view(self.num_pages, self.tokens_per_page, *t.shape[1:])
+
+    def read_layer(self, layer: int, pages: Sequence[int], num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the first ``num_tokens`` tokens in ``pages`` as ``[1, kv_heads, num_tokens, head_dim]``."""
+        idx = torch.as_tensor(list(pages), dtype=torch.long, device=self.device)
+        out = []
+        for kv in (0, 1):
+            rows = self._page_view(layer, kv).index_select(0, idx).flatten(0, 1)[:num_tokens]
+            out.append(rows.transpose(0, 1).unsqueeze(0).contiguous())
+        return out[0], out[1]
+
+    def write_layer(self, layer: int, pages: Sequence[int], key: torch.Tensor, value: torch.Tensor) -> None:
+        """Store ``[1, kv_heads, len(pages) * T, head_dim]`` K and V into ``pages`` (whole pages only)."""
+        t = self.tokens_per_page
+        if key.shape[2] != len(pages) * t:
+            raise ValueError(f"{key.shape[2]} tokens do not fill {len(pages)} pages of {t}")
+        idx = torch.as_tensor(list(pages), dtype=torch.long, device=self.device)
+        for kv, src in ((0, key), (1, value)):
+            rows = src[0].transpose(0, 1).reshape(len(pages), t, src.shape[1], src.shape[3])
+            self._page_view(layer, kv).index_copy_(0, idx, rows.to(self.dtype))
+
+    def close(self) -> None:
+        """Release the buffers (after the flexkv server stopped using them)."""
+        self.tensors = []
+        if self.host is not None:
+            self.host.close()
+            self.host = None

@@ -1,0 +1,72 @@
+"""Layer-major H2D for a device worker whose rank registered a layer progress table.
+
+Runs in the device worker process (its H2D lane). Every H2D op of the batch copies layer 0 of all
+its blocks, then layer 1, ...; after each layer the op's word in the table (:mod:`flexkv.layerwise`)
+says how many layers are in the engine's memory. Host buffers copy synchronously, so the word is
+stored as soon as a layer's memcpy returned; CUDA buffers record an event per layer and the lane's
+finisher stores the word once that layer's event completed. A failure stores ``failed`` for every op
+it touches, so every waiter wakes with it, and the op reports the error as usual.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from flexkv.layerwise import LayerProgress
+from flexkv.types import OpType
+
+if TYPE_CHECKING:
+    from flexkv.workers.base import Op
+    from flexkv.workers.device_worker import DeviceWorker
+
+
+def start_layer_major(worker: DeviceWorker, ops: list[Op], progress: LayerProgress) -> Callable[[], list[str]]:
+    """Start the H2D ``ops`` layer by layer; the returned function waits for them (errors per op)."""
+    backend = worker.backend
+    errors = [""] * len(ops)
+    live = [i for i, op in enumerate(ops)]
+
+    def publish(i: int, num_layers: int, failed: bool = False) -> None:
+        if ops[i].task_id > 0:
+            progress.store(ops[i].task_id, num_layers, failed)
+
+    def fail(i: int, e: Exception) -> None:
+        errors[i] = worker._error(OpType.H2D, e)
+        publish(i, 0, failed=True)
+
+    for i in live:
+        publish(i, 0)
+    marks: list[tuple[list[int], Callable[[], None]]] = []
+    for layer in range(worker.layout.num_layers):
+        for i in list(live):
+            try:
+                backend.copy_layer(OpType.H2D, ops[i].dst_ids, ops[i].src_ids, layer)
+            except Exception as e:  # noqa: BLE001 - reported per op
+                live.remove(i)
+                fail(i, e)
+        if backend.copies_synchronously:
+            for i in live:
+                publish(i, layer + 1)
+        elif live:
+            try:
+                marks.append((list(live), backend.mark(OpType.H2D)))
+            except Exception as e:  # noqa: BLE001 - nothing more can be waited for
+                for i in live:
+                    fail(i, e)
+                live = []
+
+    def finish() -> list[str]:
+        for layer, (idx, wait) in enumerate(marks):
+            try:
+                wait()
+            except Exception as e:  # noqa: BLE001 - this and later layers of these ops may be incomplete
+                for i in idx:
+                    if not errors[i]:
+                        fail(i, e)
+                continue
+            for i in idx:
+                if not errors[i]:
+                    publish(i, layer + 1)
+        return errors
+    return finish
