@@ -62,6 +62,7 @@ for part in "${parts[@]}"; do
   case $part in
   stack)
     step 300 "pytest stack" "${PYTEST[@]}" tests/runtime/test_cuda_stack.py tests/runtime/test_worker_lanes.py \
+      tests/integration/test_vllm_gpu_views.py \
       tests/test_cudacopy.py::test_batch_copies_are_byte_exact_with_every_cuda_runtime_installed ;;
   transfer)
     step 240 "gpu_transfer --stack T=16" python3 benchmarks/gpu_transfer.py --stack --tokens-per-block 16 ;;

@@ -19,6 +19,7 @@ import numpy as np
 import numpy.typing as npt
 
 from flexkv.common.config import ModelConfig
+from flexkv.types import BlockFormat
 
 
 class LayoutKind(enum.Enum):
@@ -36,7 +37,20 @@ class LayoutKind(enum.Enum):
     SGLANG_HOST_MLA_LAYER_FIRST = "sglang_host_mla_layer_first"  # one tensor [L, N, 1, D]
     SGLANG_HOST_MLA_PAGE_FIRST = "sglang_host_mla_page_first"  # one tensor [N, L, 1, D] (chunks strided by token)
 
+    # vLLM >= 0.26: one tensor per layer with K and V packed in the last dim (LBHNC / LBNHC). The two
+    # halves of a layer's block are its (layer, 0) and (layer, 1) chunks, stored as they are.
+    VLLM_PACKED_HND = "vllm_packed_hnd"  # [num_blocks, H, T, 2*D]
+    VLLM_PACKED_NHD = "vllm_packed_nhd"  # [num_blocks, T, H, 2*D]
 
+    @property
+    def block_format(self) -> BlockFormat:
+        """The byte order this kind gives a pool block; a server holds blocks of one format only."""
+        return _BLOCK_FORMATS.get(self, BlockFormat.SPLIT)
+
+
+_BLOCK_FORMATS = {LayoutKind.VLLM_PACKED_HND: BlockFormat.PACKED_HND,
+                  LayoutKind.VLLM_PACKED_NHD: BlockFormat.PACKED_NHD}
+_PACKED = frozenset(_BLOCK_FORMATS)
 _MLA_KINDS = frozenset({LayoutKind.MLA, LayoutKind.SGLANG_HOST_MLA_LAYER_FIRST, LayoutKind.SGLANG_HOST_MLA_PAGE_FIRST})
 _SINGLE_TENSOR_KINDS = frozenset({LayoutKind.BLOCK_FIRST, LayoutKind.SGLANG_HOST_LAYER_FIRST,
                                   LayoutKind.SGLANG_HOST_PAGE_FIRST, LayoutKind.SGLANG_HOST_PAGE_FIRST_DIRECT,
@@ -76,8 +90,9 @@ class KVCacheLayout:
     """The KV tensors ONE TP rank of an engine registers; ``num_blocks`` is this rank's count.
 
     Tensors are numbered as the engine passes them: per layer for the vLLM kinds and MLA, K0, V0, K1,
-    V1, ... for SGLang, a single tensor for BLOCK_FIRST. Raises ValueError on a non-positive field or
-    an MLA layout with more than one head.
+    V1, ... for SGLang, a single tensor for BLOCK_FIRST. ``head_size`` is D, also for the packed kinds
+    (whose last dim is 2*D). Raises ValueError on a non-positive field or an MLA layout with more than
+    one head.
     """
 
     kind: LayoutKind
@@ -128,7 +143,7 @@ class KVCacheLayout:
     def block_stride(self) -> int:
         """Bytes between chunk (layer, kv) of block b and of block b + 1; the same for every chunk."""
         page_rows = self.num_layers * self.chunk_bytes  # one block's rows of every layer (one of K, V)
-        if self.kind is LayoutKind.VLLM_BLOCK_FIRST:
+        if self.kind is LayoutKind.VLLM_BLOCK_FIRST or self.kind in _PACKED:
             return 2 * self.chunk_bytes
         if self.kind is LayoutKind.BLOCK_FIRST:
             return self.num_layers * 2 * self.chunk_bytes
@@ -147,6 +162,8 @@ class KVCacheLayout:
             LayoutKind.SGLANG: (nb * t, h, d),
             LayoutKind.MLA: (nb, t, d),
             LayoutKind.BLOCK_FIRST: (nb, self.num_layers, 2, t, h, d),
+            LayoutKind.VLLM_PACKED_HND: (nb, h, t, 2 * d),
+            LayoutKind.VLLM_PACKED_NHD: (nb, t, h, 2 * d),
             LayoutKind.SGLANG_HOST_LAYER_FIRST: (2, self.num_layers, nb * t, h, d),
             LayoutKind.SGLANG_HOST_PAGE_FIRST: (2, nb * t, self.num_layers, h, d),
             LayoutKind.SGLANG_HOST_PAGE_FIRST_DIRECT: (2, nb, self.num_layers, t, h, d),
@@ -174,7 +191,7 @@ class KVCacheLayout:
         half = self.num_blocks * self.num_layers * self.chunk_bytes  # all of K (or V) of a host pool
         if k is LayoutKind.VLLM_KV_FIRST:
             return kv * self.num_blocks * self.chunk_bytes
-        if k is LayoutKind.VLLM_BLOCK_FIRST:
+        if k is LayoutKind.VLLM_BLOCK_FIRST or k in _PACKED:
             return kv * self.chunk_bytes
         if k is LayoutKind.BLOCK_FIRST:
             return (layer * 2 + kv) * self.chunk_bytes
@@ -258,7 +275,9 @@ class KVCacheLayout:
                   LayoutKind.SGLANG_HOST_PAGE_FIRST: "[2, num_blocks*T, num_layers, H, D]",
                   LayoutKind.SGLANG_HOST_PAGE_FIRST_DIRECT: "[2, num_blocks, num_layers, T, H, D]",
                   LayoutKind.SGLANG_HOST_MLA_LAYER_FIRST: "[num_layers, num_blocks*T, 1, D]",
-                  LayoutKind.SGLANG_HOST_MLA_PAGE_FIRST: "[num_blocks*T, num_layers, 1, D]"}[kind]
+                  LayoutKind.SGLANG_HOST_MLA_PAGE_FIRST: "[num_blocks*T, num_layers, 1, D]",
+                  LayoutKind.VLLM_PACKED_HND: "[num_blocks, H, T, 2*D]",
+                  LayoutKind.VLLM_PACKED_NHD: "[num_blocks, T, H, 2*D]"}[kind]
         bad = ValueError(f"tensor 0 has shape {shape}, expected {kind.value} shape {expect} with T={t}")
         if len(shape) != expect.count(",") + 1 or min(shape) <= 0:
             raise bad
@@ -310,6 +329,14 @@ def _parse_shape(kind: LayoutKind, shape: tuple[int, ...], num_shapes: int,
     if kind is LayoutKind.SGLANG_HOST_PAGE_FIRST_DIRECT:
         kv, nb, layers, tt, h, d = shape
         return layers, nb, tt, kv, h, d
+    if kind in _PACKED:
+        if shape[3] % 2:
+            return None
+        if kind is LayoutKind.VLLM_PACKED_HND:
+            nb, h, tt, d2 = shape
+        else:
+            nb, tt, h, d2 = shape
+        return num_shapes, nb, tt, 2, h, d2 // 2
     if kind is LayoutKind.SGLANG:
         (tokens, h, d), layers, kv = shape, num_shapes // 2, 2
     elif kind is LayoutKind.SGLANG_HOST_LAYER_FIRST:
@@ -343,6 +370,51 @@ def tensor_addresses(tensors: Sequence[Any]) -> list[int]:
     The addresses stay valid only while the tensors are alive; the caller keeps them alive.
     """
     return [int(t.ctypes.data) if isinstance(t, np.ndarray) else int(t.data_ptr()) for t in tensors]
+
+
+class VllmLayerView(NamedTuple):
+    """How to register one vLLM (>= 0.26) layer view: permute its logical axes by ``order`` (then the
+    tensor is contiguous) and reshape it to ``shape``, the flexkv tensor of layout ``kind``."""
+
+    kind: LayoutKind
+    order: tuple[int, int, int, int]
+    shape: tuple[int, ...]
+
+
+def vllm_layer_view(shape: Sequence[int], strides: Sequence[int], use_mla: bool,
+                    tokens_per_block: int) -> VllmLayerView:
+    """Classify one vLLM layer view: logical shape ``[blocks, heads, block_size, content]`` with the
+    element ``strides`` vLLM gave it (the physical order is LBHNC or LBNHC; MLA has one head).
+
+    A vLLM block of N tokens becomes N / T flexkv blocks (T = ``tokens_per_block``). Raises ValueError
+    naming the problem for anything else: another rank, cross-layer or padded pages (a block not one
+    dense region), N not a multiple of T, or LBHNC with N != T (its T-token slices are not contiguous).
+    """
+    if len(shape) != 4 or len(strides) != 4 or min(shape) <= 0:
+        raise ValueError(f"vLLM layer view must be 4-D [blocks, heads, block_size, content], got shape {tuple(shape)}")
+    nb, h, n, c = (int(x) for x in shape)
+    st = tuple(int(x) for x in strides)
+    _check_positive("tokens_per_block", tokens_per_block)
+    if n % tokens_per_block:
+        raise ValueError(f"vLLM block_size {n} is not a multiple of flexkv tokens_per_block {tokens_per_block}")
+    k, t = n // tokens_per_block, tokens_per_block
+    dense = "each block must be one dense region (cross-layer or padded KV layouts are not supported)"
+    if use_mla:
+        if h != 1:
+            raise ValueError(f"MLA layer view must have one head, got {h}")
+        if (st[0], st[2], st[3]) != (n * c, c, 1):
+            raise ValueError(f"MLA layer view strides {st} for shape {tuple(shape)}: {dense}")
+        return VllmLayerView(LayoutKind.MLA, (0, 1, 2, 3), (nb * k, t, c))
+    if c % 2:
+        raise ValueError(f"vLLM layer view content dim {c} is not 2*head_size (K and V packed)")
+    if st == (h * n * c, n * c, c, 1):
+        if k != 1:
+            raise ValueError(f"vLLM layout LBHNC keeps each head's {n} tokens together, so a {t}-token flexkv "
+                             f"block is not contiguous: set flexkv tokens_per_block={n} or VLLM_KV_CACHE_LAYOUT=LBNHC")
+        return VllmLayerView(LayoutKind.VLLM_PACKED_HND, (0, 1, 2, 3), (nb, h, t, c))
+    if st == (n * h * c, c, h * c, 1):
+        return VllmLayerView(LayoutKind.VLLM_PACKED_NHD, (0, 2, 1, 3), (nb * k, t, h, c))
+    raise ValueError(f"vLLM layer view strides {st} for shape {tuple(shape)} are neither LBHNC nor LBNHC: {dense}")
 
 
 class BlockFirstLayout:
@@ -389,6 +461,12 @@ class BlockFirstLayout:
 
     def check_engine_layout(self, engine: KVCacheLayout) -> None:
         """Raise ValueError naming the first field where one engine rank's layout disagrees with this one."""
+        fmt = self.model.block_format
+        if engine.kind.block_format is not fmt:
+            assert isinstance(fmt, BlockFormat)
+            raise ValueError(f"engine layout {engine.kind.value} stores blocks as {engine.kind.block_format.value}, "
+                             f"this server holds {fmt.value} blocks (start it with "
+                             f"ModelConfig(block_format={engine.kind.block_format.value!r}))")
         want = {"num_layers": self.num_layers, "kv_dim": self.kv_dim, "tokens_per_block": self.tokens_per_block,
                 "num_heads": self.heads_per_shard, "head_size": self.model.head_size,
                 "itemsize": self.model.itemsize}

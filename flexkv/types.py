@@ -66,6 +66,20 @@ class TaskStatus(enum.IntEnum):
     FAILED = 5
 
 
+class BlockFormat(enum.Enum):
+    """Byte order of one layer's K and V inside a CPU/SSD/remote block (part of the key fingerprint).
+
+    SPLIT: a K chunk then a V chunk, each ``[T, H, D]`` (or one ``[T, D]`` latent for MLA). The packed
+    formats keep an engine's packed block as it is (vLLM >= 0.26 packs K and V in the last dim), split
+    in two halves: PACKED_HND ``[H, T, 2*D]``, PACKED_NHD ``[T, H, 2*D]``. Engines whose formats
+    differ must never read each other's blocks.
+    """
+
+    SPLIT = "split"
+    PACKED_HND = "packed_hnd"
+    PACKED_NHD = "packed_nhd"
+
+
 class EvictionPolicy(enum.Enum):
     """Which unlocked leaf a tier evicts first (scheduler/eviction.py)."""
 

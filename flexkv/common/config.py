@@ -16,7 +16,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
-from flexkv.types import ConfigError, DType, EvictionPolicy
+from flexkv.types import BlockFormat, ConfigError, DType, EvictionPolicy
 
 GIB = 1 << 30
 
@@ -51,12 +51,18 @@ class ModelConfig:
     use_mla: bool = False
     tp_size: int = 1
     dp_size: int = 1
+    block_format: BlockFormat | str = BlockFormat.SPLIT  # how the engine's layout orders K and V in a block
 
     def __post_init__(self) -> None:
         try:
             object.__setattr__(self, "dtype", DType.parse(self.dtype))
         except ValueError as e:
             raise ConfigError(str(e)) from None
+        try:
+            object.__setattr__(self, "block_format", BlockFormat(self.block_format))
+        except ValueError:
+            allowed = ", ".join(f.value for f in BlockFormat)
+            raise ConfigError(f"block_format: unsupported {self.block_format!r}; allowed: {allowed}") from None
         _require_int(self.num_layers, "num_layers", 1)
         _require_int(self.num_kv_heads, "num_kv_heads", 1)
         _require_int(self.head_size, "head_size", 1)
@@ -65,6 +71,8 @@ class ModelConfig:
         _require(isinstance(self.use_mla, bool), "use_mla", f"must be a bool, got {self.use_mla!r}")
         if self.use_mla:
             _require(self.num_kv_heads == 1, "num_kv_heads", f"must be 1 with use_mla, got {self.num_kv_heads}")
+            _require(self.block_format is BlockFormat.SPLIT, "block_format",
+                     f"MLA has one latent per token, nothing to pack; got {self.block_format}")
         else:
             _require(self.num_kv_heads % self.tp_size == 0, "num_kv_heads",
                      f"{self.num_kv_heads} heads do not split over tp_size={self.tp_size}")
@@ -308,6 +316,7 @@ _USER_KEYS: dict[str, type] = {
 # FLEXKV_* variables that are not config keys (read elsewhere; docs/config.md lists them).
 _NON_CONFIG_ENV = {
     "FLEXKV_CONFIG_PATH", "FLEXKV_LOG_LEVEL", "FLEXKV_RUNTIME_DIR", "FLEXKV_SERVER_ADDRESS",  # run time
+    "FLEXKV_DP_CLIENT_ID",  # the vLLM connector in server mode (docs/vllm.md)
     "FLEXKV_CUDART", "FLEXKV_CUDART_DIR", "FLEXKV_SSD_NO_DIRECT",  # where CUDA is; no O_DIRECT
     "FLEXKV_LANE_DEPTH", "FLEXKV_STAGING_MIB", "FLEXKV_HOST_LANES",  # worker tuning (docs/gpu.md)
     "FLEXKV_WORKER_RESTARTS", "FLEXKV_WORKER_RESTART_WINDOW_S",  # restart budget (scheduler/supervisor.py)
@@ -459,11 +468,14 @@ def kv_fingerprint(model: ModelConfig, tokens_per_block: int) -> str:
     """A short tag naming the byte layout of a block (shape, dtype, TP sharding, block size).
 
     Servers whose blocks are laid out differently must never read each other's blocks from a shared
-    remote store, so it is part of every remote key.
+    remote store, so it is part of every remote key. A packed block format (vLLM >= 0.26's layouts)
+    adds its name; the split format adds nothing, so existing keys stay valid.
     """
     import xxhash
 
-    assert isinstance(model.dtype, DType)
+    assert isinstance(model.dtype, DType) and isinstance(model.block_format, BlockFormat)
     desc = (f"L{model.num_layers}H{model.num_kv_heads}D{model.head_size}{model.dtype.value}"
             f"M{int(model.use_mla)}TP{model.num_shards}T{tokens_per_block}")
+    if model.block_format is not BlockFormat.SPLIT:
+        desc += f"F{model.block_format.value}"
     return xxhash.xxh3_64_hexdigest(desc.encode())[:8]
