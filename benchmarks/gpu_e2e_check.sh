@@ -70,7 +70,7 @@ for part in "${parts[@]}"; do
     step 150 "example tp=$tp vllm_kv_first" python3 examples/scheduler_server_example.py --tp-size $tp --layout vllm_kv_first
     step 200 "example llama8b tp=1 32 layers" python3 examples/scheduler_server_example.py \
       --num-layers 32 --num-prompts 16 --prompt-tokens 2048
-    for layout in vllm_block_first sglang mla; do
+    for layout in vllm_block_first sglang mla vllm_packed_hnd vllm_packed_nhd; do
       step 150 "example tp=$tp $layout" python3 examples/scheduler_server_example.py --tp-size $tp --layout $layout
     done ;;
   tests)

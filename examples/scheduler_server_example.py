@@ -127,8 +127,9 @@ def main() -> int:
         except ImportError:
             pass
     use_mla = args.layout == "mla"
+    # A server holds one block format: the packed vLLM layouts (K|V in the last dim) need theirs.
     model = ModelConfig(num_layers=args.num_layers, num_kv_heads=1 if use_mla else 8, head_size=128, dtype="bfloat16",
-                        use_mla=use_mla, tp_size=args.tp_size)
+                        use_mla=use_mla, tp_size=args.tp_size, block_format=LayoutKind(args.layout).block_format)
     tpb = 16
     blocks_per_prompt = -(-args.prompt_tokens // tpb)
     num_blocks = 2 * args.num_prompts * blocks_per_prompt
