@@ -45,7 +45,7 @@ done
 export FLEXKV_TEST_CUDARTS; FLEXKV_TEST_CUDARTS=$(IFS=:; echo "${extra[*]}")
 nvidia-smi --query-gpu=name,memory.total,pcie.link.gen.current,pcie.link.width.current --format=csv,noheader
 ngpu=$(nvidia-smi -L | wc -l)
-tp=$(( ngpu >= 2 ? 2 : 1 ))
+tp=${EXAMPLE_TP:-$(( ngpu >= 2 ? 2 : 1 ))}  # EXAMPLE_TP=2 on one GPU: two ranks share it
 rc=0
 n=0
 step() {  # step <seconds> <name> <command...>
