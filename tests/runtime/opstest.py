@@ -46,7 +46,12 @@ def flexkv_serve(args: list[str], timeout_s: float = 60.0) -> Iterator[tuple[sub
     finally:
         if proc.poll() is None:
             proc.send_signal(signal.SIGTERM)
-        out, err = proc.communicate(timeout=90)
+        try:
+            out, err = proc.communicate(timeout=90)
+        except subprocess.TimeoutExpired:  # never leave a server behind, whatever failed
+            proc.kill()
+            proc.communicate()
+            raise AssertionError("flexkv serve did not stop within 90 s of SIGTERM") from None
     assert proc.returncode == 0, f"flexkv serve exited {proc.returncode}: {err[-2000:]}"
     assert "flexkv server stopped cleanly" in out
 
