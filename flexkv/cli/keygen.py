@@ -10,10 +10,8 @@ keygen``).
 from __future__ import annotations
 
 import argparse
-import sys
 
-from flexkv.security import keygen
-from flexkv.types import ConfigError
+from flexkv import security
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -22,10 +20,4 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        public, secret = keygen(args.dir, args.name)
-    except ConfigError as e:
-        print(f"flexkv keygen: {e}", file=sys.stderr)
-        return 2
-    print(f"public key: {public}\nsecret key: {secret}")
-    return 0
+    return security.main(["keygen", args.dir, "--name", args.name])
