@@ -161,6 +161,18 @@ class LengthRow:
     restore_bytes: int
     ceiling_ms: float
     fractions: list[tuple[float, float, float, float, float]]  # frac, plain ms, layerwise ms, restore ms, suffix ms
+    cached_lw_ms: float = 0.0  # all but the last block cached, layer-wise restore
+    profiles: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # case -> phase -> s
+
+
+def profiled(engine: HFPagedEngine, tokens: torch.Tensor) -> dict[str, float]:
+    """One more prefill of ``tokens`` with the engine's phase profile on (device synchronized between phases)."""
+    engine.profile = True
+    try:
+        st = ttft(engine, tokens)
+    finally:
+        engine.profile = False
+    return {**st.phases, "ttft": st.ttft_s}
 
 
 def measure_length(stack: Stack, length: int, seed: int) -> LengthRow:
@@ -179,11 +191,19 @@ def measure_length(stack: Stack, length: int, seed: int) -> LengthRow:
         assert not st.fallback, st
         cached.append(st.ttft_s)
         restored = st.num_restored_tokens
+    cached_lw = []
+    for _ in range(s.repeats):
+        st = ttft(stack.layerwise, prompt)
+        assert not st.fallback and st.num_restored_tokens == restored, st
+        cached_lw.append(st.ttft_s)
+    profiles = {"cached": profiled(stack.plain, prompt), "cached, layer-wise": profiled(stack.layerwise, prompt),
+                "recompute": profiled(stack.recompute, prompt)}
     whole = prompt[: (length - 1) // t * t]
     restores = [restore_s(stack, whole) for _ in range(s.repeats)]
     nbytes = whole.numel() // t * block_bytes
     ceiling = ceiling_s(nbytes, s.device)
-    say(f"{length}: cached {1e3 * median(cached):.1f} ms ({restored} tokens restored), restore "
+    say(f"{length}: cached {1e3 * median(cached):.1f} ms, layer-wise {1e3 * median(cached_lw):.1f} ms "
+        f"({restored} tokens restored), restore "
         f"{1e3 * median(restores):.1f} ms vs ceiling {1e3 * ceiling:.1f} ms")
 
     fractions = []
@@ -202,20 +222,25 @@ def measure_length(stack: Stack, length: int, seed: int) -> LengthRow:
                 out.append(st.ttft_s)
                 if engine is stack.plain:
                     suffix.append(st.ttft_s - st.restore_wait_s)
+        for name, engine in (("plain", stack.plain), ("layer-wise", stack.layerwise)):
+            tail = random_tokens(length - num_cached, s.vocab, seed + 7777 + int(10 * frac))
+            profiles[f"{frac:.0%} cached, {name}"] = profiled(engine, torch.cat([base, tail]))
         rest = median([restore_s(stack, base) for _ in range(s.repeats)])
         fractions.append((frac, 1e3 * median(plain), 1e3 * median(layer), 1e3 * rest, 1e3 * median(suffix)))
         say(f"{length}: {frac:.0%} cached: plain {fractions[-1][1]:.1f} ms, layer-wise {fractions[-1][2]:.1f} ms")
     return LengthRow(length, 1e3 * median(recompute), 1e3 * median(cached), restored, 1e3 * median(restores),
-                     nbytes, 1e3 * ceiling, fractions)
+                     nbytes, 1e3 * ceiling, fractions, 1e3 * median(cached_lw), profiles)
 
 
 def print_part1(rows: list[LengthRow], s: Setup) -> None:
     goals = {8192: 10.0, 32768: 14.0}
-    print("\n== TTFT, whole prompt but its last block cached (recompute / cached = speedup)")
-    print(f"{'tokens':>7} {'recompute ms':>12} {'cached ms':>10} {'speedup':>8} {'goal':>6}")
+    print("\n== TTFT, whole prompt but its last block cached (recompute / cached = speedup), whole and layer-wise")
+    print(f"{'tokens':>7} {'recompute ms':>12} {'cached ms':>10} {'speedup':>8} {'layer-wise ms':>13} {'speedup':>8} "
+          f"{'goal':>6}")
     for r in rows:
         goal = goals.get(r.length)
         print(f"{r.length:>7} {r.recompute_ms:>12.1f} {r.cached_ms:>10.1f} {r.recompute_ms / r.cached_ms:>7.1f}x "
+              f"{r.cached_lw_ms:>13.1f} {r.recompute_ms / r.cached_lw_ms:>7.1f}x "
               f"{(f'{goal:.0f}x') if goal else '-':>6}")
     what = "pinned H2D" if s.device.type == "cuda" else "memcpy"
     print(f"\n== restore alone (get_match + launch + wait) vs the same bytes at the {what} ceiling (goal <= 1.15x)")
@@ -234,6 +259,12 @@ def print_part1(rows: list[LengthRow], s: Setup) -> None:
             top = max(rest, suffix)
             print(f"{r.length:>7} {frac:>6.0%} {plain:>9.1f} {layer:>12.1f} {rest:>10.1f} {suffix:>9.1f} {top:>7.1f} "
                   f"{layer / top:>5.2f}x")
+    print("\n== where the time goes: one profiled prefill per case, ms (the device synchronized between phases of a "
+          "whole restore; match = get_match + launch)")
+    for r in rows:
+        for case, ph in r.profiles.items():
+            parts = ", ".join(f"{k} {1e3 * v:.1f}" for k, v in ph.items())
+            print(f"{r.length:>7} {case:<24} {parts}")
 
 
 # ---------------------------------------------------------------------------------------------- part 2

@@ -78,21 +78,35 @@ class PagedKVPool:
         t = self.tensors[2 * layer + kv]
         return t.view(self.num_pages, self.tokens_per_page, *t.shape[1:])
 
-    def read_layer(self, layer: int, pages: Sequence[int], num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of the first ``num_tokens`` tokens in ``pages`` as ``[1, kv_heads, num_tokens, head_dim]``."""
-        idx = torch.as_tensor(list(pages), dtype=torch.long, device=self.device)
+    def page_index(self, pages: Sequence[int]) -> torch.Tensor:
+        """``pages`` as an index tensor on the pool's device (make it once per request: building it on a
+        GPU is a host -> device copy that waits for the work already queued)."""
+        idx = torch.as_tensor(list(pages), dtype=torch.long)
+        if self.device.type != "cuda":
+            return idx
+        return idx.pin_memory().to(self.device, non_blocking=True)
+
+    def read_layer(self, layer: int, pages: Sequence[int] | torch.Tensor,
+                   num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the first ``num_tokens`` tokens in ``pages`` as ``[1, kv_heads, num_tokens, head_dim]``.
+
+        One gather per tensor: the page view ``[pages, T, heads, dim]`` is read head-major, so the
+        selected pages land as ``[heads, pages, T, dim]``, which is the cache's layout already."""
+        idx = pages if isinstance(pages, torch.Tensor) else self.page_index(pages)
         out = []
         for kv in (0, 1):
-            rows = self._page_view(layer, kv).index_select(0, idx).flatten(0, 1)[:num_tokens]
-            out.append(rows.transpose(0, 1).unsqueeze(0).contiguous())
+            rows = self._page_view(layer, kv).permute(2, 0, 1, 3).index_select(1, idx)
+            heads, _, _, dim = rows.shape
+            out.append(rows.view(1, heads, -1, dim)[:, :, :num_tokens].contiguous())
         return out[0], out[1]
 
-    def write_layer(self, layer: int, pages: Sequence[int], key: torch.Tensor, value: torch.Tensor) -> None:
+    def write_layer(self, layer: int, pages: Sequence[int] | torch.Tensor, key: torch.Tensor,
+                    value: torch.Tensor) -> None:
         """Store ``[1, kv_heads, len(pages) * T, head_dim]`` K and V into ``pages`` (whole pages only)."""
         t = self.tokens_per_page
         if key.shape[2] != len(pages) * t:
             raise ValueError(f"{key.shape[2]} tokens do not fill {len(pages)} pages of {t}")
-        idx = torch.as_tensor(list(pages), dtype=torch.long, device=self.device)
+        idx = pages if isinstance(pages, torch.Tensor) else self.page_index(pages)
         for kv, src in ((0, key), (1, value)):
             rows = src[0].transpose(0, 1).reshape(len(pages), t, src.shape[1], src.shape[3])
             self._page_view(layer, kv).index_copy_(0, idx, rows.to(self.dtype))
