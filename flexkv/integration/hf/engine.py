@@ -98,6 +98,12 @@ def layer_kv(cache: DynamicCache, layer: int) -> tuple[torch.Tensor, torch.Tenso
     return lay.keys, lay.values
 
 
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword of ``model.forward`` that takes the cache: ``past_key_values`` up to transformers 5.23,
+    ``cache`` from 5.24."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 def set_layer_kv(cache: DynamicCache, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
     """Make the empty layer ``layer`` of ``cache`` hold ``key``/``value`` themselves (``Cache.update`` would
     concatenate them onto an empty tensor: one more copy of the whole prefix)."""
@@ -130,8 +136,7 @@ class HFPagedEngine:
         self.profile = profile
         self.tokens_per_block = pool.tokens_per_page
         self.num_layers = len(decoder_layers(model))
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = cache_keyword(model)
         self._active: tuple[_Restore, DynamicCache] | None = None
         self._hooks = [layer.register_forward_pre_hook(self._hook_for(i))
                        for i, layer in enumerate(decoder_layers(model))]
