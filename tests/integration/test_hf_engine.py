@@ -385,3 +385,22 @@ def test_flexkv_sdpa_computes_what_sdpa_does_for_a_suffix_over_a_cached_prefix(d
         prefix_causal_sdpa(torch.nn.Module(), q, k, k, torch.ones(1, 1, 3, 5, dtype=torch.bool))
     with pytest.raises(ValueError, match="queries but only"):
         prefix_causal_sdpa(torch.nn.Module(), k.repeat(1, 2, 1, 1), q[:, :2], q[:, :2], None)
+
+
+def test_pool_pages_read_back_what_was_written_consecutive_or_not() -> None:
+    """Consecutive pages are read as views, others gathered: both give exactly the written K/V."""
+    pool = PagedKVPool(2, 2, 8, 12, T, torch.float32)
+    try:
+        for pages in ([3, 4, 5], [9, 2, 7], [0]):
+            key = torch.randn(1, 2, len(pages) * T, 8)
+            value = torch.randn(1, 2, len(pages) * T, 8)
+            pool.write_layer(1, pages, key, value)
+            ref = pool.page_index(pages)
+            assert isinstance(ref, slice) == (pages != [9, 2, 7])
+            for n in (len(pages) * T, len(pages) * T - 5):
+                rk, rv = pool.read_layer(1, pages, n)
+                assert torch.equal(rk, key[:, :, :n]) and torch.equal(rv, value[:, :, :n])
+        with pytest.raises(ValueError, match="do not fill"):
+            pool.write_layer(0, [1, 2], torch.zeros(1, 2, T, 8), torch.zeros(1, 2, T, 8))
+    finally:
+        pool.close()

@@ -64,7 +64,7 @@ class _Restore:
     pages: list[int]
     num_tokens: int
     layerwise: bool
-    index: torch.Tensor  # the pages as an index tensor on the pool's device
+    index: torch.Tensor | slice  # the pages as PagedKVPool.page_index finds them
     filled: set[int] = dataclasses.field(default_factory=set)
     wait_s: float = 0.0
     final: TaskStatus | None = None  # once a wait returned it
@@ -279,7 +279,7 @@ class HFPagedEngine:
             key, value = layer_kv(earlier, layer)
             if key.shape[2] < num_tokens:
                 raise ValueError(f"reuse of {num_tokens} tokens from a cache of {key.shape[2]}")
-            keep = torch.contiguous_format  # contiguous, as PagedKVPool.read_layer gives a restore
+            keep = torch.contiguous_format  # the layer's first forward concatenates it, as a restore's
             set_layer_kv(cache, layer, key[:, :, :num_tokens].clone(memory_format=keep),
                          value[:, :, :num_tokens].clone(memory_format=keep))
         return num_tokens
