@@ -30,6 +30,7 @@ import json
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,42 @@ def layer_landing_s(stack: Stack, tokens: torch.Tensor) -> list[float]:
     return landed
 
 
+def landing_under_load_s(stack: Stack, tokens: torch.Tensor, kind: str) -> float:
+    """:func:`layer_landing_s`'s last layer while this process keeps the GPU busy on another stream:
+    ``gemm`` (bf16 8192^2 matmuls: compute-bound) or ``copy`` (a 1 GiB device copy: memory-bound)."""
+    device, stop = stack.s.device, threading.Event()
+    ready = threading.Event()
+
+    def load() -> None:
+        with torch.cuda.stream(torch.cuda.Stream(device)):
+            if kind == "gemm":
+                a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+
+                def work() -> None:
+                    torch.mm(a, a)
+            else:
+                src = torch.empty(2**30, dtype=torch.uint8, device=device)
+                dst = torch.empty_like(src)
+
+                def work() -> None:
+                    dst.copy_(src)
+            ready.set()
+            while not stop.is_set():
+                for _ in range(4):
+                    work()
+                torch.cuda.current_stream().synchronize()
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    ready.wait(30)
+    time.sleep(0.05)
+    try:
+        return layer_landing_s(stack, tokens)[-1]
+    finally:
+        stop.set()
+        thread.join()
+
+
 def ceiling_s(nbytes: int, device: torch.device, repeats: int = 3) -> float:
     """The fastest contiguous copy of ``nbytes`` into the engine's memory: pinned host -> GPU (or memcpy)."""
     if device.type == "cuda":
@@ -185,6 +222,7 @@ class LengthRow:
     fractions: list[tuple[float, float, float, float, float]]  # frac, plain ms, layerwise ms, restore ms, suffix ms
     cached_lw_ms: float = 0.0  # all but the last block cached, layer-wise restore
     landing_ms: list[float] = dataclasses.field(default_factory=list)  # per layer, a layer-wise restore
+    under_load_ms: dict[str, float] = dataclasses.field(default_factory=dict)  # load kind -> last layer landed
     profiles: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # case -> phase -> s
 
 
@@ -225,6 +263,10 @@ def measure_length(stack: Stack, length: int, seed: int) -> LengthRow:
     restores = [restore_s(stack, whole) for _ in range(s.repeats)]
     nbytes = whole.numel() // t * block_bytes
     landing = min((layer_landing_s(stack, whole) for _ in range(s.repeats)), key=lambda xs: xs[-1])
+    under_load = {}
+    if s.device.type == "cuda" and length == max(s.lengths):
+        under_load = {kind: 1e3 * min(landing_under_load_s(stack, whole, kind) for _ in range(s.repeats))
+                      for kind in ("gemm", "copy")}
     ceiling = ceiling_s(nbytes, s.device)
     say(f"{length}: cached {1e3 * median(cached):.1f} ms, layer-wise {1e3 * median(cached_lw):.1f} ms "
         f"({restored} tokens restored), restore "
@@ -253,7 +295,8 @@ def measure_length(stack: Stack, length: int, seed: int) -> LengthRow:
         fractions.append((frac, 1e3 * median(plain), 1e3 * median(layer), 1e3 * rest, 1e3 * median(suffix)))
         say(f"{length}: {frac:.0%} cached: plain {fractions[-1][1]:.1f} ms, layer-wise {fractions[-1][2]:.1f} ms")
     return LengthRow(length, 1e3 * median(recompute), 1e3 * median(cached), restored, 1e3 * median(restores),
-                     nbytes, 1e3 * ceiling, fractions, 1e3 * median(cached_lw), [1e3 * x for x in landing], profiles)
+                     nbytes, 1e3 * ceiling, fractions, 1e3 * median(cached_lw), [1e3 * x for x in landing], under_load,
+                     profiles)
 
 
 def print_part1(rows: list[LengthRow], s: Setup) -> None:
@@ -282,6 +325,9 @@ def print_part1(rows: list[LengthRow], s: Setup) -> None:
         marks = sorted({0, 1, n // 4, n // 2, n - 1})
         print(f"{r.restored_tokens:>7} " + ", ".join(
             f"layer {i}: {r.landing_ms[i]:.1f} ({r.ceiling_ms * (i + 1) / n:.1f})" for i in marks))
+        if r.under_load_ms:
+            print(f"{'':>7} the same with this process keeping the GPU busy on another stream, last layer: " +
+                  ", ".join(f"{k} {v:.1f} ms" for k, v in r.under_load_ms.items()))
     print("\n== partly cached: TTFT without / with layer-wise vs max(restore, suffix compute) (goal at 32K: <= 1.1x)")
     print(f"{'tokens':>7} {'cached':>6} {'plain ms':>9} {'layerwise ms':>12} {'restore ms':>10} {'suffix ms':>9} "
           f"{'max ms':>7} {'lw/max':>6}")
