@@ -8,7 +8,10 @@ Part 1, per prompt length (default 2K, 8K, 32K tokens):
 * restore: get_match + launch + wait of the cached prefix into the engine's pages, beside its bytes over
   the contiguous pinned host -> device copy measured in this run (the ceiling).
 Two DP clients share one server: DP 0 registers its pages layer-wise, DP 1 plainly, so "without
-layer-wise" rows copy whole ops exactly as an engine that never asked for layers would.
+layer-wise" rows copy whole ops exactly as an engine that never asked for layers would. Part 1 runs once
+per ``--copies``: the copies made by the ranks' device worker processes (CUDA IPC), or by engine-side
+lanes in this process (its CUDA context: the copies overlap the model's kernels instead of
+time-slicing the GPU with another process's context).
 
 Part 2, a multi-turn replay of the first N multi-request conversations of the Mooncake trace
 (../shared/traces/conversation_trace.jsonl; a conversation = requests sharing at least two leading
@@ -47,6 +50,8 @@ from flexkv.types import TaskStatus
 
 DEFAULT_TRACE = Path(__file__).resolve().parents[1] / "../shared/traces/conversation_trace.jsonl"
 ID_TOKENS = 512
+COPIES = {"worker": "the rank's device worker process (CUDA IPC)",
+          "lane": "an engine-side lane in the engine process (its own CUDA context)"}
 T0 = time.monotonic()
 
 
@@ -74,7 +79,8 @@ def synchronize(device: torch.device) -> None:
 class Stack:
     """One flexkv server; DP 0 = pages registered layer-wise, DP 1 (optional) = plain pages."""
 
-    def __init__(self, s: Setup, cache: CacheConfig, num_pages: int, plain_client: bool) -> None:
+    def __init__(self, s: Setup, cache: CacheConfig, num_pages: int, plain_client: bool,
+                 engine_side: bool = False) -> None:
         self.s = s
         layers, heads, head_dim = kv_shape(s.model.config)
         mc = dataclasses.replace(flexkv_model_config(s.model.config, s.dtype), dp_size=2 if plain_client else 1)
@@ -87,7 +93,8 @@ class Stack:
             self.kvms[1].start()
         device_id = s.device.index or 0
         for i, (kvm, pool) in enumerate(zip(self.kvms, self.pools, strict=True)):
-            kvm.register_kv_buffers(pool.register_with(), pool.layout, device_id=device_id, layerwise=i == 0)
+            kvm.register_kv_buffers(pool.register_with(), pool.layout, device_id=device_id, layerwise=i == 0,
+                                    engine_side=engine_side)
         self.kvms[0].wait_ready(300)
         self.layerwise = HFPagedEngine(s.model, self.pools[0], self.kvms[0], layerwise=True)
         self.plain = HFPagedEngine(s.model, self.pools[-1], self.kvms[-1], layerwise=False)
@@ -448,6 +455,8 @@ def main() -> None:
     ap.add_argument("--ssd-dir", default=None, help="SSD tier directory of the replay (default: a temp dir in /tmp)")
     ap.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
     ap.add_argument("--skip-lengths", action="store_true")
+    ap.add_argument("--copies", nargs="+", choices=sorted(COPIES), default=["lane", "worker"],
+                    help="part 1 once per choice: " + "; ".join(f"{k} = {v}" for k, v in COPIES.items()))
     ap.add_argument("--skip-replay", action="store_true")
     args = ap.parse_args()
     tiny = args.tiny
@@ -463,12 +472,15 @@ def main() -> None:
         cache = CacheConfig(tokens_per_block=s.tokens_per_block, num_cpu_blocks=int(cpu_gb * 2**30) // block_bytes)
         num_pages = max(s.lengths) // s.tokens_per_block + 8
         say(f"part 1: server with {cache.num_cpu_blocks} CPU blocks ({cpu_gb} GiB), 2 x {num_pages} engine pages")
-        stack = Stack(s, cache, num_pages, plain_client=True)
-        try:
-            rows = [measure_length(stack, n, seed=n) for n in s.lengths]
-        finally:
-            stack.close()
-        print_part1(rows, s)
+        for copies in args.copies:
+            say(f"part 1, copies by {COPIES[copies]}")
+            stack = Stack(s, cache, num_pages, plain_client=True, engine_side=copies == "lane")
+            try:
+                rows = [measure_length(stack, n, seed=n) for n in s.lengths]
+            finally:
+                stack.close()
+            print(f"\n######## copies by {COPIES[copies]}")
+            print_part1(rows, s)
     if not args.skip_replay:
         requests = conversations(args.trace, args.conversations or (4 if tiny else 12))
         max_prompt = args.max_prompt or (1024 if tiny else 32768)

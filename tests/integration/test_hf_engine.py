@@ -67,7 +67,7 @@ class Stack:
 
     def __init__(self, dtype: torch.dtype, attn: str = "sdpa", cache: CacheConfig | None = None,
                  layerwise: bool = True, address: str | None = None, request_timeout_s: float = 60.0,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", engine_side: bool = False) -> None:
         self.config = tiny_llama_config(attn)
         self.dtype = dtype
         self.model = random_model(self.config, dtype, seed=0, device=device)
@@ -78,7 +78,8 @@ class Stack:
                              cache or CacheConfig(tokens_per_block=T, num_cpu_blocks=256), server_address=address,
                              request_timeout_s=request_timeout_s)
         self.kvm.start()
-        self.kvm.register_kv_buffers(self.pool.register_with(), self.pool.layout, layerwise=layerwise)
+        self.kvm.register_kv_buffers(self.pool.register_with(), self.pool.layout, layerwise=layerwise,
+                                     engine_side=engine_side)
         self.engines: list[HFPagedEngine] = []
 
     def engine(self, use_flexkv: bool = True, **kw: object) -> HFPagedEngine:
@@ -327,12 +328,14 @@ def _cuda_why() -> str:
 
 
 @pytest.mark.skipif(bool(_cuda_why()), reason=_cuda_why() or "-")
-@pytest.mark.parametrize("attn", ["sdpa", "flexkv_sdpa"])
+@pytest.mark.parametrize(("attn", "engine_side"), [("sdpa", False), ("flexkv_sdpa", False), ("flexkv_sdpa", True)],
+                         ids=["sdpa", "flexkv_sdpa", "flexkv_sdpa-lane"])
 @pytest.mark.parametrize("layerwise", [False, True], ids=["whole", "layerwise"])
 def test_on_cuda_restores_are_bit_exact_and_the_conversation_unchanged(stacks: list[Stack], layerwise: bool,
-                                                                       attn: str) -> None:
-    """The GPU path: pages are CUDA tensors the GPU worker opens by IPC (gpu_e2e_check.sh hf)."""
-    s = Stack(torch.bfloat16, attn, device="cuda")
+                                                                       attn: str, engine_side: bool) -> None:
+    """The GPU path: pages are CUDA tensors the GPU worker opens by IPC, or copied by an engine-side lane in
+    this process (gpu_e2e_check.sh layerwise)."""
+    s = Stack(torch.bfloat16, attn, device="cuda", engine_side=engine_side)
     stacks.append(s)
     with_kv = converse(s.engine(layerwise=layerwise), 4, seed=3)
     without = converse(s.engine(use_flexkv=False), 4, seed=3, same_split_as=with_kv)
