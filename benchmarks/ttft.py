@@ -455,6 +455,9 @@ def main() -> None:
     ap.add_argument("--ssd-dir", default=None, help="SSD tier directory of the replay (default: a temp dir in /tmp)")
     ap.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
     ap.add_argument("--skip-lengths", action="store_true")
+    ap.add_argument("--switch-interval-ms", type=float, default=None,
+                    help="sys.setswitchinterval for this process (how soon a lane thread gets the GIL from the "
+                         "model's thread; Python's default is 5 ms)")
     ap.add_argument("--copies", nargs="+", choices=sorted(COPIES), default=["lane", "worker"],
                     help="part 1 once per choice: " + "; ".join(f"{k} = {v}" for k, v in COPIES.items()))
     ap.add_argument("--skip-replay", action="store_true")
@@ -466,6 +469,8 @@ def main() -> None:
     if not tiny and not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --tiny on a CPU machine")
     torch.set_grad_enabled(False)
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1e3)
     s = setup(args)
     if not args.skip_lengths:
         block_bytes = BlockFirstLayout(flexkv_model_config(s.model.config, s.dtype), s.tokens_per_block).block_bytes
