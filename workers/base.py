@@ -36,6 +36,7 @@ import numpy as np
 import numpy.typing as npt
 import zmq
 
+from flexkv import hoptrace
 from flexkv.common.config import CacheConfig, ModelConfig, configs_from_json
 from flexkv.protocol.codec import SERVER_TO_WORKER, WORKER_TO_SERVER, Frame, ProtocolError, frame_array
 from flexkv.protocol.worker_msgs import (
@@ -188,8 +189,12 @@ class Worker(abc.ABC):
                 lanes.submit(batch)
             elif batch:
                 t_start = time.monotonic()
+                _trace(batch, "copy_started")
                 errors = self._execute_safely(batch)
-                self._sock.send_multipart(self._done_frames(batch, errors, t_start, time.monotonic()))
+                _trace(batch, "copy_done")
+                frames = self._done_frames(batch, errors, t_start, time.monotonic())
+                _trace(batch, "worker_reported")
+                self._sock.send_multipart(frames)
 
 
     def _receive_batch(self) -> list[Op]:
@@ -222,6 +227,8 @@ class Worker(abc.ABC):
         src = frame_array(arrays[0], np.int64, "src_block_ids")
         dst = frame_array(arrays[1], np.int64, "dst_block_ids")
         hashes = frame_array(arrays[2], np.uint64, "block_hashes") if len(arrays) > 2 else None
+        if hoptrace.ENABLED:
+            hoptrace.mark("worker_received", msg.task_id)
         return Op(msg.op_id, OpType(msg.op_type), src, dst, hashes, msg.task_id)
 
     def _execute_safely(self, batch: list[Op]) -> list[str]:
@@ -265,6 +272,7 @@ class _Lanes:
                  slots: threading.Semaphore) -> None:
         while (batch := _take_batch(q, slots)) is not None:
             t0 = time.monotonic()
+            _trace(batch, "copy_started")
             try:
                 finish = self._worker.start(batch)
             except Exception as e:  # start() should report per op; never lose a batch
@@ -288,7 +296,10 @@ class _Lanes:
                     errors = [f"{type(e).__name__}: {e}"] * len(batch)
                 slots.release()
                 t_done = time.monotonic()
-                push.send_multipart(self._worker._done_frames(batch, errors, t_start, t_done))
+                _trace(batch, "copy_done")
+                frames = self._worker._done_frames(batch, errors, t_start, t_done)
+                _trace(batch, "worker_reported")
+                push.send_multipart(frames)
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("%s: %d %s op(s), %d blocks: queued %.2f ms, start %.2f ms, done %.2f ms later "
                               "(received at monotonic %.6f)", self._worker.worker_id, len(batch),
@@ -306,6 +317,12 @@ class _Lanes:
 
 
 _Started = tuple[list[Op], Callable[[], list[str]], float, float]  # batch, finisher, start began, ended
+
+
+def _trace(batch: list[Op], hop: str) -> None:
+    if hoptrace.ENABLED:
+        for op in batch:
+            hoptrace.mark(hop, op.task_id)
 
 
 def _progress_line(worker_id: str, what: str, every_s: float = 5.0) -> Callable[[int, int], None]:
