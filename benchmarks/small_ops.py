@@ -44,7 +44,6 @@ from collections.abc import Callable
 import numpy as np
 from control_latency import EchoClient, echo_server, match_header
 
-from flexkv import hoptrace
 from flexkv.client import HostKVBuffers, allocate_host_kv_buffers
 from flexkv.common.config import CacheConfig, ModelConfig
 from flexkv.kvmanager import KVManager
@@ -71,8 +70,8 @@ class SmallOpStack:
             x[...] = rng.integers(0, 1 << 16, x.shape, dtype=np.uint16)
         perm = rng.permutation(engine_blocks).astype(np.int64)
         self.src, self.put_src, self.dst = perm[:blocks], perm[blocks: 2 * blocks], perm[2 * blocks:]
-        self.kvm = KVManager(MODEL, CacheConfig(tokens_per_block=T, num_cpu_blocks=cpu_blocks,
-                                                               busy_poll_us=busy_poll_us))
+        spin = {"busy_poll_us": busy_poll_us} if busy_poll_us else {}  # (0 also runs on builds without the key)
+        self.kvm = KVManager(MODEL, CacheConfig(tokens_per_block=T, num_cpu_blocks=cpu_blocks, **spin))
         self.kvm.start()
         self.kvm.register_kv_buffers(self.bufs, self.layout)
         self.kvm.wait_ready(60)
@@ -162,6 +161,8 @@ def measure(stacks: dict[int, SmallOpStack], echo: EchoClient, iters: int, idle_
 
 def breakdown(trace_dir: str) -> None:
     """Per-hop medians from the FLEXKV_HOP_TRACE files the processes wrote (see flexkv/hoptrace.py)."""
+    from flexkv import hoptrace
+
     hoptrace.flush()
     for line in hoptrace.summarize(trace_dir):
         print(line)
@@ -173,7 +174,7 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=4, help="blocks per prompt (2 MiB each)")
     ap.add_argument("--idle-ms", type=float, default=10.0, help="sleep before each op in the idle rows")
     ap.add_argument("--cpu-blocks", type=int, default=128)
-    ap.add_argument("--busy-poll-us", type=int, nargs="+", default=[CacheConfig.busy_poll_us],
+    ap.add_argument("--busy-poll-us", type=int, nargs="+", default=[0],
                     help="the busy_poll_us config key of the server and client; several: one server each, "
                          "their ops interleaved")
     ap.add_argument("--breakdown", action="store_true", help="record and print per-hop timestamps")
@@ -183,6 +184,8 @@ def main() -> None:
 
     tmp = tempfile.mkdtemp(prefix="flexkv-smallops-")
     if args.breakdown:
+        from flexkv import hoptrace  # (imported here: the script also runs on builds without it)
+
         os.makedirs(os.path.join(tmp, "hops"))
         hoptrace.enable(os.path.join(tmp, "hops"))  # the server and worker inherit it
     address = f"ipc://{tmp}/echo.sock"
