@@ -33,6 +33,7 @@ Goal (issue 17 §3): p50 <= 0.3 ms for a 4-block put and get with host buffers o
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import multiprocessing as mp
 import os
 import shutil
@@ -70,8 +71,10 @@ class SmallOpStack:
             x[...] = rng.integers(0, 1 << 16, x.shape, dtype=np.uint16)
         perm = rng.permutation(engine_blocks).astype(np.int64)
         self.src, self.put_src, self.dst = perm[:blocks], perm[blocks: 2 * blocks], perm[2 * blocks:]
-        spin = {"busy_poll_us": busy_poll_us} if busy_poll_us else {}  # (0 also runs on builds without the key)
-        self.kvm = KVManager(MODEL, CacheConfig(tokens_per_block=T, num_cpu_blocks=cpu_blocks, **spin))
+        cache = CacheConfig(tokens_per_block=T, num_cpu_blocks=cpu_blocks)
+        if busy_poll_us:  # (so that 0 also runs on builds without the key)
+            cache = dataclasses.replace(cache, busy_poll_us=busy_poll_us)
+        self.kvm = KVManager(MODEL, cache)
         self.kvm.start()
         self.kvm.register_kv_buffers(self.bufs, self.layout)
         self.kvm.wait_ready(60)

@@ -340,7 +340,7 @@ class SchedulerServer:
     def _drain(self, sock: zmq.Socket[bytes], handle: Callable[[list[zmq.Frame]], None]) -> None:
         for _ in range(256):  # bounded so one busy socket cannot starve the other
             # Asking the socket costs less than the zmq.Again a NOBLOCK receive raises when it is empty.
-            if not sock.get(zmq.EVENTS) & zmq.POLLIN:
+            if not typing.cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN:
                 return
             handle(sock.recv_multipart(copy=False))
 
