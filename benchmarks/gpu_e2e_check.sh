@@ -8,6 +8,8 @@
 #   example   examples/scheduler_server_example.py on CUDA: every layout at TP=2, and a 32-layer run
 #   tests     the CUDA engine tests and the runtime tests
 #   engine    benchmarks/gpu_transfer.py, engine level, every path, T=16 and 64
+#   smallops  (not in the default list) the small-op line of gpu_transfer.py --stack with busy_poll_us 0,
+#             200 and 1000 (issue 17 §3: a 4-block get/put p50 <= 0.35 ms), and small_ops.py on host buffers
 #   ops       (not in the default list; needs a prometheus_client wheel in .whl/) `flexkv check --gpu`, and
 #             metrics off vs on: control_latency.py --metrics and throughput.py --metrics (host buffers)
 #   layerwise layer-wise GET on CUDA (per-layer events, bytes exact at every layer wait, failures wake
@@ -67,6 +69,13 @@ for part in "${parts[@]}"; do
       tests/test_cudacopy.py::test_batch_copies_are_byte_exact_with_every_cuda_runtime_installed ;;
   transfer)
     step 240 "gpu_transfer --stack T=16" python3 benchmarks/gpu_transfer.py --stack --tokens-per-block 16 ;;
+  smallops)
+    for spin in 0 200 1000; do
+      step 240 "gpu_transfer --stack T=16 busy_poll_us=$spin" python3 benchmarks/gpu_transfer.py --stack \
+        --tokens-per-block 16 --num-blocks 256 --repeats 1 --busy-poll-us $spin
+    done
+    step 120 "small_ops host buffers" python3 benchmarks/small_ops.py --iters 300 --busy-poll-us 0 200 1000
+    step 120 "small_ops breakdown" python3 benchmarks/small_ops.py --iters 300 --breakdown ;;
   example)
     step 150 "example tp=$tp vllm_kv_first" python3 examples/scheduler_server_example.py --tp-size $tp --layout vllm_kv_first
     step 200 "example llama8b tp=1 32 layers" python3 examples/scheduler_server_example.py \

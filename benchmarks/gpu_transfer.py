@@ -253,7 +253,8 @@ class Stack:
                             for i in range(self.layout.num_tensors)]
             torch.cuda.synchronize()
         # The pool holds the prompts being got plus the puts in flight; older puts are evicted (LRU).
-        self.kvm = KVManager(MODEL, CacheConfig(tokens_per_block=t, num_cpu_blocks=(self.k + 1) * self.n + 64))
+        self.kvm = KVManager(MODEL, CacheConfig(tokens_per_block=t, num_cpu_blocks=(self.k + 1) * self.n + 64,
+                                                busy_poll_us=args.busy_poll_us))
         self.kvm.start()
         self.client = KVTPClient(self.kvm.server_address, device_id=0)
         self.client.register(self.host if self.host is not None else self.tensors, self.layout)
@@ -314,9 +315,10 @@ class Stack:
         n = blocks * self.t
         stored = self._rng.integers(0, 1 << 30, n, dtype=np.int64)
         src, dst = self.src_slots[0][:n], self.dst_slots[0][0][:n]
-        self.finish(self.launch(True, [stored], [src]))
         out = {}
         for name in ("put", "get"):
+            if name == "get":  # stored after the puts, which may evict older blocks from a small pool
+                self.finish(self.launch(True, [stored], [src]))
             times = []
             for _ in range(repeats + 5):  # the first 5 warm up
                 tokens = self._rng.integers(0, 1 << 30, n, dtype=np.int64) if name == "put" else stored
@@ -403,6 +405,8 @@ def main() -> None:
     ap.add_argument("--stack", action="store_true", help="through the server and its GPU worker process")
     ap.add_argument("--prompts", type=int, default=8, help="--stack: prompts the blocks are split into")
     ap.add_argument("--in-flight", type=int, default=4, help="--stack: bursts launched before waiting (sustained rows)")
+    ap.add_argument("--busy-poll-us", type=int, default=0,
+                    help="--stack: the server's and client's busy_poll_us (docs/config.md)")
     ap.add_argument("--cpu", action="store_true", help="--stack on host buffers (no CUDA, no ceiling)")
     args = ap.parse_args()
     if args.quick:

@@ -27,6 +27,7 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
+from flexkv import hoptrace
 from flexkv.client import HostKVBuffers, KVTPClient
 from flexkv.common.config import CacheConfig, ModelConfig, configs_to_json
 from flexkv.layerwise import LayerProgress, check_layer_index, wait_for_layer
@@ -153,7 +154,8 @@ class KVManager:
         self._launched = {}
         if self._library_mode:
             self._spawn_server()
-        self._conn = ServerConnection(self.server_address, self.dp_client_id, "manager", self._request_timeout_s)
+        self._conn = ServerConnection(self.server_address, self.dp_client_id, "manager", self._request_timeout_s,
+                                      busy_poll_us=self.cache_config.busy_poll_us)
         deadline = time.monotonic() + self._start_timeout_s
         while True:
             try:
@@ -387,6 +389,9 @@ class KVManager:
         self._launched[task_id] = xxhash.xxh3_64_intdigest(slots.tobytes())
         arrays: list[Any] = [tokens, slots] + ([mask] if mask is not None else [])
         ns = _namespace(namespace)
+        if hoptrace.ENABLED:
+            hoptrace.mark_kind(cls is cm.PutAsyncMsg, task_id)
+            hoptrace.mark("client_send", task_id)
         self._c.send(cls(client_id=self.dp_client_id, task_id=task_id, namespace=ns, has_mask=mask is not None),
                      arrays)
         return task_id
@@ -490,6 +495,9 @@ class KVManager:
             lambda rid: cm.WaitMsg(client_id=self.dp_client_id, req_id=rid, task_ids=ids, timeout_s=timeout,
                                    completely=completely), timeout_s=timeout + self._request_timeout_s)
         assert isinstance(reply, cm.WaitReplyMsg)
+        if hoptrace.ENABLED:
+            for tid in reply.task_ids:
+                hoptrace.mark("client_replied", tid)
         out: dict[int, KVResponse] = {}
         for i, tid in enumerate(reply.task_ids):
             st, error = TaskStatus(reply.statuses[i]), reply.errors[i]

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from flexkv import security
+from flexkv import hoptrace, security
 from flexkv.common.config import CacheConfig, ModelConfig, RemoteConfig, configs_to_json, kv_fingerprint
 from flexkv.layout import BlockFirstLayout, KVCacheLayout
 from flexkv.native.hasher import encode_namespace
@@ -148,6 +148,7 @@ class SchedulerServer:
         # Final results of retired tasks, (engine part, every op), kept for later waits; bounded by bytes.
         self._results = ResultCache(cache.result_cache_bytes)
         self._waits: list[_Wait] = []
+        self._spin_ns = cache.busy_poll_us * 1000
         self._running = False
         self.trace = (TraceWriter(cache.trace_path, int(cache.trace_max_mb * 2**20), cache.trace_backups)
                       if cache.trace_path else None)
@@ -305,7 +306,7 @@ class SchedulerServer:
             poller.register(self.metrics.sock, zmq.POLLIN)
         next_tick = 0.0
         while self._running:
-            events = dict(poller.poll(timeout=int(_TICK_S * 1000)))
+            events = self._poll(poller)
             if self._workers_sock in events:
                 self._drain(self._workers_sock, self._on_worker_frames)
             if self._clients in events:
@@ -318,6 +319,17 @@ class SchedulerServer:
                 self._tick()
             self._check_waits()
 
+    def _poll(self, poller: zmq.Poller) -> dict[Any, int]:
+        """The sockets ready now. While a wait is parked or an op is in flight, poll without sleeping
+        for up to ``busy_poll_us`` first (the completion often comes within it); an idle server sleeps."""
+        if self._spin_ns and (self._waits or self.supervisor.num_in_flight):
+            spin_until = time.monotonic_ns() + self._spin_ns
+            while time.monotonic_ns() < spin_until:
+                events = poller.poll(0)
+                if events:
+                    return dict(events)
+        return dict(poller.poll(timeout=int(_TICK_S * 1000)))
+
     def stop(self, *_: object) -> None:
         self._running = False
 
@@ -327,11 +339,10 @@ class SchedulerServer:
 
     def _drain(self, sock: zmq.Socket[bytes], handle: Callable[[list[zmq.Frame]], None]) -> None:
         for _ in range(256):  # bounded so one busy socket cannot starve the other
-            try:
-                frames = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            # Asking the socket costs less than the zmq.Again a NOBLOCK receive raises when it is empty.
+            if not typing.cast(int, sock.get(zmq.EVENTS)) & zmq.POLLIN:
                 return
-            handle(frames)
+            handle(sock.recv_multipart(copy=False))
 
     def _tick(self) -> None:
         failed, gone = self.supervisor.check_liveness()
@@ -464,6 +475,8 @@ class SchedulerServer:
     def _on_async(self, identity: bytes, msg: cm.GetAsyncMsg, arrays: list[memoryview]) -> None:
         session = self._sessions[identity]
         key = session.key(msg.task_id)
+        if hoptrace.ENABLED:
+            hoptrace.mark("server_request", msg.task_id)
         if self._in_use(key):  # never touch the task that holds the id
             log.warning("session %d: %s for task id %d ignored: already in use", session.session_id,
                         type(msg).__name__, msg.task_id)
@@ -556,6 +569,9 @@ class SchedulerServer:
         self._waits.append(_Wait(session, msg.req_id, list(msg.task_ids), keys, time.monotonic() + t,
                                  msg.completely))
         self.telemetry.on_wait(keys)
+        if hoptrace.ENABLED:
+            for tid in msg.task_ids:
+                hoptrace.mark("server_wait", tid)
 
     def _expire_matches(self, now: float) -> None:
         """Release matches never launched within ``match_ttl_s`` (a client that matched and forgot)."""
@@ -739,6 +755,9 @@ class SchedulerServer:
                                     errors=[r.error if r.status is TaskStatus.FAILED else "" for r in results],
                                     num_tokens=[r.num_tokens for r in results],
                                     mask_begins=[r.begin for r in results], mask_ends=[r.end for r in results])
+            if hoptrace.ENABLED:
+                for tid in w.task_ids:
+                    hoptrace.mark("server_replied", tid)
             self._reply(w.session.identity, reply, [r.mask for r in results if r.mask is not None])
         self._waits = keep
 
@@ -790,6 +809,11 @@ class SchedulerServer:
                 self._corrupt_at.update((op_id, at) for op_id, at in zip(msg.op_ids, msg.corrupt_at, strict=True)
                                         if at >= 0 and op_id in in_flight)
             self.telemetry.on_reported(msg)
+            if hoptrace.ENABLED:
+                for op_id in msg.op_ids:
+                    key = self._op_keys.get(op_id)
+                    if key is not None:
+                        hoptrace.mark("server_completed", task_of(key))
             self._complete(self.supervisor.on_done(worker_id, msg.op_ids, msg.errors))
         elif isinstance(msg, WorkerByeMsg) and self.supervisor.on_bye(routing_id) is not None:
             self._lane_gone(worker_id, msg.reason or "closed")
@@ -800,15 +824,25 @@ class SchedulerServer:
             op = pending.pop()
             self._op_keys[op.op_id] = op.task_key
             self.telemetry.on_dispatch(op)
+            if hoptrace.ENABLED:
+                hoptrace.mark("server_dispatched", task_of(op.task_key))
             failure = self.supervisor.dispatch(op)
             if failure is not None:
                 pending += self._complete_one(failure)
 
     def _complete(self, results: list[OpResult]) -> None:
+        """Apply completions; then start the ops they released, answer the waits they ended (the
+        engine hears of its task in this loop turn) and only then move finished tasks out."""
+        finished: list[TaskKey] = []
         for result in results:
-            self._dispatch(self._complete_one(result))
+            self._dispatch(self._complete_one(result, finished))
+        if finished:
+            self._check_waits()
+            self._retire(finished)
 
-    def _complete_one(self, result: OpResult) -> list[TransferOp]:
+    def _complete_one(self, result: OpResult, finished: list[TaskKey] | None = None) -> list[TransferOp]:
+        """Apply one completion; returns the ops it released. A task with nothing left to run is
+        retired, or added to ``finished`` for the caller to retire."""
         op_id, error = result
         if error:
             log.warning("op %d failed: %s", op_id, error)
@@ -821,7 +855,10 @@ class SchedulerServer:
             log.debug("completion of op %d ignored: %s", op_id, e)
             return []
         if key is not None and not ops:
-            self._retire([key])
+            if finished is None:
+                self._retire([key])
+            else:
+                finished.append(key)
         return ops
 
     # -- sessions ending ------------------------------------------------------------------------

@@ -117,6 +117,9 @@ def test_mla_blocks_hold_one_latent_shared_by_all_ranks() -> None:
         ({"match_ttl_s": -1.0}, r"match_ttl_s: must be a finite number of seconds > 0, got -1.0"),
         ({"match_ttl_s": float("nan")}, r"match_ttl_s: must be a finite number"),
         ({"result_cache_bytes": 100}, r"result_cache_bytes: must be >= 65536, got 100"),
+        ({"busy_poll_us": -1}, r"busy_poll_us: must be >= 0, got -1"),
+        ({"busy_poll_us": 10_001}, r"busy_poll_us: must be <= 10000 \(microseconds\), got 10001"),
+        ({"busy_poll_us": True}, r"busy_poll_us: must be an integer, got True"),
     ],
 )
 def test_cache_config_errors_name_the_field_and_what_is_allowed(kwargs: dict[str, Any], match: str) -> None:
@@ -253,6 +256,7 @@ def test_empty_file_or_environment_gives_the_defaults(tmp_path: Path) -> None:
         ({"FLEXKV_REMOTE_PORT": "99999"}, r"remote.port: must be <= 65535, got 99999"),
         ({"FLEXKV_REMOTE_BACKEND": "s3"}, r"remote.backend: unsupported 's3'; allowed: redis, filesystem"),
         ({"FLEXKV_CONFIG_PATH": "/nonexistent/flexkv.yaml"}, r"FLEXKV_CONFIG_PATH: cannot read /nonexistent"),
+        ({"FLEXKV_BUSY_POLL_US": "20000"}, r"busy_poll_us: must be <= 10000"),
     ],
 )
 def test_bad_environment_values_are_errors_naming_the_key(env: dict[str, str], match: str) -> None:

@@ -23,7 +23,7 @@ SCANNED_DIRS = ("flexkv", "scheduler", "workers", "tests", "examples", "benchmar
 BARE_NAMES = ("scheduler", "workers")
 # The lowest layer: these must never depend on the server, the workers or the engine-facing manager.
 CORE_MODULES = ("flexkv.common.config", "flexkv.types", "flexkv.layout", "flexkv.protocol", "flexkv.shm",
-                "flexkv.native", "flexkv.security", "flexkv.layerwise")
+                "flexkv.native", "flexkv.security", "flexkv.layerwise", "flexkv.hoptrace")
 HIGHER_LAYERS = ("flexkv.scheduler", "flexkv.workers", "flexkv.kvmanager")
 
 

@@ -29,6 +29,7 @@ import queue
 import signal
 import threading
 import time
+import typing
 from collections.abc import Callable
 from typing import Any
 
@@ -36,6 +37,7 @@ import numpy as np
 import numpy.typing as npt
 import zmq
 
+from flexkv import hoptrace
 from flexkv.common.config import CacheConfig, ModelConfig, configs_from_json
 from flexkv.protocol.codec import SERVER_TO_WORKER, WORKER_TO_SERVER, Frame, ProtocolError, frame_array
 from flexkv.protocol.worker_msgs import (
@@ -188,17 +190,21 @@ class Worker(abc.ABC):
                 lanes.submit(batch)
             elif batch:
                 t_start = time.monotonic()
+                _trace(batch, "copy_started")
                 errors = self._execute_safely(batch)
-                self._sock.send_multipart(self._done_frames(batch, errors, t_start, time.monotonic()))
+                _trace(batch, "copy_done")
+                frames = self._done_frames(batch, errors, t_start, time.monotonic())
+                _trace(batch, "worker_reported")
+                self._sock.send_multipart(frames)
 
 
     def _receive_batch(self) -> list[Op]:
         batch: list[Op] = []
         while len(batch) < MAX_BATCH:
-            try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
+            # Asking the socket costs less than the zmq.Again a NOBLOCK receive raises when it is empty.
+            if not typing.cast(int, self._sock.get(zmq.EVENTS)) & zmq.POLLIN:
                 break
+            frames = self._sock.recv_multipart(copy=False)
             try:
                 msg, arrays = SERVER_TO_WORKER.decode(frames)
             except ProtocolError as e:
@@ -222,6 +228,8 @@ class Worker(abc.ABC):
         src = frame_array(arrays[0], np.int64, "src_block_ids")
         dst = frame_array(arrays[1], np.int64, "dst_block_ids")
         hashes = frame_array(arrays[2], np.uint64, "block_hashes") if len(arrays) > 2 else None
+        if hoptrace.ENABLED:
+            hoptrace.mark("worker_received", msg.task_id)
         return Op(msg.op_id, OpType(msg.op_type), src, dst, hashes, msg.task_id)
 
     def _execute_safely(self, batch: list[Op]) -> list[str]:
@@ -265,6 +273,7 @@ class _Lanes:
                  slots: threading.Semaphore) -> None:
         while (batch := _take_batch(q, slots)) is not None:
             t0 = time.monotonic()
+            _trace(batch, "copy_started")
             try:
                 finish = self._worker.start(batch)
             except Exception as e:  # start() should report per op; never lose a batch
@@ -288,7 +297,10 @@ class _Lanes:
                     errors = [f"{type(e).__name__}: {e}"] * len(batch)
                 slots.release()
                 t_done = time.monotonic()
-                push.send_multipart(self._worker._done_frames(batch, errors, t_start, t_done))
+                _trace(batch, "copy_done")
+                frames = self._worker._done_frames(batch, errors, t_start, t_done)
+                _trace(batch, "worker_reported")
+                push.send_multipart(frames)
                 if log.isEnabledFor(logging.DEBUG):
                     log.debug("%s: %d %s op(s), %d blocks: queued %.2f ms, start %.2f ms, done %.2f ms later "
                               "(received at monotonic %.6f)", self._worker.worker_id, len(batch),
@@ -306,6 +318,12 @@ class _Lanes:
 
 
 _Started = tuple[list[Op], Callable[[], list[str]], float, float]  # batch, finisher, start began, ended
+
+
+def _trace(batch: list[Op], hop: str) -> None:
+    if hoptrace.ENABLED:
+        for op in batch:
+            hoptrace.mark(hop, op.task_id)
 
 
 def _progress_line(worker_id: str, what: str, every_s: float = 5.0) -> Callable[[int, int], None]:

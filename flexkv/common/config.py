@@ -33,6 +33,9 @@ def _require_fraction(value: object, field: str, low_open: bool) -> None:
     _require(ok, field, f"must be a number in {'(0' if low_open else '[0'}, 1], got {value!r}")
 
 
+MAX_BUSY_POLL_US = 10_000  # a spin is bounded: longer waits sleep
+
+
 def _require_int(value: object, field: str, minimum: int) -> None:
     _require(isinstance(value, int) and not isinstance(value, bool), field,
              f"must be an integer, got {value!r}")
@@ -196,6 +199,9 @@ class CacheConfig:
     trace_backups: int = 3
     match_ttl_s: float = 600.0  # a get_match/put_match never launched is released after this long
     result_cache_bytes: int = 32 << 20  # bound of the server's cache of finished results
+    # Spin this long (polling without sleeping) before a wait for a reply or a completion sleeps, and
+    # only while one is outstanding: an idle process never spins (docs/config.md, busy_poll_us).
+    busy_poll_us: int = 0
 
     def policy_of(self, tier: str) -> EvictionPolicy:
         """The eviction policy of ``tier`` ("cpu", "ssd", "remote")."""
@@ -248,6 +254,9 @@ class CacheConfig:
         _require(isinstance(ttl, int | float) and not isinstance(ttl, bool) and math.isfinite(ttl) and ttl > 0,
                  "match_ttl_s", f"must be a finite number of seconds > 0, got {ttl!r}")
         _require_int(self.result_cache_bytes, "result_cache_bytes", 1 << 16)
+        _require_int(self.busy_poll_us, "busy_poll_us", 0)
+        _require(self.busy_poll_us <= MAX_BUSY_POLL_US, "busy_poll_us",
+                 f"must be <= {MAX_BUSY_POLL_US} (microseconds), got {self.busy_poll_us}")
 
         self._check_operations()
 
@@ -286,6 +295,7 @@ _USER_KEYS: dict[str, type] = {
     "evict_start_threshold": float,
     "evict_ratio": float,
     "match_ttl_s": float,
+    "busy_poll_us": int,
     "enable_remote": bool,
     "remote_cache_gb": float,
     "remote_backend": str,
@@ -326,6 +336,7 @@ _NON_CONFIG_ENV = {
     "FLEXKV_SKIP_MOONCAKE",  # build: no Mooncake client
     "FLEXKV_TEST_CUDARTS",  # tests: extra libcudart files to run the BATCH ABI test under
     "FLEXKV_PROGRESS",  # progress reports: bar, lines or off (flexkv/progress.py)
+    "FLEXKV_HOP_TRACE",  # per-hop timestamps for latency breakdowns (flexkv/hoptrace.py)
 }
 
 
@@ -429,7 +440,7 @@ def cache_config_from_user(model: ModelConfig, values: Mapping[str, Any]) -> Cac
                 "eviction_policy_remote", "hit_reward_seconds", "slru_promote_hits", "slru_protected_ratio",
                 "evict_start_threshold", "evict_ratio", "ssd_persist_index", "ssd_durable_writes", "metrics_port",
                 "metrics_address", "trace_path", "trace_max_mb", "trace_backups", "match_ttl_s",
-                "result_cache_bytes"):
+                "result_cache_bytes", "busy_poll_us"):
         if key in values:
             kw[key] = values[key]
     if "remote_cache_gb" in values:
