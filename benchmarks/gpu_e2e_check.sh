@@ -13,7 +13,8 @@
 #   layerwise layer-wise GET on CUDA (per-layer events, bytes exact at every layer wait, failures wake
 #             every waiter) and the HF engine on CUDA (bit-exact restores, conversations unchanged), its
 #             CPU tests too, and benchmarks/hf_numerics.py (this host's CPU: numerics vs wrong KV)
-#   ttft      benchmarks/ttft.py: TTFT of the HF engine, Llama-3-8B shape (not in the default list: ~3-5 min)
+#   ttft      benchmarks/ttft.py: TTFT of the HF engine, Llama-3-8B shape (not in the default list: ~3-5 min;
+#             $TTFT_ARGS is passed on, e.g. "--skip-replay")
 # Prints PASS/FAIL per step; with $OUT set, each step's whole output is kept in $OUT/<step>.log.
 # Headers the machine lacks (xxhash.h) may be carried in .devinc/, liburing in .devinc/uring/, the
 # conversation trace (ttft's replay) in .devinc/traces/; CUDA runtime wheels in .devinc/cudart/
@@ -90,7 +91,7 @@ for part in "${parts[@]}"; do
       python3 benchmarks/hf_numerics.py ;;
   ttft)
     trace=(); [ -f .devinc/traces/conversation_trace.jsonl ] && trace=(--trace .devinc/traces/conversation_trace.jsonl)
-    step "${TTFT_LIMIT_S:-590}" "ttft (HF engine, Llama-3-8B shape)" python3 benchmarks/ttft.py "${trace[@]}" ;;
+    step "${TTFT_LIMIT_S:-590}" "ttft (HF engine, Llama-3-8B shape)" python3 benchmarks/ttft.py "${trace[@]}" ${TTFT_ARGS:-} ;;
   *) say "unknown part $part"; rc=1 ;;
   esac
 done

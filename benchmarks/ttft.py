@@ -8,7 +8,10 @@ Part 1, per prompt length (default 2K, 8K, 32K tokens):
 * restore: get_match + launch + wait of the cached prefix into the engine's pages, beside its bytes over
   the contiguous pinned host -> device copy measured in this run (the ceiling).
 Two DP clients share one server: DP 0 registers its pages layer-wise, DP 1 plainly, so "without
-layer-wise" rows copy whole ops exactly as an engine that never asked for layers would.
+layer-wise" rows copy whole ops exactly as an engine that never asked for layers would. Part 1 runs once
+per ``--copies``: the copies made by the ranks' device worker processes (CUDA IPC), or by engine-side
+lanes in this process (its CUDA context: the copies overlap the model's kernels instead of
+time-slicing the GPU with another process's context).
 
 Part 2, a multi-turn replay of the first N multi-request conversations of the Mooncake trace
 (../shared/traces/conversation_trace.jsonl; a conversation = requests sharing at least two leading
@@ -30,6 +33,7 @@ import json
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -46,6 +50,8 @@ from flexkv.types import TaskStatus
 
 DEFAULT_TRACE = Path(__file__).resolve().parents[1] / "../shared/traces/conversation_trace.jsonl"
 ID_TOKENS = 512
+COPIES = {"worker": "the rank's device worker process (CUDA IPC)",
+          "lane": "an engine-side lane in the engine process (its own CUDA context)"}
 T0 = time.monotonic()
 
 
@@ -73,7 +79,8 @@ def synchronize(device: torch.device) -> None:
 class Stack:
     """One flexkv server; DP 0 = pages registered layer-wise, DP 1 (optional) = plain pages."""
 
-    def __init__(self, s: Setup, cache: CacheConfig, num_pages: int, plain_client: bool) -> None:
+    def __init__(self, s: Setup, cache: CacheConfig, num_pages: int, plain_client: bool,
+                 engine_side: bool = False) -> None:
         self.s = s
         layers, heads, head_dim = kv_shape(s.model.config)
         mc = dataclasses.replace(flexkv_model_config(s.model.config, s.dtype), dp_size=2 if plain_client else 1)
@@ -86,7 +93,8 @@ class Stack:
             self.kvms[1].start()
         device_id = s.device.index or 0
         for i, (kvm, pool) in enumerate(zip(self.kvms, self.pools, strict=True)):
-            kvm.register_kv_buffers(pool.register_with(), pool.layout, device_id=device_id, layerwise=i == 0)
+            kvm.register_kv_buffers(pool.register_with(), pool.layout, device_id=device_id, layerwise=i == 0,
+                                    engine_side=engine_side)
         self.kvms[0].wait_ready(300)
         self.layerwise = HFPagedEngine(s.model, self.pools[0], self.kvms[0], layerwise=True)
         self.plain = HFPagedEngine(s.model, self.pools[-1], self.kvms[-1], layerwise=False)
@@ -122,6 +130,64 @@ def restore_s(stack: Stack, tokens: torch.Tensor) -> float:
     if status is not TaskStatus.SUCCESS or num != tokens.numel() // t * t:
         raise RuntimeError(f"restore of {tokens.numel()} tokens: {status.name}, {num} tokens matched")
     return elapsed
+
+
+def layer_landing_s(stack: Stack, tokens: torch.Tensor) -> list[float]:
+    """A layer-wise restore of the cached whole blocks of ``tokens`` into DP 0's pages: seconds from
+    get_match to each layer's ``wait_layer`` returning."""
+    kvm, pool, t = stack.kvms[0], stack.pools[0], stack.s.tokens_per_block
+    t0 = time.perf_counter()
+    tid, mask = kvm.get_match(tokens.numpy())
+    num = int(mask.sum())
+    pages = pool.allocate(num // t)
+    kvm.launch(tid, pool.slot_mapping(pages, num), layerwise=True)
+    landed = []
+    try:
+        for layer in range(stack.layerwise.num_layers):
+            resp = kvm.wait_layer(tid, layer, timeout=120)
+            if resp.status is not TaskStatus.SUCCESS:
+                raise RuntimeError(f"layer {layer} of a layer-wise restore: {resp.status.name} {resp.error}")
+            landed.append(time.perf_counter() - t0)
+    finally:
+        kvm.wait(tid, timeout=120)
+        pool.free(pages)
+    return landed
+
+
+def landing_under_load_s(stack: Stack, tokens: torch.Tensor, kind: str) -> float:
+    """:func:`layer_landing_s`'s last layer while this process keeps the GPU busy on another stream:
+    ``gemm`` (bf16 8192^2 matmuls: compute-bound) or ``copy`` (a 1 GiB device copy: memory-bound)."""
+    device, stop = stack.s.device, threading.Event()
+    ready = threading.Event()
+
+    def load() -> None:
+        with torch.cuda.stream(torch.cuda.Stream(device)):
+            if kind == "gemm":
+                a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+
+                def work() -> None:
+                    torch.mm(a, a)
+            else:
+                src = torch.empty(2**30, dtype=torch.uint8, device=device)
+                dst = torch.empty_like(src)
+
+                def work() -> None:
+                    dst.copy_(src)
+            ready.set()
+            while not stop.is_set():
+                for _ in range(4):
+                    work()
+                torch.cuda.current_stream().synchronize()
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    ready.wait(30)
+    time.sleep(0.05)
+    try:
+        return layer_landing_s(stack, tokens)[-1]
+    finally:
+        stop.set()
+        thread.join()
 
 
 def ceiling_s(nbytes: int, device: torch.device, repeats: int = 3) -> float:
@@ -161,6 +227,20 @@ class LengthRow:
     restore_bytes: int
     ceiling_ms: float
     fractions: list[tuple[float, float, float, float, float]]  # frac, plain ms, layerwise ms, restore ms, suffix ms
+    cached_lw_ms: float = 0.0  # all but the last block cached, layer-wise restore
+    landing_ms: list[float] = dataclasses.field(default_factory=list)  # per layer, a layer-wise restore
+    under_load_ms: dict[str, float] = dataclasses.field(default_factory=dict)  # load kind -> last layer landed
+    profiles: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # case -> phase -> s
+
+
+def profiled(engine: HFPagedEngine, tokens: torch.Tensor) -> dict[str, float]:
+    """One more prefill of ``tokens`` with the engine's phase profile on (device synchronized between phases)."""
+    engine.profile = True
+    try:
+        st = ttft(engine, tokens)
+    finally:
+        engine.profile = False
+    return {**st.phases, "ttft": st.ttft_s}
 
 
 def measure_length(stack: Stack, length: int, seed: int) -> LengthRow:
@@ -179,11 +259,24 @@ def measure_length(stack: Stack, length: int, seed: int) -> LengthRow:
         assert not st.fallback, st
         cached.append(st.ttft_s)
         restored = st.num_restored_tokens
+    cached_lw = []
+    for _ in range(s.repeats):
+        st = ttft(stack.layerwise, prompt)
+        assert not st.fallback and st.num_restored_tokens == restored, st
+        cached_lw.append(st.ttft_s)
+    profiles = {"cached": profiled(stack.plain, prompt), "cached, layer-wise": profiled(stack.layerwise, prompt),
+                "recompute": profiled(stack.recompute, prompt)}
     whole = prompt[: (length - 1) // t * t]
     restores = [restore_s(stack, whole) for _ in range(s.repeats)]
     nbytes = whole.numel() // t * block_bytes
+    landing = min((layer_landing_s(stack, whole) for _ in range(s.repeats)), key=lambda xs: xs[-1])
+    under_load = {}
+    if s.device.type == "cuda" and length == max(s.lengths):
+        under_load = {kind: 1e3 * min(landing_under_load_s(stack, whole, kind) for _ in range(s.repeats))
+                      for kind in ("gemm", "copy")}
     ceiling = ceiling_s(nbytes, s.device)
-    say(f"{length}: cached {1e3 * median(cached):.1f} ms ({restored} tokens restored), restore "
+    say(f"{length}: cached {1e3 * median(cached):.1f} ms, layer-wise {1e3 * median(cached_lw):.1f} ms "
+        f"({restored} tokens restored), restore "
         f"{1e3 * median(restores):.1f} ms vs ceiling {1e3 * ceiling:.1f} ms")
 
     fractions = []
@@ -202,20 +295,26 @@ def measure_length(stack: Stack, length: int, seed: int) -> LengthRow:
                 out.append(st.ttft_s)
                 if engine is stack.plain:
                     suffix.append(st.ttft_s - st.restore_wait_s)
+        for name, engine in (("plain", stack.plain), ("layer-wise", stack.layerwise)):
+            tail = random_tokens(length - num_cached, s.vocab, seed + 7777 + int(10 * frac))
+            profiles[f"{frac:.0%} cached, {name}"] = profiled(engine, torch.cat([base, tail]))
         rest = median([restore_s(stack, base) for _ in range(s.repeats)])
         fractions.append((frac, 1e3 * median(plain), 1e3 * median(layer), 1e3 * rest, 1e3 * median(suffix)))
         say(f"{length}: {frac:.0%} cached: plain {fractions[-1][1]:.1f} ms, layer-wise {fractions[-1][2]:.1f} ms")
     return LengthRow(length, 1e3 * median(recompute), 1e3 * median(cached), restored, 1e3 * median(restores),
-                     nbytes, 1e3 * ceiling, fractions)
+                     nbytes, 1e3 * ceiling, fractions, 1e3 * median(cached_lw), [1e3 * x for x in landing], under_load,
+                     profiles)
 
 
 def print_part1(rows: list[LengthRow], s: Setup) -> None:
     goals = {8192: 10.0, 32768: 14.0}
-    print("\n== TTFT, whole prompt but its last block cached (recompute / cached = speedup)")
-    print(f"{'tokens':>7} {'recompute ms':>12} {'cached ms':>10} {'speedup':>8} {'goal':>6}")
+    print("\n== TTFT, whole prompt but its last block cached (recompute / cached = speedup), whole and layer-wise")
+    print(f"{'tokens':>7} {'recompute ms':>12} {'cached ms':>10} {'speedup':>8} {'layer-wise ms':>13} {'speedup':>8} "
+          f"{'goal':>6}")
     for r in rows:
         goal = goals.get(r.length)
         print(f"{r.length:>7} {r.recompute_ms:>12.1f} {r.cached_ms:>10.1f} {r.recompute_ms / r.cached_ms:>7.1f}x "
+              f"{r.cached_lw_ms:>13.1f} {r.recompute_ms / r.cached_lw_ms:>7.1f}x "
               f"{(f'{goal:.0f}x') if goal else '-':>6}")
     what = "pinned H2D" if s.device.type == "cuda" else "memcpy"
     print(f"\n== restore alone (get_match + launch + wait) vs the same bytes at the {what} ceiling (goal <= 1.15x)")
@@ -226,6 +325,16 @@ def print_part1(rows: list[LengthRow], s: Setup) -> None:
         print(f"{r.restored_tokens:>7} {r.restore_bytes / 2**30:>6.2f} {r.restore_ms:>10.2f} {r.ceiling_ms:>10.2f} "
               f"{gb / (r.restore_ms / 1e3):>6.1f} {gb / (r.ceiling_ms / 1e3):>12.1f} "
               f"{r.restore_ms / r.ceiling_ms:>5.2f}x")
+    print("\n== a layer-wise restore of the same bytes: ms from get_match until layer i landed (the best of the "
+          "repeats), beside the ceiling's share of the bytes up to that layer")
+    for r in rows:
+        n = len(r.landing_ms)
+        marks = sorted({0, 1, n // 4, n // 2, n - 1})
+        print(f"{r.restored_tokens:>7} " + ", ".join(
+            f"layer {i}: {r.landing_ms[i]:.1f} ({r.ceiling_ms * (i + 1) / n:.1f})" for i in marks))
+        if r.under_load_ms:
+            print(f"{'':>7} the same with this process keeping the GPU busy on another stream, last layer: " +
+                  ", ".join(f"{k} {v:.1f} ms" for k, v in r.under_load_ms.items()))
     print("\n== partly cached: TTFT without / with layer-wise vs max(restore, suffix compute) (goal at 32K: <= 1.1x)")
     print(f"{'tokens':>7} {'cached':>6} {'plain ms':>9} {'layerwise ms':>12} {'restore ms':>10} {'suffix ms':>9} "
           f"{'max ms':>7} {'lw/max':>6}")
@@ -234,6 +343,12 @@ def print_part1(rows: list[LengthRow], s: Setup) -> None:
             top = max(rest, suffix)
             print(f"{r.length:>7} {frac:>6.0%} {plain:>9.1f} {layer:>12.1f} {rest:>10.1f} {suffix:>9.1f} {top:>7.1f} "
                   f"{layer / top:>5.2f}x")
+    print("\n== where the time goes: one profiled prefill per case, ms (the device synchronized between phases of a "
+          "whole restore; match = get_match + launch)")
+    for r in rows:
+        for case, ph in r.profiles.items():
+            parts = ", ".join(f"{k} {1e3 * v:.1f}" for k, v in ph.items())
+            print(f"{r.length:>7} {case:<24} {parts}")
 
 
 # ---------------------------------------------------------------------------------------------- part 2
@@ -307,11 +422,12 @@ def setup(args: argparse.Namespace) -> Setup:
     device = torch.device(args.device)
     dtype = torch.float32 if args.tiny else torch.bfloat16
     if args.tiny:
-        config = tiny_llama_config("sdpa", num_layers=4, vocab_size=1024, hidden_size=128, num_heads=4,
+        config = tiny_llama_config(args.attention, num_layers=4, vocab_size=1024, hidden_size=128, num_heads=4,
                                    num_kv_heads=2)
     else:
-        config = llama3_8b_config("sdpa", max_position_embeddings=max(65536, 2 * max(args.lengths)))
-    say(f"building a random {'tiny Llama' if args.tiny else 'Llama-3-8B'} on {device} ({dtype})")
+        config = llama3_8b_config(args.attention, max_position_embeddings=max(65536, 2 * max(args.lengths)))
+    say(f"building a random {'tiny Llama' if args.tiny else 'Llama-3-8B'} on {device} ({dtype}, attention "
+        f"{config._attn_implementation})")
     model = random_model(config, dtype, seed=0, device=device)
     synchronize(device)
     return Setup(device, dtype, args.tokens_per_block, args.lengths, args.repeats, model, config.vocab_size)
@@ -328,6 +444,9 @@ def main() -> None:
     ap.add_argument("--lengths", type=int, nargs="+", default=None, help="prompt lengths (default 2K 8K 32K)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tokens-per-block", type=int, default=16)
+    ap.add_argument("--attention", default="flexkv_sdpa", choices=["flexkv_sdpa", "sdpa", "eager"],
+                    help="the model's attention (default flexkv_sdpa: SDPA with a lower-right causal bias, so a "
+                         "suffix over a cached prefix takes the flash kernel; sdpa = transformers' own)")
     ap.add_argument("--cpu-gb", type=float, default=None, help="CPU tier of part 1 (default: 12, tiny: 0.25)")
     ap.add_argument("--conversations", type=int, default=None, help="trace conversations (default 12, tiny 4)")
     ap.add_argument("--max-prompt", type=int, default=None, help="trace prompts are cut here (default 32K, tiny 1K)")
@@ -336,6 +455,11 @@ def main() -> None:
     ap.add_argument("--ssd-dir", default=None, help="SSD tier directory of the replay (default: a temp dir in /tmp)")
     ap.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
     ap.add_argument("--skip-lengths", action="store_true")
+    ap.add_argument("--switch-interval-ms", type=float, default=None,
+                    help="sys.setswitchinterval for this process (how soon a lane thread gets the GIL from the "
+                         "model's thread; Python's default is 5 ms)")
+    ap.add_argument("--copies", nargs="+", choices=sorted(COPIES), default=["lane", "worker"],
+                    help="part 1 once per choice: " + "; ".join(f"{k} = {v}" for k, v in COPIES.items()))
     ap.add_argument("--skip-replay", action="store_true")
     args = ap.parse_args()
     tiny = args.tiny
@@ -345,18 +469,23 @@ def main() -> None:
     if not tiny and not torch.cuda.is_available():
         sys.exit("no CUDA device: run with --tiny on a CPU machine")
     torch.set_grad_enabled(False)
+    if args.switch_interval_ms is not None:
+        sys.setswitchinterval(args.switch_interval_ms / 1e3)
     s = setup(args)
     if not args.skip_lengths:
         block_bytes = BlockFirstLayout(flexkv_model_config(s.model.config, s.dtype), s.tokens_per_block).block_bytes
         cache = CacheConfig(tokens_per_block=s.tokens_per_block, num_cpu_blocks=int(cpu_gb * 2**30) // block_bytes)
         num_pages = max(s.lengths) // s.tokens_per_block + 8
         say(f"part 1: server with {cache.num_cpu_blocks} CPU blocks ({cpu_gb} GiB), 2 x {num_pages} engine pages")
-        stack = Stack(s, cache, num_pages, plain_client=True)
-        try:
-            rows = [measure_length(stack, n, seed=n) for n in s.lengths]
-        finally:
-            stack.close()
-        print_part1(rows, s)
+        for copies in args.copies:
+            say(f"part 1, copies by {COPIES[copies]}")
+            stack = Stack(s, cache, num_pages, plain_client=True, engine_side=copies == "lane")
+            try:
+                rows = [measure_length(stack, n, seed=n) for n in s.lengths]
+            finally:
+                stack.close()
+            print(f"\n######## copies by {COPIES[copies]}")
+            print_part1(rows, s)
     if not args.skip_replay:
         requests = conversations(args.trace, args.conversations or (4 if tiny else 12))
         max_prompt = args.max_prompt or (1024 if tiny else 32768)

@@ -60,7 +60,8 @@ def main() -> None:
     ap.add_argument("--random", choices=["tiny", "llama3-8b"], default="tiny")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    ap.add_argument("--attn", default="sdpa", choices=["sdpa", "eager"])
+    ap.add_argument("--attn", default="flexkv_sdpa", choices=["flexkv_sdpa", "sdpa", "eager"],
+                    help="attention (flexkv_sdpa: SDPA whose suffix over a restored prefix takes the flash kernel)")
     ap.add_argument("--turns", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--user-tokens", type=int, default=48, help="tokens per user message (random models)")

@@ -251,12 +251,14 @@ class KVManager:
         self._query("check")
 
     def register_kv_buffers(self, kv_tensors: Sequence[Any] | HostKVBuffers, layout: KVCacheLayout | LayoutKind | str,
-                            tp_rank: int = 0, device_id: int = 0, *, layerwise: bool = False) -> KVCacheLayout:
+                            tp_rank: int = 0, device_id: int = 0, *, layerwise: bool = False,
+                            engine_side: bool = False) -> KVCacheLayout:
         """Register KV buffers from this process (single-process engines; no separate TP client).
-        ``layerwise``: GETs into them land layer by layer (see :meth:`wait_layer`)."""
+        ``layerwise``: GETs into them land layer by layer (see :meth:`wait_layer`). ``engine_side``: this
+        rank's device worker runs as a thread of this process (see ``KVTPClient.register``)."""
         tp = KVTPClient(self.server_address, self.dp_client_id, tp_rank, device_id)
         self._tp_clients.append(tp)
-        return tp.register(kv_tensors, layout, layerwise=layerwise)
+        return tp.register(kv_tensors, layout, layerwise=layerwise, engine_side=engine_side)
 
     # -- tasks ----------------------------------------------------------------------------------
     def _match(self, cls: type[cm.GetMatchMsg], token_ids: IntArrayLike, token_mask: IntArrayLike | None,

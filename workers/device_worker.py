@@ -117,7 +117,7 @@ class DeviceWorker(Worker):
         if reg.get("layer_progress"):
             _check_owner(reg["layer_progress"])  # the worker writes into it: our own user's segments only
             self.layer_progress = LayerProgress.attach(reg["layer_progress"])
-        if reg.get("cuda_handles"):
+        if reg.get("cuda_handles") or reg.get("engine_cuda"):
             from flexkv.workers.gpu_backend import CudaCopyBackend
 
             self.backend = CudaCopyBackend(self, self.layout, reg)

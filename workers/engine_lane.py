@@ -1,9 +1,12 @@
 """Engine-side lane (DESIGN §7b): one TP rank's device worker as a thread of the engine process.
 
 For KV memory no other process can map (vLLM's CPU backend, SGLang's host pool, plain torch CPU
-tensors): the server spawns nothing for the rank; the engine runs the same :class:`DeviceWorker` here,
-which attaches the CPU pool, says hello with the credential from the registration reply, and copies
-between the pool and the engine's tensors with the C host copy engine. Closing the lane says goodbye,
+tensors), or CUDA tensors whose copies should run in the engine's own CUDA context: the server spawns
+nothing for the rank; the engine runs the same :class:`DeviceWorker` here, which attaches the CPU pool,
+says hello with the credential from the registration reply, and copies between the pool and the
+engine's tensors with the C host copy engine, or the CUDA copy engine on streams of its own (the
+engine's kernels and these copies then overlap; a worker process's context time-slices with the
+engine's, and its copies stall while the engine computes). Closing the lane says goodbye,
 and the server treats the rank as gone (its ops fail).
 """
 
@@ -30,11 +33,13 @@ class EngineLane:
         self._thread = threading.Thread(target=self._run, name=f"flexkv-lane-{worker.worker_id}", daemon=True)
 
     @classmethod
-    def start(cls, lane_spec_json: str, addresses: Sequence[int], timeout_s: float) -> EngineLane:
+    def start(cls, lane_spec_json: str, addresses: Sequence[int], timeout_s: float, cuda: bool = False) -> EngineLane:
         """Start the worker thread for the tensors at ``addresses`` (kept alive by the caller until
-        :meth:`close`) and return once the server accepted its hello. Raises FlexKVError naming why not."""
+        :meth:`close`; device addresses with ``cuda``) and return once the server accepted its hello.
+        Raises FlexKVError naming why not."""
         spec = json.loads(lane_spec_json)
         spec["registration"]["engine_addresses"] = [int(a) for a in addresses]
+        spec["registration"]["engine_cuda"] = cuda
         lane = cls(DeviceWorker(spec))
         lane._thread.start()
         deadline = time.monotonic() + timeout_s

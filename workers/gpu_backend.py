@@ -55,12 +55,15 @@ class CudaCopyBackend(CopyBackend):
             if reg.get("cuda_event"):
                 self._kv_written = open_event(CudaIpcEventHandle(bytes.fromhex(reg["cuda_event"]), device_id))
             ptrs = []
-            for i, (hexhandle, offset) in enumerate(zip(reg["cuda_handles"], reg["tensor_offsets"], strict=True)):
-                handle = CudaIpcHandle(bytes.fromhex(hexhandle), int(offset), layout.tensor_bytes(i), device_id,
-                                       layout.tensor_shape(i), "uint8")
-                ptr, closer = open_handle(handle)
-                self._closers.append(closer)
-                ptrs.append(ptr)
+            if reg.get("engine_cuda"):  # an engine-side lane: the tensors of this very process, by address
+                ptrs = [int(a) for a in reg["engine_addresses"]]
+            else:
+                for i, (hexhandle, offset) in enumerate(zip(reg["cuda_handles"], reg["tensor_offsets"], strict=True)):
+                    handle = CudaIpcHandle(bytes.fromhex(hexhandle), int(offset), layout.tensor_bytes(i), device_id,
+                                           layout.tensor_shape(i), "uint8")
+                    ptr, closer = open_handle(handle)
+                    self._closers.append(closer)
+                    ptrs.append(ptr)
             self._table = layout.chunk_table(ptrs)
             self._layers = layer_tables(self._table, worker.shard_offsets, layout.kv_dim)
             pool = worker.pool

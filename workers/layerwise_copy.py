@@ -4,13 +4,15 @@ Runs in the device worker process (its H2D lane). Every H2D op of the batch copi
 its blocks, then layer 1, ...; after each layer the op's word in the table (:mod:`flexkv.layerwise`)
 says how many layers are in the engine's memory (a batched op of several tasks: each task's word).
 Host buffers copy synchronously, so the word is stored as soon as a layer's memcpy returned; CUDA
-buffers record an event per layer and the lane's finisher stores the word once that layer's event
-completed. A failure stores ``failed`` for every op it touches, so every waiter wakes with it, and
-the op reports the error as usual.
+buffers record an event per layer and a publisher thread stores the word once that layer's event
+completed, while later layers are still being enqueued. A failure stores ``failed`` for every op it
+touches, so every waiter wakes with it, and the op reports the error as usual.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -23,10 +25,15 @@ if TYPE_CHECKING:
 
 
 def start_layer_major(worker: DeviceWorker, ops: list[Op], progress: LayerProgress) -> Callable[[], list[str]]:
-    """Start the H2D ``ops`` layer by layer; the returned function waits for them (errors per op)."""
+    """Start the H2D ``ops`` layer by layer; the returned function waits for them (errors per op).
+
+    With CUDA buffers a publisher thread waits for each layer's event while later layers are still being
+    enqueued: enqueueing one layer of a large op costs about as long as its copy, so publishing only after
+    the last layer was enqueued would report layer 0 about when the whole op is done."""
     backend = worker.backend
     errors = [""] * len(ops)
     live = [i for i, op in enumerate(ops)]
+    lock = threading.Lock()  # the enqueueing thread and the publisher both write errors and words
 
     def publish(i: int, num_layers: int, failed: bool = False) -> None:
         for task_id in ops[i].task_ids:  # a batched op: each of its tasks' words
@@ -34,41 +41,56 @@ def start_layer_major(worker: DeviceWorker, ops: list[Op], progress: LayerProgre
                 progress.store(task_id, num_layers, failed)
 
     def fail(i: int, e: Exception) -> None:
-        errors[i] = worker._error(OpType.H2D, e)
-        publish(i, 0, failed=True)
+        with lock:
+            if not errors[i]:
+                errors[i] = worker._error(OpType.H2D, e)
+                publish(i, 0, failed=True)
 
     for i in live:
         publish(i, 0)
-    marks: list[tuple[list[int], Callable[[], None]]] = []
-    for layer in range(worker.layout.num_layers):
-        for i in list(live):
-            try:
-                backend.copy_layer(OpType.H2D, ops[i].dst_ids, ops[i].src_ids, layer)
-            except Exception as e:  # noqa: BLE001 - reported per op
-                live.remove(i)
-                fail(i, e)
-        if backend.copies_synchronously:
-            for i in live:
-                publish(i, layer + 1)
-        elif live:
-            try:
-                marks.append((list(live), backend.mark(OpType.H2D)))
-            except Exception as e:  # noqa: BLE001 - nothing more can be waited for
-                for i in live:
-                    fail(i, e)
-                live = []
+    marks: queue.SimpleQueue[tuple[int, list[int], Callable[[], None]] | None] = queue.SimpleQueue()
 
-    def finish() -> list[str]:
-        for layer, (idx, wait) in enumerate(marks):
+    def publisher() -> None:
+        while (item := marks.get()) is not None:
+            layer, idx, wait = item
             try:
                 wait()
             except Exception as e:  # noqa: BLE001 - this and later layers of these ops may be incomplete
                 for i in idx:
-                    if not errors[i]:
-                        fail(i, e)
+                    fail(i, e)
                 continue
-            for i in idx:
-                if not errors[i]:
+            with lock:
+                for i in idx:
+                    if not errors[i]:
+                        publish(i, layer + 1)
+
+    thread = None
+    if not backend.copies_synchronously:
+        thread = threading.Thread(target=publisher, name=f"layers-{worker.worker_id}", daemon=True)
+        thread.start()
+    try:
+        for layer in range(worker.layout.num_layers):
+            for i in list(live):
+                try:
+                    backend.copy_layer(OpType.H2D, ops[i].dst_ids, ops[i].src_ids, layer)
+                except Exception as e:  # noqa: BLE001 - reported per op
+                    live.remove(i)
+                    fail(i, e)
+            if backend.copies_synchronously:
+                for i in live:
                     publish(i, layer + 1)
+            elif live:
+                try:
+                    marks.put((layer, list(live), backend.mark(OpType.H2D)))
+                except Exception as e:  # noqa: BLE001 - nothing more can be waited for
+                    for i in live:
+                        fail(i, e)
+                    live = []
+    finally:
+        marks.put(None)
+
+    def finish() -> list[str]:
+        if thread is not None:
+            thread.join()
         return errors
     return finish

@@ -31,7 +31,7 @@ from flexkv.integration.hf import (
     random_model,
     tiny_llama_config,
 )
-from flexkv.integration.hf.engine import layer_kv
+from flexkv.integration.hf.engine import cache_keyword, layer_kv
 from flexkv.integration.hf.models import kv_shape
 from flexkv.kvmanager import KVManager
 from flexkv.native import cudacopy
@@ -67,7 +67,7 @@ class Stack:
 
     def __init__(self, dtype: torch.dtype, attn: str = "sdpa", cache: CacheConfig | None = None,
                  layerwise: bool = True, address: str | None = None, request_timeout_s: float = 60.0,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", engine_side: bool = False) -> None:
         self.config = tiny_llama_config(attn)
         self.dtype = dtype
         self.model = random_model(self.config, dtype, seed=0, device=device)
@@ -78,7 +78,8 @@ class Stack:
                              cache or CacheConfig(tokens_per_block=T, num_cpu_blocks=256), server_address=address,
                              request_timeout_s=request_timeout_s)
         self.kvm.start()
-        self.kvm.register_kv_buffers(self.pool.register_with(), self.pool.layout, layerwise=layerwise)
+        self.kvm.register_kv_buffers(self.pool.register_with(), self.pool.layout, layerwise=layerwise,
+                                     engine_side=engine_side)
         self.engines: list[HFPagedEngine] = []
 
     def engine(self, use_flexkv: bool = True, **kw: object) -> HFPagedEngine:
@@ -186,7 +187,7 @@ def test_a_restored_prefix_is_bit_exact_kv_and_gives_bit_exact_logits(stacks: li
 
 
 @pytest.mark.parametrize("layerwise", [True, False], ids=["layerwise", "whole"])
-@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("attn", ["sdpa", "eager", "flexkv_sdpa"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
 def test_a_four_turn_conversation_is_token_identical_with_and_without_flexkv(
         stacks: list[Stack], dtype: torch.dtype, attn: str, layerwise: bool) -> None:
@@ -327,10 +328,14 @@ def _cuda_why() -> str:
 
 
 @pytest.mark.skipif(bool(_cuda_why()), reason=_cuda_why() or "-")
+@pytest.mark.parametrize(("attn", "engine_side"), [("sdpa", False), ("flexkv_sdpa", False), ("flexkv_sdpa", True)],
+                         ids=["sdpa", "flexkv_sdpa", "flexkv_sdpa-lane"])
 @pytest.mark.parametrize("layerwise", [False, True], ids=["whole", "layerwise"])
-def test_on_cuda_restores_are_bit_exact_and_the_conversation_unchanged(stacks: list[Stack], layerwise: bool) -> None:
-    """The GPU path: pages are CUDA tensors the GPU worker opens by IPC (gpu_e2e_check.sh hf)."""
-    s = Stack(torch.bfloat16, device="cuda")
+def test_on_cuda_restores_are_bit_exact_and_the_conversation_unchanged(stacks: list[Stack], layerwise: bool,
+                                                                       attn: str, engine_side: bool) -> None:
+    """The GPU path: pages are CUDA tensors the GPU worker opens by IPC, or copied by an engine-side lane in
+    this process (gpu_e2e_check.sh layerwise)."""
+    s = Stack(torch.bfloat16, attn, device="cuda", engine_side=engine_side)
     stacks.append(s)
     with_kv = converse(s.engine(layerwise=layerwise), 4, seed=3)
     without = converse(s.engine(use_flexkv=False), 4, seed=3, same_split_as=with_kv)
@@ -355,3 +360,50 @@ def test_on_cuda_restores_are_bit_exact_and_the_conversation_unchanged(stacks: l
         assert torch.equal(rk, k[:, :, :6 * T]) and torch.equal(rv, v[:, :, :6 * T]), f"layer {i}"
     s.pool.free(pages)
     s.kvm.check_invariants()
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_flexkv_sdpa_computes_what_sdpa_does_for_a_suffix_over_a_cached_prefix(dtype: torch.dtype) -> None:
+    """flexkv_sdpa (lower-right causal bias, no repeated K/V) against transformers' sdpa: a prefill, a
+    suffix over it and a decoded token give the same logits (on the CPU both take the same kernel)."""
+    from flexkv.integration.hf.attention import prefix_causal_sdpa
+    ids = prompt(40, seed=11).unsqueeze(0)
+    logits = {}
+    for attn in ("sdpa", "flexkv_sdpa"):
+        model = random_model(tiny_llama_config(attn), dtype, seed=0)
+        assert model.config._attn_implementation == attn
+        cache = DynamicCache(config=model.config)
+        kw = {cache_keyword(model): cache}
+        with torch.inference_mode():
+            outs = [model(input_ids=ids[:, :30], use_cache=True, **kw).logits,
+                    model(input_ids=ids[:, 30:], use_cache=True, position_ids=torch.arange(30, 40).unsqueeze(0),
+                          **kw).logits,
+                    model(input_ids=ids[:, :1], use_cache=True, position_ids=torch.tensor([[40]]), **kw).logits]
+        assert cache.get_seq_length() == 41
+        logits[attn] = outs
+    for a, b in zip(logits["sdpa"], logits["flexkv_sdpa"], strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-5 if dtype is torch.float32 else 0)
+    q, k = torch.zeros(1, 4, 3, 8), torch.zeros(1, 2, 5, 8)
+    with pytest.raises(ValueError, match="no attention mask"):
+        prefix_causal_sdpa(torch.nn.Module(), q, k, k, torch.ones(1, 1, 3, 5, dtype=torch.bool))
+    with pytest.raises(ValueError, match="queries but only"):
+        prefix_causal_sdpa(torch.nn.Module(), k.repeat(1, 2, 1, 1), q[:, :2], q[:, :2], None)
+
+
+def test_pool_pages_read_back_what_was_written_consecutive_or_not() -> None:
+    """Consecutive pages are read as views, others gathered: both give exactly the written K/V."""
+    pool = PagedKVPool(2, 2, 8, 12, T, torch.float32)
+    try:
+        for pages in ([3, 4, 5], [9, 2, 7], [0]):
+            key = torch.randn(1, 2, len(pages) * T, 8)
+            value = torch.randn(1, 2, len(pages) * T, 8)
+            pool.write_layer(1, pages, key, value)
+            ref = pool.page_index(pages)
+            assert isinstance(ref, slice) == (pages != [9, 2, 7])
+            for n in (len(pages) * T, len(pages) * T - 5):
+                rk, rv = pool.read_layer(1, pages, n)
+                assert torch.equal(rk, key[:, :, :n]) and torch.equal(rv, value[:, :, :n])
+        with pytest.raises(ValueError, match="do not fill"):
+            pool.write_layer(0, [1, 2], torch.zeros(1, 2, T, 8), torch.zeros(1, 2, T, 8))
+    finally:
+        pool.close()

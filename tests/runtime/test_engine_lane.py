@@ -109,6 +109,8 @@ def test_engine_side_registration_refuses_what_it_cannot_copy_into() -> None:
                 tp.register([t[:4] for t in kv.tensors], kv.layout, engine_side=True)
             with pytest.raises(InvalidRequest, match="KV tensors given"):
                 tp.register(kv.tensors[:1], kv.layout, engine_side=True)
+            with pytest.raises(InvalidRequest, match="use_event is for a device worker in another process"):
+                tp.register(kv.tensors, kv.layout, engine_side=True, use_event=True)
             assert not kvm.is_ready()
         finally:
             tp.close()

@@ -134,16 +134,20 @@ def _cuda_why() -> str:
 
 
 NO_CUDA_WHY = _cuda_why()
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(bool(NO_CUDA_WHY), reason=NO_CUDA_WHY or "-"))]
+# "cuda-lane": CUDA tensors whose device worker runs as an engine-side lane in this process
+DEVICES = ["cpu"] + [pytest.param(d, marks=pytest.mark.skipif(bool(NO_CUDA_WHY), reason=NO_CUDA_WHY or "-"))
+                     for d in ("cuda", "cuda-lane")]
 
 
 class _Engine:
-    """One rank's KV as torch tensors: host shared memory (``cpu``) or CUDA tensors registered by IPC."""
+    """One rank's KV as torch tensors: host shared memory (``cpu``), CUDA tensors registered by IPC
+    (``cuda``) or CUDA tensors copied by an engine-side lane in this process (``cuda-lane``)."""
 
     def __init__(self, device: str, num_blocks: int) -> None:
         import torch
 
         self.torch = torch
+        self.engine_side = device == "cuda-lane"
         self.host = host_buffers(MODEL, LAYOUT, num_blocks, seed=11) if device == "cpu" else None
         if self.host is not None:
             self.tensors = self.host.torch_tensors()
@@ -157,7 +161,8 @@ class _Engine:
         self.layout = self.host.layout if self.host is not None else self.layout
 
     def register(self, kvm: KVManager, layerwise: bool) -> None:
-        kvm.register_kv_buffers(self.host if self.host is not None else self.tensors, self.layout, layerwise=layerwise)
+        kvm.register_kv_buffers(self.host if self.host is not None else self.tensors, self.layout, layerwise=layerwise,
+                                engine_side=self.engine_side)
 
     def layer_bytes(self, block_id: int, layer: int) -> bytes:
         out = []

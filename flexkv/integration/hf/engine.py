@@ -51,6 +51,11 @@ class TurnStats:
     restore_wait_s: float = 0.0  # time the prefill spent waiting for restored layers
     layerwise: bool = False
     fallback: str = ""
+    # with HFPagedEngine(profile=True): seconds per phase of the prefill, device synchronized at each
+    # boundary of a whole restore ("match": get_match + launch, "restore_wait", "fill", "forward"); a
+    # layer-wise restore is not synchronized inside the forward, its "layer_waits" add up the hooks' waits
+    # and "last_layer_landed" is when the last layer's wait returned, from the prefill's start
+    phases: dict[str, float] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -59,9 +64,11 @@ class _Restore:
     pages: list[int]
     num_tokens: int
     layerwise: bool
+    index: torch.Tensor | slice  # the pages as PagedKVPool.page_index finds them
     filled: set[int] = dataclasses.field(default_factory=set)
     wait_s: float = 0.0
     final: TaskStatus | None = None  # once a wait returned it
+    last_landed: float = 0.0  # perf_counter when the last layer wait returned
 
 
 @dataclasses.dataclass
@@ -91,6 +98,22 @@ def layer_kv(cache: DynamicCache, layer: int) -> tuple[torch.Tensor, torch.Tenso
     return lay.keys, lay.values
 
 
+def cache_keyword(model: torch.nn.Module) -> str:
+    """The keyword of ``model.forward`` that takes the cache: ``past_key_values`` up to transformers 5.23,
+    ``cache`` from 5.24."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def set_layer_kv(cache: DynamicCache, layer: int, key: torch.Tensor, value: torch.Tensor) -> None:
+    """Make the empty layer ``layer`` of ``cache`` hold ``key``/``value`` themselves (``Cache.update`` would
+    concatenate them onto an empty tensor: one more copy of the whole prefix)."""
+    cache.update(key[:, :, :0], value[:, :, :0], layer)  # initializes the layer the public way
+    lay: Any = cache.layers[layer]
+    if lay.keys.shape[2] != 0:
+        raise ValueError(f"layer {layer} of the cache is not empty")
+    lay.keys, lay.values = key, value
+
+
 class HFPagedEngine:
     """Runs ``model`` with its KV restored from / stored to flexkv through ``pool``.
 
@@ -102,7 +125,7 @@ class HFPagedEngine:
 
     def __init__(self, model: torch.nn.Module, pool: PagedKVPool, kvm: KVManager | None = None, *,
                  namespace: Sequence[str] | None = None, layerwise: bool = False, wait_timeout_s: float = 60.0,
-                 put_completely: bool = False) -> None:
+                 put_completely: bool = False, profile: bool = False) -> None:
         self.model = model.eval()
         self.config: Any = getattr(model, "config")  # noqa: B009 - a PreTrainedModel's config
         self.pool, self.kvm = pool, kvm
@@ -110,10 +133,10 @@ class HFPagedEngine:
         self.layerwise = layerwise
         self.wait_timeout_s = wait_timeout_s
         self.put_completely = put_completely
+        self.profile = profile
         self.tokens_per_block = pool.tokens_per_page
         self.num_layers = len(decoder_layers(model))
-        params = inspect.signature(model.forward).parameters
-        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        self._cache_kw = cache_keyword(model)
         self._active: tuple[_Restore, DynamicCache] | None = None
         self._hooks = [layer.register_forward_pre_hook(self._hook_for(i))
                        for i, layer in enumerate(decoder_layers(model))]
@@ -150,10 +173,11 @@ class HFPagedEngine:
             t0 = time.perf_counter()
             resp = self.kvm.wait_layer(restore.task_id, layer, timeout=self.wait_timeout_s)
             restore.wait_s += time.perf_counter() - t0
+            restore.last_landed = time.perf_counter()
             if resp.status is not TaskStatus.SUCCESS:
                 raise RestoreFailed(f"layer {layer}: {resp.status.name} {resp.error}".strip())
-        key, value = self.pool.read_layer(layer, restore.pages, restore.num_tokens)
-        cache.update(key, value, layer)
+        key, value = self.pool.read_layer(layer, restore.index, restore.num_tokens)
+        set_layer_kv(cache, layer, key, value)
         restore.filled.add(layer)
 
     # -- one prompt ------------------------------------------------------------------------------
@@ -202,15 +226,19 @@ class HFPagedEngine:
         n = tokens.numel()
         if reuse is not None and (self.kvm is not None or not 0 < reuse[1] < n):
             raise ValueError(f"reuse needs an engine without flexkv and 0 < {reuse[1]} < {n} prompt tokens")
+        phases: dict[str, float] = {}
         restore, fallback = self._start_restore(tokens)
+        self._phase(phases, "match", t0)
         cache = DynamicCache(config=self.config)
         try:
             if restore is not None:
-                self._begin_restore(restore, cache)
+                self._begin_restore(restore, cache, phases)
             start = restore.num_tokens if restore is not None else 0
             if reuse is not None:
                 start = self._reuse(reuse[0], reuse[1], cache)
+            t1 = time.perf_counter()
             logits = self._forward(tokens[start:], cache, start)
+            self._phase(phases, "forward", t1)
             if restore is not None:
                 self._end_restore(restore)
         except RestoreFailed as e:
@@ -230,10 +258,20 @@ class HFPagedEngine:
         _ = float(logits[0])  # the first token exists once its logits do (synchronizes a GPU)
         ttft = time.perf_counter() - t0
         num_restored = restore.num_tokens if restore is not None else 0
+        if self.profile and restore is not None and restore.layerwise:
+            phases["layer_waits"] = restore.wait_s
+            phases["last_layer_landed"] = restore.last_landed - t0
         stats = TurnStats(n, num_restored, n - num_restored, ttft, restore.wait_s if restore else 0.0,
-                          self.layerwise and restore is not None, fallback)
+                          self.layerwise and restore is not None, fallback, phases if self.profile else {})
         put = self._start_put(tokens, cache, restore)
         return logits, cache, stats, put
+
+    def _phase(self, phases: dict[str, float], name: str, since: float) -> None:
+        """With ``profile``: record the seconds since ``since`` as phase ``name``, the device synchronized."""
+        if self.profile:
+            if self.pool.device.type == "cuda":
+                torch.cuda.synchronize(self.pool.device)
+            phases[name] = time.perf_counter() - since
 
     def _reuse(self, earlier: DynamicCache, num_tokens: int, cache: DynamicCache) -> int:
         """Copy the first ``num_tokens`` of ``earlier`` into the fresh ``cache``, as a restore fills it."""
@@ -241,9 +279,9 @@ class HFPagedEngine:
             key, value = layer_kv(earlier, layer)
             if key.shape[2] < num_tokens:
                 raise ValueError(f"reuse of {num_tokens} tokens from a cache of {key.shape[2]}")
-            keep = torch.contiguous_format  # contiguous, as PagedKVPool.read_layer gives a restore
-            cache.update(key[:, :, :num_tokens].clone(memory_format=keep),
-                         value[:, :, :num_tokens].clone(memory_format=keep), layer)
+            keep = torch.contiguous_format  # the layer's first forward concatenates it, as a restore's
+            set_layer_kv(cache, layer, key[:, :, :num_tokens].clone(memory_format=keep),
+                         value[:, :, :num_tokens].clone(memory_format=keep))
         return num_tokens
 
     def _start_restore(self, tokens: torch.Tensor) -> tuple[_Restore | None, str]:
@@ -270,20 +308,25 @@ class HFPagedEngine:
             self.kvm.cancel(task_id)
             self.pool.free(pages)
             return None, f"launch: {e}"
-        return _Restore(task_id, pages, num, self.layerwise), ""
+        return _Restore(task_id, pages, num, self.layerwise, self.pool.page_index(pages)), ""
 
-    def _begin_restore(self, restore: _Restore, cache: DynamicCache) -> None:
+    def _begin_restore(self, restore: _Restore, cache: DynamicCache, phases: dict[str, float]) -> None:
         if not restore.layerwise:
             assert self.kvm is not None
             t0 = time.perf_counter()
             restore.final = self._wait(restore.task_id)
             restore.wait_s = time.perf_counter() - t0
+            self._phase(phases, "restore_wait", t0)
             if restore.final is not TaskStatus.SUCCESS:
                 raise RestoreFailed(restore.final.name)
+            t1 = time.perf_counter()
             for layer in range(self.num_layers):
                 self._fill(restore, cache, layer)
+            self._phase(phases, "fill", t1)
             return
+        t0 = time.perf_counter()
         self._fill(restore, cache, 0)  # the model reads the cache length off layer 0 before it runs
+        self._phase(phases, "layer0", t0)
         self._active = (restore, cache)  # the hooks fill layers 1.. as the forward reaches them
 
     def _end_restore(self, restore: _Restore) -> None:
@@ -326,9 +369,10 @@ class HFPagedEngine:
             return None
         new = self.pool.allocate(num_blocks - len(have))
         begin, end = len(have) * t, num_blocks * t
+        index = self.pool.page_index(new)
         for layer in range(self.num_layers):
             key, value = layer_kv(cache, layer)
-            self.pool.write_layer(layer, new, key[:, :, begin:end], value[:, :, begin:end])
+            self.pool.write_layer(layer, index, key[:, :, begin:end], value[:, :, begin:end])
         if self.pool.device.type == "cuda":
             torch.cuda.synchronize(self.pool.device)  # the worker's D2H must see the pages written
         pages = have + new

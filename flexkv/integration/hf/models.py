@@ -8,11 +8,14 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from flexkv.common.config import ModelConfig
+from flexkv.integration.hf import attention as _attention  # registers "flexkv_sdpa" before a model is built
 
 
 def tiny_llama_config(attn_implementation: str = "sdpa", num_layers: int = 2, vocab_size: int = 256,
                       hidden_size: int = 64, num_heads: int = 4, num_kv_heads: int = 2) -> LlamaConfig:
-    """A small Llama (grouped-query attention, RoPE) for CPU tests; weights come from the seed."""
+    """A small Llama (grouped-query attention, RoPE) for CPU tests; weights come from the seed.
+    ``attn_implementation``: any of transformers' (``sdpa``, ``eager``) or ``flexkv_sdpa``
+    (:mod:`flexkv.integration.hf.attention`)."""
     return _llama(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
                   num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
                   max_position_embeddings=4096, initializer_range=0.2, attn_implementation=attn_implementation)
@@ -28,6 +31,7 @@ def llama3_8b_config(attn_implementation: str = "sdpa", max_position_embeddings:
 
 def _llama(**fields: Any) -> LlamaConfig:
     """A LlamaConfig (``attn_implementation`` travels through the base config's keyword arguments)."""
+    _attention.register()
     config: Any = LlamaConfig(**fields)
     return config
 

@@ -78,24 +78,53 @@ class PagedKVPool:
         t = self.tensors[2 * layer + kv]
         return t.view(self.num_pages, self.tokens_per_page, *t.shape[1:])
 
-    def read_layer(self, layer: int, pages: Sequence[int], num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of the first ``num_tokens`` tokens in ``pages`` as ``[1, kv_heads, num_tokens, head_dim]``."""
-        idx = torch.as_tensor(list(pages), dtype=torch.long, device=self.device)
+    def page_index(self, pages: Sequence[int]) -> torch.Tensor | slice:
+        """How :meth:`read_layer` and :meth:`write_layer` find ``pages`` fastest: consecutive pages as a
+        slice (read as a view, no copy), any others as an index tensor on the pool's device. Make it once
+        per request: building the tensor on a GPU is a host -> device copy behind the queued work."""
+        ids = list(pages)
+        if ids and ids == list(range(ids[0], ids[0] + len(ids))):
+            return slice(ids[0], ids[0] + len(ids))
+        idx = torch.as_tensor(ids, dtype=torch.long)
+        if self.device.type != "cuda":
+            return idx
+        return idx.pin_memory().to(self.device, non_blocking=True)
+
+    def read_layer(self, layer: int, pages: Sequence[int] | torch.Tensor | slice,
+                   num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the first ``num_tokens`` tokens in ``pages`` as ``[1, kv_heads, num_tokens, head_dim]``.
+
+        Consecutive pages give views of the pool (valid until the pages are written again: the HF engine's
+        cache concatenates them into its own tensor at the layer's first forward). Other pages are read
+        with one gather per tensor: the page view ``[pages, T, heads, dim]`` is read head-major, so the
+        selected pages land as ``[heads, pages, T, dim]``, the cache's layout already."""
+        ref = pages if isinstance(pages, (torch.Tensor, slice)) else self.page_index(pages)
         out = []
         for kv in (0, 1):
-            rows = self._page_view(layer, kv).index_select(0, idx).flatten(0, 1)[:num_tokens]
-            out.append(rows.transpose(0, 1).unsqueeze(0).contiguous())
+            view = self._page_view(layer, kv)
+            if isinstance(ref, slice):
+                rows = view[ref].flatten(0, 1)[:num_tokens]
+                out.append(rows.permute(1, 0, 2).unsqueeze(0))
+                continue
+            gathered = view.permute(2, 0, 1, 3).index_select(1, ref)
+            heads, _, _, dim = gathered.shape
+            out.append(gathered.view(1, heads, -1, dim)[:, :, :num_tokens].contiguous())
         return out[0], out[1]
 
-    def write_layer(self, layer: int, pages: Sequence[int], key: torch.Tensor, value: torch.Tensor) -> None:
+    def write_layer(self, layer: int, pages: Sequence[int] | torch.Tensor | slice, key: torch.Tensor,
+                    value: torch.Tensor) -> None:
         """Store ``[1, kv_heads, len(pages) * T, head_dim]`` K and V into ``pages`` (whole pages only)."""
         t = self.tokens_per_page
-        if key.shape[2] != len(pages) * t:
-            raise ValueError(f"{key.shape[2]} tokens do not fill {len(pages)} pages of {t}")
-        idx = torch.as_tensor(list(pages), dtype=torch.long, device=self.device)
+        ref = pages if isinstance(pages, (torch.Tensor, slice)) else self.page_index(pages)
+        count = ref.stop - ref.start if isinstance(ref, slice) else len(ref)
+        if key.shape[2] != count * t:
+            raise ValueError(f"{key.shape[2]} tokens do not fill {count} pages of {t}")
         for kv, src in ((0, key), (1, value)):
-            rows = src[0].transpose(0, 1).reshape(len(pages), t, src.shape[1], src.shape[3])
-            self._page_view(layer, kv).index_copy_(0, idx, rows.to(self.dtype))
+            rows = src[0].transpose(0, 1).reshape(count, t, src.shape[1], src.shape[3]).to(self.dtype)
+            if isinstance(ref, slice):
+                self._page_view(layer, kv)[ref].copy_(rows)
+            else:
+                self._page_view(layer, kv).index_copy_(0, ref, rows)
 
     def close(self) -> None:
         """Release the buffers (after the flexkv server stopped using them)."""
