@@ -406,6 +406,52 @@ class KVManager:
         """Match + launch a PUT in one message; returns the task id at once."""
         return self._async(cm.PutAsyncMsg, token_ids, slot_mapping, token_mask, namespace)
 
+    def _async_many(self, cls: type[cm.GetAsyncBatchMsg], token_ids: Sequence[IntArrayLike],
+                    slot_mappings: Sequence[IntArrayLike], token_masks: Sequence[IntArrayLike | None] | None,
+                    namespaces: Sequence[Sequence[str] | None] | None) -> list[int]:
+        num = len(token_ids)
+        masks_in = [None] * num if token_masks is None else list(token_masks)
+        ns_in = [None] * num if namespaces is None else list(namespaces)
+        if not len(slot_mappings) == len(masks_in) == len(ns_in) == num:
+            raise InvalidRequest(f"{num} token_ids need as many slot_mappings ({len(slot_mappings)}), token_masks "
+                                 f"({len(masks_in)}) and namespaces ({len(ns_in)})")
+        arrays: list[Any] = []
+        has_masks, ns_out, digests = [], [], []
+        for toks_in, slots_in, mask_in, ns in zip(token_ids, slot_mappings, masks_in, ns_in, strict=True):
+            tokens, slots = _int64("token_ids", toks_in), _int64("slot_mapping", slots_in)
+            mask = _mask(mask_in, tokens.shape[0])
+            arrays += [tokens, slots] + ([mask] if mask is not None else [])
+            has_masks.append(mask is not None)
+            ns_out.append(_namespace(ns))
+            digests.append(xxhash.xxh3_64_intdigest(slots.tobytes()))
+        task_ids = [self._new_task_id() for _ in range(num)]
+        self._launched.update(zip(task_ids, digests, strict=True))
+        if task_ids:
+            self._c.send(cls(client_id=self.dp_client_id, task_ids=task_ids,
+                             has_masks=has_masks if any(has_masks) else [],
+                             namespaces=ns_out if any(n is not None for n in ns_out) else []), arrays)
+        return task_ids
+
+    def get_async_many(self, token_ids: Sequence[IntArrayLike], slot_mappings: Sequence[IntArrayLike],
+                       token_masks: Sequence[IntArrayLike | None] | None = None,
+                       namespaces: Sequence[Sequence[str] | None] | None = None) -> list[int]:
+        """Match + launch several GETs in one message; returns their task ids (in order) at once.
+
+        Like that many :meth:`get_async` calls, except that the tasks start together: each device
+        worker gets one batched op for all of their copies that are ready (one message, one copy call,
+        one completion; tasks that need SSD or remote blocks first follow in a batch of their own once
+        those landed). Each task keeps its own status and mask at :meth:`wait`; if a batched op fails,
+        every task in it is FAILED. ``token_masks`` and ``namespaces``: None, or one entry (or None)
+        per prompt. Bad input is InvalidRequest here, before anything is sent."""
+        return self._async_many(cm.GetAsyncBatchMsg, token_ids, slot_mappings, token_masks, namespaces)
+
+    def put_async_many(self, token_ids: Sequence[IntArrayLike], slot_mappings: Sequence[IntArrayLike],
+                       token_masks: Sequence[IntArrayLike | None] | None = None,
+                       namespaces: Sequence[Sequence[str] | None] | None = None) -> list[int]:
+        """Match + launch several PUTs in one message (see :meth:`get_async_many`): their D2H copies go to
+        each device worker as one batched op; write-through to SSD/remote stays per task."""
+        return self._async_many(cm.PutAsyncBatchMsg, token_ids, slot_mappings, token_masks, namespaces)
+
     def prefetch_async(self, token_ids: IntArrayLike, namespace: Sequence[str] | None = None) -> int:
         """Stage the prompt's SSD/remote hits into the CPU tier, with no engine destination (no slot
         mapping, no registered buffers needed); returns the task id at once. ``wait``/``try_wait``

@@ -23,8 +23,9 @@ import xxhash
 
 from flexkv.common.config import CacheConfig, ModelConfig
 from flexkv.native.hasher import hash_blocks
+from flexkv.scheduler.batch import coalesce
 from flexkv.scheduler.eviction import EvictionParams, make_evictor
-from flexkv.scheduler.graph import OpNode, Reservation, TaskKey, TransferOp
+from flexkv.scheduler.graph import OpMember, OpNode, OpState, Reservation, TaskKey, TransferOp
 from flexkv.scheduler.index import RadixIndex
 from flexkv.scheduler.planner import Tiers, plan_get, plan_put
 from flexkv.scheduler.pool import BlockPool
@@ -80,6 +81,8 @@ class ControlPlane:
         )
         self._tasks: dict[TaskKey, Task] = {}
         self._ops: dict[int, tuple[Task, OpNode]] = {}
+        self._batches: dict[int, tuple[OpMember, ...]] = {}  # batched op id -> its members (scheduler/batch.py)
+        self._batch_of: dict[int, int] = {}  # member op id -> its batched op id
         self._op_ids = itertools.count(1)
         self._salt = 0  # 0 until the first reset(); then every block key is XORed with it
         self._num_resets = 0
@@ -87,7 +90,7 @@ class ControlPlane:
             ("num_get_matches", "num_put_matches", "get_query_blocks", "get_hit_blocks", "get_moved_blocks",
              "put_query_blocks", "put_hit_blocks", "put_stored_blocks", "num_failed_ops", "get_lost_blocks",
              "proactive_evicted_blocks", "num_resets", "ssd_corrupt_blocks", "ssd_discarded_blocks",
-             "ssd_restored_blocks", *_TIER_HIT_KEYS.values()), 0)
+             "ssd_restored_blocks", "num_batched_ops", "num_batched_member_ops", *_TIER_HIT_KEYS.values()), 0)
 
     # ---- match (prepare) -----------------------------------------------------------------
 
@@ -199,14 +202,41 @@ class ControlPlane:
         task.prefetch = True
         return self._track(task, task.launch(np.empty(0, dtype=np.int64), self._new_op_id))
 
+    def coalesce(self, ops: list[TransferOp]) -> list[TransferOp]:
+        """The ops to dispatch in place of ``ops`` (ready together: one launch of several tasks, or the
+        completions of one worker report): each direction's device ops of one DP client become one
+        batched op (``scheduler/batch.py``), completed through ``complete_op`` like any other."""
+        out, batched = coalesce(ops, self._new_op_id)
+        for op in batched:
+            self._batches[op.op_id] = op.members
+            self._batch_of.update((m.op_id, op.op_id) for m in op.members)
+            self._counters["num_batched_ops"] += 1
+            self._counters["num_batched_member_ops"] += len(op.members)
+        return out
+
     def complete_op(self, op_id: int, ok: bool, error: str = "", corrupt_at: int = -1) -> list[TransferOp]:
         """A worker finished ``op_id``. Success publishes what it wrote and releases what it read;
         failure fails its task (engine part too unless already done; ``error`` is reported by poll),
         drops its undispatched ops and rolls back. Completions after the task failed or was
-        cancelled roll back whatever their outcome. Returns the ops that became runnable.
+        cancelled roll back whatever their outcome. Returns the ops that became runnable (pass them
+        through ``coalesce`` before dispatching). A batched op completes each of its members with
+        its outcome: a failed batch fails every task in it.
         ``corrupt_at`` >= 0 (a failed DISK2H): its block at that index had corrupt bytes on SSD; it
         and the rest of the prompt are a miss (see ``Task``), and that block leaves the SSD index
-        with everything below it. Unknown or already completed op id: InvalidRequest."""
+        with everything below it. Unknown or already completed op id (a batch's member included):
+        InvalidRequest."""
+        members = self._batches.pop(op_id, None) if isinstance(op_id, int) else None
+        if members is not None:
+            ops: list[TransferOp] = []
+            for member in members:
+                del self._batch_of[member.op_id]
+                ops += self._complete_one(member.op_id, ok, error, -1)
+            return ops
+        if isinstance(op_id, int) and op_id in self._batch_of:
+            raise InvalidRequest(f"op id {op_id} is part of batched op {self._batch_of[op_id]}: complete that one")
+        return self._complete_one(op_id, ok, error, corrupt_at)
+
+    def _complete_one(self, op_id: int, ok: bool, error: str, corrupt_at: int) -> list[TransferOp]:
         entry = self._ops.pop(op_id, None) if isinstance(op_id, int) else None
         if entry is None:
             raise InvalidRequest(f"unknown or already completed op id {op_id!r}")
@@ -281,7 +311,8 @@ class ControlPlane:
         of its tasks still in flight; their completions must still be reported."""
         for key in [k for k in self._tasks if k[0] == client_id]:
             self.release(key)
-        return sorted(op_id for op_id, (task, _) in self._ops.items() if task.key[0] == client_id)
+        return sorted({self._batch_of.get(op_id, op_id) for op_id, (task, _) in self._ops.items()
+                       if task.key[0] == client_id})
 
     def task_keys(self) -> list[TaskKey]:
         """Keys of every task in the table (matched, running, or final and not yet released)."""
@@ -365,6 +396,7 @@ class ControlPlane:
         out["reset_generation"] = self._num_resets
         out["num_tasks"] = len(self._tasks)
         out["num_ops_in_flight"] = len(self._ops)
+        out["num_batched_ops_in_flight"] = len(self._batches)
         return out
 
     def check_invariants(self) -> None:
@@ -390,6 +422,20 @@ class ControlPlane:
             assert np.array_equal(writer > 0, ~ready & (locks > 0)) and writer.max(initial=0) <= 1, (
                 f"{index.name}: an unready locked block must have exactly one writer, a ready one none")
         self._check_remote_store(list(tasks.values()))
+        self._check_batches()
+
+    def _check_batches(self) -> None:
+        """Every batched op's members are dispatched ops of the op table, each in exactly one batch."""
+        members = [m.op_id for ms in self._batches.values() for m in ms]
+        assert len(members) == len(set(members)) == len(self._batch_of), "a member op is in two batches"
+        for batch_id, ms in self._batches.items():
+            for m in ms:
+                entry = self._ops.get(m.op_id)
+                assert entry is not None and self._batch_of.get(m.op_id) == batch_id, (
+                    f"batched op {batch_id}: member {m.op_id} is not an op in flight of this batch")
+                task, node = entry
+                assert task.key == m.task_key and node.state is OpState.DISPATCHED, (
+                    f"batched op {batch_id}: member {m.op_id} is not dispatched for task {m.task_key}")
 
     def _check_remote_store(self, tasks: list[Task]) -> None:
         """Lookup mode: the keys counted as being written are exactly those of live H2REMOTE ops."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -45,6 +46,22 @@ class TransferOp:
     src_block_ids: np.ndarray
     dst_block_ids: np.ndarray
     block_hashes: np.ndarray | None
+    # A batched op (``scheduler/batch.py``): the ops of several tasks in one, their blocks concatenated
+    # in this order; ``task_key`` is the first member's. Empty for an op of one task.
+    members: tuple[OpMember, ...] = ()
+
+    @property
+    def task_keys(self) -> tuple[TaskKey, ...]:
+        """Every task this op moves blocks for."""
+        return tuple(m.task_key for m in self.members) if self.members else (self.task_key,)
+
+
+class OpMember(NamedTuple):
+    """One task's op inside a batched op: its own op id (the control plane's op table) and block count."""
+
+    op_id: int
+    task_key: TaskKey
+    num_blocks: int
 
 
 @dataclass(frozen=True, slots=True)

@@ -212,6 +212,10 @@ def _worker_families(snap: dict[str, Any]) -> Iterator[Metric]:
     busy.update({(w,): float(s) for w, s in c["worker_busy_s"].items()})
     yield _counter("flexkv_worker_busy_seconds", "seconds workers spent running batches (lanes may overlap)",
                    ["worker"], busy)
+    ops: dict[tuple[str, ...], float] = {(w,): 0.0 for w in workers}
+    ops.update({(w,): float(n) for w, n in c["worker_ops"].items()})
+    yield _counter("flexkv_worker_ops", "ops a worker reported done (a batched op of several tasks counts once)",
+                   ["worker"], ops)
     restarts: dict[tuple[str, ...], float] = {(w,): 0.0 for w in workers}
     restarts.update({(w,): float(n) for w, n in c["worker_restarts"].items()})
     yield _counter("flexkv_worker_restarts", "times a dead worker was restarted", ["worker"], restarts)

@@ -39,6 +39,7 @@ from flexkv.protocol.codec import (
     SERVER_REPLIES,
     WORKER_TO_SERVER,
     ProtocolError,
+    batch_frames,
     frame_array,
     mask_to_range,
 )
@@ -143,7 +144,7 @@ class SchedulerServer:
         self._registered: set[tuple[int, int]] = set()  # ranks whose device worker runs
         self._launched: set[TaskKey] = set()  # launched (or cancelled) tasks still in the control plane
         self._matched: OrderedDict[TaskKey, float] = OrderedDict()  # matched, not launched: match time
-        self._op_keys: dict[int, TaskKey] = {}  # dispatched op -> its task
+        self._op_keys: dict[int, tuple[TaskKey, ...]] = {}  # dispatched op -> its task(s) (a batch: several)
         self._corrupt_at: dict[int, int] = {}  # failed DISK2H op -> its first corrupt block (OpsDoneMsg)
         # Final results of retired tasks, (engine part, every op), kept for later waits; bounded by bytes.
         self._results = ResultCache(cache.result_cache_bytes)
@@ -160,6 +161,8 @@ class SchedulerServer:
             cm.PutMatchMsg: self._on_match,
             cm.GetAsyncMsg: self._on_async,
             cm.PutAsyncMsg: self._on_async,
+            cm.GetAsyncBatchMsg: self._on_async_batch,
+            cm.PutAsyncBatchMsg: self._on_async_batch,
             cm.PrefetchMsg: self._on_prefetch,
             cm.LaunchMsg: self._on_launch,
             cm.CancelMsg: self._on_cancel,
@@ -484,10 +487,38 @@ class SchedulerServer:
         try:
             tokens, slots, mask, ns = self._task_inputs(msg, arrays, with_slots=True)
             self._match(key, msg.task_id, not isinstance(msg, cm.PutAsyncMsg), tokens, mask, ns)
-            self._launch(key, slots)
+            self._dispatch(self._launch(key, slots))
+            self._retire([key])  # a task with nothing to move is already done
         except (FlexKVError, ProtocolError) as e:
             self._fail_unstarted(key, str(e), new=True,
                                  task_type=TaskType.PUT if isinstance(msg, cm.PutAsyncMsg) else TaskType.GET)
+
+    def _on_async_batch(self, identity: bytes, msg: cm.GetAsyncBatchMsg, arrays: list[memoryview]) -> None:
+        """get_async_many / put_async_many: match every task, then launch them together (one batched
+        op per direction and device worker). A task that cannot be matched or launched fails alone."""
+        session = self._sessions[identity]
+        is_get = not isinstance(msg, cm.PutAsyncBatchMsg)
+        keys = [session.key(tid) for tid in msg.task_ids]  # all in range, or nothing happens
+        try:
+            frames: list[Any] = batch_frames(msg, arrays)
+        except ProtocolError as e:  # frames cannot be told apart: every task of the message fails
+            frames = [e] * len(keys)
+        launched: list[tuple[TaskKey, Any]] = []
+        for i, (key, task_id, task_frames) in enumerate(zip(keys, msg.task_ids, frames, strict=True)):
+            if self._in_use(key):  # never touch the task that holds the id (an id twice: the first one)
+                log.warning("session %d: %s for task id %d ignored: already in use", session.session_id,
+                            type(msg).__name__, task_id)
+                continue
+            try:
+                if isinstance(task_frames, ProtocolError):
+                    raise task_frames
+                tokens, slots, mask = task_frames
+                ns = encode_namespace(msg.namespaces[i] if msg.namespaces else None)
+                self._match(key, task_id, is_get, tokens, mask, ns)
+                launched.append((key, slots))
+            except (FlexKVError, ProtocolError) as e:
+                self._fail_unstarted(key, str(e), new=True, task_type=TaskType.GET if is_get else TaskType.PUT)
+        self._launch_together(launched)
 
     def _on_prefetch(self, identity: bytes, msg: cm.PrefetchMsg, arrays: list[memoryview]) -> None:
         session = self._sessions[identity]
@@ -509,8 +540,10 @@ class SchedulerServer:
             self._fail_unstarted(key, str(e), new=True)
 
     def _on_launch(self, identity: bytes, msg: cm.LaunchMsg, arrays: list[memoryview]) -> None:
+        """Launch the tasks together: their ready device ops go out as one batched op per direction."""
         session = self._sessions[identity]
         keys = [session.key(tid) for tid in msg.task_ids]  # all in range, or nothing happens
+        batch: list[tuple[TaskKey, Any]] = []
         for i, key in enumerate(keys):
             if key not in self._matched and key not in self._launched:
                 # Unknown (never matched, or finished): nothing is recorded, so the id stays free.
@@ -520,17 +553,30 @@ class SchedulerServer:
                 self._fail_unstarted(key, "launch: one slot_mapping frame per task id expected")
             else:
                 try:
-                    self._launch(key, frame_array(arrays[i], np.int64, "slot_mapping"))
-                except (FlexKVError, ProtocolError) as e:
+                    batch.append((key, frame_array(arrays[i], np.int64, "slot_mapping")))
+                except ProtocolError as e:
                     self._fail_unstarted(key, str(e))
+        self._launch_together(batch)
 
-    def _launch(self, key: TaskKey, slots: Any) -> None:
+    def _launch_together(self, batch: list[tuple[TaskKey, Any]]) -> None:
+        """Launch each task (one that cannot be launched fails alone), then dispatch all their ready ops
+        at once, so each direction's device ops become one batched op."""
+        ops: list[TransferOp] = []
+        for key, slots in batch:
+            try:
+                ops += self._launch(key, slots)
+            except FlexKVError as e:
+                self._fail_unstarted(key, str(e))
+        self._dispatch(ops)
+        self._retire([key for key, _ in batch])  # tasks with nothing to move are already done
+
+    def _launch(self, key: TaskKey, slots: Any) -> list[TransferOp]:
+        """Launch one task; returns its ready ops (the caller dispatches them)."""
         ops = self.control.launch(key, slots)
         self._matched.pop(key, None)
         self._launched.add(key)
         self.telemetry.on_launched(key)
-        self._dispatch(ops)
-        self._retire([key])  # a task with nothing to move is already done
+        return ops
 
     def _fail_unstarted(self, key: TaskKey, error: str, new: bool = False,
                         task_type: TaskType | None = None) -> None:
@@ -667,6 +713,8 @@ class SchedulerServer:
                 info[f"pid:{worker_id}"] = handle.proc.pid if handle.proc is not None else handle.pid
             for worker_id, reason in self.supervisor.down().items():
                 info[f"down:{worker_id}"] = reason
+            for worker_id, num_ops in self.telemetry.worker_ops.items():  # a batched op counts once
+                info[f"ops:{worker_id}"] = num_ops
             info["worker_msgs_refused"] = self.supervisor.num_refused
             if self._auth is not None:
                 info["clients_refused"] = self._auth.num_refused
@@ -811,31 +859,35 @@ class SchedulerServer:
             self.telemetry.on_reported(msg)
             if hoptrace.ENABLED:
                 for op_id in msg.op_ids:
-                    key = self._op_keys.get(op_id)
-                    if key is not None:
+                    for key in self._op_keys.get(op_id, ()):
                         hoptrace.mark("server_completed", task_of(key))
             self._complete(self.supervisor.on_done(worker_id, msg.op_ids, msg.errors))
         elif isinstance(msg, WorkerByeMsg) and self.supervisor.on_bye(routing_id) is not None:
             self._lane_gone(worker_id, msg.reason or "closed")
 
     def _dispatch(self, ops: list[TransferOp]) -> None:
-        pending = list(ops)
+        """Send ops that became ready together; each direction's device ops go as one batched op."""
+        pending = self.control.coalesce(ops)
         while pending:
             op = pending.pop()
-            self._op_keys[op.op_id] = op.task_key
+            self._op_keys[op.op_id] = op.task_keys
             self.telemetry.on_dispatch(op)
             if hoptrace.ENABLED:
-                hoptrace.mark("server_dispatched", task_of(op.task_key))
+                for key in op.task_keys:
+                    hoptrace.mark("server_dispatched", task_of(key))
             failure = self.supervisor.dispatch(op)
             if failure is not None:
                 pending += self._complete_one(failure)
 
     def _complete(self, results: list[OpResult]) -> None:
-        """Apply completions; then start the ops they released, answer the waits they ended (the
-        engine hears of its task in this loop turn) and only then move finished tasks out."""
+        """Apply completions; then start the ops they released (those of one report as one batch: e.g.
+        several DISK2H ending together release one H2D), answer the waits they ended (the engine hears
+        of its task in this loop turn) and only then move finished tasks out."""
         finished: list[TaskKey] = []
+        ops: list[TransferOp] = []
         for result in results:
-            self._dispatch(self._complete_one(result, finished))
+            ops += self._complete_one(result, finished)
+        self._dispatch(ops)
         if finished:
             self._check_waits()
             self._retire(finished)
@@ -846,7 +898,7 @@ class SchedulerServer:
         op_id, error = result
         if error:
             log.warning("op %d failed: %s", op_id, error)
-        key = self._op_keys.pop(op_id, None)
+        keys = self._op_keys.pop(op_id, ())
         corrupt_at = self._corrupt_at.pop(op_id, -1)
         self.telemetry.on_op_done(op_id, error)
         try:
@@ -854,11 +906,10 @@ class SchedulerServer:
         except FlexKVError as e:  # e.g. an op of a task dropped meanwhile
             log.debug("completion of op %d ignored: %s", op_id, e)
             return []
-        if key is not None and not ops:
-            if finished is None:
-                self._retire([key])
-            else:
-                finished.append(key)
+        if finished is None:
+            self._retire(list(keys))  # those with ops still to run stay
+        else:
+            finished.extend(keys)
         return ops
 
     # -- sessions ending ------------------------------------------------------------------------

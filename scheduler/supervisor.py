@@ -348,7 +348,8 @@ class WorkerSupervisor:
         if op.block_hashes is not None:
             arrays.append(op.block_hashes)
         # The engine's own task id (its session's part of the key): a layer-wise GET's progress slot.
-        msg = ExecuteOpMsg(op_id=op.op_id, op_type=int(op.op_type), task_id=task_of(op.task_key))
+        msg = ExecuteOpMsg(op_id=op.op_id, op_type=int(op.op_type), task_id=task_of(op.task_key),
+                           task_ids=[task_of(m.task_key) for m in op.members])
         frames = SERVER_TO_WORKER.encode(msg, arrays)
         self._sock.send_multipart([handle.routing_id, *frames], copy=False)
         handle.in_flight.add(op.op_id)

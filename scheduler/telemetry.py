@@ -89,6 +89,7 @@ class Telemetry:
         self._op_bytes = dict.fromkeys(OpType, 0)
         self._op_seconds = {op: Histogram() for op in OpType}
         self.worker_busy_s: dict[str, float] = {}
+        self.worker_ops: dict[str, int] = {}  # ops each worker reported done (a batched op counts once)
         self.worker_restarts: dict[str, int] = {}
         self.clients = dict.fromkeys(("connects", "disconnects"), 0)
         self.remote_errors = 0
@@ -144,12 +145,13 @@ class Telemetry:
 
     # -- ops ------------------------------------------------------------------------------------
     def on_dispatch(self, op: TransferOp) -> None:
-        self._ops[op.op_id] = [op.op_type, time.monotonic(), 0, op.task_key, op.src_block_ids.size, 0.0]
+        self._ops[op.op_id] = [op.op_type, time.monotonic(), 0, op.task_keys, op.src_block_ids.size, 0.0]
 
     def on_reported(self, msg: OpsDoneMsg) -> None:
         """A worker's completions, with its figures (bytes per op summed over TP ranks)."""
         if msg.busy_s:
             self.worker_busy_s[msg.worker_id] = self.worker_busy_s.get(msg.worker_id, 0.0) + msg.busy_s
+        self.worker_ops[msg.worker_id] = self.worker_ops.get(msg.worker_id, 0) + len(msg.op_ids)
         if len(msg.num_bytes) != len(msg.op_ids):
             return
         ops = self._ops
@@ -184,15 +186,16 @@ class Telemetry:
             self._trace_op(rec, now, error)
 
     def _trace_op(self, rec: _OpRecord, now: float, error: str) -> None:
-        op_type, dispatched, num_bytes, task_key, num_blocks, queue_s = rec
-        task = self._records.get(task_key)
-        if task is None:
-            return
-        if op_type in _ENGINE_OPS:
-            task.engine_done = now
-        task.ops.append({"op": op_type.name, "blocks": int(num_blocks), "bytes": num_bytes,
-                         "dispatch_s": _since(task.launched, dispatched), "queue_s": queue_s,
-                         "seconds": now - dispatched, "error": error})
+        op_type, dispatched, num_bytes, task_keys, num_blocks, queue_s = rec
+        for task_key in task_keys:  # a batched op is in the trace line of each of its tasks
+            task = self._records.get(task_key)
+            if task is None:
+                continue
+            if op_type in _ENGINE_OPS:
+                task.engine_done = now
+            task.ops.append({"op": op_type.name, "blocks": int(num_blocks), "bytes": num_bytes,
+                             "dispatch_s": _since(task.launched, dispatched), "queue_s": queue_s,
+                             "seconds": now - dispatched, "error": error, "batch_tasks": len(task_keys)})
 
     # -- workers --------------------------------------------------------------------------------
     def on_tick(self, workers: dict[str, WorkerHandle]) -> None:
@@ -215,7 +218,8 @@ class Telemetry:
         return {"requests": requests, "tasks": tasks, "tokens": dict(self.tokens), "op_counts": op_counts,
                 "op_bytes": {op.name: n for op, n in self._op_bytes.items()},
                 "op_seconds": {op.name: h.to_dict() for op, h in self._op_seconds.items()},
-                "worker_busy_s": dict(self.worker_busy_s), "worker_restarts": dict(self.worker_restarts),
+                "worker_busy_s": dict(self.worker_busy_s), "worker_ops": dict(self.worker_ops),
+                "worker_restarts": dict(self.worker_restarts),
                 "clients": dict(self.clients), "remote_errors": self.remote_errors}
 
 
@@ -246,7 +250,9 @@ def _trace_line(key: TaskKey, kind: str, rec: _TaskRecord | None, engine: KVResp
 
 
 REQUEST_NAMES: dict[type, str] = {cm.HelloMsg: "hello", cm.GetMatchMsg: "get_match", cm.PutMatchMsg: "put_match",
-                                   cm.GetAsyncMsg: "get_async", cm.PutAsyncMsg: "put_async", cm.LaunchMsg: "launch",
+                                   cm.GetAsyncMsg: "get_async", cm.PutAsyncMsg: "put_async",
+                                   cm.GetAsyncBatchMsg: "get_async_many", cm.PutAsyncBatchMsg: "put_async_many",
+                                   cm.LaunchMsg: "launch",
                                    cm.CancelMsg: "cancel", cm.WaitMsg: "wait", cm.RegisterKVMsg: "register",
                                    cm.QueryMsg: "query"}
 

@@ -17,6 +17,7 @@ from flexkv.protocol.codec import (
     WORKER_TO_SERVER,
     Codec,
     ProtocolError,
+    batch_frames,
     frame_array,
     mask_to_range,
     range_to_mask,
@@ -28,6 +29,9 @@ SAMPLES: list[tuple[Codec[typing.Any], msgspec.Struct]] = [
     (CLIENT_REQUESTS, cm.PutMatchMsg(client_id=0, req_id=1, task_id=8)),
     (CLIENT_REQUESTS, cm.GetAsyncMsg(client_id=0, task_id=9, namespace=None)),
     (CLIENT_REQUESTS, cm.PutAsyncMsg(client_id=0, task_id=10, has_mask=True)),
+    (CLIENT_REQUESTS, cm.GetAsyncBatchMsg(client_id=0, task_ids=[12, 13], has_masks=[False, True],
+                                          namespaces=[None, ["lora-b"]])),
+    (CLIENT_REQUESTS, cm.PutAsyncBatchMsg(client_id=0, task_ids=[14])),
     (CLIENT_REQUESTS, cm.PrefetchMsg(client_id=0, task_id=11, namespace=["lora-a"])),
     (CLIENT_REQUESTS, cm.LaunchMsg(client_id=0, task_ids=[1, 2])),
     (CLIENT_REQUESTS, cm.CancelMsg(client_id=0, task_ids=[3])),
@@ -48,6 +52,7 @@ SAMPLES: list[tuple[Codec[typing.Any], msgspec.Struct]] = [
     (WORKER_TO_SERVER, wm.OpsDoneMsg(worker_id="w", op_ids=[1, 2], errors=["", "EIO"])),
     (WORKER_TO_SERVER, wm.OpsDoneMsg(worker_id="w", op_ids=[3, 4], errors=["", "checksum"], corrupt_at=[-1, 2])),
     (SERVER_TO_WORKER, wm.ExecuteOpMsg(op_id=3, op_type=2, task_id=9)),
+    (SERVER_TO_WORKER, wm.ExecuteOpMsg(op_id=4, op_type=0, task_id=9, task_ids=[9, 10, 12])),
     (SERVER_TO_WORKER, wm.HelloAcceptedMsg()),
     (SERVER_TO_WORKER, wm.StopWorkerMsg(reason="bye")),
 ]
@@ -107,3 +112,18 @@ def test_bad_ranges_are_protocol_errors() -> None:
         range_to_mask(4, 2, 9, [])
     with pytest.raises(ProtocolError, match="missing"):
         range_to_mask(4, -1, -1, [])
+
+
+def test_batch_frames_split_per_task_and_refuse_what_does_not_fit() -> None:
+    msg = cm.GetAsyncBatchMsg(client_id=0, task_ids=[1, 2], has_masks=[False, True])
+    toks = [np.arange(4, dtype=np.int64), np.arange(8, dtype=np.int64)]
+    mask = np.ones(8, dtype=np.bool_)
+    _, arrays = CLIENT_REQUESTS.decode(CLIENT_REQUESTS.encode(msg, [toks[0], toks[0] * 2, toks[1], toks[1] + 1, mask]))
+    (t0, s0, m0), (t1, s1, m1) = batch_frames(msg, arrays)
+    assert t0.tolist() == toks[0].tolist() and s0.tolist() == (toks[0] * 2).tolist() and m0 is None
+    assert t1.tolist() == toks[1].tolist() and s1.tolist() == (toks[1] + 1).tolist() and m1 is not None and m1.all()
+    with pytest.raises(ProtocolError, match="expected 5 array frames, got 4"):
+        batch_frames(msg, arrays[:4])
+    with pytest.raises(ProtocolError, match="one entry per task id"):
+        batch_frames(cm.GetAsyncBatchMsg(client_id=0, task_ids=[1, 2], has_masks=[True]), arrays)
+    assert batch_frames(cm.PutAsyncBatchMsg(client_id=0, task_ids=[]), []) == []

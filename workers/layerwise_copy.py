@@ -2,11 +2,11 @@
 
 Runs in the device worker process (its H2D lane). Every H2D op of the batch copies layer 0 of all
 its blocks, then layer 1, ...; after each layer the op's word in the table (:mod:`flexkv.layerwise`)
-says how many layers are in the engine's memory. Host buffers copy synchronously, so the word is
-stored as soon as a layer's memcpy returned; CUDA buffers record an event per layer and a publisher
-thread stores the word once that layer's event completed, while later layers are still being
-enqueued. A failure stores ``failed`` for every op it touches, so every waiter wakes with it, and the
-op reports the error as usual.
+says how many layers are in the engine's memory (a batched op of several tasks: each task's word).
+Host buffers copy synchronously, so the word is stored as soon as a layer's memcpy returned; CUDA
+buffers record an event per layer and a publisher thread stores the word once that layer's event
+completed, while later layers are still being enqueued. A failure stores ``failed`` for every op it
+touches, so every waiter wakes with it, and the op reports the error as usual.
 """
 
 from __future__ import annotations
@@ -36,8 +36,9 @@ def start_layer_major(worker: DeviceWorker, ops: list[Op], progress: LayerProgre
     lock = threading.Lock()  # the enqueueing thread and the publisher both write errors and words
 
     def publish(i: int, num_layers: int, failed: bool = False) -> None:
-        if ops[i].task_id > 0:
-            progress.store(ops[i].task_id, num_layers, failed)
+        for task_id in ops[i].task_ids:  # a batched op: each of its tasks' words
+            if task_id > 0:
+                progress.store(task_id, num_layers, failed)
 
     def fail(i: int, e: Exception) -> None:
         with lock:

@@ -1,7 +1,7 @@
 """Messages between engine-side clients (KVManager, KVTPClient) and the scheduler server.
 
 Requests that expect an answer carry ``req_id``; the reply echoes it. ``GetAsyncMsg``, ``PutAsyncMsg``,
-``LaunchMsg`` and ``CancelMsg`` are fire-and-forget: task ids are chosen by the client (unique per
+their batch forms, ``LaunchMsg`` and ``CancelMsg`` are fire-and-forget: task ids are chosen by the client (unique per
 session), so no reply is needed and errors surface at ``wait`` as FAILED with a message.
 Raw frames that follow a message are listed in its docstring.
 
@@ -60,6 +60,21 @@ class PutAsyncMsg(GetAsyncMsg, frozen=True, tag=True, kw_only=True):
     """Like GetAsyncMsg for a PUT."""
 
 
+class GetAsyncBatchMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
+    """Match + launch several GETs together (``KVManager.get_async_many``), no reply: their device ops
+    go out as one batched op per worker. Frames per task, in order: token_ids, slot_mapping (int64),
+    then token_mask (bool) if ``has_masks[i]``. ``has_masks`` and ``namespaces``: empty, or one entry
+    per task id."""
+
+    task_ids: list[int]
+    has_masks: list[bool] = []
+    namespaces: list[list[str] | None] = []
+
+
+class PutAsyncBatchMsg(GetAsyncBatchMsg, frozen=True, tag=True, kw_only=True):
+    """Like GetAsyncBatchMsg for PUTs (``KVManager.put_async_many``)."""
+
+
 class PrefetchMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
     """Match a GET and start staging its SSD/remote hits into CPU, with no engine destination; no
     reply (errors at wait). Frames: token_ids (int64)."""
@@ -69,7 +84,8 @@ class PrefetchMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
 
 
 class LaunchMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
-    """Bind GPU slots of matched tasks and start them, no reply. Frames: one slot_mapping per task id."""
+    """Bind GPU slots of matched tasks and start them, no reply. Frames: one slot_mapping per task id.
+    The tasks' ready device ops go out together, as one batched op per direction and worker."""
 
     task_ids: list[int]
 
@@ -129,8 +145,8 @@ class QueryMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
 MAX_WAIT_S = 3600.0  # longest single WaitMsg; KVManager.wait(timeout=inf) waits in steps of this
 
 ClientRequest = (
-    HelloMsg | GetMatchMsg | PutMatchMsg | GetAsyncMsg | PutAsyncMsg | PrefetchMsg | LaunchMsg | CancelMsg | WaitMsg
-    | RegisterKVMsg | ByeMsg | QueryMsg
+    HelloMsg | GetMatchMsg | PutMatchMsg | GetAsyncMsg | PutAsyncMsg | GetAsyncBatchMsg | PutAsyncBatchMsg
+    | PrefetchMsg | LaunchMsg | CancelMsg | WaitMsg | RegisterKVMsg | ByeMsg | QueryMsg
 )
 
 

@@ -10,11 +10,13 @@ import numpy as np
 import numpy.typing as npt
 import zmq
 
-from flexkv.protocol.client_msgs import ClientRequest, ServerReplyMsg
+from flexkv.protocol.client_msgs import ClientRequest, GetAsyncBatchMsg, ServerReplyMsg
 from flexkv.protocol.worker_msgs import ServerToWorkerMsg, WorkerToServer
 
 M = TypeVar("M")
 Frame = bytes | memoryview | zmq.Frame
+# One task of a batched get/put_async: token_ids, slot_mapping, token_mask (or None).
+TaskFrames = tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.bool_] | None]
 
 _encoder = msgspec.msgpack.Encoder()
 
@@ -59,6 +61,27 @@ def frame_array(frame: memoryview, dtype: npt.DTypeLike, name: str) -> npt.NDArr
     if frame.nbytes % itemsize:
         raise ProtocolError(f"{name}: frame of {frame.nbytes} bytes is not a whole number of {np.dtype(dtype)}")
     return np.frombuffer(frame, dtype=dtype)
+
+
+def batch_frames(msg: GetAsyncBatchMsg, arrays: list[memoryview]) -> list[TaskFrames]:
+    """Split a get/put_async_many message's frames per task: (token_ids, slot_mapping, token_mask or
+    None). ProtocolError if the lists or the frame count do not fit its ``task_ids``."""
+    n = len(msg.task_ids)
+    masks = msg.has_masks or [False] * n
+    if len(masks) != n or (msg.namespaces and len(msg.namespaces) != n):
+        raise ProtocolError(f"{type(msg).__name__}: has_masks and namespaces need one entry per task id ({n})")
+    want = 2 * n + sum(masks)
+    if len(arrays) != want:
+        raise ProtocolError(f"{type(msg).__name__}: expected {want} array frames, got {len(arrays)}")
+    out: list[TaskFrames] = []
+    at = 0
+    for has_mask in masks:
+        tokens = frame_array(arrays[at], np.int64, "token_ids")
+        slots = frame_array(arrays[at + 1], np.int64, "slot_mapping")
+        mask = frame_array(arrays[at + 2], np.bool_, "token_mask") if has_mask else None
+        out.append((tokens, slots, mask))
+        at += 2 + int(has_mask)
+    return out
 
 
 CLIENT_REQUESTS: Codec[ClientRequest] = Codec(ClientRequest)

@@ -59,11 +59,14 @@ class ServerToWorker(msgspec.Struct, frozen=True, tag=True, kw_only=True):
 
 class ExecuteOpMsg(ServerToWorker, frozen=True, tag=True, kw_only=True):
     """Frames: src block ids (int64), dst block ids (int64), then block hashes (uint64) for remote ops.
-    ``task_id``: the client's id of the op's task (device workers publish layer-wise progress under it)."""
+    ``task_id``: the client's id of the op's task (device workers publish layer-wise progress under it).
+    ``task_ids``: a batched op (several tasks' H2D or D2H in one, ``scheduler/batch.py``): every task's
+    id, in block order (``task_id`` is the first); empty for an op of one task."""
 
     op_id: int
     op_type: int
     task_id: int = -1
+    task_ids: list[int] = []
 
 
 class HelloAcceptedMsg(ServerToWorker, frozen=True, tag=True, kw_only=True):

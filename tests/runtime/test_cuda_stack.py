@@ -7,6 +7,7 @@ test also needs two GPUs). Run on the GPU machine by ``benchmarks/gpu_e2e_check.
 * The ordering contract across processes: the engine enqueues a slow KV write, records its "KV
   written" event and returns at once; the put launched right after copies the new bytes, not the old.
 * A put and a get at once on one GPU (the worker's two lanes) both complete byte-exact.
+* Tasks launched together are one op per direction for the GPU worker, byte-exact.
 """
 
 from __future__ import annotations
@@ -217,6 +218,36 @@ def test_a_put_and_a_get_at_once_on_one_gpu_are_both_byte_exact() -> None:
             assert kvm.wait(get_b, timeout=60)[get_b].status is TaskStatus.SUCCESS
             for i, src in enumerate(b_blocks):
                 assert ranks.ask(0, ("block", 3 * n + i)) == ranks.ask(0, ("block", src))
+            kvm.check_invariants()
+        finally:
+            ranks.stop()
+
+
+def test_puts_and_gets_launched_together_are_one_op_on_the_gpu_and_byte_exact() -> None:
+    """Batched launch (docs/ARCHITECTURE.md): 8 puts in one put_async_many and 8 gets in one launch are
+    one D2H and one H2D for the GPU worker, and the gets restore every block byte for byte."""
+    model = small_model()
+    num, n = 8, 4  # prompts, blocks per prompt
+    with KVManager(model, small_cache(num_cpu_blocks=128)) as kvm:
+        ranks = Ranks(kvm, model, LayoutKind.VLLM_KV_FIRST, num_blocks=2 * num * n)
+        try:
+            prompts = [tokens(n * T, seed=60 + i) for i in range(num)]
+            src = [list(range(n * i, n * i + n)) for i in range(num)]
+            dst = [list(range(num * n + n * i, num * n + n * i + n)) for i in range(num)]
+            ops = int(kvm.stats().get("ops:device-0-0", 0))
+            puts = kvm.put_async_many(prompts, [slots_for(s, n * T) for s in src])
+            assert all(r.status is TaskStatus.SUCCESS for r in kvm.wait(puts, timeout=60).values())
+            assert int(kvm.stats()["ops:device-0-0"]) - ops == 1, "one D2H for the 8 puts"
+            ranks.ask(0, ("poison", [d for blocks in dst for d in blocks]))
+            ids = [kvm.get_match(p)[0] for p in prompts]
+            kvm.launch(ids, [slots_for(d, n * T) for d in dst])
+            res = kvm.wait(ids, timeout=60)
+            assert all(r.status is TaskStatus.SUCCESS and r.return_mask is not None and r.return_mask.all()
+                       for r in res.values()), res
+            assert int(kvm.stats()["ops:device-0-0"]) - ops == 2, "one H2D for the 8 gets"
+            for s_blocks, d_blocks in zip(src, dst, strict=True):
+                for s, d in zip(s_blocks, d_blocks, strict=True):
+                    assert ranks.ask(0, ("block", d)) == ranks.ask(0, ("block", s))
             kvm.check_invariants()
         finally:
             ranks.stop()

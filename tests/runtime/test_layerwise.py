@@ -235,6 +235,41 @@ def test_every_layer_wait_returns_with_that_layers_bytes_in_place(device: str) -
         eng.close()
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_gets_launched_together_layer_wise_are_one_op_that_publishes_every_tasks_layers(device: str) -> None:
+    """A batch of layer-wise GETs is one H2D per rank worker, copied layer-major over all its blocks;
+    after each layer every task's own word says so (issue 17 §2: layer-wise batches are supported)."""
+    kvm, eng = _serve(CacheConfig(tokens_per_block=T, num_cpu_blocks=64), device)
+    try:
+        prompts = [tokens(4 * T, seed=30 + i) for i in range(3)]
+        src = [list(range(4 * i, 4 * i + 4)) for i in range(3)]
+        for toks, blocks in zip(prompts, src, strict=True):
+            _put(kvm, toks, blocks)
+        want = {(s, layer): eng.layer_bytes(s, layer) for blocks in src for s in blocks
+                for layer in range(MODEL.num_layers)}
+        dst = [list(range(16 + 4 * i, 20 + 4 * i)) for i in range(3)]
+        eng.poison([d for blocks in dst for d in blocks])
+        ids = [kvm.get_match(p)[0] for p in prompts]
+        ops_before = int(kvm.stats().get("ops:device-0-0", 0))
+        kvm.launch(ids, [slots_for(d, 4 * T) for d in dst], layerwise=True)
+        for layer in range(MODEL.num_layers):
+            for tid, s_blocks, d_blocks in zip(ids, src, dst, strict=True):
+                res = kvm.wait_layer(tid, layer, timeout=30)
+                assert res.status is TaskStatus.SUCCESS, res
+                for s, d in zip(s_blocks, d_blocks, strict=True):
+                    assert eng.layer_bytes(d, layer) == want[s, layer], f"layer {layer} of block {d}"
+        [table] = kvm._layer_tables()
+        # Each task's own word was stored by the worker (not only the batch's first task's): wait_layer
+        # did not fall back to the tasks' final status.
+        assert [table.read(tid) for tid in ids] == [LayerState(MODEL.num_layers, False)] * 3
+        assert all(r.status is TaskStatus.SUCCESS for r in kvm.wait(ids, timeout=30).values())
+        assert int(kvm.stats()["ops:device-0-0"]) - ops_before == 1, "one batched H2D for the three gets"
+        kvm.check_invariants()
+    finally:
+        kvm.shutdown()
+        eng.close()
+
+
 def _wait_all_layers(kvm: KVManager, tid: int) -> list[tuple[TaskStatus, str]]:
     out: list[tuple[TaskStatus, str]] = [(TaskStatus.NOTFOUND, "")] * MODEL.num_layers
 

@@ -5,7 +5,9 @@ Each block's bytes are modelled as the block hash the engine would have written.
 values between fake tiers when an op succeeds and scribble garbage into the destination when it
 fails. Properties, after every step: check_invariants() holds, and every H2D reads exactly the
 bytes of the blocks the GET asked for (nothing was visible before its bytes landed, nothing was
-evicted or overwritten while a transfer used it).
+evicted or overwritten while a transfer used it). A "batch" step launches every open task together
+and merges the device ops in flight (``ControlPlane.coalesce``), so batched ops complete and fail
+among single ones.
 """
 
 from __future__ import annotations
@@ -44,9 +46,9 @@ class FakeDataPlane:
         src_tier, dst_tier = op.op_type.src, op.op_type.dst
         hashes = HASHES[prompt]
         for src, dst in zip(op.src_block_ids.tolist(), op.dst_block_ids.tolist(), strict=True):
-            value = int(hashes[src]) if src_tier is Medium.GPU else self.tiers[src_tier].get(src, GARBAGE)
+            value = int(hashes[src % GPU_SPAN]) if src_tier is Medium.GPU else self.tiers[src_tier].get(src, GARBAGE)
             if dst_tier is Medium.GPU:
-                assert not ok or value == int(hashes[dst]), f"H2D read wrong bytes into GPU block {dst}"
+                assert not ok or value == int(hashes[dst % GPU_SPAN]), f"H2D read wrong bytes into GPU block {dst}"
             else:
                 self.tiers[dst_tier][dst] = value if ok else GARBAGE
         if op.block_hashes is not None:  # H2DISK carries its whole path (the SSD journal's parents)
@@ -56,14 +58,17 @@ class FakeDataPlane:
 
 actions = st.lists(
     st.tuples(st.sampled_from(["get", "get", "put", "put", "launch", "ok", "ok", "ok", "fail", "drain", "drain",
-                               "cancel", "release"]),
+                               "cancel", "release", "batch"]),
               st.integers(0, len(PROMPTS) - 1), st.integers(0, 3)),
     min_size=25, max_size=80)
 
 
-def _slots(num_tokens: int) -> np.ndarray:
-    # GPU block id == block position, so the fake data plane can check H2D by position
-    return np.arange(num_tokens, dtype=np.int64)
+GPU_SPAN = 64  # GPU block id = task's base + block position: the fake data plane checks by position
+
+
+def _slots(num_tokens: int, task_id: int) -> np.ndarray:
+    # Four bases: tasks on different bases can be batched, tasks on the same base overlap (never merged)
+    return np.arange(num_tokens, dtype=np.int64) + (task_id % 4) * GPU_SPAN * T
 
 
 class Driver:
@@ -100,14 +105,19 @@ class Driver:
             self.launch(key)
 
     def launch(self, key: tuple[int, int]) -> None:
-        if self.cp.poll(key).status is not TaskStatus.CANCELLED:
-            self.in_flight += self.cp.launch(key, _slots(PROMPTS[self.prompt_of[key]].size))
+        self.in_flight += self._launch_ops(key)
+
+    def _launch_ops(self, key: tuple[int, int]) -> list[TransferOp]:
+        if self.cp.poll(key).status is TaskStatus.CANCELLED:
+            return []
+        return self.cp.launch(key, _slots(PROMPTS[self.prompt_of[key]].size, key[1]))  # [] if launched
 
     def complete(self, index: int, ok: bool) -> None:
         op = self.in_flight.pop(index % len(self.in_flight))
-        self.data.run(op, self.prompt_of[op.task_key], ok)
+        for part, key in split(op):
+            self.data.run(part, self.prompt_of[key], ok)
         self.in_flight += self.cp.complete_op(op.op_id, ok)
-        event(f"{op.op_type.name} {'ok' if ok else 'failed'}")
+        event(f"{op.op_type.name}{' batch' if op.members else ''} {'ok' if ok else 'failed'}")
 
     def step(self, action: str, prompt: int, mode: int) -> None:
         keys = self.open_keys
@@ -126,6 +136,23 @@ class Driver:
             self.cp.release(keys.pop(prompt % len(keys)))
         elif action == "evict":
             self.cp.evict_proactively()
+        elif action == "batch":  # every open task launched together (and what is in flight), as the server does
+            launched = [op for key in keys for op in self._launch_ops(key)]
+            self.in_flight = self.cp.coalesce(self.in_flight + launched)
+
+
+def split(op: TransferOp) -> list[tuple[TransferOp, tuple[int, int]]]:
+    """A batched op as its members' ops (each with its task), for the fake data plane; else the op."""
+    if not op.members:
+        return [(op, op.task_key)]
+    out, at = [], 0
+    for m in op.members:
+        part = TransferOp(m.op_id, m.task_key, op.op_type, op.src_block_ids[at:at + m.num_blocks],
+                          op.dst_block_ids[at:at + m.num_blocks], None)
+        out.append((part, m.task_key))
+        at += m.num_blocks
+    assert at == op.src_block_ids.size, "members cover the batched op's blocks exactly"
+    return out
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
