@@ -130,7 +130,8 @@ def policy_row(policy: str, capacity: str, rows: list[dict], prompts: list[np.nd
     matched, elapsed, stats = replay(rows, prompts, cache)
     first = args.measure_from
     counted = rows[first:]
-    hit512 = sum(ids_hit(m, r["input_length"], len(r["hash_ids"])) for m, r in zip(matched[first:], counted, strict=True))
+    hit512 = sum(ids_hit(m, r["input_length"], len(r["hash_ids"]))
+                 for m, r in zip(matched[first:], counted, strict=True))
     total_ids = sum(len(r["hash_ids"]) for r in counted)
     total_blocks = sum(p.size // BLOCK_TOKENS for p in prompts[first:])
     return Row(policy, capacity, hit512 / total_ids, sum(matched[first:]) / BLOCK_TOKENS / total_blocks,
@@ -144,7 +145,8 @@ def belady_row(capacity: str, rows: list[dict], tokens_cap: int | None, first: i
     total_ids = sum(len(r["hash_ids"]) for r in counted)
     blocks = [min(h * ID_TOKENS, r["input_length"]) // BLOCK_TOKENS for h, r in zip(hits, counted, strict=True)]
     total_blocks = sum(r["input_length"] // BLOCK_TOKENS for r in counted)
-    hit512 = sum(ids_hit(h * ID_TOKENS, r["input_length"], len(r["hash_ids"])) for h, r in zip(hits, counted, strict=True))
+    hit512 = sum(ids_hit(h * ID_TOKENS, r["input_length"], len(r["hash_ids"]))
+                 for h, r in zip(hits, counted, strict=True))
     return Row("belady", capacity, hit512 / total_ids, sum(blocks) / total_blocks, None, None)
 
 

@@ -25,7 +25,7 @@ import enum
 import heapq
 import itertools
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Protocol
 
 import numpy as np
@@ -49,6 +49,9 @@ class EvictableNode(Protocol):
 
     @property
     def hashes(self) -> npt.NDArray[np.uint64]: ...
+
+    @property
+    def children(self) -> Mapping[int, EvictableNode]: ...
 
     @property
     def is_evictable_leaf(self) -> bool: ...
@@ -290,7 +293,7 @@ class _Life:
 class _HazardState:
     """The hazard policy's data on one node (``node.policy_state``)."""
 
-    __slots__ = ("blocks", "cls", "life", "resolved_at", "start", "turns", "gap")
+    __slots__ = ("blocks", "cls", "gap", "life", "resolved_at", "start", "turns")
 
     def __init__(self, cls: int, start: float, turns: int, life: _Life | None, blocks: int) -> None:
         self.cls = cls
@@ -464,6 +467,13 @@ class HazardEvictor(Evictor):
             return None
         return heapq.heappop(self._heaps[best[2]])[3]
 
+    def class_of(self, node: EvictableNode) -> tuple[HazardClass, int] | None:
+        """(class, continuations of its conversation so far) of ``node``'s current life; None if unseen."""
+        state = self._state(node)
+        return None if state is None else (HazardClass(state.cls) if state.cls < HazardClass.CONTINUED
+                                            or state.cls == HazardClass.REHIT else HazardClass.CONTINUED,
+                                            state.turns)
+
     def lives(self) -> list[_Life]:
         """The lives the next refit learns from (oldest first)."""
         return list(self._lives)
@@ -499,7 +509,8 @@ class HazardEvictor(Evictor):
         cdf = (h + self.prior_lives * pooled) / (n + self.prior_lives)
         cdf = np.maximum.accumulate(np.clip(cdf, 0.0, 1.0), axis=1)
         fresh = _gittins(cdf, edges)
-        self.index_table = fresh if self._fits == 0 else (1 - self.smoothing) * self.index_table + self.smoothing * fresh
+        keep = 0.0 if self._fits == 0 else 1.0 - self.smoothing
+        self.index_table = keep * self.index_table + (1.0 - keep) * fresh
         self._fits += 1
         self._rows = self.index_table.tolist()
 

@@ -237,8 +237,7 @@ def test_hazard_ghost_list_sees_a_continuation_of_an_evicted_prompt() -> None:
     index.check_invariants()
     _store(index, np.concatenate([first, np.arange(200, 205)]), 7.0)
     [node] = [n for n in index.iter_nodes() if not n.children]
-    state = node.policy_state
-    assert getattr(state, "cls", None) == HazardClass.CONTINUED and getattr(state, "turns", None) == 1
+    assert evictor.class_of(node) == (HazardClass.CONTINUED, 1)
     assert [life.gap for life in evictor.lives()] == [7.0, pytest.approx(float("nan"), nan_ok=True)]
 
 
@@ -246,12 +245,13 @@ def test_hazard_remainder_of_a_split_is_its_own_class() -> None:
     """A continuation that diverges inside the last node (a prompt's partial last chunk) leaves that
     chunk behind as a REMAINDER leaf, while the new run continues the conversation."""
     index = _hazard_index(64)
+    evictor = index.evictor
+    assert isinstance(evictor, HazardEvictor)
     base = np.arange(100, 112, dtype=np.int64)
     _store(index, base, 0.0)
     _store(index, np.concatenate([base[:9], np.arange(300, 306)]), 30.0)
-    leaves = {int(n.hashes[0]): n for n in index.iter_nodes() if not n.children}
-    classes = sorted(getattr(n.policy_state, "cls") for n in leaves.values())
-    assert classes == [HazardClass.REMAINDER, HazardClass.CONTINUED]
+    classes = sorted(evictor.class_of(n) or (-1, -1) for n in index.iter_nodes() if not n.children)
+    assert classes == [(HazardClass.REMAINDER, 0), (HazardClass.CONTINUED, 1)]
 
 
 _HAZARD_PROMPTS = [np.arange(24, dtype=np.int64)[:n] for n in (6, 12, 24)] + [
