@@ -13,6 +13,11 @@ Times are the control plane's clock in seconds. Runs in the server process only.
   frequency-aware LRU).
 * SLRU: probation (fewer than ``promote_hits`` hits) before protected, LRU in each; while protected
   holds more than ``protected_ratio`` of the queued blocks, its LRU nodes go first (demotion).
+* HAZARD: the lowest learned reuse rate per block-second held (``HazardEvictor``): each leaf's life
+  gets a class (fresh prompt by length, continued conversation by depth, new run and pace, split
+  remainder, re-hit); per class the chance of reuse by age is learned online from the past and
+  turned into a Gittins-style index; LRU within a class. Needs the index's hooks (``accessed``,
+  ``split``, ``evicting``) and keeps its data in each node's ``policy_state``.
 """
 
 from __future__ import annotations
