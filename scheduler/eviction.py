@@ -69,7 +69,7 @@ class EvictableNode(Protocol):
 class EvictionParams:
     """Knobs of the policies that have any (config keys of the same names)."""
 
-    hit_reward_s: float = 30.0  # FLRU: grace time one hit buys
+    hit_reward_s: float = 30.0  # FLRU and HAZARD: grace time one hit buys
     promote_hits: int = 2  # SLRU: hits that move a node from probation to protected
     protected_ratio: float = 0.2  # SLRU: largest share of the queued blocks held by the protected segment
 
@@ -320,13 +320,21 @@ class HazardEvictor(Evictor):
     through a ghost list), the chance ``F(a)`` of reuse within age ``a`` on ``HAZARD_EDGES_S``,
     shrunk toward all classes pooled. A leaf of age ``a`` is worth the Gittins-style index
     ``max_b (F(b) - F(a)) / integral_a^b (1 - F)``: the best reuse rate per second held from now on.
-    Leaves wait in one LRU heap per class; ``pop`` takes the class head with the lowest index
-    (oldest first on ties, so with nothing learned yet it is LRU). Uses only the past.
+    Leaves wait in one heap per class, oldest first, where as in FLRU each hit of a node adds
+    ``hit_reward_s`` to its last access (its age is counted from there); ``pop`` takes the class head
+    with the lowest index (oldest first on ties, so with nothing learned yet it is FLRU, and LRU with
+    no reward). Uses only the past.
+
+    Fixed choices (not fitted per class): ``HAZARD_EDGES_S``, the class boundaries of ``HazardClass``,
+    ``window_s`` 1200, ``refit_s`` 10, ``prior_lives`` 20, ``smoothing`` 0.1 (each refit moves the
+    index a tenth of the way to the new estimate), ``ghost_entries`` 65536; ``hit_reward_s`` is the
+    config's ``hit_reward_seconds`` (30, chosen on the first half of the conversation trace).
     """
 
     def __init__(self, window_s: float = 1200.0, refit_s: float = 10.0, prior_lives: float = 20.0,
-                 ghost_entries: int = 1 << 16, smoothing: float = 0.1) -> None:
+                 ghost_entries: int = 1 << 16, smoothing: float = 0.1, hit_reward_s: float = 0.0) -> None:
         super().__init__()
+        self.hit_reward_s = hit_reward_s
         self.smoothing = smoothing
         self._fits = 0
         self.window_s = window_s
@@ -444,11 +452,12 @@ class HazardEvictor(Evictor):
             state.blocks = node.num_blocks
         st = self._state(node)
         assert st is not None
-        heapq.heappush(self._heaps[st.cls], (float(st.cls), node.last_access, next(self._seq), node))
+        heapq.heappush(self._heaps[st.cls], (*self.priority(node), next(self._seq), node))
 
     def priority(self, node: EvictableNode) -> Priority:
         state = self._state(node)
-        return (float(state.cls) if state is not None else -1.0), node.last_access
+        return ((float(state.cls) if state is not None else -1.0),
+                node.last_access + self.hit_reward_s * node.num_hits)
 
     # ---- eviction ----------------------------------------------------------------------------
 
@@ -464,7 +473,7 @@ class HazardEvictor(Evictor):
                 heapq.heappop(heap)
             if not heap:
                 continue
-            last_access = heap[0][1]
+            last_access = heap[0][1]  # with the hits' grace time added
             value = self.value(cls, self._now - last_access)
             if best is None or (value, last_access) < best[:2]:
                 best = (value, last_access, cls)
@@ -578,5 +587,5 @@ def make_evictor(policy: EvictionPolicy, params: EvictionParams | None = None) -
     if policy is EvictionPolicy.SLRU:
         return SLRUEvictor(p.promote_hits, p.protected_ratio)
     if policy is EvictionPolicy.HAZARD:
-        return HazardEvictor()
+        return HazardEvictor(hit_reward_s=p.hit_reward_s)
     raise ValueError(f"eviction policy {policy!r} is not implemented")

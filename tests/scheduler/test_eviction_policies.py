@@ -182,8 +182,9 @@ def _cached_blocks(index: RadixIndex, tokens: np.ndarray, tokens_per_block: int 
     return index.match(hash_blocks(tokens, tokens_per_block)).num_blocks
 
 
-def test_hazard_with_nothing_learned_is_lru() -> None:
-    assert _scenario(EvictionPolicy.HAZARD) == [1, 2, 3]
+def test_hazard_with_nothing_learned_is_frequency_lru() -> None:
+    assert _scenario(EvictionPolicy.HAZARD, hit_reward_s=10.0) == [0, 2, 3]  # as FLRU: 1 ranks lowest
+    assert _scenario(EvictionPolicy.HAZARD, hit_reward_s=0.0) == [1, 2, 3]  # no reward: LRU
 
 
 def test_hazard_gittins_index_of_known_curves() -> None:
