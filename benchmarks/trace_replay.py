@@ -17,6 +17,7 @@ block-level optimum).
     python benchmarks/trace_replay.py --policy all --capacities 3M,10M,50M
     python benchmarks/trace_replay.py --policy slru,flru --hit-reward-seconds 30 --json
     python benchmarks/trace_replay.py --limit 2000            # quick
+    python benchmarks/trace_replay.py --policy all --measure-from 6016   # warm on the first half, count the second
     python benchmarks/trace_replay.py --metrics --capacities 10M   # telemetry + /metrics off vs on
 
 ``--metrics`` replays each capacity as the server loop does it (each task polled as the server retires
@@ -122,24 +123,30 @@ class Row:
 
 def policy_row(policy: str, capacity: str, rows: list[dict], prompts: list[np.ndarray], num_blocks: int,
                args: argparse.Namespace) -> Row:
+    """Hit rates of requests ``args.measure_from`` on (all replayed: the earlier ones only warm the cache)."""
     cache = CacheConfig(tokens_per_block=BLOCK_TOKENS, num_cpu_blocks=num_blocks, eviction_policy=policy,
                         hit_reward_seconds=args.hit_reward_seconds, slru_promote_hits=args.slru_promote_hits,
                         slru_protected_ratio=args.slru_protected_ratio)
     matched, elapsed, stats = replay(rows, prompts, cache)
-    hit512 = sum(ids_hit(m, r["input_length"], len(r["hash_ids"])) for m, r in zip(matched, rows, strict=True))
-    total_ids = sum(len(r["hash_ids"]) for r in rows)
-    total_blocks = sum(p.size // BLOCK_TOKENS for p in prompts)
-    return Row(policy, capacity, hit512 / total_ids, sum(matched) / BLOCK_TOKENS / total_blocks,
+    first = args.measure_from
+    counted = rows[first:]
+    hit512 = sum(ids_hit(m, r["input_length"], len(r["hash_ids"]))
+                 for m, r in zip(matched[first:], counted, strict=True))
+    total_ids = sum(len(r["hash_ids"]) for r in counted)
+    total_blocks = sum(p.size // BLOCK_TOKENS for p in prompts[first:])
+    return Row(policy, capacity, hit512 / total_ids, sum(matched[first:]) / BLOCK_TOKENS / total_blocks,
                len(rows) / elapsed, stats["cpu_evicted_blocks"])
 
 
-def belady_row(capacity: str, rows: list[dict], tokens_cap: int | None) -> Row:
+def belady_row(capacity: str, rows: list[dict], tokens_cap: int | None, first: int = 0) -> Row:
     requests = [list(r["hash_ids"]) for r in rows]
-    total_ids = sum(len(r) for r in requests)
-    hits = belady_hits(requests, tokens_cap // ID_TOKENS if tokens_cap else total_ids)
-    blocks = [min(h * ID_TOKENS, r["input_length"]) // BLOCK_TOKENS for h, r in zip(hits, rows, strict=True)]
-    total_blocks = sum(r["input_length"] // BLOCK_TOKENS for r in rows)
-    hit512 = sum(ids_hit(h * ID_TOKENS, r["input_length"], len(r["hash_ids"])) for h, r in zip(hits, rows, strict=True))
+    hits = belady_hits(requests, tokens_cap // ID_TOKENS if tokens_cap else sum(len(r) for r in requests))
+    hits, counted = hits[first:], rows[first:]
+    total_ids = sum(len(r["hash_ids"]) for r in counted)
+    blocks = [min(h * ID_TOKENS, r["input_length"]) // BLOCK_TOKENS for h, r in zip(hits, counted, strict=True)]
+    total_blocks = sum(r["input_length"] // BLOCK_TOKENS for r in counted)
+    hit512 = sum(ids_hit(h * ID_TOKENS, r["input_length"], len(r["hash_ids"]))
+                 for h, r in zip(hits, counted, strict=True))
     return Row("belady", capacity, hit512 / total_ids, sum(blocks) / total_blocks, None, None)
 
 
@@ -237,6 +244,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trace", type=Path, default=DEFAULT_TRACE)
     parser.add_argument("--limit", type=int, default=None, help="replay only the first N requests")
+    parser.add_argument("--measure-from", type=int, default=0,
+                        help="count hits from request N on (the requests before it only warm the cache)")
     parser.add_argument("--capacities", default=",".join(REFERENCE), help="subset of " + ",".join(REFERENCE))
     parser.add_argument("--policy", default="lru",
                         help="comma-separated policies (" + ",".join(p.value for p in EvictionPolicy) + ") or 'all'")
@@ -251,6 +260,8 @@ def main() -> None:
     for p in policies:
         EvictionPolicy(p)  # a clear error for a typo before minutes of replay
     rows = load(args.trace, args.limit)
+    if not 0 <= args.measure_from < len(rows):
+        parser.error(f"--measure-from {args.measure_from}: the trace has {len(rows)} requests")
     t0 = time.perf_counter()
     prompts = synthesize(rows)
     synth_s = time.perf_counter() - t0
@@ -258,24 +269,27 @@ def main() -> None:
     total_ids = sum(len(r["hash_ids"]) for r in rows)
     out = print if not args.json else (lambda *a, **k: print(*a, **k, file=sys.stderr))
     out(f"{len(rows)} requests, {total_ids} ids, {total_blocks} blocks of {BLOCK_TOKENS} tokens; "
-        f"token synthesis {synth_s:.2f} s ({len(rows) / synth_s:,.0f} req/s)")
+        f"token synthesis {synth_s:.2f} s ({len(rows) / synth_s:,.0f} req/s)"
+        + (f"; hits counted from request {args.measure_from}" if args.measure_from else ""))
     if args.metrics:
         compare_metrics(rows, prompts, args.capacities.split(","), total_blocks)
         return
     out(f"{'policy':>7} {'capacity':>9} {'ref LRU':>8} {'hit(512)':>9} {'hit(16)':>8} {'req/s':>8} {'vs goal':>8} "
         f"{'evicted':>10}")
     results: list[Row] = []
+    own_trace = args.trace.resolve() == DEFAULT_TRACE.resolve() and not args.measure_from
     for name in args.capacities.split(","):
         tokens_cap, reference = REFERENCE[name]
         num_blocks = tokens_cap // BLOCK_TOKENS if tokens_cap else total_blocks
         jobs: list[tuple[Any, ...]] = [(policy_row, p, name, rows, prompts, num_blocks, args) for p in policies]
         if args.policy == "all":
-            jobs.append((belady_row, name, rows, tokens_cap))
+            jobs.append((belady_row, name, rows, tokens_cap, args.measure_from))
         for run, *run_args in jobs:
             row = run(*run_args)
             results.append(row)
             speed = f"{row.req_s:>8,.0f} {row.req_s / GOAL_REQ_S:>7.2f}x" if row.req_s else f"{'-':>8} {'-':>8}"
-            out(f"{row.policy:>7} {name:>9} {reference:>8.1%} {row.hit_512:>9.1%} {row.hit_16:>8.1%} {speed} "
+            ref = f"{reference:>8.1%}" if own_trace else f"{'-':>8}"  # the README's figures are of the whole trace
+            out(f"{row.policy:>7} {name:>9} {ref} {row.hit_512:>9.1%} {row.hit_16:>8.1%} {speed} "
                 f"{row.evicted if row.evicted is not None else '-':>10}", flush=True)
     if args.json:
         print(json.dumps([{"policy": r.policy, "capacity": r.capacity, "hit_512": round(r.hit_512, 5),

@@ -88,6 +88,7 @@ class EvictionPolicy(enum.Enum):
     SLRU = "slru"  # segmented LRU: probation before protected
     FLRU = "flru"  # frequency-aware LRU: each hit adds grace time
     FIFO = "fifo"  # oldest insertion
+    HAZARD = "hazard"  # lowest learned reuse rate per conversation class (online)
 
 
 class DType(enum.Enum):

@@ -35,7 +35,7 @@ class RadixNode:
     """A run of consecutive blocks of one path. The root is empty and never evicted."""
 
     __slots__ = ("alive", "block_ids", "children", "hashes", "inserted", "last_access", "num_hits", "parent",
-                 "tail_hash")
+                 "policy_state", "tail_hash")
 
     def __init__(self, hashes: HashArray, block_ids: BlockIds, parent: RadixNode | None, now: float) -> None:
         self.hashes = hashes
@@ -47,6 +47,7 @@ class RadixNode:
         self.inserted = now
         self.num_hits = 0
         self.alive = True
+        self.policy_state: object = None  # the eviction policy's own per-node data (None for most)
 
     @property
     def is_evictable_leaf(self) -> bool:
@@ -146,6 +147,7 @@ class RadixIndex:
                 self._split(node, num_blocks)
             node.last_access = now
             node.num_hits += 1
+            self.evictor.accessed(node, now)
             num_blocks -= run
             if not node.children:
                 self.evictor.offer(node)
@@ -198,6 +200,7 @@ class RadixIndex:
         for n in match.nodes:
             n.last_access = now
             n.num_hits += 1
+            self.evictor.accessed(n, now)
         if node.parent is not None and not node.children:
             node.set_run(np.concatenate([node.hashes, hashes]), np.concatenate([node.block_ids, block_ids]))
         else:
@@ -225,6 +228,7 @@ class RadixIndex:
             if take <= 0:
                 stuck.append(node)
                 continue
+            self.evictor.evicting(node, run - take)
             freed.append(self._cut_tail(node, run - take))
             total += take
             if node.alive:  # cut in part: requeue, as a candidate again or as stuck behind a lock
@@ -336,6 +340,7 @@ class RadixIndex:
         node.set_run(node.hashes[:at], node.block_ids[:at])
         node.children = {int(tail.hashes[0]): tail}
         self.num_nodes += 1
+        self.evictor.split(node, tail)
         if not tail.children:
             self.evictor.offer(tail)
 

@@ -183,7 +183,7 @@ class CacheConfig:
     eviction_policy_ssd: EvictionPolicy | str | None = None
     eviction_policy_remote: EvictionPolicy | str | None = None
     # Policy knobs; defaults are the best of those tried on the conversation trace (docs/benchmarks.md).
-    hit_reward_seconds: float = 30.0  # flru: grace time one hit adds to a node
+    hit_reward_seconds: float = 30.0  # flru and hazard: grace time one hit adds to a node
     slru_promote_hits: int = 2  # slru: hits that move a node into the protected segment
     slru_protected_ratio: float = 0.2  # slru: largest share of a tier's evictable blocks kept protected
     # Proactive eviction: once a tier is fuller than evict_start_threshold (a fraction of its blocks),
