@@ -196,6 +196,13 @@ class CacheConfig:
     trace_backups: int = 3
     match_ttl_s: float = 600.0  # a get_match/put_match never launched is released after this long
     result_cache_bytes: int = 32 << 20  # bound of the server's cache of finished results
+    # Read rates (GB/s, 1e9 bytes/s) before the server measured any op of a tier (scheduler/read_rates.py);
+    # engines weigh a restore's load time against recomputing with them (MatchInfo.load_s). Optimistic on
+    # purpose: a tier believed fast is read, and so measured; one believed slow might never be.
+    cpu_read_gbps: float = 20.0  # CPU tier -> engine memory (H2D)
+    ssd_read_gbps: float = 3.0  # SSD -> CPU tier (DISK2H)
+    remote_read_gbps: float = 1.25  # remote store -> CPU tier (REMOTE2H; 10 GbE)
+    measure_read_rates: bool = True  # False: the rates above stand for good (a known disk; tests)
 
     def policy_of(self, tier: str) -> EvictionPolicy:
         """The eviction policy of ``tier`` ("cpu", "ssd", "remote")."""
@@ -211,7 +218,8 @@ class CacheConfig:
         _require(all(isinstance(d, str) and d for d in dirs), "ssd_cache_dir",
                  f"must be non-empty directory paths, got {dirs!r}")
         object.__setattr__(self, "ssd_cache_dir", tuple(dirs))
-        for flag in ("enable_cpu", "enable_ssd", "enable_remote", "ssd_persist_index", "ssd_durable_writes"):
+        for flag in ("enable_cpu", "enable_ssd", "enable_remote", "ssd_persist_index", "ssd_durable_writes",
+                     "measure_read_rates"):
             _require(isinstance(getattr(self, flag), bool), flag, f"must be a bool, got {getattr(self, flag)!r}")
         for name in ("eviction_policy", "eviction_policy_cpu", "eviction_policy_ssd", "eviction_policy_remote"):
             value = getattr(self, name)
@@ -248,6 +256,10 @@ class CacheConfig:
         _require(isinstance(ttl, int | float) and not isinstance(ttl, bool) and math.isfinite(ttl) and ttl > 0,
                  "match_ttl_s", f"must be a finite number of seconds > 0, got {ttl!r}")
         _require_int(self.result_cache_bytes, "result_cache_bytes", 1 << 16)
+        for name in ("cpu_read_gbps", "ssd_read_gbps", "remote_read_gbps"):
+            rate = getattr(self, name)
+            _require(isinstance(rate, int | float) and not isinstance(rate, bool) and math.isfinite(rate) and rate > 0,
+                     name, f"must be a finite rate in GB/s > 0, got {rate!r}")
 
         self._check_operations()
 
@@ -312,6 +324,10 @@ _USER_KEYS: dict[str, type] = {
     "trace_path": str,
     "trace_max_mb": float,
     "trace_backups": int,
+    "cpu_read_gbps": float,
+    "ssd_read_gbps": float,
+    "remote_read_gbps": float,
+    "measure_read_rates": bool,
 }
 # FLEXKV_* variables that are not config keys (read elsewhere; docs/config.md lists them).
 _NON_CONFIG_ENV = {
@@ -429,7 +445,7 @@ def cache_config_from_user(model: ModelConfig, values: Mapping[str, Any]) -> Cac
                 "eviction_policy_remote", "hit_reward_seconds", "slru_promote_hits", "slru_protected_ratio",
                 "evict_start_threshold", "evict_ratio", "ssd_persist_index", "ssd_durable_writes", "metrics_port",
                 "metrics_address", "trace_path", "trace_max_mb", "trace_backups", "match_ttl_s",
-                "result_cache_bytes"):
+                "result_cache_bytes", "cpu_read_gbps", "ssd_read_gbps", "remote_read_gbps", "measure_read_rates"):
         if key in values:
             kw[key] = values[key]
     if "remote_cache_gb" in values:
