@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -200,6 +201,26 @@ class HFPagedEngine:
         key, value = self.pool.read_layer(layer, restore.index, restore.num_tokens)
         set_layer_kv(cache, layer, key, value)
         restore.filled.add(layer)
+
+    @torch.inference_mode()
+    def calibrate_cost(self, max_tokens: int, repeats: int = 2) -> None:
+        """Teach the cost check this engine's prefill time before it sees prompts: forwards of random
+        tokens in chunks [0, L/16), [L/16, L/4), [L/4, L/2), [L/2, L) of an ``L = max_tokens`` prompt,
+        ``repeats`` times; the first pass only warms up. ValueError with the check off."""
+        if self.cost_check is None:
+            raise ValueError("calibrate_cost: this engine has no cost check (cost_check=False)")
+        if max_tokens < 4:
+            raise ValueError(f"calibrate_cost: max_tokens must be >= 4, got {max_tokens}")
+        bounds = sorted({0, max_tokens // 16, max_tokens // 4, max_tokens // 2, max_tokens})
+        gen = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, int(self.config.vocab_size), (max_tokens,), generator=gen)
+        for r in range(max(repeats, 2)):
+            cache = DynamicCache(config=self.config)
+            for begin, end in itertools.pairwise(bounds):
+                t0 = time.perf_counter()
+                _ = float(self._forward(tokens[begin:end], cache, begin)[0])  # synchronizes a GPU
+                if r:
+                    self.cost_check.model.observe(begin, end - begin, time.perf_counter() - t0)
 
     # -- one prompt ------------------------------------------------------------------------------
     @torch.inference_mode()
