@@ -390,36 +390,46 @@ def replay(s: Setup, requests: list[dict[str, Any]], max_tokens: int, cpu_bytes:
            ssd_bytes: int) -> None:
     """The replay twice, on a fresh server (and a fresh SSD directory) each time: flexkv with the
     engine's cost check off (every match restored) and on (restore only what loads faster than it
-    recomputes; the engine calibrates its prefill cost first). Recompute is measured in the first pass."""
+    recomputes; the engine calibrates its prefill cost first). Recompute runs beside flexkv in both passes
+    (each prompt: recompute, then flexkv), so each policy is compared with the recompute of its own pass
+    (a shared machine's load drifts)."""
     block_bytes = BlockFirstLayout(flexkv_model_config(s.model.config, s.dtype), s.tokens_per_block).block_bytes
     prompts = [trace_tokens(r, s.vocab, max_tokens) for r in requests]
     total_blocks = sum(p.numel() // s.tokens_per_block for p in prompts)
     say(f"replay: {len(requests)} requests of {len({r['conversation'] for r in requests})} conversations, "
         f"{sum(p.numel() for p in prompts)} prompt tokens ({total_blocks} blocks); CPU tier "
         f"{cpu_bytes // block_bytes} blocks, SSD tier {ssd_bytes // block_bytes if ssd_dir else 'off (no io_uring)'}")
-    results: dict[str, list[Any]] = {"recompute": []}
+    results: dict[str, list[Any]] = {}
     counters: dict[str, dict[str, Any]] = {}
     for policy in ("cost check off", "cost check on"):
-        name = f"flexkv, {policy}"
         sub = None if ssd_dir is None else os.path.join(ssd_dir, policy.replace(" ", "-"))
-        results[name], counters[name] = replay_once(s, prompts, cpu_bytes, block_bytes, sub, ssd_bytes,
-                                                    policy.endswith("on"), results["recompute"])
+        recompute: list[Any] = []
+        flexkv, counters[policy] = replay_once(s, prompts, cpu_bytes, block_bytes, sub, ssd_bytes,
+                                               policy.endswith("on"), recompute)
+        results[f"recompute ({policy.split()[-1]})"] = recompute
+        results[f"flexkv, {policy}"] = flexkv
     print(f"\n== multi-turn replay of {len(requests)} trace requests (TTFT; hit rate = restored / prompt tokens; "
-          "choices of the cost check: all / CPU prefix only / recompute)")
+          "choices of the cost check: all / CPU prefix only / recompute; vs recompute = p50 over the p50 of the "
+          "recompute run beside it)")
     print(f"{'':>24} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8} {'hit rate':>8} {'matched':>8} {'fallback':>8} "
-          f"{'choices':>14}")
+          f"{'choices':>10} {'vs recompute':>12}")
+    p50_beside = 0.0
     for name, sts in results.items():
         xs = sorted(1e3 * st.ttft_s for st in sts)
         tokens = sum(st.num_prompt_tokens for st in sts)
         hit = sum(st.num_restored_tokens for st in sts) / tokens
         matched = sum(st.num_matched_tokens for st in sts) / tokens
         p99 = xs[min(len(xs) - 1, round(0.99 * (len(xs) - 1)))]
+        is_recompute = name.startswith("recompute")
         choices = "/".join(str(sum(1 for st in sts if st.choice is c)) for c in RestoreChoice)
+        if is_recompute:
+            p50_beside = median(xs)
         print(f"{name:>24} {median(xs):>8.1f} {p99:>8.1f} {statistics.fmean(xs):>8.1f} {hit:>8.1%} {matched:>8.1%} "
               f"{sum(1 for st in sts if st.fallback and st.fallback != 'no flexkv'):>8} "
-              f"{choices if name != 'recompute' else '-':>14}")
+              f"{'-' if is_recompute else choices:>10} "
+              f"{'-' if is_recompute else f'{median(xs) / p50_beside:.2f}x':>12}")
     for name, c in counters.items():
-        print(f"{name}: CPU tier {c.get('cpu_evicted_blocks', 0)} blocks evicted, SSD tier "
+        print(f"flexkv, {name}: CPU tier {c.get('cpu_evicted_blocks', 0)} blocks evicted, SSD tier "
               f"{c.get('ssd_used_blocks', 'off')} blocks held, {c.get('get_hit_blocks_ssd', 0)} SSD blocks matched; "
               f"read rates at the end: CPU {c.get('read_bps_cpu', 0) / 1e9:.1f} GB/s, SSD "
               f"{c.get('read_bps_ssd', 0) / 1e9:.2f} GB/s ({c.get('read_samples_ssd', 0)} reads measured)")
@@ -427,7 +437,8 @@ def replay(s: Setup, requests: list[dict[str, Any]], max_tokens: int, cpu_bytes:
 
 def replay_once(s: Setup, prompts: list[torch.Tensor], cpu_bytes: int, block_bytes: int, ssd_dir: str | None,
                 ssd_bytes: int, cost_check: bool, recompute: list[Any]) -> tuple[list[Any], dict[str, Any]]:
-    """One pass of the replay on a fresh server; appends to ``recompute`` while it is empty."""
+    """One pass of the replay on a fresh server: each prompt recomputed (appended to ``recompute``), then
+    through flexkv; returns flexkv's TurnStats and the server's stats at the end."""
     cache_kw: dict[str, Any] = {}
     if ssd_dir is not None:
         shutil.rmtree(ssd_dir, ignore_errors=True)  # our own subdirectory: a cold start, never an old index
@@ -436,7 +447,6 @@ def replay_once(s: Setup, prompts: list[torch.Tensor], cpu_bytes: int, block_byt
     cache = CacheConfig(tokens_per_block=s.tokens_per_block, num_cpu_blocks=cpu_bytes // block_bytes, **cache_kw)
     num_pages = max(p.numel() for p in prompts) // s.tokens_per_block + 8
     stack = Stack(s, cache, num_pages, plain_client=False)
-    measure_recompute = not recompute
     out: list[Any] = []
     engine = HFPagedEngine(s.model, stack.pools[0], stack.kvms[0], layerwise=True, cost_check=cost_check)
     try:
@@ -446,8 +456,7 @@ def replay_once(s: Setup, prompts: list[torch.Tensor], cpu_bytes: int, block_byt
             engine.calibrate_cost(max(p.numel() for p in prompts))
             say(f"replay: cost check calibrated in {time.perf_counter() - t0:.1f} s")
         for i, p in enumerate(prompts):
-            if measure_recompute:
-                recompute.append(ttft(stack.recompute, p))
+            recompute.append(ttft(stack.recompute, p))
             out.append(ttft(engine, p))
             if (i + 1) % 8 == 0 or i + 1 == len(prompts):
                 say(f"replay ({'cost check on' if cost_check else 'cost check off'}): {i + 1}/{len(prompts)} requests")

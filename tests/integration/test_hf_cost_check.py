@@ -23,6 +23,7 @@ from flexkv.cli.stats import fetch_snapshot
 from flexkv.common.config import CacheConfig
 from flexkv.integration.hf import HFPagedEngine, PagedKVPool, flexkv_model_config, random_model, tiny_llama_config
 from flexkv.integration.hf.cost import CostCheck, PrefillCostModel, RestoreChoice
+from flexkv.integration.hf.engine import layer_kv
 from flexkv.integration.hf.models import kv_shape
 from flexkv.kvmanager import KVManager
 from flexkv.shm import list_flexkv_segments
@@ -201,7 +202,6 @@ def test_the_restored_cpu_prefix_is_bit_exact_kv(stacks: list[Stack], tmp_path: 
     fresh = DynamicCache(config=s.config)
     ref._reuse(ref_cache, 8 * T, fresh)
     for i in range(s.config.num_hidden_layers):
-        lay, ref_lay = cache.layers[i], fresh.layers[i]
-        assert torch.equal(lay.keys[:, :, :8 * T], ref_lay.keys) and torch.equal(lay.values[:, :, :8 * T],
-                                                                                  ref_lay.values)
+        (k, v), (ref_k, ref_v) = layer_kv(cache, i), layer_kv(fresh, i)
+        assert torch.equal(k[:, :, :8 * T], ref_k) and torch.equal(v[:, :, :8 * T], ref_v), f"layer {i}"
     check_clean(s)
