@@ -172,17 +172,29 @@ def test_a_fast_ssd_tier_or_the_check_off_restores_everything_as_before(stacks: 
 
 
 def test_the_engine_learns_its_prefill_cost_from_its_own_prefills(stacks: list[Stack], tmp_path: Path) -> None:
+    """Which forwards the model learns from (the fit itself: test_hf_cost_model.py; timings on this
+    shared machine jump by 100x when the process is descheduled, so no choice is asserted here)."""
     s = Stack(tmp_path, ssd_read_gbps=3.0)
     stacks.append(s)
     check = CostCheck(explore_every=0)
     eng = s.engine(check)
-    _, first = eng.generate(prompt(9 * T + 1, seed=8), 1)
+    first_prompt = prompt(9 * T + 1, seed=8)
+    _, first = eng.generate(first_prompt, 1)
     assert first.choice is None, "nothing matched: nothing to weigh"
-    eng.calibrate_cost(64)
-    assert check.model.ready and check.model.num_samples >= 4
-    assert check.model.predict(0, 64) > check.model.predict(0, 8) > 0
-    _, st = eng.generate(torch.cat([prompt(9 * T + 1, seed=8)[:9 * T], prompt(3, seed=9)]), 1)
-    assert st.choice is not None and st.choice_reason, st  # weighed now (which way depends on this machine)
+    eng.calibrate_cost(1024)
+    _, st = eng.generate(torch.cat([first_prompt[:9 * T], prompt(3, seed=9)]), 1)
+    # the first prefill (37 tokens), the calibration's second pass (chunks of a 1024-token prompt), and the
+    # prefill after a restore counted with its cached prefix (36 restored, 3 computed) when it restored
+    expected = [(0, 37), (0, 64), (64, 192), (256, 256), (512, 512), (st.num_restored_tokens, st.num_computed_tokens)]
+    assert [(p, n) for p, n, _ in check.model.samples] == expected
+    assert all(t > 0 for _, _, t in check.model.samples)
+    assert st.choice is not None and st.num_matched_tokens == 9 * T, st
+    if "no prefill cost estimate yet (5 prefills seen)" in st.choice_reason:  # the fit was ill-posed then
+        assert st.choice is RestoreChoice.ALL
+    else:
+        assert "estimated TTFT" in st.choice_reason and st.choice is not RestoreChoice.CPU_PREFIX  # all in CPU
+    with pytest.raises(ValueError, match="no cost check"):
+        s.engine(False).calibrate_cost(64)
     check_clean(s)
 
 

@@ -37,6 +37,9 @@ def test_the_prefill_fit_recovers_a_quadratic_model_and_is_never_negative() -> N
     assert model.ready
     for p, s in [(0, 4096), (8192, 8192), (32000, 64)]:
         assert model.predict(p, s) == pytest.approx(truth.predict(p, s), rel=0.1)
+    model.observe(0, 4096, 100 * truth.predict(0, 4096))  # one forward whose process was descheduled
+    model.observe(0, 37, 50 * truth.predict(0, 37))  # and a cold first run: both left out of the refit
+    assert model.predict(8192, 8192) == pytest.approx(truth.predict(8192, 8192), rel=0.1)
     linear = PrefillCostModel()
     for s in (10, 20, 40, 80):  # time falls with more tokens: a negative slope is never fitted
         linear.observe(0, s, 1.0 / s)

@@ -28,6 +28,8 @@ import numpy as np
 
 from flexkv.types import MatchInfo
 
+OUTLIER = 3.0  # a sample this many times slower (or faster) than the fit is left out of the refit
+
 
 class RestoreChoice(enum.Enum):
     """What the cost check decided for one prompt's matched prefix."""
@@ -71,6 +73,11 @@ class PrefillCostModel:
     def num_samples(self) -> int:
         return len(self._samples)
 
+    @property
+    def samples(self) -> list[tuple[int, int, float]]:
+        """The observed forwards the fit uses: (cached tokens, computed tokens, seconds), oldest first."""
+        return list(self._samples)
+
     def observe(self, num_cached: int, num_computed: int, seconds: float) -> None:
         """One forward computed ``num_computed`` tokens after ``num_cached`` in ``seconds``."""
         if self._fixed or num_computed <= 0 or not seconds > 0:
@@ -103,27 +110,48 @@ class PrefillCostModel:
         return coef[0] + coef[1] * s + coef[2] * s * (p + s / 2)
 
     def _fit(self) -> np.ndarray | None:
-        """Non-negative least squares over the three terms (every subset of them: 7 tiny solves)."""
+        """Non-negative least squares over the three terms, then once more without the samples more
+        than ``OUTLIER`` x off the first fit (a forward whose process was descheduled, a cold first run)."""
         if len(self._samples) < self.min_samples or len({s for _, s, _ in self._samples}) < 2:
             return None
         data = np.array(self._samples, dtype=np.float64)
-        p, s, t = data[:, 0], data[:, 1], data[:, 2]
-        features = np.stack([np.ones_like(s), s, s * (p + s / 2)], axis=1) / t[:, None]  # relative error
-        target = np.ones_like(t)
-        scale = np.abs(features).max(axis=0)
-        scale[scale == 0] = 1.0
-        best: tuple[float, np.ndarray] | None = None
-        for size in (1, 2, 3):
-            for cols in itertools.combinations(range(3), size):
-                sol, *_ = np.linalg.lstsq(features[:, cols] / scale[list(cols)], target, rcond=None)
-                if (sol < 0).any():
-                    continue
-                coef = np.zeros(3)
-                coef[list(cols)] = sol / scale[list(cols)]
-                residual = float(np.sum((features @ coef - target) ** 2))
-                if best is None or residual < best[0] - 1e-12:
-                    best = (residual, coef)
-        return best[1] if best is not None else None
+        coef = _nnls_fit(data)
+        if coef is None:
+            return None
+        predicted = _features(data) @ coef
+        ratio = data[:, 2] / np.maximum(predicted, 1e-12)
+        keep = data[(ratio < OUTLIER) & (ratio > 1 / OUTLIER)]
+        if len(keep) < len(data) and len(keep) >= self.min_samples and len(set(keep[:, 1].tolist())) >= 2:
+            return _nnls_fit(keep)
+        return coef
+
+
+def _features(data: np.ndarray) -> np.ndarray:
+    """Columns 1, s, s (p + s/2) of samples (p, s, seconds)."""
+    p, s = data[:, 0], data[:, 1]
+    return np.stack([np.ones_like(s), s, s * (p + s / 2)], axis=1)
+
+
+def _nnls_fit(data: np.ndarray) -> np.ndarray | None:
+    """Coefficients >= 0 minimising the relative error over every subset of the three terms (7 tiny
+    solves; a 30 ms and a 1.4 s prefill count alike); None if no subset has them all >= 0."""
+    t = data[:, 2]
+    features = _features(data) / t[:, None]
+    target = np.ones_like(t)
+    scale = np.abs(features).max(axis=0)
+    scale[scale == 0] = 1.0
+    best: tuple[float, np.ndarray] | None = None
+    for size in (1, 2, 3):
+        for cols in itertools.combinations(range(3), size):
+            sol, *_ = np.linalg.lstsq(features[:, cols] / scale[list(cols)], target, rcond=None)
+            if (sol < 0).any():
+                continue
+            coef = np.zeros(3)
+            coef[list(cols)] = sol / scale[list(cols)]
+            residual = float(np.sum((features @ coef - target) ** 2))
+            if best is None or residual < best[0] - 1e-12:
+                best = (residual, coef)
+    return best[1] if best is not None else None
 
 
 class CostCheck:
