@@ -150,6 +150,7 @@ class SchedulerServer:
         self._results = ResultCache(cache.result_cache_bytes)
         self._waits: list[_Wait] = []
         self._running = False
+        self._stop_requested = False  # a SIGTERM before serve_forever began still stops it
         self.trace = (TraceWriter(cache.trace_path, int(cache.trace_max_mb * 2**20), cache.trace_backups)
                       if cache.trace_path else None)
         self.read_rates = ReadRates(cache, self.block_bytes)  # fed by telemetry, told by get_match_info replies
@@ -300,7 +301,7 @@ class SchedulerServer:
     # -- loop -----------------------------------------------------------------------------------
     def serve_forever(self) -> None:
         """Run until a shutdown request, SIGINT/SIGTERM, or the parent process (library mode) is gone."""
-        self._running = True
+        self._running = not self._stop_requested
         poller = zmq.Poller()
         poller.register(self._clients, zmq.POLLIN)
         poller.register(self._workers_sock, zmq.POLLIN)
@@ -322,6 +323,7 @@ class SchedulerServer:
             self._check_waits()
 
     def stop(self, *_: object) -> None:
+        self._stop_requested = True
         self._running = False
 
     def install_signal_handlers(self) -> None:
