@@ -17,8 +17,10 @@ Part 2, a multi-turn replay of the first N multi-request conversations of the Mo
 (../shared/traces/conversation_trace.jsonl; a conversation = requests sharing at least two leading
 512-token ids with an earlier request of it; token j of id b drawn from a generator seeded by b, so
 equal ids give equal tokens and distinct ids distinct ones; prompts capped at --max-prompt tokens):
-TTFT p50/p99 and hit rate with and without flexkv, the CPU tier sized below the replay's data so
-some turns come back from the SSD tier (when this machine has io_uring; else CPU only, said so).
+TTFT p50/p99 and hit rate without flexkv and with it, twice, each on a fresh server: the engine's cost
+check off (every match restored) and on (only what loads faster than it recomputes: the CPU prefix
+alone when the SSD part is slow, or nothing; docs/hf_engine.md), the CPU tier sized below the replay's
+data so some turns come back from the SSD tier (when this machine has io_uring; else CPU only, said so).
 
     python benchmarks/ttft.py                  # the H200 run (~3 min; prints progress)
     python benchmarks/ttft.py --tiny           # CPU, a tiny random Llama: checks the script end to end
@@ -30,6 +32,8 @@ import argparse
 import dataclasses
 import importlib.util
 import json
+import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -43,6 +47,7 @@ import torch
 
 from flexkv.common.config import CacheConfig
 from flexkv.integration.hf import HFPagedEngine, PagedKVPool, flexkv_model_config, llama3_8b_config, random_model
+from flexkv.integration.hf.cost import RestoreChoice
 from flexkv.integration.hf.models import kv_shape, tiny_llama_config
 from flexkv.kvmanager import KVManager
 from flexkv.layout import BlockFirstLayout
@@ -96,8 +101,9 @@ class Stack:
             kvm.register_kv_buffers(pool.register_with(), pool.layout, device_id=device_id, layerwise=i == 0,
                                     engine_side=engine_side)
         self.kvms[0].wait_ready(300)
-        self.layerwise = HFPagedEngine(s.model, self.pools[0], self.kvms[0], layerwise=True)
-        self.plain = HFPagedEngine(s.model, self.pools[-1], self.kvms[-1], layerwise=False)
+        # Part 1 measures the restore path itself: every match is restored (no cost check).
+        self.layerwise = HFPagedEngine(s.model, self.pools[0], self.kvms[0], layerwise=True, cost_check=False)
+        self.plain = HFPagedEngine(s.model, self.pools[-1], self.kvms[-1], layerwise=False, cost_check=False)
         self.recompute = HFPagedEngine(s.model, self.pools[-1], None)
 
     def close(self) -> None:
@@ -382,39 +388,85 @@ def trace_tokens(row: dict[str, Any], vocab: int, max_tokens: int) -> torch.Tens
 
 def replay(s: Setup, requests: list[dict[str, Any]], max_tokens: int, cpu_bytes: int, ssd_dir: str | None,
            ssd_bytes: int) -> None:
+    """The replay twice, on a fresh server (and a fresh SSD directory) each time: flexkv with the
+    engine's cost check off (every match restored) and on (restore only what loads faster than it
+    recomputes; the engine calibrates its prefill cost first). Recompute runs beside flexkv in both passes
+    (each prompt: recompute, then flexkv), so each policy is compared with the recompute of its own pass
+    (a shared machine's load drifts)."""
     block_bytes = BlockFirstLayout(flexkv_model_config(s.model.config, s.dtype), s.tokens_per_block).block_bytes
     prompts = [trace_tokens(r, s.vocab, max_tokens) for r in requests]
-    cache_kw: dict[str, Any] = {}
-    if ssd_dir is not None:
-        cache_kw = {"enable_ssd": True, "num_ssd_blocks": ssd_bytes // block_bytes, "ssd_cache_dir": (ssd_dir,)}
-    cache = CacheConfig(tokens_per_block=s.tokens_per_block, num_cpu_blocks=cpu_bytes // block_bytes, **cache_kw)
     total_blocks = sum(p.numel() // s.tokens_per_block for p in prompts)
     say(f"replay: {len(requests)} requests of {len({r['conversation'] for r in requests})} conversations, "
-        f"{sum(p.numel() for p in prompts)} prompt tokens ({total_blocks} blocks); CPU tier {cache.num_cpu_blocks} "
-        f"blocks, SSD tier {cache.num_ssd_blocks if ssd_dir else 'off (no io_uring here)'}")
-    num_pages = max(p.numel() for p in prompts) // s.tokens_per_block + 8
-    stack = Stack(s, cache, num_pages, plain_client=False)
-    try:
-        ttft(stack.recompute, prompts[0][:256])  # warm-up
-        results: dict[str, list[Any]] = {"recompute": [], "flexkv": []}
-        for i, p in enumerate(prompts):
-            results["recompute"].append(ttft(stack.recompute, p))
-            results["flexkv"].append(ttft(stack.layerwise, p))
-            if (i + 1) % 8 == 0 or i + 1 == len(prompts):
-                say(f"replay: {i + 1}/{len(prompts)} requests")
-        counters = stack.kvms[0].stats()
-    finally:
-        stack.close()
-    print(f"\n== multi-turn replay of {len(requests)} trace requests (TTFT; hit rate = restored / prompt tokens)")
-    print(f"{'':>10} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8} {'hit rate':>8} {'recomputed':>10}")
+        f"{sum(p.numel() for p in prompts)} prompt tokens ({total_blocks} blocks); CPU tier "
+        f"{cpu_bytes // block_bytes} blocks, SSD tier {ssd_bytes // block_bytes if ssd_dir else 'off (no io_uring)'}")
+    results: dict[str, list[Any]] = {}
+    counters: dict[str, dict[str, Any]] = {}
+    for policy in ("cost check off", "cost check on"):
+        sub = None if ssd_dir is None else os.path.join(ssd_dir, policy.replace(" ", "-"))
+        recompute: list[Any] = []
+        flexkv, counters[policy] = replay_once(s, prompts, cpu_bytes, block_bytes, sub, ssd_bytes,
+                                               policy.endswith("on"), recompute)
+        results[f"recompute ({policy.split()[-1]})"] = recompute
+        results[f"flexkv, {policy}"] = flexkv
+    print(f"\n== multi-turn replay of {len(requests)} trace requests (TTFT; hit rate = restored / prompt tokens; "
+          "choices of the cost check: all / CPU prefix only / recompute; vs recompute = p50 over the p50 of the "
+          "recompute run beside it)")
+    print(f"{'':>24} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8} {'hit rate':>8} {'matched':>8} {'fallback':>8} "
+          f"{'choices':>10} {'vs recompute':>12}")
+    p50_beside = 0.0
     for name, sts in results.items():
         xs = sorted(1e3 * st.ttft_s for st in sts)
-        hit = sum(st.num_restored_tokens for st in sts) / sum(st.num_prompt_tokens for st in sts)
+        tokens = sum(st.num_prompt_tokens for st in sts)
+        hit = sum(st.num_restored_tokens for st in sts) / tokens
+        matched = sum(st.num_matched_tokens for st in sts) / tokens
         p99 = xs[min(len(xs) - 1, round(0.99 * (len(xs) - 1)))]
-        print(f"{name:>10} {median(xs):>8.1f} {p99:>8.1f} {statistics.fmean(xs):>8.1f} {hit:>8.1%} "
-              f"{sum(1 for st in sts if st.fallback and st.fallback != 'no flexkv'):>10}")
-    print(f"CPU tier: {counters.get('cpu_evicted_blocks', 0)} blocks evicted during the replay; SSD tier: "
-          f"{counters.get('ssd_used_blocks', 'off')} blocks held (evicted blocks come back from there)")
+        is_recompute = name.startswith("recompute")
+        choices = "/".join(str(sum(1 for st in sts if st.choice is c)) for c in RestoreChoice)
+        if is_recompute:
+            p50_beside = median(xs)
+        print(f"{name:>24} {median(xs):>8.1f} {p99:>8.1f} {statistics.fmean(xs):>8.1f} {hit:>8.1%} {matched:>8.1%} "
+              f"{sum(1 for st in sts if st.fallback and st.fallback != 'no flexkv'):>8} "
+              f"{'-' if is_recompute else choices:>10} "
+              f"{'-' if is_recompute else f'{median(xs) / p50_beside:.2f}x':>12}")
+    for name, c in counters.items():
+        print(f"flexkv, {name}: CPU tier {c.get('cpu_evicted_blocks', 0)} blocks evicted, SSD tier "
+              f"{c.get('ssd_used_blocks', 'off')} blocks held, {c.get('get_hit_blocks_ssd', 0)} SSD blocks matched; "
+              f"read rates at the end: CPU {c.get('read_bps_cpu', 0) / 1e9:.1f} GB/s, SSD "
+              f"{c.get('read_bps_ssd', 0) / 1e9:.2f} GB/s ({c.get('read_samples_ssd', 0)} reads measured)")
+
+
+def replay_once(s: Setup, prompts: list[torch.Tensor], cpu_bytes: int, block_bytes: int, ssd_dir: str | None,
+                ssd_bytes: int, cost_check: bool, recompute: list[Any]) -> tuple[list[Any], dict[str, Any]]:
+    """One pass of the replay on a fresh server: each prompt recomputed (appended to ``recompute``), then
+    through flexkv; returns flexkv's TurnStats and the server's stats at the end."""
+    cache_kw: dict[str, Any] = {}
+    if ssd_dir is not None:
+        shutil.rmtree(ssd_dir, ignore_errors=True)  # our own subdirectory: a cold start, never an old index
+        os.makedirs(ssd_dir)
+        cache_kw = {"enable_ssd": True, "num_ssd_blocks": ssd_bytes // block_bytes, "ssd_cache_dir": (ssd_dir,)}
+    cache = CacheConfig(tokens_per_block=s.tokens_per_block, num_cpu_blocks=cpu_bytes // block_bytes, **cache_kw)
+    num_pages = max(p.numel() for p in prompts) // s.tokens_per_block + 8
+    stack = Stack(s, cache, num_pages, plain_client=False)
+    out: list[Any] = []
+    engine = HFPagedEngine(s.model, stack.pools[0], stack.kvms[0], layerwise=True, cost_check=cost_check)
+    try:
+        ttft(stack.recompute, prompts[0][:256])  # warm-up
+        if cost_check:
+            t0 = time.perf_counter()
+            engine.calibrate_cost(max(p.numel() for p in prompts))
+            say(f"replay: cost check calibrated in {time.perf_counter() - t0:.1f} s")
+        for i, p in enumerate(prompts):
+            recompute.append(ttft(stack.recompute, p))
+            out.append(ttft(engine, p))
+            if (i + 1) % 8 == 0 or i + 1 == len(prompts):
+                say(f"replay ({'cost check on' if cost_check else 'cost check off'}): {i + 1}/{len(prompts)} requests")
+        counters = stack.kvms[0].stats()
+    finally:
+        engine.close()
+        stack.close()
+        if ssd_dir is not None:
+            shutil.rmtree(ssd_dir, ignore_errors=True)  # the next pass starts cold (and the disk has room)
+    return out, counters
 
 
 # ---------------------------------------------------------------------------------------------- main

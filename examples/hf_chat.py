@@ -4,8 +4,9 @@
     python examples/hf_chat.py --model-dir /path/to/llama --device cuda --dtype bfloat16 --layerwise
     python examples/hf_chat.py --random llama3-8b --device cuda --dtype bfloat16 --user-tokens 2000
 
-Prints per turn: tokens restored from flexkv, tokens computed, time to first token, and the same
-turn recomputed without flexkv. With ``--model-dir`` (a local HF checkpoint; nothing is downloaded)
+Prints per turn: tokens restored from flexkv, tokens computed, time to first token, the cost check's
+choice (restore all / only the CPU prefix / recompute; ``--no-cost-check`` restores every match), and
+the same turn recomputed without flexkv. With ``--model-dir`` (a local HF checkpoint; nothing is downloaded)
 the user messages are text and the replies are decoded; with ``--random`` they are random token ids.
 """
 
@@ -69,6 +70,7 @@ def main() -> None:
     ap.add_argument("--pages", type=int, default=512, help="engine pages (blocks) registered with flexkv")
     ap.add_argument("--cpu-blocks", type=int, default=2048)
     ap.add_argument("--layerwise", action="store_true", help="restore layer by layer (compute during the restore)")
+    ap.add_argument("--no-cost-check", action="store_true", help="restore every match, even when recomputing is faster")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     dtype = getattr(torch, args.dtype)
@@ -81,17 +83,19 @@ def main() -> None:
     try:
         device_id = torch.device(args.device).index or 0
         kvm.register_kv_buffers(pool.register_with(), pool.layout, device_id=device_id, layerwise=args.layerwise)
-        engine = HFPagedEngine(model, pool, kvm, layerwise=args.layerwise)
+        engine = HFPagedEngine(model, pool, kvm, layerwise=args.layerwise, cost_check=not args.no_cost_check)
         plain = HFPagedEngine(model, pool, None)
         gen = torch.Generator().manual_seed(0)
         conv = torch.empty(0, dtype=torch.long)
-        print(f"{'turn':>4} {'prompt':>7} {'restored':>8} {'computed':>8} {'TTFT ms':>8} {'recompute ms':>12}  same")
+        print(f"{'turn':>4} {'prompt':>7} {'restored':>8} {'computed':>8} {'TTFT ms':>8} {'recompute ms':>12} "
+              f"{'choice':>10}  same")
         for turn in range(args.turns):
             conv = torch.cat([conv, user_turn(args, tok, turn, gen, model.config.vocab_size)])
             out, st = engine.generate(conv, args.new_tokens)
             ref, ref_st = plain.generate(conv, args.new_tokens)
             print(f"{turn + 1:>4} {st.num_prompt_tokens:>7} {st.num_restored_tokens:>8} {st.num_computed_tokens:>8} "
-                  f"{1e3 * st.ttft_s:>8.1f} {1e3 * ref_st.ttft_s:>12.1f}  {out == ref}"
+                  f"{1e3 * st.ttft_s:>8.1f} {1e3 * ref_st.ttft_s:>12.1f} "
+                  f"{st.choice.value if st.choice else '-':>10}  {out == ref}"
                   + (f"  (recomputed: {st.fallback})" if st.fallback else ""))
             if tok is not None:
                 print("     assistant:", tok.decode(out, skip_special_tokens=True).strip()[:200])

@@ -37,7 +37,7 @@ from flexkv.protocol import client_msgs as cm
 from flexkv.protocol.codec import range_to_mask
 from flexkv.scheduler.main import STARTUP_ERROR_FILE
 from flexkv.transport import ServerConnection, ServerUnavailable
-from flexkv.types import FlexKVError, InvalidRequest, KVResponse, TaskStatus
+from flexkv.types import CACHE_TIERS, FlexKVError, InvalidRequest, KVResponse, MatchInfo, TaskStatus
 
 log = logging.getLogger("flexkv")
 
@@ -265,6 +265,11 @@ class KVManager:
     # -- tasks ----------------------------------------------------------------------------------
     def _match(self, cls: type[cm.GetMatchMsg], token_ids: IntArrayLike, token_mask: IntArrayLike | None,
                namespace: Sequence[str] | None) -> tuple[int, npt.NDArray[np.bool_]]:
+        task_id, mask, _ = self._match_reply(cls, token_ids, token_mask, namespace)
+        return task_id, mask
+
+    def _match_reply(self, cls: type[cm.GetMatchMsg], token_ids: IntArrayLike, token_mask: IntArrayLike | None,
+                     namespace: Sequence[str] | None) -> tuple[int, npt.NDArray[np.bool_], cm.MatchReplyMsg]:
         conn = self._c
         tokens = _int64("token_ids", token_ids)
         mask = _mask(token_mask, tokens.shape[0])
@@ -280,12 +285,29 @@ class KVManager:
         assert isinstance(reply, cm.MatchReplyMsg)
         mask = range_to_mask(reply.num_tokens, reply.mask_begin, reply.mask_end, frames)
         assert mask is not None
-        return task_id, mask
+        return task_id, mask, reply
 
     def get_match(self, token_ids: IntArrayLike, token_mask: IntArrayLike | None = None,
                   namespace: Sequence[str] | None = None) -> tuple[int, npt.NDArray[np.bool_]]:
         """Match only and reserve the plan; the mask marks the tokens that will be loaded."""
         return self._match(cm.GetMatchMsg, token_ids, token_mask, namespace)
+
+    def get_match_info(self, token_ids: IntArrayLike, token_mask: IntArrayLike | None = None,
+                       namespace: Sequence[str] | None = None) -> MatchInfo:
+        """``get_match`` plus what loading it should cost: how the loaded blocks split over the tiers
+        (CPU prefix, then SSD, then remote) and the server's read rate of each tier. Reserves exactly
+        what ``get_match`` reserves: launch or cancel ``MatchInfo.task_id``. An engine may cancel it and
+        match a shorter prefix (e.g. ``token_ids[:info.num_cpu_tokens]``) if loading costs more than
+        recomputing; the cancel is sent first, so the second match sees the first one's locks gone."""
+        task_id, mask, reply = self._match_reply(cm.GetMatchInfoMsg, token_ids, token_mask, namespace)
+        if not isinstance(reply, cm.MatchInfoReplyMsg) or len(reply.tier_blocks) != 3 or len(reply.read_bps) != 3:
+            raise FlexKVError("get_match_info: the server's reply has no tier split (an older server?)")
+        cpu, ssd, remote = reply.tier_blocks
+        rates = dict(zip(CACHE_TIERS, reply.read_bps, strict=True))
+        return MatchInfo(task_id, mask, cpu, ssd, remote, self._block_bytes(), self._tokens_per_block, rates)
+
+    def _block_bytes(self) -> int:
+        return int(self._c.server_info["block_bytes"])
 
     def put_match(self, token_ids: IntArrayLike, token_mask: IntArrayLike | None = None,
                   namespace: Sequence[str] | None = None) -> tuple[int, npt.NDArray[np.bool_]]:

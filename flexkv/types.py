@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 from typing import NamedTuple
 
@@ -138,6 +139,52 @@ class KVResponse(NamedTuple):
     task_id: int
     return_mask: npt.NDArray[np.bool_] | None
     error: str = ""  # why a FAILED task failed
+
+
+@dataclasses.dataclass(frozen=True)
+class MatchInfo:
+    """What ``KVManager.get_match_info`` reserved, and what loading it should cost.
+
+    ``mask`` marks the tokens launch will load (as ``get_match``'s). The loaded blocks come from the
+    tiers in prefix order: ``num_cpu_blocks`` already in CPU, then ``num_ssd_blocks`` read from SSD,
+    then ``num_remote_blocks`` from the remote store (SSD/remote reads may include blocks before a
+    token mask's first True: the CPU tier stays prefix-closed). ``read_bps`` is the server's measured
+    read rate (bytes/s) per tier, an EWMA of completed ops (a prior before any ran): CPU = the CPU
+    tier into the engine's memory (H2D), SSD = DISK2H, REMOTE = REMOTE2H.
+    """
+
+    task_id: int
+    mask: npt.NDArray[np.bool_]
+    num_cpu_blocks: int
+    num_ssd_blocks: int
+    num_remote_blocks: int
+    block_bytes: int
+    tokens_per_block: int
+    read_bps: dict[Medium, float]
+
+    @property
+    def num_tokens(self) -> int:
+        """Tokens that launch will load."""
+        return int(np.count_nonzero(self.mask))
+
+    @property
+    def num_cpu_tokens(self) -> int:
+        """Loaded tokens already in the CPU tier: the fast prefix."""
+        return min(self.num_tokens, self.num_cpu_blocks * self.tokens_per_block)
+
+    @property
+    def load_s(self) -> float:
+        """Estimated seconds from launch to the engine's copy done: the SSD and remote reads run side
+        by side, then every loaded block goes CPU -> engine."""
+        b = self.block_bytes
+        lower = max(self.num_ssd_blocks * b / self.read_bps[Medium.SSD],
+                    self.num_remote_blocks * b / self.read_bps[Medium.REMOTE])
+        return lower + self.num_tokens // self.tokens_per_block * b / self.read_bps[Medium.CPU]
+
+    @property
+    def cpu_load_s(self) -> float:
+        """Estimated seconds to load only the CPU-resident prefix (``num_cpu_tokens``)."""
+        return self.num_cpu_tokens // self.tokens_per_block * self.block_bytes / self.read_bps[Medium.CPU]
 
 
 class FlexKVError(Exception):

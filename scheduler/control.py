@@ -51,6 +51,14 @@ _TIER_HIT_KEYS = {OpType.H2D: "get_hit_blocks_cpu", OpType.DISK2H: "get_hit_bloc
                   OpType.REMOTE2H: "get_hit_blocks_remote"}
 
 
+def _tier_blocks(nodes: list[OpNode], num_moved: int) -> tuple[int, int, int]:
+    """Blocks each tier supplies to a GET, (CPU, SSD, REMOTE): promotions read SSD/REMOTE (all they promote,
+    also blocks before a token mask's first block), the rest of the loaded blocks were in CPU already."""
+    ssd = sum(n.dst_block_ids.size for n in nodes if n.op_type is OpType.DISK2H)
+    remote = sum(n.dst_block_ids.size for n in nodes if n.op_type is OpType.REMOTE2H)
+    return max(0, num_moved - ssd - remote), ssd, remote
+
+
 class ControlPlane:
     """Index + pools + tasks of one flexkv server. Not thread-safe: one owner thread."""
 
@@ -149,15 +157,16 @@ class ControlPlane:
         return plan.mask
 
     def _count_tier_hits(self, nodes: list[OpNode], num_moved: int) -> None:
-        """Blocks each tier supplies to a GET: promotions read SSD/REMOTE (all they promote, also blocks before a
-        token mask's first block), the rest of the loaded blocks were in CPU already."""
-        from_cpu = num_moved
-        for node in nodes:
-            key = _TIER_HIT_KEYS.get(node.op_type)  # type: ignore[arg-type]
-            if key is not None and node.op_type is not OpType.H2D:
-                self._counters[key] += node.dst_block_ids.size
-                from_cpu -= node.dst_block_ids.size
-        self._counters[_TIER_HIT_KEYS[OpType.H2D]] += max(0, from_cpu)
+        for key, num in zip(_TIER_HIT_KEYS.values(), _tier_blocks(nodes, num_moved), strict=True):
+            self._counters[key] += num
+
+    def tier_split(self, key: TaskKey) -> tuple[int, int, int]:
+        """A matched GET's loaded blocks by the tier they are read from: (CPU, SSD, REMOTE), in prefix
+        order (see ``_tier_blocks``). Reads only; unknown key or a PUT: InvalidRequest."""
+        task = self._task(key)
+        if task.task_type is not TaskType.GET:
+            raise InvalidRequest(f"task {key} is a PUT; only a GET has a tier split")
+        return _tier_blocks(task.plan.graph.nodes, task.plan.num_moved_blocks)
 
     def _count_match(self, task_type: TaskType, num_blocks: int, num_hit: int, num_moved: int) -> None:
         c = self._counters

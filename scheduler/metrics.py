@@ -161,6 +161,10 @@ def families(snap: dict[str, Any]) -> Iterator[Metric]:
                    {(): snap["remote_outages"]})
     yield _counter("flexkv_checksum_failures", "blocks read back whose checksum did not match", ["tier"],
                    {(tier,): float(n) for tier, n in snap["checksum_failures"].items()})
+    rates = snap.get("read_rates", {})
+    yield _gauge("flexkv_tier_read_bytes_per_second", "each tier's read rate that get_match_info reports (an EWMA of "
+                 "completed reads; the configured prior before any)", ["tier"],
+                 {(k.removeprefix("read_bps_"),): float(v) for k, v in rates.items() if k.startswith("read_bps_")})
     yield _gauge("flexkv_tasks_in_flight", "tasks in the control plane", [], {(): snap["num_tasks"]})
     yield _gauge("flexkv_ops_in_flight", "ops handed to workers, not yet reported", [],
                  {(): snap["num_ops_in_flight"]})

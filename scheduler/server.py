@@ -49,6 +49,7 @@ from flexkv.scheduler import endpoint
 from flexkv.scheduler.control import ControlPlane
 from flexkv.scheduler.endpoint import IpcClaim
 from flexkv.scheduler.graph import TransferOp
+from flexkv.scheduler.read_rates import ReadRates
 from flexkv.scheduler.remote_lookup import RemoteLookup
 from flexkv.scheduler.sessions import ResultCache, Session, TaskResult, session_of, task_of
 from flexkv.scheduler.ssd_rebuild import progress_logger
@@ -151,14 +152,17 @@ class SchedulerServer:
         self._waits: list[_Wait] = []
         self._spin_ns = cache.busy_poll_us * 1000
         self._running = False
+        self._stop_requested = False  # a SIGTERM before serve_forever began still stops it
         self.trace = (TraceWriter(cache.trace_path, int(cache.trace_max_mb * 2**20), cache.trace_backups)
                       if cache.trace_path else None)
-        self.telemetry = Telemetry(cache.tokens_per_block, self.trace)
+        self.read_rates = ReadRates(cache, self.block_bytes)  # fed by telemetry, told by get_match_info replies
+        self.telemetry = Telemetry(cache.tokens_per_block, self.trace, self.read_rates)
         self.metrics: Any = None  # flexkv.scheduler.metrics.MetricsExporter when metrics_port is set
         self._handlers: dict[type, Callable[[bytes, Any, list[memoryview]], None]] = {
             cm.HelloMsg: self._on_hello,
             cm.GetMatchMsg: self._on_match,
             cm.PutMatchMsg: self._on_match,
+            cm.GetMatchInfoMsg: self._on_match,
             cm.GetAsyncMsg: self._on_async,
             cm.PutAsyncMsg: self._on_async,
             cm.GetAsyncBatchMsg: self._on_async_batch,
@@ -301,7 +305,7 @@ class SchedulerServer:
     # -- loop -----------------------------------------------------------------------------------
     def serve_forever(self) -> None:
         """Run until a shutdown request, SIGINT/SIGTERM, or the parent process (library mode) is gone."""
-        self._running = True
+        self._running = not self._stop_requested
         poller = zmq.Poller()
         poller.register(self._clients, zmq.POLLIN)
         poller.register(self._workers_sock, zmq.POLLIN)
@@ -334,6 +338,7 @@ class SchedulerServer:
         return dict(poller.poll(timeout=int(_TICK_S * 1000)))
 
     def stop(self, *_: object) -> None:
+        self._stop_requested = True
         self._running = False
 
     def install_signal_handlers(self) -> None:
@@ -465,6 +470,10 @@ class SchedulerServer:
         self._matched[key] = time.monotonic()
         n, begin, end, frame = mask_to_range(ret)
         reply = cm.MatchReplyMsg(req_id=msg.req_id, task_id=msg.task_id, num_tokens=n, mask_begin=begin, mask_end=end)
+        if isinstance(msg, cm.GetMatchInfoMsg):  # plus where the blocks come from and how fast each tier reads
+            reply = cm.MatchInfoReplyMsg(req_id=msg.req_id, task_id=msg.task_id, num_tokens=n, mask_begin=begin,
+                                         mask_end=end, tier_blocks=list(self.control.tier_split(key)),
+                                         read_bps=self.read_rates.as_list())
         self._reply(identity, reply, [frame] if frame is not None else [])
 
     def _match(self, key: TaskKey, task_id: int, is_get: bool, tokens: Any, mask: Any, ns: bytes) -> np.ndarray:
@@ -707,7 +716,8 @@ class SchedulerServer:
         if msg.what == "is_ready":
             info = {"ready": self.is_ready()}
         elif msg.what == "stats":
-            info = {**self.control.stats(), **self._session_stats(), "in_flight_ops": self.supervisor.num_in_flight,
+            info = {**self.control.stats(), **self._session_stats(), **self.read_rates.stats(),
+                    "in_flight_ops": self.supervisor.num_in_flight,
                     "num_workers": len(self.supervisor.workers), "server_pid": os.getpid()}
             for worker_id, handle in self.supervisor.workers.items():
                 info[f"pid:{worker_id}"] = handle.proc.pid if handle.proc is not None else handle.pid

@@ -23,6 +23,7 @@ from flexkv.types import KVResponse, OpType, TaskStatus, TaskType
 
 if TYPE_CHECKING:
     from flexkv.scheduler.graph import TransferOp
+    from flexkv.scheduler.read_rates import ReadRates
     from flexkv.scheduler.supervisor import WorkerHandle
     from flexkv.scheduler.trace import TraceWriter
 
@@ -79,8 +80,10 @@ class Telemetry:
     The hooks run per message or per op: they only bump dicts keyed by enums and types (names are
     made at snapshot time) and keep per-task timings only while the trace is on."""
 
-    def __init__(self, tokens_per_block: int, trace: TraceWriter | None = None) -> None:
+    def __init__(self, tokens_per_block: int, trace: TraceWriter | None = None,
+                 read_rates: ReadRates | None = None) -> None:
         self.trace = trace
+        self.read_rates = read_rates  # fed by every successful read op (H2D, DISK2H, REMOTE2H)
         self.tokens_per_block = tokens_per_block
         self._requests: dict[tuple[type, bool], int] = {}
         self._tasks: dict[tuple[TaskType | None, TaskStatus], int] = {}
@@ -175,6 +178,8 @@ class Telemetry:
         self._op_counts[counted] = self._op_counts.get(counted, 0) + 1
         self._op_bytes[op_type] += num_bytes
         self._op_seconds[op_type].observe(now - dispatched)
+        if not error and self.read_rates is not None:
+            self.read_rates.observe(op_type, rec[4], now - dispatched)
         if error:
             if op_type in _REMOTE_OPS:
                 self.remote_errors += 1
@@ -250,6 +255,7 @@ def _trace_line(key: TaskKey, kind: str, rec: _TaskRecord | None, engine: KVResp
 
 
 REQUEST_NAMES: dict[type, str] = {cm.HelloMsg: "hello", cm.GetMatchMsg: "get_match", cm.PutMatchMsg: "put_match",
+                                   cm.GetMatchInfoMsg: "get_match_info",
                                    cm.GetAsyncMsg: "get_async", cm.PutAsyncMsg: "put_async",
                                    cm.GetAsyncBatchMsg: "get_async_many", cm.PutAsyncBatchMsg: "put_async_many",
                                    cm.LaunchMsg: "launch",
@@ -274,7 +280,9 @@ def build_snapshot(stats: dict[str, Any], telemetry: Telemetry, workers: dict[st
                    for wid, h in workers.items()}
     counters = telemetry.to_dict()
     counters["tokens"]["matched"] = stats.get("get_moved_blocks", 0) * tokens_per_block
-    return {"block_bytes": block_bytes, "tokens_per_block": tokens_per_block, "tiers": tiers,
+    rates = telemetry.read_rates
+    return {"read_rates": rates.stats() if rates is not None else {},
+            "block_bytes": block_bytes, "tokens_per_block": tokens_per_block, "tiers": tiers,
             "get_query_blocks": stats.get("get_query_blocks", 0), "get_hit_blocks": stats.get("get_hit_blocks", 0),
             "num_tasks": stats.get("num_tasks", 0), "num_ops_in_flight": stats.get("num_ops_in_flight", 0),
             "checksum_failures": {"ssd": stats.get("ssd_checksum_failures", 0),

@@ -202,6 +202,13 @@ class CacheConfig:
     # Spin this long (polling without sleeping) before a wait for a reply or a completion sleeps, and
     # only while one is outstanding: an idle process never spins (docs/config.md, busy_poll_us).
     busy_poll_us: int = 0
+    # Read rates (GB/s, 1e9 bytes/s) before the server measured any op of a tier (scheduler/read_rates.py);
+    # engines weigh a restore's load time against recomputing with them (MatchInfo.load_s). Optimistic on
+    # purpose: a tier believed fast is read, and so measured; one believed slow might never be.
+    cpu_read_gbps: float = 20.0  # CPU tier -> engine memory (H2D)
+    ssd_read_gbps: float = 3.0  # SSD -> CPU tier (DISK2H)
+    remote_read_gbps: float = 1.25  # remote store -> CPU tier (REMOTE2H; 10 GbE)
+    measure_read_rates: bool = True  # False: the rates above stand for good (a known disk; tests)
 
     def policy_of(self, tier: str) -> EvictionPolicy:
         """The eviction policy of ``tier`` ("cpu", "ssd", "remote")."""
@@ -217,7 +224,8 @@ class CacheConfig:
         _require(all(isinstance(d, str) and d for d in dirs), "ssd_cache_dir",
                  f"must be non-empty directory paths, got {dirs!r}")
         object.__setattr__(self, "ssd_cache_dir", tuple(dirs))
-        for flag in ("enable_cpu", "enable_ssd", "enable_remote", "ssd_persist_index", "ssd_durable_writes"):
+        for flag in ("enable_cpu", "enable_ssd", "enable_remote", "ssd_persist_index", "ssd_durable_writes",
+                     "measure_read_rates"):
             _require(isinstance(getattr(self, flag), bool), flag, f"must be a bool, got {getattr(self, flag)!r}")
         for name in ("eviction_policy", "eviction_policy_cpu", "eviction_policy_ssd", "eviction_policy_remote"):
             value = getattr(self, name)
@@ -257,6 +265,10 @@ class CacheConfig:
         _require_int(self.busy_poll_us, "busy_poll_us", 0)
         _require(self.busy_poll_us <= MAX_BUSY_POLL_US, "busy_poll_us",
                  f"must be <= {MAX_BUSY_POLL_US} (microseconds), got {self.busy_poll_us}")
+        for name in ("cpu_read_gbps", "ssd_read_gbps", "remote_read_gbps"):
+            rate = getattr(self, name)
+            _require(isinstance(rate, int | float) and not isinstance(rate, bool) and math.isfinite(rate) and rate > 0,
+                     name, f"must be a finite rate in GB/s > 0, got {rate!r}")
 
         self._check_operations()
 
@@ -322,6 +334,10 @@ _USER_KEYS: dict[str, type] = {
     "trace_path": str,
     "trace_max_mb": float,
     "trace_backups": int,
+    "cpu_read_gbps": float,
+    "ssd_read_gbps": float,
+    "remote_read_gbps": float,
+    "measure_read_rates": bool,
 }
 # FLEXKV_* variables that are not config keys (read elsewhere; docs/config.md lists them).
 _NON_CONFIG_ENV = {
@@ -440,7 +456,8 @@ def cache_config_from_user(model: ModelConfig, values: Mapping[str, Any]) -> Cac
                 "eviction_policy_remote", "hit_reward_seconds", "slru_promote_hits", "slru_protected_ratio",
                 "evict_start_threshold", "evict_ratio", "ssd_persist_index", "ssd_durable_writes", "metrics_port",
                 "metrics_address", "trace_path", "trace_max_mb", "trace_backups", "match_ttl_s",
-                "result_cache_bytes", "busy_poll_us"):
+                "result_cache_bytes", "busy_poll_us", "cpu_read_gbps", "ssd_read_gbps", "remote_read_gbps",
+                "measure_read_rates"):
         if key in values:
             kw[key] = values[key]
     if "remote_cache_gb" in values:

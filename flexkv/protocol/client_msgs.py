@@ -48,6 +48,11 @@ class PutMatchMsg(GetMatchMsg, frozen=True, tag=True, kw_only=True):
     """Like GetMatchMsg for a PUT."""
 
 
+class GetMatchInfoMsg(GetMatchMsg, frozen=True, tag=True, kw_only=True):
+    """Like GetMatchMsg (a GET); the reply is a MatchInfoReplyMsg: the match plus how its blocks split
+    over the tiers and each tier's read rate, so the engine can weigh loading against recomputing."""
+
+
 class GetAsyncMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
     """Match + launch, no reply. Frames: token_ids, slot_mapping (int64), token_mask if ``has_mask``."""
 
@@ -145,8 +150,8 @@ class QueryMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
 MAX_WAIT_S = 3600.0  # longest single WaitMsg; KVManager.wait(timeout=inf) waits in steps of this
 
 ClientRequest = (
-    HelloMsg | GetMatchMsg | PutMatchMsg | GetAsyncMsg | PutAsyncMsg | GetAsyncBatchMsg | PutAsyncBatchMsg
-    | PrefetchMsg | LaunchMsg | CancelMsg | WaitMsg | RegisterKVMsg | ByeMsg | QueryMsg
+    HelloMsg | GetMatchMsg | PutMatchMsg | GetMatchInfoMsg | GetAsyncMsg | PutAsyncMsg | GetAsyncBatchMsg
+    | PutAsyncBatchMsg | PrefetchMsg | LaunchMsg | CancelMsg | WaitMsg | RegisterKVMsg | ByeMsg | QueryMsg
 )
 
 
@@ -167,6 +172,15 @@ class MatchReplyMsg(ServerReply, frozen=True, tag=True, kw_only=True):
     mask_end: int
 
 
+class MatchInfoReplyMsg(MatchReplyMsg, frozen=True, tag=True, kw_only=True):
+    """A MatchReplyMsg plus, in tier order (CPU, SSD, REMOTE): the loaded blocks each tier supplies
+    (``ControlPlane.tier_split``) and the server's read rate of each tier in bytes/s (an EWMA of
+    completed ops, the configured prior before any ran; ``flexkv.scheduler.read_rates``)."""
+
+    tier_blocks: list[int]
+    read_bps: list[float]
+
+
 class WaitReplyMsg(ServerReply, frozen=True, tag=True, kw_only=True):
     """Per task: status, error text, and the return mask as a token range (``codec.mask_to_range``;
     num_tokens -1 = no mask); frames only for masks that are not one run, in task order."""
@@ -184,4 +198,4 @@ class ErrorReplyMsg(ServerReply, frozen=True, tag=True, kw_only=True):
     kind: str = "InvalidRequest"
 
 
-ServerReplyMsg = OkReplyMsg | MatchReplyMsg | WaitReplyMsg | ErrorReplyMsg
+ServerReplyMsg = OkReplyMsg | MatchReplyMsg | MatchInfoReplyMsg | WaitReplyMsg | ErrorReplyMsg

@@ -83,6 +83,9 @@ class Stack:
         self.engines: list[HFPagedEngine] = []
 
     def engine(self, use_flexkv: bool = True, **kw: object) -> HFPagedEngine:
+        # These tests prove restores: every match is restored (the cost check's choices depend on timing;
+        # test_hf_cost_check.py tests them).
+        kw.setdefault("cost_check", False)
         eng = HFPagedEngine(self.model, self.pool if use_flexkv else self.ref_pool,
                             self.kvm if use_flexkv else None, **kw)  # type: ignore[arg-type]
         self.engines.append(eng)

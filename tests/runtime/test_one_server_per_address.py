@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 
 import pytest
@@ -108,3 +109,15 @@ def test_in_process_a_taken_ipc_path_raises_address_in_use_and_leaves_the_owner_
     finally:
         first.close()
     assert not any(n.startswith("server.sock") for n in os.listdir(sock_dir)), "close() removes what it bound"
+
+
+def test_a_stop_before_serve_forever_began_is_not_lost(sock_dir: str) -> None:
+    """`flexkv serve` prints its banner, then serves: a SIGTERM in between must still stop it."""
+    server = SchedulerServer(small_model(), small_cache(), f"ipc://{sock_dir}/server.sock")
+    try:
+        server.stop()  # what the SIGTERM handler does
+        t0 = time.monotonic()
+        server.serve_forever()
+        assert time.monotonic() - t0 < 5, "serve_forever ran on after a stop"
+    finally:
+        server.close()

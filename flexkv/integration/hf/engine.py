@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import itertools
 import logging
 import time
 from collections.abc import Sequence
@@ -33,6 +34,7 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from flexkv.integration.hf.cost import CostCheck, CostDecision, RestoreChoice
 from flexkv.integration.hf.pool import PagedKVPool
 from flexkv.kvmanager import KVManager
 from flexkv.types import FlexKVError, TaskStatus
@@ -42,7 +44,11 @@ log = logging.getLogger("flexkv.hf")
 
 @dataclasses.dataclass
 class TurnStats:
-    """What one prompt cost. ``fallback`` says why flexkv's prefix was not used ("" = it was, or none)."""
+    """What one prompt cost. ``fallback`` says why flexkv's prefix was not used ("" = it was, or none).
+
+    ``choice`` is what the cost check decided (None: it did not run: off, no flexkv, nothing matched)
+    and ``choice_reason`` why, with its estimates; ``num_matched_tokens`` is what flexkv had cached,
+    ``num_restored_tokens`` what the engine took of it."""
 
     num_prompt_tokens: int
     num_restored_tokens: int
@@ -56,6 +62,9 @@ class TurnStats:
     # layer-wise restore is not synchronized inside the forward, its "layer_waits" add up the hooks' waits
     # and "last_layer_landed" is when the last layer's wait returned, from the prefill's start
     phases: dict[str, float] = dataclasses.field(default_factory=dict)
+    choice: RestoreChoice | None = None
+    choice_reason: str = ""
+    num_matched_tokens: int = 0
 
 
 @dataclasses.dataclass
@@ -69,6 +78,16 @@ class _Restore:
     wait_s: float = 0.0
     final: TaskStatus | None = None  # once a wait returned it
     last_landed: float = 0.0  # perf_counter when the last layer wait returned
+
+
+@dataclasses.dataclass
+class _Matched:
+    """What ``_match`` reserved (``task_id`` None: nothing) and what flexkv had."""
+
+    task_id: int | None
+    mask: Any
+    num_matched_tokens: int
+    decision: CostDecision | None
 
 
 @dataclasses.dataclass
@@ -120,12 +139,14 @@ class HFPagedEngine:
     ``kvm`` None: plain recompute (the reference). ``namespace`` (e.g. ``[lora_name, tenant]``) keeps
     caches apart. ``layerwise``: restores land layer by layer (the pool must be registered with
     ``layerwise=True``). ``put_completely``: a turn ends once its blocks also reached SSD/remote.
+    ``cost_check`` (on by default; a :class:`CostCheck` to configure it, False to restore whatever
+    flexkv matched): restore only what is faster to load than to recompute (flexkv.integration.hf.cost).
     Single-threaded: one request at a time.
     """
 
     def __init__(self, model: torch.nn.Module, pool: PagedKVPool, kvm: KVManager | None = None, *,
                  namespace: Sequence[str] | None = None, layerwise: bool = False, wait_timeout_s: float = 60.0,
-                 put_completely: bool = False, profile: bool = False) -> None:
+                 put_completely: bool = False, profile: bool = False, cost_check: bool | CostCheck = True) -> None:
         self.model = model.eval()
         self.config: Any = getattr(model, "config")  # noqa: B009 - a PreTrainedModel's config
         self.pool, self.kvm = pool, kvm
@@ -134,6 +155,7 @@ class HFPagedEngine:
         self.wait_timeout_s = wait_timeout_s
         self.put_completely = put_completely
         self.profile = profile
+        self.cost_check = cost_check if isinstance(cost_check, CostCheck) else CostCheck() if cost_check else None
         self.tokens_per_block = pool.tokens_per_page
         self.num_layers = len(decoder_layers(model))
         self._cache_kw = cache_keyword(model)
@@ -179,6 +201,26 @@ class HFPagedEngine:
         key, value = self.pool.read_layer(layer, restore.index, restore.num_tokens)
         set_layer_kv(cache, layer, key, value)
         restore.filled.add(layer)
+
+    @torch.inference_mode()
+    def calibrate_cost(self, max_tokens: int, repeats: int = 2) -> None:
+        """Teach the cost check this engine's prefill time before it sees prompts: forwards of random
+        tokens in chunks [0, L/16), [L/16, L/4), [L/4, L/2), [L/2, L) of an ``L = max_tokens`` prompt,
+        ``repeats`` times; the first pass only warms up. ValueError with the check off."""
+        if self.cost_check is None:
+            raise ValueError("calibrate_cost: this engine has no cost check (cost_check=False)")
+        if max_tokens < 4:
+            raise ValueError(f"calibrate_cost: max_tokens must be >= 4, got {max_tokens}")
+        bounds = sorted({0, max_tokens // 16, max_tokens // 4, max_tokens // 2, max_tokens})
+        gen = torch.Generator().manual_seed(0)
+        tokens = torch.randint(0, int(self.config.vocab_size), (max_tokens,), generator=gen)
+        for r in range(max(repeats, 2)):
+            cache = DynamicCache(config=self.config)
+            for begin, end in itertools.pairwise(bounds):
+                t0 = time.perf_counter()
+                _ = float(self._forward(tokens[begin:end], cache, begin)[0])  # synchronizes a GPU
+                if r:
+                    self.cost_check.model.observe(begin, end - begin, time.perf_counter() - t0)
 
     # -- one prompt ------------------------------------------------------------------------------
     @torch.inference_mode()
@@ -227,9 +269,10 @@ class HFPagedEngine:
         if reuse is not None and (self.kvm is not None or not 0 < reuse[1] < n):
             raise ValueError(f"reuse needs an engine without flexkv and 0 < {reuse[1]} < {n} prompt tokens")
         phases: dict[str, float] = {}
-        restore, fallback = self._start_restore(tokens)
+        restore, fallback, matched = self._start_restore(tokens)
         self._phase(phases, "match", t0)
         cache = DynamicCache(config=self.config)
+        sampled = False  # the prefill forward alone is a cost-check sample, unless a restore failed
         try:
             if restore is not None:
                 self._begin_restore(restore, cache, phases)
@@ -241,6 +284,7 @@ class HFPagedEngine:
             self._phase(phases, "forward", t1)
             if restore is not None:
                 self._end_restore(restore)
+            sampled = True
         except RestoreFailed as e:
             assert restore is not None
             fallback = f"restore failed: {e}"
@@ -256,13 +300,20 @@ class HFPagedEngine:
         finally:
             self._active = None
         _ = float(logits[0])  # the first token exists once its logits do (synchronizes a GPU)
-        ttft = time.perf_counter() - t0
+        t_end = time.perf_counter()
+        ttft = t_end - t0
         num_restored = restore.num_tokens if restore is not None else 0
+        wait_s = restore.wait_s if restore else 0.0
         if self.profile and restore is not None and restore.layerwise:
             phases["layer_waits"] = restore.wait_s
             phases["last_layer_landed"] = restore.last_landed - t0
-        stats = TurnStats(n, num_restored, n - num_restored, ttft, restore.wait_s if restore else 0.0,
-                          self.layerwise and restore is not None, fallback, phases if self.profile else {})
+        if self.cost_check is not None and sampled:
+            layer_waits = wait_s if self.layerwise and restore is not None else 0.0  # they ran inside the forward
+            self.cost_check.model.observe(num_restored, n - num_restored, t_end - t1 - layer_waits)
+        decision = matched.decision if matched is not None else None
+        stats = TurnStats(n, num_restored, n - num_restored, ttft, wait_s, self.layerwise and restore is not None,
+                          fallback, phases if self.profile else {}, decision.choice if decision else None,
+                          decision.reason if decision else "", matched.num_matched_tokens if matched is not None else 0)
         put = self._start_put(tokens, cache, restore)
         return logits, cache, stats, put
 
@@ -284,31 +335,62 @@ class HFPagedEngine:
                          value[:, :, :num_tokens].clone(memory_format=keep))
         return num_tokens
 
-    def _start_restore(self, tokens: torch.Tensor) -> tuple[_Restore | None, str]:
+    def _start_restore(self, tokens: torch.Tensor) -> tuple[_Restore | None, str, _Matched | None]:
         t = self.tokens_per_block
         limit = (tokens.numel() - 1) // t * t  # keep at least one token to compute
         if self.kvm is None or limit == 0:
-            return None, "" if self.kvm is not None else "no flexkv"
+            return None, "" if self.kvm is not None else "no flexkv", None
         try:
-            task_id, mask = self.kvm.get_match(tokens[:limit].numpy(), namespace=self.namespace)
+            matched = self._match(tokens, limit)
         except FlexKVError as e:
-            return None, f"get_match: {e}"
+            return None, f"get_match: {e}", None
+        if matched.task_id is None:
+            return None, "", matched
+        task_id, mask = matched.task_id, matched.mask
         num = int(mask.sum())
         if num == 0 or not mask[:num].all():
             self.kvm.cancel(task_id)
-            return None, "" if num == 0 else "mask is not a prefix"
+            return None, "" if num == 0 else "mask is not a prefix", matched
         num_pages = num // t
         if not self.pool.can_allocate(num_pages):
             self.kvm.cancel(task_id)
-            return None, "no free pages"
+            return None, "no free pages", matched
         pages = self.pool.allocate(num_pages)
         try:
             self.kvm.launch(task_id, self.pool.slot_mapping(pages, num), layerwise=self.layerwise)
         except FlexKVError as e:
             self.kvm.cancel(task_id)
             self.pool.free(pages)
-            return None, f"launch: {e}"
-        return _Restore(task_id, pages, num, self.layerwise, self.pool.page_index(pages)), ""
+            return None, f"launch: {e}", matched
+        return _Restore(task_id, pages, num, self.layerwise, self.pool.page_index(pages)), "", matched
+
+    def _match(self, tokens: torch.Tensor, limit: int) -> _Matched:
+        """get_match of ``tokens[:limit]``, weighed by the cost check (when on): what to restore.
+
+        ``CPU_PREFIX``: the first match is cancelled (the cancel reaches the server before the second
+        match, so its locks and promotion blocks are gone by then) and the CPU-resident prefix matched
+        again; should that second match reach below the CPU tier (the CPU prefix was evicted in between),
+        it is cancelled too and the prompt recomputed. ``RECOMPUTE``: cancelled, nothing restored."""
+        assert self.kvm is not None
+        if self.cost_check is None:
+            task_id, mask = self.kvm.get_match(tokens[:limit].numpy(), namespace=self.namespace)
+            return _Matched(task_id, mask, int(mask.sum()), None)
+        info = self.kvm.get_match_info(tokens[:limit].numpy(), namespace=self.namespace)
+        if info.num_tokens == 0:
+            return _Matched(info.task_id, info.mask, 0, None)
+        decision = self.cost_check.decide(info, tokens.numel())
+        if decision.choice is RestoreChoice.ALL:
+            return _Matched(info.task_id, info.mask, info.num_tokens, decision)
+        self.kvm.cancel(info.task_id)
+        if decision.choice is RestoreChoice.RECOMPUTE:
+            return _Matched(None, None, info.num_tokens, decision)
+        again = self.kvm.get_match_info(tokens[:info.num_cpu_tokens].numpy(), namespace=self.namespace)
+        if again.num_ssd_blocks or again.num_remote_blocks:
+            self.kvm.cancel(again.task_id)
+            why = f"the CPU prefix left the CPU tier before its match; recomputed. {decision.reason}"
+            return _Matched(None, None, info.num_tokens, CostDecision(RestoreChoice.RECOMPUTE, why,
+                                                                      decision.estimates_s))
+        return _Matched(again.task_id, again.mask, info.num_tokens, decision)
 
     def _begin_restore(self, restore: _Restore, cache: DynamicCache, phases: dict[str, float]) -> None:
         if not restore.layerwise:

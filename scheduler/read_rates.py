@@ -1,0 +1,66 @@
+"""ReadRates: how fast each cache tier reads, as the server sees its completed ops.
+
+An engine deciding whether to restore a prefix or recompute it needs the time the load will take
+(``MatchInfo.load_s``); that time is blocks x block bytes / the tier's read rate. The rate of a tier
+is measured on the ops that read it: H2D (CPU tier -> engine), DISK2H (SSD), REMOTE2H (remote), each
+from its dispatch to its completion as the server sees them (worker queueing and the round trip
+included: that is what a GET waits for). It is a ratio of two EWMAs, bytes over seconds, so a large
+op weighs more than a one-block one. Before a tier's first op the configured prior stands
+(``CacheConfig.*_read_gbps``); with ``measure_read_rates`` off the priors are the rates, never
+replaced (a known disk, or a test forcing a slow tier). Server thread only.
+"""
+
+from __future__ import annotations
+
+from flexkv.common.config import CacheConfig
+from flexkv.types import CACHE_TIERS, Medium, OpType
+
+_READS = {OpType.H2D: Medium.CPU, OpType.DISK2H: Medium.SSD, OpType.REMOTE2H: Medium.REMOTE}
+EWMA_ALPHA = 0.2  # weight of the newest op: the rate follows a change within ~5 ops
+
+
+class ReadRates:
+    """Per-tier read rates in bytes/s (prior, then EWMA of completed reads)."""
+
+    def __init__(self, cache: CacheConfig, block_bytes: int, alpha: float = EWMA_ALPHA) -> None:
+        self.block_bytes = block_bytes
+        self.measure = cache.measure_read_rates
+        self.alpha = alpha
+        self._prior = {Medium.CPU: cache.cpu_read_gbps * 1e9, Medium.SSD: cache.ssd_read_gbps * 1e9,
+                       Medium.REMOTE: cache.remote_read_gbps * 1e9}
+        self._bytes = dict.fromkeys(CACHE_TIERS, 0.0)
+        self._seconds = dict.fromkeys(CACHE_TIERS, 0.0)
+        self.num_samples = dict.fromkeys(CACHE_TIERS, 0)
+
+    def observe(self, op_type: OpType, num_blocks: int, seconds: float) -> None:
+        """A successful op of ``num_blocks`` blocks took ``seconds`` from dispatch to completion."""
+        tier = _READS.get(op_type)
+        if tier is None or not self.measure or num_blocks <= 0 or seconds <= 0:
+            return
+        nbytes = float(num_blocks * self.block_bytes)
+        if self.num_samples[tier] == 0:
+            self._bytes[tier], self._seconds[tier] = nbytes, seconds
+        else:
+            a = self.alpha
+            self._bytes[tier] += a * (nbytes - self._bytes[tier])
+            self._seconds[tier] += a * (seconds - self._seconds[tier])
+        self.num_samples[tier] += 1
+
+    def bps(self, tier: Medium) -> float:
+        """The read rate of ``tier`` in bytes/s (> 0)."""
+        if self.num_samples[tier] == 0:
+            return self._prior[tier]
+        return self._bytes[tier] / self._seconds[tier]
+
+    def as_list(self) -> list[float]:
+        """Rates in tier order (CPU, SSD, REMOTE), as ``MatchInfoReplyMsg.read_bps`` carries them."""
+        return [self.bps(t) for t in CACHE_TIERS]
+
+    def stats(self) -> dict[str, int | float]:
+        """``read_bps_<tier>`` and ``read_samples_<tier>`` (ops measured; 0 = the prior) per tier."""
+        out: dict[str, int | float] = {}
+        for tier in CACHE_TIERS:
+            name = tier.name.lower()
+            out[f"read_bps_{name}"] = self.bps(tier)
+            out[f"read_samples_{name}"] = self.num_samples[tier]
+        return out
