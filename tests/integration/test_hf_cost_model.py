@@ -81,5 +81,8 @@ def test_one_declined_lower_tier_load_in_explore_every_is_restored_anyway() -> N
     assert choices == [RestoreChoice.CPU_PREFIX] * 2 + [RestoreChoice.ALL] + [RestoreChoice.CPU_PREFIX] * 2 + \
         [RestoreChoice.ALL, RestoreChoice.CPU_PREFIX]
     assert check.num_declined == 7
+    cpu_only = CostCheck(PrefillCostModel.fixed(5e-3, 2.5e-5, 1.2e-9), explore_every=2)
+    slow_cpu = [cpu_only.decide(info(cpu=512, ssd=0, cpu_gbps=0.01), 8292).choice for _ in range(4)]
+    assert slow_cpu == [RestoreChoice.RECOMPUTE, RestoreChoice.ALL] * 2, "a declined CPU load is explored too"
     with pytest.raises(ValueError):
         CostCheck(explore_every=-1)

@@ -77,7 +77,7 @@ def test_the_split_of_a_mixed_cpu_ssd_prefix_is_exact_and_its_bytes_too(
     assert snap["counters"]["op_counts"]["DISK2H|ok"] == 1
     assert snap["read_rates"]["read_samples_ssd"] == 1 and snap["read_rates"]["read_samples_cpu"] >= 1
     measured = m.stats()["read_bps_ssd"]
-    assert measured != 0.5e9 and measured > 0, "one DISK2H measured replaces the prior"
+    assert measured != 0.5e9 and measured > 0, "one DISK2H measured moves the rate off the prior"
 
     # promoted back: all 12 in CPU now; a token mask's split counts only what is loaded
     again = m.get_match_info(a)

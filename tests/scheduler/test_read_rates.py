@@ -7,21 +7,31 @@ import dataclasses
 import pytest
 
 from flexkv.common.config import CacheConfig, load_cache_config
-from flexkv.scheduler.read_rates import EWMA_ALPHA, ReadRates
+from flexkv.scheduler.read_rates import EWMA_ALPHA, PRIOR_BYTES, ReadRates
 from flexkv.types import ConfigError, Medium, OpType
 from tests.runtime.kvtest import small_model
 
 BLOCK = 1 << 20
 
 
-def test_the_prior_stands_until_a_tier_is_read_then_the_ewma_of_bytes_over_seconds() -> None:
+def _ewma(prior_bps: float, ops: list[tuple[int, float]]) -> float:
+    """The rate after ``ops`` (bytes, seconds), from the prior counted as one op of PRIOR_BYTES."""
+    b, s = float(PRIOR_BYTES), PRIOR_BYTES / prior_bps
+    for nbytes, secs in ops:
+        b += EWMA_ALPHA * (nbytes - b)
+        s += EWMA_ALPHA * (secs - s)
+    return b / s
+
+
+def test_the_rate_starts_at_the_prior_and_follows_the_ewma_of_bytes_over_seconds() -> None:
     rates = ReadRates(CacheConfig(ssd_read_gbps=0.5), BLOCK)
-    assert rates.bps(Medium.SSD) == 0.5e9 and rates.bps(Medium.CPU) == 20e9 and rates.bps(Medium.REMOTE) == 1.25e9
-    rates.observe(OpType.DISK2H, 100, 0.5)  # 100 MiB in 0.5 s: the first op replaces the prior
-    assert rates.bps(Medium.SSD) == pytest.approx(100 * BLOCK / 0.5)
+    assert rates.bps(Medium.SSD) == pytest.approx(0.5e9) and rates.bps(Medium.CPU) == pytest.approx(20e9)
+    assert rates.bps(Medium.REMOTE) == pytest.approx(1.25e9)
+    rates.observe(OpType.DISK2H, 100, 0.5)  # 100 MiB in 0.5 s moves the prior by alpha of its weight
+    assert rates.bps(Medium.SSD) == pytest.approx(_ewma(0.5e9, [(100 * BLOCK, 0.5)]))
     rates.observe(OpType.DISK2H, 10, 0.5)  # a smaller, slower op moves the byte-weighted rate by alpha
-    b = 100 * BLOCK + EWMA_ALPHA * (10 * BLOCK - 100 * BLOCK)
-    assert rates.bps(Medium.SSD) == pytest.approx(b / 0.5)
+    b = _ewma(0.5e9, [(100 * BLOCK, 0.5), (10 * BLOCK, 0.5)])
+    assert rates.bps(Medium.SSD) == pytest.approx(b)
     for op in (OpType.H2DISK, OpType.D2H, OpType.H2REMOTE):  # writes say nothing about reads
         rates.observe(op, 1, 100.0)
     rates.observe(OpType.DISK2H, 0, 1.0)  # nothing moved, or no time: ignored
@@ -29,9 +39,16 @@ def test_the_prior_stands_until_a_tier_is_read_then_the_ewma_of_bytes_over_secon
     assert rates.num_samples == {Medium.CPU: 0, Medium.SSD: 2, Medium.REMOTE: 0}
     rates.observe(OpType.H2D, 4, 1e-3)
     rates.observe(OpType.REMOTE2H, 4, 1e-2)
-    assert rates.as_list() == [4 * BLOCK / 1e-3, pytest.approx(b / 0.5), 4 * BLOCK / 1e-2]
+    cpu = _ewma(20e9, [(4 * BLOCK, 1e-3)])
+    assert rates.as_list() == [pytest.approx(cpu), pytest.approx(b), pytest.approx(_ewma(1.25e9, [(4 * BLOCK, 1e-2)]))]
     st = rates.stats()
-    assert st["read_samples_ssd"] == 2 and st["read_bps_cpu"] == 4 * BLOCK / 1e-3
+    assert st["read_samples_ssd"] == 2 and st["read_bps_cpu"] == pytest.approx(cpu)
+    one_slow = ReadRates(CacheConfig(), BLOCK)
+    one_slow.observe(OpType.H2D, 32, 32 * BLOCK / 1e9)  # one 32 MiB H2D at 1 GB/s (a busy GPU, per-op latency)
+    assert one_slow.bps(Medium.CPU) > 10e9, "one small slow op does not replace the prior"
+    for _ in range(30):
+        one_slow.observe(OpType.H2D, 2048, 2048 * BLOCK / 50e9)  # many 2 GiB ops at 50 GB/s: the rate follows
+    assert one_slow.bps(Medium.CPU) == pytest.approx(50e9, rel=0.01)
 
 
 def test_with_measuring_off_the_configured_rates_stand() -> None:

@@ -13,8 +13,8 @@ fastest (ties go to restoring more):
 
 Before the model has seen enough prefills (or after an ill-posed fit) it says ``ALL``, i.e. what the
 engine did before the check existed. The server only measures a tier's rate when something reads it,
-so a tier judged slow would never be measured again: one declined lower-tier load in
-``explore_every`` is restored anyway, and its ops refresh the rate. Engine process only.
+so a tier judged slow would never be measured again: one declined load (any tier, the CPU tier
+too) in ``explore_every`` is restored anyway, and its ops refresh the rate. Engine process only.
 """
 
 from __future__ import annotations
@@ -158,8 +158,8 @@ class CostCheck:
     """Decides, per prompt, how much of flexkv's match to restore (see the module docstring).
 
     ``model``: the engine's prefill cost (default: learnt from the engine's own prefills).
-    ``explore_every``: restore one declined SSD/remote load in this many anyway (0: never), so the
-    server keeps measuring those tiers."""
+    ``explore_every``: restore one declined load in this many anyway (0: never), so the server keeps
+    measuring the tiers (a rate measured low once would otherwise never be measured again)."""
 
     def __init__(self, model: PrefillCostModel | None = None, explore_every: int = 32) -> None:
         if explore_every < 0:
@@ -184,7 +184,7 @@ class CostCheck:
         words = ", ".join(f"{c.value} {1e3 * v:.1f} ms" for c, v in est.items())
         reason = (f"estimated TTFT: {words} (load {1e3 * info.load_s:.1f} ms: {info.num_cpu_blocks} CPU / "
                   f"{info.num_ssd_blocks} SSD / {info.num_remote_blocks} remote blocks)")
-        if choice is not RestoreChoice.ALL and lower:
+        if choice is not RestoreChoice.ALL:  # a declined CPU load too: its rate must be measured again
             self.num_declined += 1
             if self.explore_every and self.num_declined % self.explore_every == 0:
                 return CostDecision(RestoreChoice.ALL, f"exploring (refreshes the tiers' read rates); {reason}", est)
