@@ -108,14 +108,20 @@ def _is_cuda(t: Any) -> bool:
     return bool(getattr(t, "is_cuda", False))
 
 
-def _check_private_host_tensors(tensors: Sequence[Any], lay: KVCacheLayout) -> None:
-    """The engine-side lane copies by address: each tensor must be host memory, contiguous, writable
-    and at least as large as the layout says."""
+def _check_lane_tensors(tensors: Sequence[Any], lay: KVCacheLayout, device_id: int) -> bool:
+    """The engine-side lane copies by address: each tensor host memory (a torch CPU tensor or numpy
+    array, writable) or, all of them, CUDA tensors on ``device_id``; contiguous and at least as large as
+    the layout says. Returns whether they are CUDA tensors."""
     if len(tensors) != lay.num_tensors:
         raise InvalidRequest(f"register: {len(tensors)} KV tensors given, layout {lay.kind.value} needs "
                              f"{lay.num_tensors}")
+    cuda = all(_is_cuda(t) for t in tensors)
     for i, t in enumerate(tensors):
-        if _is_cuda(t) or (not isinstance(t, np.ndarray) and getattr(getattr(t, "device", None), "type", "") != "cpu"):
+        if cuda and int(t.device.index) != device_id:
+            raise InvalidRequest(f"register(engine_side=True): tensor {i} is on cuda:{t.device.index}, this client "
+                                 f"was created for device_id={device_id}")
+        if not cuda and (_is_cuda(t) or (not isinstance(t, np.ndarray)
+                                         and getattr(getattr(t, "device", None), "type", "") != "cpu")):
             raise InvalidRequest(f"register(engine_side=True): tensor {i} is not a host (CPU) tensor or numpy array")
         if isinstance(t, np.ndarray):
             ok, nbytes = bool(t.flags.c_contiguous and t.flags.writeable), int(t.nbytes)
@@ -126,23 +132,7 @@ def _check_private_host_tensors(tensors: Sequence[Any], lay: KVCacheLayout) -> N
         if nbytes < lay.tensor_bytes(i):
             raise InvalidRequest(f"register(engine_side=True): tensor {i} has {nbytes} bytes, layout needs "
                                  f"{lay.tensor_bytes(i)}")
-
-
-def _check_own_cuda_tensors(tensors: Sequence[Any], lay: KVCacheLayout, device_id: int) -> None:
-    """An engine-side lane on CUDA copies by device address: each tensor on ``device_id``, contiguous and
-    at least as large as the layout says."""
-    if len(tensors) != lay.num_tensors:
-        raise InvalidRequest(f"register: {len(tensors)} KV tensors given, layout {lay.kind.value} needs "
-                             f"{lay.num_tensors}")
-    for i, t in enumerate(tensors):
-        if int(t.device.index) != device_id:
-            raise InvalidRequest(f"register(engine_side=True): tensor {i} is on cuda:{t.device.index}, this client "
-                                 f"was created for device_id={device_id}")
-        if not t.is_contiguous():
-            raise InvalidRequest(f"register(engine_side=True): tensor {i} is not contiguous")
-        if t.numel() * t.element_size() < lay.tensor_bytes(i):
-            raise InvalidRequest(f"register(engine_side=True): tensor {i} has {t.numel() * t.element_size()} "
-                                 f"bytes, layout needs {lay.tensor_bytes(i)}")
+    return cuda
 
 
 class KVTPClient:
@@ -236,11 +226,7 @@ class KVTPClient:
                               **progress: Any) -> KVCacheLayout:
         from flexkv.workers.engine_lane import EngineLane
 
-        cuda = all(_is_cuda(t) for t in tensors)
-        if cuda:
-            _check_own_cuda_tensors(tensors, lay, self.device_id)
-        else:
-            _check_private_host_tensors(tensors, lay)
+        cuda = _check_lane_tensors(tensors, lay, self.device_id)
         self._stop_lane()
         reply, _ = self._conn.request(lambda rid: self._register_msg(lay, rid, engine_side=True, **progress),
                                       timeout_s=timeout_s)
