@@ -251,8 +251,9 @@ class RedisCluster:
     def ports(self) -> list[int]:
         return [s.port for s in self.servers]
 
-    def start(self, timeout_s: float = 10.0) -> RedisCluster:
-        """Start every node, assign the slots and wait until every node reports cluster_state:ok."""
+    def start(self, timeout_s: float = 30.0) -> RedisCluster:
+        """Start every node, assign the slots and wait until every node reports cluster_state:ok.
+        (``redis-cli --cluster create`` polls the join once a second; it once took over 10 s here.)"""
         try:
             for server in self.servers:
                 server.start()
