@@ -10,6 +10,8 @@
 #   engine    benchmarks/gpu_transfer.py, engine level, every path, T=16 and 64
 #   smallops  (not in the default list) the small-op line of gpu_transfer.py --stack with busy_poll_us 0,
 #             200 and 1000 (issue 17 §3: a 4-block get/put p50 <= 0.35 ms), and small_ops.py on host buffers
+#   ipc       (not in the default list) benchmarks/ipc_latency.py (one round trip between two processes by
+#             mechanism: the floor under a hop) back to back and idle, and small_ops.py --breakdown
 #   ops       (not in the default list; needs a prometheus_client wheel in .whl/) `flexkv check --gpu`, and
 #             metrics off vs on: control_latency.py --metrics and throughput.py --metrics (host buffers)
 #   layerwise layer-wise GET on CUDA (per-layer events, bytes exact at every layer wait, failures wake
@@ -75,6 +77,10 @@ for part in "${parts[@]}"; do
         --tokens-per-block 16 --num-blocks 256 --repeats 1 --busy-poll-us $spin
     done
     step 120 "small_ops host buffers" python3 benchmarks/small_ops.py --iters 300 --busy-poll-us 0 200 1000
+    step 120 "small_ops breakdown" python3 benchmarks/small_ops.py --iters 300 --breakdown ;;
+  ipc)
+    step 120 "ipc_latency back to back" python3 benchmarks/ipc_latency.py --iters 5000
+    step 120 "ipc_latency idle 1 ms" python3 benchmarks/ipc_latency.py --iters 2000 --idle-us 1000
     step 120 "small_ops breakdown" python3 benchmarks/small_ops.py --iters 300 --breakdown ;;
   example)
     step 150 "example tp=$tp vllm_kv_first" python3 examples/scheduler_server_example.py --tp-size $tp --layout vllm_kv_first
