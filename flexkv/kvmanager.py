@@ -44,6 +44,19 @@ log = logging.getLogger("flexkv")
 IntArrayLike = Any  # numpy array or torch tensor
 
 
+SESSION_TASK_BITS = 32  # a session's task ids: its base, then up to 2**32 ids
+_SESSION_BASES = (1 << 16) - 1  # bases 1 .. 65535 << 32: ids stay below 2**48 (flexkv.layerwise.MAX_TASK_ID)
+
+
+def _session_task_base(session_id: int) -> int:
+    """Where the task ids of server session ``session_id`` start: ``session << 32`` (wrapping after 65,535
+    sessions of one server). Task ids of different sessions then never coincide, so a rank's layer progress
+    table (its KVTPClient may outlive manager sessions: server mode, a manager reconnecting) never reports
+    an earlier session's landed task for a new task of the same id (issue 14: that was a GET reported
+    landed before its bytes were there)."""
+    return ((session_id - 1) % _SESSION_BASES + 1) << SESSION_TASK_BITS
+
+
 def _int64(name: str, value: IntArrayLike) -> npt.NDArray[np.int64]:
     if hasattr(value, "detach") and hasattr(value, "cpu"):  # torch tensor, possibly on a GPU
         value = value.detach().cpu().numpy()
@@ -124,10 +137,13 @@ class KVManager:
         self._conn: ServerConnection | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._runtime_dir: str | None = None
-        # Task ids are the session's own (a new session starts over); ``first_task_id`` only offsets them.
+        # Task ids are the session's own: ``_task_base`` + ``first_task_id`` + n, the base set from the
+        # session id at every start (see _session_task_base), so no two sessions of one server hand out the
+        # same id: a rank's layer progress table, which outlives a manager's session, keys its words by id.
         self._first_task_id = first_task_id
+        self._task_base = 0
         self._task_ids = itertools.count(first_task_id)
-        self._last_task_id = first_task_id - 1  # ids first_task_id.._last_task_id were handed out
+        self._last_task_id = first_task_id - 1  # ids _task_base + first_task_id .. _last_task_id were handed out
         self._launched: dict[int, int] = {}  # task id -> digest of the slot mapping it was launched with
         self._tp_clients: list[KVTPClient] = []
         self._layerwise: set[int] = set()  # tasks launched with layerwise=True, not yet final
@@ -149,8 +165,6 @@ class KVManager:
         """Start the server (library mode) or connect to it. Idempotent."""
         if self._conn is not None:
             return
-        self._task_ids = itertools.count(self._first_task_id)  # a new session: its task ids start over
-        self._last_task_id = self._first_task_id - 1
         self._launched = {}
         if self._library_mode:
             self._spawn_server()
@@ -177,6 +191,9 @@ class KVManager:
                     self.shutdown()
                     raise
         self._tokens_per_block = int(self._conn.server_info["tokens_per_block"])
+        self._task_base = _session_task_base(self._conn.session_id)  # a new session: new task ids
+        self._task_ids = itertools.count(self._task_base + self._first_task_id)
+        self._last_task_id = self._task_base + self._first_task_id - 1
         atexit.register(self.shutdown)
 
     def _spawn_server(self) -> None:
@@ -389,7 +406,7 @@ class KVManager:
         return self._last_task_id
 
     def _check_relaunch(self, task_id: int, slots: npt.NDArray[np.int64]) -> bool:
-        issued = isinstance(task_id, int) and self._first_task_id <= task_id <= self._last_task_id
+        issued = isinstance(task_id, int) and self._task_base + self._first_task_id <= task_id <= self._last_task_id
         if isinstance(task_id, bool) or not issued:
             raise InvalidRequest(f"launch: task id {task_id!r} was not returned by get_match/put_match of this "
                                  "KVManager session")

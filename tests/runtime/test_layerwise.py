@@ -412,3 +412,44 @@ def test_an_engine_side_lane_publishes_layers_too() -> None:
     finally:
         tp.close()
         kvm.shutdown()
+
+
+def test_a_later_manager_session_reusing_task_ids_never_reads_an_earlier_sessions_landing() -> None:
+    """Task ids start over in every KVManager session, while a rank's KVTPClient (and its progress table)
+    may outlive a session (server mode: the engine's manager reconnects). A new session's GET must not be
+    reported landed from the word an earlier session's task of the same id left: its bytes are not there."""
+    host = KVManager(MODEL, CacheConfig(tokens_per_block=T, num_cpu_blocks=64))
+    host.start()  # owns the server; the managers below connect to it as an engine's would
+    eng = _Engine("cpu", 32)
+    tp = KVTPClient(host.server_address)
+    try:
+        tp.register(eng.host, eng.layout, layerwise=True)  # type: ignore[arg-type]
+        src, dst = list(range(4)), list(range(10, 14))
+        for session in range(3):
+            kvm = KVManager(MODEL, CacheConfig(tokens_per_block=T, num_cpu_blocks=64),
+                            server_address=host.server_address)
+            kvm.start()
+            try:
+                toks = tokens(4 * T, seed=40 + session)  # a new prompt each session: new bytes to land
+                _put(kvm, toks, src)
+                want = {(s, layer): eng.layer_bytes(s, layer) for s in src for layer in range(MODEL.num_layers)}
+                eng.poison(dst)
+                tid, mask = kvm.get_match(toks)
+                assert mask.all()
+                kvm.launch(tid, slots_for(dst, len(toks)))
+                last = MODEL.num_layers - 1
+                assert tp.wait_layer(tid, last, timeout=30).status is TaskStatus.SUCCESS
+                assert all(eng.layer_bytes(d, layer) == want[s, layer] for s, d in zip(src, dst, strict=True)
+                           for layer in range(MODEL.num_layers)), \
+                    f"session {session}: task {tid} reported landed before its bytes were in place"
+                assert kvm.wait(tid)[tid].status is TaskStatus.SUCCESS
+                # the next session's put/get reuse these task ids; its get must not land from this word
+                for s in src:
+                    for t in eng.tensors:
+                        t[s * T:(s + 1) * T].view(eng.torch.uint8).fill_(session + 1)
+            finally:
+                kvm.shutdown()
+    finally:
+        tp.close()
+        host.shutdown()
+        eng.close()

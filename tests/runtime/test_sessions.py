@@ -95,7 +95,9 @@ def _run_engine_a_in_process(address: str, model: Any) -> None:
 def test_a_restarted_engine_never_sees_its_predecessors_tasks(tmp_path: Path, how: str) -> None:
     """Engine A (dp 0) puts and gets X, then closes or is SIGKILLed. Engine B, same dp 0: its get of
     Y loads nothing (B's buffers stay poisoned), its put of Y stores, and a third engine's get_match
-    with task id 1 works. A killed A's host KV segment is removed by the server."""
+    works with task ids of its own (every session numbers its tasks from its session id on, so a rank's
+    layer progress table never mistakes one session's task for another's). A killed A's host KV segment
+    is removed by the server."""
     model = small_model()
     server = _server(model, small_cache(), tmp_path / "rt")
     address = f"ipc://{tmp_path}/rt/server.sock"
@@ -121,11 +123,12 @@ def test_a_restarted_engine_never_sees_its_predecessors_tasks(tmp_path: Path, ho
         b.register_kv_buffers(bufs_b, bufs_b.layout)
         y = tokens(4 * T, seed=22)
         poison(bufs_b, DST)
-        get = b.get_async(y, slots_for(DST, len(y)))  # task id 1, like A's put of X
+        get = b.get_async(y, slots_for(DST, len(y)))
+        first_of_b = get
         res = b.wait(get, timeout=20)[get]
         assert res.status is TaskStatus.SUCCESS and res.return_mask is not None and not res.return_mask.any()
         assert all(set(block_bytes(bufs_b, d)) == {0xAB} for d in DST), "B's get of Y loaded nothing"
-        put = b.put_async(y, slots_for(SRC, len(y)))  # task id 2, like A's get of X
+        put = b.put_async(y, slots_for(SRC, len(y)))
         res = b.wait(put, timeout=20)[put]
         assert res.status is TaskStatus.SUCCESS and res.return_mask is not None and res.return_mask.all()
         get = b.get_async(y, slots_for(DST, len(y)))
@@ -133,8 +136,9 @@ def test_a_restarted_engine_never_sees_its_predecessors_tasks(tmp_path: Path, ho
         for s, d in zip(SRC, DST, strict=True):
             assert block_bytes(bufs_b, d) == block_bytes(bufs_b, s), "B's put stored Y, B's get loaded it"
         with KVManager(model, small_cache(), address, dp_client_id=0) as c:
-            tid, mask = c.get_match(y)  # task id 1 again, in a third session
-            assert tid == 1 and mask.all()
+            tid, mask = c.get_match(y)  # the first task of a third session
+            assert mask.all()
+            assert tid != first_of_b and tid % (1 << 32) == first_of_b % (1 << 32) == 1, (tid, first_of_b)
             c.cancel(tid)
             assert c.wait(tid)[tid].status is TaskStatus.CANCELLED
         b.check_invariants()
@@ -149,13 +153,14 @@ def test_a_restarted_engine_never_sees_its_predecessors_tasks(tmp_path: Path, ho
 def test_a_stray_launch_does_not_break_the_put_that_later_takes_its_id() -> None:
     model = small_model()
     with serving(model, small_cache(), LayoutKind.VLLM_KV_FIRST, 16, seed=3) as (kvm, bufs):
+        nxt = kvm._task_base + 1  # the id this session's next task takes
         with pytest.raises(InvalidRequest, match="not returned by get_match"):
-            kvm.launch(1, slots_for(SRC, 4 * T))
+            kvm.launch(nxt, slots_for(SRC, 4 * T))
         # the same launch straight on the socket (a client with its own ids): the server ignores it
-        kvm._c.send(cm.LaunchMsg(client_id=0, task_ids=[1]), [slots_for(SRC, 4 * T)])
+        kvm._c.send(cm.LaunchMsg(client_id=0, task_ids=[nxt]), [slots_for(SRC, 4 * T)])
         x = tokens(4 * T, seed=23)
         put = kvm.put_async(x, slots_for(SRC, len(x)))
-        assert put == 1
+        assert put == nxt
         assert kvm.wait(put, timeout=20)[put].status is TaskStatus.SUCCESS
         poison(bufs, DST)
         get = kvm.get_async(x, slots_for(DST, len(x)))

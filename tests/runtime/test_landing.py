@@ -1,0 +1,172 @@
+"""GET waits that complete from the ranks' progress tables (issue 17 §3: a completion that reaches the
+waiting client without the worker -> server -> client round).
+
+A rank registered with ``layerwise=True`` publishes in shared memory when each H2D op of a task has
+landed in the engine's buffers. ``KVManager.wait`` on GETs then asks the server to answer as soon as the
+task's H2D is on its way (``WaitMsg.landing``), with the task's final mask, and returns SUCCESS once every
+rank's table says every layer landed: the worker's report to the server and the server's reply to the
+client are off the critical path. Everything else (a failed copy, a dead or stopped worker, a timeout,
+``completely=True``, PUTs) ends as it did before. Every GET below lands in poisoned blocks and its bytes
+are compared with the source: a wait may never say SUCCESS before the bytes are in place.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from flexkv.common.config import CacheConfig, ModelConfig
+from flexkv.kvmanager import KVManager
+from flexkv.layout import LayoutKind
+from flexkv.types import TaskStatus
+from tests.runtime.kvtest import T, block_bytes, host_buffers, poison, slots_for, tokens
+
+pytestmark = pytest.mark.timeout(120)
+
+MODEL = ModelConfig(num_layers=4, num_kv_heads=2, head_size=16, dtype="float16")
+
+
+class _Stack:
+    def __init__(self, layerwise: bool = True, num_blocks: int = 64) -> None:
+        self.kvm = KVManager(MODEL, CacheConfig(tokens_per_block=T, num_cpu_blocks=128))
+        self.kvm.start()
+        self.bufs = host_buffers(MODEL, LayoutKind.VLLM_KV_FIRST, num_blocks, seed=21)
+        self.kvm.register_kv_buffers(self.bufs, self.bufs.layout, layerwise=layerwise)
+        self.kvm.wait_ready(60)
+
+    def put(self, toks: np.ndarray, blocks: list[int]) -> None:
+        tid = self.kvm.put_async(toks, slots_for(blocks, len(toks)))
+        assert self.kvm.wait(tid, timeout=30)[tid].status is TaskStatus.SUCCESS
+
+    def worker_pid(self) -> int:
+        stats = self.kvm._query("stats")
+        [pid] = [int(v) for k, v in stats.items() if k.startswith("pid:device")]
+        return pid
+
+    def exact(self, src: list[int], dst: list[int]) -> bool:
+        return all(block_bytes(self.bufs, s) == block_bytes(self.bufs, d) for s, d in zip(src, dst, strict=True))
+
+    def close(self) -> None:
+        self.kvm.shutdown()
+        self.bufs.close()
+
+
+@pytest.fixture
+def stack():  # type: ignore[no-untyped-def]
+    s = _Stack()
+    yield s
+    s.close()
+
+
+def test_get_waits_complete_from_the_tables_with_exact_bytes(stack: _Stack) -> None:
+    toks = tokens(4 * T, seed=1)
+    src = [0, 1, 2, 3]
+    stack.put(toks, src)
+    before = stack.kvm.num_waits_landed
+    for round_ in range(20):
+        dst = [10 + 4 * (round_ % 5) + i for i in range(4)]
+        poison(stack.bufs, dst)
+        tid = stack.kvm.get_async(toks, slots_for(dst, len(toks)))
+        res = stack.kvm.wait(tid, timeout=30)[tid]
+        assert res.status is TaskStatus.SUCCESS, res
+        assert res.return_mask is not None and res.return_mask.all()
+        assert stack.exact(src, dst), f"round {round_}: SUCCESS before the bytes were in place"
+    assert stack.kvm.num_waits_landed - before == 20, "every wait completed from the tables"
+    # A partly cached prompt: the mask the landing reply carries is the task's own.
+    longer = np.concatenate([toks, tokens(2 * T, seed=9)])
+    poison(stack.bufs, [40, 41, 42, 43, 44, 45])
+    tid = stack.kvm.get_async(longer, slots_for([40, 41, 42, 43, 44, 45], len(longer)))
+    res = stack.kvm.wait(tid, timeout=30)[tid]
+    assert res.status is TaskStatus.SUCCESS and res.return_mask is not None
+    assert res.return_mask[:4 * T].all() and not res.return_mask[4 * T:].any()
+    assert stack.exact(src, [40, 41, 42, 43])
+    stack.kvm.check_invariants()
+
+
+def test_match_then_launch_and_batches_land_too(stack: _Stack) -> None:
+    prompts = [tokens(3 * T, seed=10 + i) for i in range(3)]
+    srcs = [[3 * i, 3 * i + 1, 3 * i + 2] for i in range(3)]
+    for p, s in zip(prompts, srcs, strict=True):
+        stack.put(p, s)
+    dsts = [[20 + 3 * i, 21 + 3 * i, 22 + 3 * i] for i in range(3)]
+    poison(stack.bufs, [d for ds in dsts for d in ds])
+    ids = [stack.kvm.get_match(p)[0] for p in prompts]
+    stack.kvm.launch(ids, [slots_for(d, 3 * T) for d in dsts])
+    put_id = stack.kvm.put_async(tokens(2 * T, seed=99), slots_for([50, 51], 2 * T))  # a PUT in the same wait
+    res = stack.kvm.wait(ids + [put_id], timeout=30)
+    assert all(r.status is TaskStatus.SUCCESS for r in res.values()), res
+    assert all(stack.exact(s, d) for s, d in zip(srcs, dsts, strict=True))
+    stack.kvm.check_invariants()
+
+
+def test_a_failed_copy_is_failed_not_landed(stack: _Stack) -> None:
+    toks = tokens(4 * T, seed=2)
+    stack.put(toks, [0, 1, 2, 3])
+    tid, _ = stack.kvm.get_match(toks)
+    stack.kvm.launch(tid, slots_for([4, 5, 6, 400], len(toks)))  # block 400 is past the buffers
+    res = stack.kvm.wait(tid, timeout=30)[tid]
+    assert res.status is TaskStatus.FAILED and "out of range" in res.error, res
+    stack.kvm.check_invariants()
+
+
+def test_a_stopped_worker_times_out_then_lands_and_a_killed_one_fails(stack: _Stack) -> None:
+    toks = tokens(4 * T, seed=3)
+    src = [0, 1, 2, 3]
+    stack.put(toks, src)
+    pid = stack.worker_pid()
+    dst = [30, 31, 32, 33]
+    poison(stack.bufs, dst)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        tid = stack.kvm.get_async(toks, slots_for(dst, len(toks)))
+        assert stack.kvm.wait(tid, timeout=0.5)[tid].status is TaskStatus.TIMEOUT
+        assert not stack.exact(src, dst)
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    res = stack.kvm.wait(tid, timeout=30)[tid]
+    assert res.status is TaskStatus.SUCCESS and stack.exact(src, dst)
+
+    dst = [34, 35, 36, 37]
+    poison(stack.bufs, dst)
+    os.kill(pid, signal.SIGSTOP)  # the op reaches the worker's socket but is never copied
+    tid = stack.kvm.get_async(toks, slots_for(dst, len(toks)))
+    out: dict[str, object] = {}
+    waiter = threading.Thread(target=lambda: out.update(res=stack.kvm.wait(tid, timeout=60)[tid]))
+    waiter.start()
+    time.sleep(0.5)
+    assert waiter.is_alive(), "a wait returned while the worker was stopped"
+    os.kill(pid, signal.SIGKILL)
+    waiter.join(timeout=60)
+    res = out["res"]
+    assert res.status is TaskStatus.FAILED, res  # type: ignore[attr-defined]
+    assert not stack.exact(src, dst)
+
+
+def test_without_tables_and_with_completely_the_server_answers() -> None:
+    s = _Stack(layerwise=False)
+    try:
+        toks = tokens(4 * T, seed=4)
+        s.put(toks, [0, 1, 2, 3])
+        poison(s.bufs, [8, 9, 10, 11])
+        tid = s.kvm.get_async(toks, slots_for([8, 9, 10, 11], len(toks)))
+        assert s.kvm.wait(tid, timeout=30)[tid].status is TaskStatus.SUCCESS
+        assert s.exact([0, 1, 2, 3], [8, 9, 10, 11])
+        assert s.kvm.num_waits_landed == 0
+    finally:
+        s.close()
+    s = _Stack()
+    try:
+        toks = tokens(4 * T, seed=5)
+        s.put(toks, [0, 1, 2, 3])
+        poison(s.bufs, [8, 9, 10, 11])
+        tid = s.kvm.get_async(toks, slots_for([8, 9, 10, 11], len(toks)))
+        assert s.kvm.wait(tid, timeout=30, completely=True)[tid].status is TaskStatus.SUCCESS
+        assert s.exact([0, 1, 2, 3], [8, 9, 10, 11])
+        assert s.kvm.num_waits_landed == 0, "completely=True waits for every op: the server answers"
+    finally:
+        s.close()
