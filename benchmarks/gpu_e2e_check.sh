@@ -12,6 +12,8 @@
 #             200 and 1000 (issue 17 §3: a 4-block get/put p50 <= 0.35 ms), and small_ops.py on host buffers
 #   ipc       (not in the default list) benchmarks/ipc_latency.py (one round trip between two processes by
 #             mechanism: the floor under a hop) back to back and idle, and small_ops.py --breakdown
+#   landing   (not in the default list) gpu_transfer.py --stack T=16 with the rank registered layer-wise
+#             through the manager (GET waits end from its progress table), and small_ops.py both ways
 #   ops       (not in the default list; needs a prometheus_client wheel in .whl/) `flexkv check --gpu`, and
 #             metrics off vs on: control_latency.py --metrics and throughput.py --metrics (host buffers)
 #   layerwise layer-wise GET on CUDA (per-layer events, bytes exact at every layer wait, failures wake
@@ -82,6 +84,10 @@ for part in "${parts[@]}"; do
     step 120 "ipc_latency back to back" python3 benchmarks/ipc_latency.py --iters 5000
     step 120 "ipc_latency idle 1 ms" python3 benchmarks/ipc_latency.py --iters 2000 --idle-us 1000
     step 120 "small_ops breakdown" python3 benchmarks/small_ops.py --iters 300 --breakdown ;;
+  landing)
+    step 240 "gpu_transfer --stack T=16 --landing" python3 benchmarks/gpu_transfer.py --stack --tokens-per-block 16 \
+      --landing
+    step 120 "small_ops host buffers, landing both ways" python3 benchmarks/small_ops.py --iters 300 ;;
   example)
     step 150 "example tp=$tp vllm_kv_first" python3 examples/scheduler_server_example.py --tp-size $tp --layout vllm_kv_first
     step 200 "example llama8b tp=1 32 layers" python3 examples/scheduler_server_example.py \
@@ -101,7 +107,7 @@ for part in "${parts[@]}"; do
       --engine-blocks 256 --cpu-blocks 300 --rounds 8 --warmup-rounds 2 ;;
   layerwise)
     step 300 "pytest layer-wise GET + HF engine (CUDA and CPU)" "${PYTEST[@]}" \
-      tests/runtime/test_layerwise.py tests/integration/test_hf_engine.py
+      tests/runtime/test_layerwise.py tests/runtime/test_landing.py tests/integration/test_hf_engine.py
     step 300 "hf_numerics (this host CPU)" \
       python3 benchmarks/hf_numerics.py ;;
   ttft)

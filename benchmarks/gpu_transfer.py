@@ -256,8 +256,13 @@ class Stack:
         self.kvm = KVManager(MODEL, CacheConfig(tokens_per_block=t, num_cpu_blocks=(self.k + 1) * self.n + 64,
                                                 busy_poll_us=args.busy_poll_us))
         self.kvm.start()
-        self.client = KVTPClient(self.kvm.server_address, device_id=0)
-        self.client.register(self.host if self.host is not None else self.tensors, self.layout)
+        self.client: KVTPClient | None = None
+        kv = self.host if self.host is not None else self.tensors
+        if args.landing:  # the manager reads the rank's progress table: GET waits end from shared memory
+            self.kvm.register_kv_buffers(kv, self.layout, layerwise=True)
+        else:
+            self.client = KVTPClient(self.kvm.server_address, device_id=0)
+            self.client.register(kv, self.layout)
         self.kvm.wait_ready(120)
         self._rng = np.random.default_rng(1)
         perm = self._rng.permutation(engine_blocks).astype(np.int64)
@@ -339,7 +344,8 @@ class Stack:
         return bad
 
     def close(self) -> None:
-        self.client.close()
+        if self.client is not None:
+            self.client.close()
         self.kvm.shutdown()
         if self.host is not None:
             self.tensors = []
@@ -408,6 +414,9 @@ def main() -> None:
     ap.add_argument("--busy-poll-us", type=int, default=0,
                     help="--stack: the server's and client's busy_poll_us (docs/config.md)")
     ap.add_argument("--cpu", action="store_true", help="--stack on host buffers (no CUDA, no ceiling)")
+    ap.add_argument("--landing", action="store_true",
+                    help="--stack: register with layerwise=True through the manager, so GET waits end from the "
+                         "rank's progress table (docs/layerwise.md); H2D ops of 16+ blocks copy layer-major")
     args = ap.parse_args()
     if args.quick:
         args.tokens_per_block, args.num_blocks, args.repeats = [16], 256, 3

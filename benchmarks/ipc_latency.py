@@ -153,13 +153,14 @@ def run_unix(rounds: int, idle_us: int, spin: bool) -> np.ndarray:
 
 def run_shm(rounds: int, idle_us: int) -> np.ndarray:
     shm = shared_memory.SharedMemory(create=True, size=64)
-    seq = np.ndarray((2,), np.int64, buffer=shm.buf)
-    seq[:] = 0
+    box = [np.ndarray((2,), np.int64, buffer=shm.buf)]  # dropped before close: no export may outlive the map
+    box[0][:] = 0
     child = mp.get_context("fork").Process(target=_shm_echo, args=(shm.name,), daemon=True)
     child.start()
     n = [0]
 
     def one() -> None:
+        seq = box[0]
         n[0] += 1
         seq[0] = n[0]
         while seq[1] != n[0]:
@@ -169,9 +170,9 @@ def run_shm(rounds: int, idle_us: int) -> np.ndarray:
         _time(200, 0, one)
         return _time(rounds, idle_us, one)
     finally:
-        seq[0] = -1
+        box[0][0] = -1
         child.join(10)
-        del seq
+        box.clear()
         shm.close()
         shm.unlink()
 

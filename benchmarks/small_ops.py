@@ -60,7 +60,7 @@ POISON = np.uint16(0xDEAD)
 class SmallOpStack:
     """A library-mode server with one host-buffer rank; slots for one put source and one get destination."""
 
-    def __init__(self, blocks: int, cpu_blocks: int, busy_poll_us: int = 0) -> None:
+    def __init__(self, blocks: int, cpu_blocks: int, busy_poll_us: int = 0, landing: bool = False) -> None:
         self.blocks = blocks
         engine_blocks = 3 * blocks
         self.layout = KVCacheLayout(LayoutKind.VLLM_KV_FIRST, MODEL.num_layers, engine_blocks, T, MODEL.num_kv_heads,
@@ -76,7 +76,7 @@ class SmallOpStack:
             cache = dataclasses.replace(cache, busy_poll_us=busy_poll_us)
         self.kvm = KVManager(MODEL, cache)
         self.kvm.start()
-        self.kvm.register_kv_buffers(self.bufs, self.layout)
+        self.kvm.register_kv_buffers(self.bufs, self.layout, layerwise=landing)
         self.kvm.wait_ready(60)
         self._rng = rng
         self.stored = self.new_prompt()
@@ -127,7 +127,7 @@ class SmallOpStack:
         self.bufs.close()
 
 
-def measure(stacks: dict[int, SmallOpStack], echo: EchoClient, iters: int, idle_s: float) -> dict[str, np.ndarray]:
+def measure(stacks: dict[str, SmallOpStack], echo: EchoClient, iters: int, idle_s: float) -> dict[str, np.ndarray]:
     """Interleaved put / get (of every stack) / echo / memcpy timings (seconds), each after ``idle_s``
     of sleep; keys ``put@<busy_poll_us>``, ``get@<busy_poll_us>``, ``echo``, ``memcpy``."""
     blocks = next(iter(stacks.values())).blocks
@@ -180,10 +180,13 @@ def main() -> None:
     ap.add_argument("--busy-poll-us", type=int, nargs="+", default=[0],
                     help="the busy_poll_us config key of the server and client; several: one server each, "
                          "their ops interleaved")
+    ap.add_argument("--landing", choices=("off", "on", "both"), default="both",
+                    help="register the rank with layerwise=True, so a get's wait ends from its progress table "
+                         "(docs/layerwise.md); both: one server each way, their ops interleaved")
     ap.add_argument("--breakdown", action="store_true", help="record and print per-hop timestamps")
     args = ap.parse_args()
-    if args.breakdown and len(args.busy_poll_us) > 1:
-        ap.error("--breakdown traces one server: give one --busy-poll-us value")
+    if args.breakdown and (len(args.busy_poll_us) > 1 or args.landing == "both"):
+        ap.error("--breakdown traces one server: give one --busy-poll-us value and --landing on or off")
 
     tmp = tempfile.mkdtemp(prefix="flexkv-smallops-")
     if args.breakdown:
@@ -195,13 +198,16 @@ def main() -> None:
     proc = mp.get_context("spawn").Process(target=echo_server, args=(address,), daemon=True)
     proc.start()
     echo = EchoClient(address)
-    stacks: dict[int, SmallOpStack] = {}
+    stacks: dict[str, SmallOpStack] = {}
+    landings = {"off": [False], "on": [True], "both": [False, True]}[args.landing]
     try:
         for spin in args.busy_poll_us:
-            stacks[spin] = SmallOpStack(args.blocks, args.cpu_blocks, spin)
+            for landing in landings:
+                label = f"{spin}{' landing' if landing else ''}"
+                stacks[label] = SmallOpStack(args.blocks, args.cpu_blocks, spin, landing)
         print(f"{args.blocks} blocks x {MODEL.block_bytes(T) >> 20} MiB per op (Llama-3-8B, T={T}), host buffers; "
               f"{args.iters} ops per row; p50/p99 ms; {os.cpu_count()} CPUs; python {sys.version.split()[0]}")
-        print(f"{'mode':<13} {'busy_poll_us':>12} {'put':>13} {'get':>13} {'zmq echo':>13} {'memcpy (hot)':>13} "
+        print(f"{'mode':<13} {'busy_poll_us':>18} {'put':>13} {'get':>13} {'zmq echo':>13} {'memcpy (hot)':>13} "
               f"{'goal p50':>8} {'met':>4}")
         for mode, idle in (("back to back", 0.0), (f"idle {args.idle_ms:g} ms", args.idle_ms / 1e3)):
             res = measure(stacks, echo, args.iters, idle)
@@ -209,7 +215,7 @@ def main() -> None:
                 cells = [f"{np.percentile(res[k], 50) * 1e3:.3f}/{np.percentile(res[k], 99) * 1e3:.3f}"
                          for k in (f"put@{spin}", f"get@{spin}", "echo", "memcpy")]
                 met = max(np.percentile(res[f"put@{spin}"], 50), np.percentile(res[f"get@{spin}"], 50)) * 1e3 <= GOAL_MS
-                print(f"{mode:<13} {spin:>12} {cells[0]:>13} {cells[1]:>13} {cells[2]:>13} {cells[3]:>13} "
+                print(f"{mode:<13} {spin:>18} {cells[0]:>13} {cells[1]:>13} {cells[2]:>13} {cells[3]:>13} "
                       f"{GOAL_MS:>8.2f} {'yes' if met else 'NO':>4}", flush=True)
         bad = 0
         for stack in stacks.values():

@@ -38,6 +38,7 @@ HOPS = (
     "server_completed",  # server: OpsDoneMsg decoded, before complete_op
     "server_replied",    # server: WaitReplyMsg about to be sent
     "client_replied",    # KVManager: wait's reply decoded
+    "client_landed",     # KVManager: a GET's landing seen in every rank's progress table (landing waits)
 )
 
 _marks: list[tuple[int, str, int]] = []
@@ -102,27 +103,37 @@ def load(directory: str) -> dict[int, dict[str, int]]:
 
 
 def summarize(directory: str) -> list[str]:
-    """Lines: per hop the median microseconds since the previous hop, over tasks that passed both."""
+    """Lines: per hop the median microseconds since the previous hop, over tasks that passed both. GETs whose
+    wait ended from the progress tables ("landing") are their own group: their server reply travels while
+    the copy runs, and the copy's end is what the client sees."""
     lines: list[str] = []
-    for kind in ("put", "get"):
-        tasks = [h for h in load(directory).values() if kind in h and "client_replied" in h]
-        lines.append(f"{kind}: hop breakdown over {len(tasks)} traced tasks (median us since the previous hop)")
-        lines += _rows(tasks)
+    traced = load(directory).values()
+    for kind, landing in (("put", False), ("get", False), ("get", True)):
+        tasks = [h for h in traced if kind in h and "client_replied" in h and ("client_landed" in h) == landing]
+        if landing and not tasks:
+            continue
+        what = f"{kind} (landing)" if landing else kind
+        lines.append(f"{what}: hop breakdown over {len(tasks)} traced tasks (median us since the previous hop)")
+        lines += _rows(tasks, _LANDING_HOPS if landing else HOPS[:-1])
     return lines
 
 
 # The hop each one is timed from: the one before it, except where two run in parallel.
-_SINCE = {"server_wait": "server_request", "worker_received": "server_dispatched"}
+_SINCE = {"server_wait": "server_request", "worker_received": "server_dispatched", "client_landed": "copy_done"}
+# A landing GET's way to its client: the server's reply and the worker's report run beside it.
+_LANDING_HOPS = ("client_send", "server_request", "server_dispatched", "worker_received", "copy_started", "copy_done",
+                 "client_landed")
 
 
-def _rows(complete: list[dict[str, int]]) -> list[str]:
+def _rows(complete: list[dict[str, int]], hops: tuple[str, ...]) -> list[str]:
     lines = []
-    for prev, hop in itertools.pairwise(HOPS):
+    for prev, hop in itertools.pairwise(hops):
         base = _SINCE.get(hop, prev)
         deltas = [h[hop] - h[base] for h in complete if hop in h and base in h]
         if deltas:
             lines.append(f"  {base:>18} -> {hop:<18} {np.median(deltas) / 1e3:8.1f} us  ({len(deltas)} tasks)")
-    total = [h["client_replied"] - h["client_send"] for h in complete if "client_send" in h]
+    end = hops[-1]
+    total = [h[end] - h["client_send"] for h in complete if "client_send" in h and end in h]
     if total:
-        lines.append(f"  {'client_send':>18} -> {'client_replied':<18} {np.median(total) / 1e3:8.1f} us total")
+        lines.append(f"  {'client_send':>18} -> {end:<18} {np.median(total) / 1e3:8.1f} us total")
     return lines

@@ -44,6 +44,7 @@ log = logging.getLogger("flexkv")
 IntArrayLike = Any  # numpy array or torch tensor
 
 
+LANDING_STATUS_EVERY_S = 0.005  # a landing wait asks the server this often whether the task failed meanwhile
 SESSION_TASK_BITS = 32  # a session's task ids: its base, then up to 2**32 ids
 _SESSION_BASES = (1 << 16) - 1  # bases 1 .. 65535 << 32: ids stay below 2**48 (flexkv.layerwise.MAX_TASK_ID)
 
@@ -147,6 +148,7 @@ class KVManager:
         self._launched: dict[int, int] = {}  # task id -> digest of the slot mapping it was launched with
         self._tp_clients: list[KVTPClient] = []
         self._layerwise: set[int] = set()  # tasks launched with layerwise=True, not yet final
+        self.num_waits_landed = 0  # GET waits that ended from the ranks' progress tables (see _await_landing)
         self._tokens_per_block = cache_config.tokens_per_block  # the server's, once connected
 
     # -- lifecycle ------------------------------------------------------------------------------
@@ -575,22 +577,82 @@ class KVManager:
             if not pending or time.monotonic() >= deadline:
                 return {tid: out[tid] for tid in ids}
 
-    def _wait_once(self, ids: list[int], timeout: float, completely: bool, forget: bool) -> dict[int, KVResponse]:
+    def _wait_once(self, ids: list[int], timeout: float, completely: bool, forget: bool,
+                   landing: bool = True) -> dict[int, KVResponse]:
+        """One WaitMsg. With every rank's progress table here (``register_kv_buffers(..., layerwise=True)``)
+        the server answers a GET as soon as its H2D is on its way, and :meth:`_await_landing` watches the
+        tables: the worker's report to the server and the server's reply are then off the GET's path."""
+        deadline = time.monotonic() + timeout
+        tables = self._landing_tables() if landing and not completely else None
         reply, frames = self._c.request(
             lambda rid: cm.WaitMsg(client_id=self.dp_client_id, req_id=rid, task_ids=ids, timeout_s=timeout,
-                                   completely=completely), timeout_s=timeout + self._request_timeout_s)
+                                   completely=completely, landing=tables is not None),
+            timeout_s=timeout + self._request_timeout_s)
         assert isinstance(reply, cm.WaitReplyMsg)
         if hoptrace.ENABLED:
             for tid in reply.task_ids:
                 hoptrace.mark("client_replied", tid)
         out: dict[int, KVResponse] = {}
+        watch: dict[int, npt.NDArray[np.bool_] | None] = {}
         for i, tid in enumerate(reply.task_ids):
             st, error = TaskStatus(reply.statuses[i]), reply.errors[i]
             mask = range_to_mask(reply.num_tokens[i], reply.mask_begins[i], reply.mask_ends[i], frames)
+            if tables is not None and i < len(reply.landing) and reply.landing[i]:
+                watch[tid] = mask
+                continue
             out[tid] = KVResponse(st, tid, mask, error)
             if forget and st not in (TaskStatus.UNREADY, TaskStatus.TIMEOUT):
-                self._launched.pop(tid, None)
-                self._layerwise.discard(tid)
+                self._forget(tid)
+        if watch:
+            assert tables is not None
+            out.update(self._await_landing(tables, watch, deadline, forget))
+        return out
+
+    def _forget(self, tid: int) -> None:
+        self._launched.pop(tid, None)
+        self._layerwise.discard(tid)
+
+    def _landing_tables(self) -> list[LayerProgress] | None:
+        """Every TP rank's progress table, when all ranks registered through this manager with one."""
+        tables = {tp.tp_rank: tp.layer_progress for tp in self._tp_clients if tp.layer_progress is not None}
+        return list(tables.values()) if sorted(tables) == list(range(self.model_config.tp_size)) else None
+
+    def _await_landing(self, tables: list[LayerProgress], watch: dict[int, npt.NDArray[np.bool_] | None],
+                       deadline: float, forget: bool) -> dict[int, KVResponse]:
+        """SUCCESS for each GET of ``watch`` (task id -> its final mask, from the server) once every rank's
+        table says all its layers landed: the worker stores that only after the bytes are in the engine's
+        memory. A rank's word saying "failed", and every LANDING_STATUS_EVERY_S anyway (a worker that died
+        writes nothing), hand the task back to the server, whose answer stands; TIMEOUT at ``deadline``."""
+        num_layers = self.model_config.num_layers
+        out: dict[int, KVResponse] = {}
+        next_status, nap = time.monotonic() + LANDING_STATUS_EVERY_S, 0.0
+        while watch:
+            failed = []
+            for tid in list(watch):
+                states = [t.read(tid) for t in tables]
+                if any(s is not None and s.failed for s in states):
+                    failed.append(tid)
+                elif all(s is not None and s.num_layers_landed >= num_layers for s in states):
+                    out[tid] = KVResponse(TaskStatus.SUCCESS, tid, watch.pop(tid), "")
+                    self.num_waits_landed += 1
+                    if hoptrace.ENABLED:
+                        hoptrace.mark("client_landed", tid)
+                    if forget:
+                        self._forget(tid)
+            now = time.monotonic()
+            if watch and (failed or now >= next_status or now >= deadline):
+                # A failed rank reports to the server at once: give it a moment to say why.
+                wait_s = min(5.0, max(0.0, deadline - now)) if failed else 0.0
+                for tid, resp in self._wait_once(failed or list(watch), wait_s, False, forget, landing=False).items():
+                    if resp.status not in (TaskStatus.UNREADY, TaskStatus.TIMEOUT) or now >= deadline:
+                        out[tid] = resp if resp.status is not TaskStatus.UNREADY else resp._replace(
+                            status=TaskStatus.TIMEOUT)
+                        watch.pop(tid)
+                next_status = time.monotonic() + LANDING_STATUS_EVERY_S
+                continue
+            if watch:
+                time.sleep(nap)
+                nap = min(2e-4, nap + 2e-5)  # spin first (a small GET lands within microseconds), then nap
         return out
 
     def try_wait(self, task_ids: int | Sequence[int], completely: bool = False) -> dict[int, KVResponse]:

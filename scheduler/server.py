@@ -78,6 +78,7 @@ class _Wait:
     keys: list[TaskKey]
     deadline: float
     completely: bool
+    landing: bool = False  # the client watches the ranks' progress tables (WaitMsg.landing)
 
 
 @dataclasses.dataclass
@@ -150,6 +151,9 @@ class SchedulerServer:
         # Final results of retired tasks, (engine part, every op), kept for later waits; bounded by bytes.
         self._results = ResultCache(cache.result_cache_bytes)
         self._waits: list[_Wait] = []
+        # GETs whose H2D is dispatched to ranks that publish its landing in their progress tables: a landing
+        # wait is answered for them at once, and the client returns when every rank's table says so.
+        self._landing: set[TaskKey] = set()
         self._spin_ns = cache.busy_poll_us * 1000
         self._running = False
         self._stop_requested = False  # a SIGTERM before serve_forever began still stops it
@@ -622,7 +626,7 @@ class SchedulerServer:
         session = self._sessions[identity]
         keys = [session.key(tid) for tid in msg.task_ids]
         self._waits.append(_Wait(session, msg.req_id, list(msg.task_ids), keys, time.monotonic() + t,
-                                 msg.completely))
+                                 msg.completely, msg.landing and not msg.completely))
         self.telemetry.on_wait(keys)
         if hoptrace.ENABLED:
             for tid in msg.task_ids:
@@ -770,6 +774,7 @@ class SchedulerServer:
         assert all(owned(k) for k in self._results.keys()), "a result belongs to no live session"
         assert set(self._matched) | self._launched <= set(tasks), "a matched or launched key left the control plane"
         assert not set(self._matched) & self._launched, "a task is both unlaunched and launched"
+        assert self._landing <= self._launched, "a landing task that is not running"
         assert all(live.get(w.session.session_id) is w.session for w in self._waits), "a wait of a gone session"
         assert all(r.session_id in live for r in self._registrations.values()), "a registration of a gone session"
         self._results.check_invariants()
@@ -802,17 +807,20 @@ class SchedulerServer:
         now = time.monotonic()
         keep: list[_Wait] = []
         for w in self._waits:
-            done = all(self._is_final(k, self._status(k, w.completely)) for k in w.keys)
+            final = [self._is_final(k, self._status(k, w.completely)) for k in w.keys]
+            landing = [not f and w.landing and k in self._landing for k, f in zip(w.keys, final, strict=True)]
+            done = all(f or la for f, la in zip(final, landing, strict=True))
             if not done and now < w.deadline:
                 keep.append(w)
                 continue
             results = [self._result(k, w.completely) for k in w.keys]
-            statuses = [r.status if self._is_final(k, r.status) else TaskStatus.TIMEOUT
-                        for k, r in zip(w.keys, results, strict=True)]
+            statuses = [r.status if f else TaskStatus.UNREADY if la else TaskStatus.TIMEOUT
+                        for r, f, la in zip(results, final, landing, strict=True)]
             reply = cm.WaitReplyMsg(req_id=w.req_id, task_ids=w.task_ids, statuses=[int(s) for s in statuses],
                                     errors=[r.error if r.status is TaskStatus.FAILED else "" for r in results],
                                     num_tokens=[r.num_tokens for r in results],
-                                    mask_begins=[r.begin for r in results], mask_ends=[r.end for r in results])
+                                    mask_begins=[r.begin for r in results], mask_ends=[r.end for r in results],
+                                    landing=landing if any(landing) else [])
             if hoptrace.ENABLED:
                 for tid in w.task_ids:
                     hoptrace.mark("server_replied", tid)
@@ -833,6 +841,7 @@ class SchedulerServer:
             self._launched.discard(key)
 
     def _remember(self, key: TaskKey, engine: KVResponse, full: KVResponse, task_type: TaskType | None = None) -> None:
+        self._landing.discard(key)
         self._results.put(key, engine, full)
         self.telemetry.on_final(key, engine, full, task_type)
 
@@ -888,6 +897,8 @@ class SchedulerServer:
             failure = self.supervisor.dispatch(op)
             if failure is not None:
                 pending += self._complete_one(failure)
+            elif op.op_type is OpType.H2D and self.supervisor.publishes_landing(op):
+                self._landing.update(op.task_keys)
 
     def _complete(self, results: list[OpResult]) -> None:
         """Apply completions; then start the ops they released (those of one report as one batch: e.g.
@@ -937,6 +948,7 @@ class SchedulerServer:
             self._matched.pop(key, None)
         num_results = self._results.drop_session(session)
         self._waits = [w for w in self._waits if w.session is not session]
+        self._landing = {k for k in self._landing if not session.owns(k)}
         log_fn = log.warning if dead else log.info
         log_fn("session %d (client %d, %s, pid %d) ended: %s; dropped %d tasks and %d results", session.session_id,
                session.client_id, session.role, session.pid, reason, len(keys), num_results)

@@ -320,6 +320,13 @@ class WorkerSupervisor:
             return [device_worker_id(client_id, r) for r in ranks]
         return [h.worker_id for h in self.workers.values() if int(op.op_type) in h.spec.get("op_types", [])][:1]
 
+    def publishes_landing(self, op: TransferOp) -> bool:
+        """Whether every rank ``op`` goes to writes its landing into the engine's progress table (the rank
+        registered with ``layerwise=True``; flexkv.layerwise)."""
+        targets = self.targets(op)
+        return bool(targets) and all(t in self.workers and self.workers[t].spec.get("registration", {})
+                                     .get("layer_progress") for t in targets)
+
     def dispatch(self, op: TransferOp) -> OpResult | None:
         """Send ``op`` to its worker(s). Returns an immediate failure if nobody can run it."""
         targets = self.targets(op)

@@ -25,7 +25,7 @@ from flexkv.native import hostcopy
 from flexkv.shm import SHM_DIR, SharedPool
 from flexkv.types import OpType
 from flexkv.workers.base import Op, Worker
-from flexkv.workers.layerwise_copy import start_layer_major
+from flexkv.workers.layerwise_copy import LAYER_MAJOR_MIN_BLOCKS, publish_task_words, start_layer_major
 
 log = logging.getLogger("flexkv.worker")
 
@@ -112,7 +112,8 @@ class DeviceWorker(Worker):
         self.shard_offsets = self.layout.pool_piece_offsets(
             block_first.shard_chunk_offsets(block_first.shard_of_rank(self.tp_rank)))
         self.backend: CopyBackend
-        # Layer-wise GET: the rank's engine registered a progress table; every H2D copies layer-major.
+        # Layer-wise GET: the rank's engine registered a progress table; every H2D of at least
+        # LAYER_MAJOR_MIN_BLOCKS copies layer-major, a smaller one whole; both publish their landing.
         self.layer_progress: LayerProgress | None = None
         if reg.get("layer_progress"):
             _check_owner(reg["layer_progress"])  # the worker writes into it: our own user's segments only
@@ -151,17 +152,24 @@ class DeviceWorker(Worker):
         progress = self.layer_progress
         if progress is None or not any(op.op_type is OpType.H2D for op in ops):
             return self._start_whole(ops)
-        layered = [i for i, op in enumerate(ops) if op.op_type is OpType.H2D]
-        whole = [i for i, op in enumerate(ops) if op.op_type is not OpType.H2D]
-        finishers = [(layered, start_layer_major(self, [ops[i] for i in layered], progress))]
+        layered = [i for i, op in enumerate(ops)
+                   if op.op_type is OpType.H2D and op.src_ids.size >= LAYER_MAJOR_MIN_BLOCKS]
+        whole = [i for i in range(len(ops)) if i not in layered]
+        finishers = []
+        if layered:
+            finishers.append((layered, start_layer_major(self, [ops[i] for i in layered], progress)))
         if whole:
             finishers.append((whole, self._start_whole([ops[i] for i in whole])))
+        num_layers = self.layout.num_layers
 
         def finish() -> list[str]:
             errors = [""] * len(ops)
             for idx, fin in finishers:
                 for i, err in zip(idx, fin(), strict=True):
                     errors[i] = err
+            for i in whole:  # a small H2D landed whole (or failed): every layer's wait and the GET's wait see it
+                if ops[i].op_type is OpType.H2D:
+                    publish_task_words(progress, ops[i], 0 if errors[i] else num_layers, failed=bool(errors[i]))
             return errors
         return finish
 

@@ -24,6 +24,19 @@ if TYPE_CHECKING:
     from flexkv.workers.device_worker import DeviceWorker
 
 
+# An H2D op of fewer blocks copies whole and publishes every layer at once: one copy call per layer costs
+# more than a small op's bytes (4 blocks: 32 calls of ~50-100 us on the GPU worker), and a layer wait on it
+# gains nothing. Its word says 0 layers until the whole op landed, then all of them.
+LAYER_MAJOR_MIN_BLOCKS = 16
+
+
+def publish_task_words(progress: LayerProgress, op: Op, num_layers: int, failed: bool = False) -> None:
+    """Store ``num_layers`` landed (or ``failed``) in the word of every task ``op`` moves blocks for."""
+    for task_id in op.task_ids:  # a batched op: each of its tasks' words
+        if task_id > 0:
+            progress.store(task_id, num_layers, failed)
+
+
 def start_layer_major(worker: DeviceWorker, ops: list[Op], progress: LayerProgress) -> Callable[[], list[str]]:
     """Start the H2D ``ops`` layer by layer; the returned function waits for them (errors per op).
 
@@ -36,9 +49,7 @@ def start_layer_major(worker: DeviceWorker, ops: list[Op], progress: LayerProgre
     lock = threading.Lock()  # the enqueueing thread and the publisher both write errors and words
 
     def publish(i: int, num_layers: int, failed: bool = False) -> None:
-        for task_id in ops[i].task_ids:  # a batched op: each of its tasks' words
-            if task_id > 0:
-                progress.store(task_id, num_layers, failed)
+        publish_task_words(progress, ops[i], num_layers, failed)
 
     def fail(i: int, e: Exception) -> None:
         with lock:

@@ -109,6 +109,9 @@ class WaitMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
     task_ids: list[int]
     timeout_s: float
     completely: bool = False
+    # The client reads every rank's progress table (flexkv.layerwise): answer as soon as each task is final
+    # or a GET whose H2D is on its way to ranks that publish its landing (WaitReplyMsg.landing).
+    landing: bool = False
 
 
 class RegisterKVMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
@@ -191,6 +194,9 @@ class WaitReplyMsg(ServerReply, frozen=True, tag=True, kw_only=True):
     num_tokens: list[int]
     mask_begins: list[int]
     mask_ends: list[int]
+    # Per task (WaitMsg.landing only): UNREADY, but its H2D is dispatched and its mask final; it succeeds once
+    # every rank's table says every layer landed (the client watches; it asks again if a rank failed).
+    landing: list[bool] = []
 
 
 class ErrorReplyMsg(ServerReply, frozen=True, tag=True, kw_only=True):

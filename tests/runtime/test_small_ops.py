@@ -113,7 +113,7 @@ def test_hop_trace_records_every_hop_of_a_put_and_a_get(tmp_path: Path) -> None:
         hoptrace.disable()  # the server and worker wrote theirs as they exited
     tasks = hoptrace.load(str(tmp_path))
     for tid, kind in ((put, "put"), (get, "get")):
-        missing = set(hoptrace.HOPS) - set(tasks[tid])
+        missing = set(hoptrace.HOPS) - set(tasks[tid]) - {"client_landed"}  # (no progress table here)
         assert not missing and kind in tasks[tid], f"task {tid}: hops not recorded: {sorted(missing)}"
         times = [tasks[tid][h] for h in ("client_send", "server_request", "server_dispatched", "worker_received",
                                          "copy_started", "copy_done", "worker_reported", "server_completed",
