@@ -384,12 +384,15 @@ class KVManager:
                layerwise: bool = False) -> None:
         """Bind GPU slots to matched tasks and start their transfers (no reply; errors at wait).
 
-        ``layerwise=True`` (GETs): the engine will wait for each layer with :meth:`wait_layer` before
-        computing it; needs every TP rank registered here with ``layerwise=True``. A task id this session
-        never handed out is InvalidRequest here; a cancelled or expired one is ignored."""
+        ``layerwise=True`` (GETs): the engine will wait for each layer with :meth:`wait_layer` (ranks
+        registered through this manager) or ``KVTPClient.wait_layer`` (ranks in other processes) before
+        computing it: the ranks' workers copy it layer by layer (others copy whole, which is faster). The
+        ranks must be registered with ``layerwise=True``; those registered here are checked. A task id this
+        session never handed out is InvalidRequest here; a cancelled or expired one is ignored."""
         ids = [task_ids] if isinstance(task_ids, int) else list(task_ids)
         if layerwise:
-            self._layer_tables()  # raises unless every rank can be watched from here
+            if self._tp_clients:
+                self._layer_tables()  # raises unless every rank registered here has a progress table
             self._layerwise.update(ids)
         maps = [slot_mappings] if isinstance(task_ids, int) else list(slot_mappings)
         if len(ids) != len(maps):
@@ -401,7 +404,7 @@ class KVManager:
                 send_ids.append(tid)
                 send_maps.append(slots)
         if send_ids:
-            self._c.send(cm.LaunchMsg(client_id=self.dp_client_id, task_ids=send_ids), send_maps)
+            self._c.send(cm.LaunchMsg(client_id=self.dp_client_id, task_ids=send_ids, layerwise=layerwise), send_maps)
 
     def _new_task_id(self) -> int:
         self._last_task_id = next(self._task_ids)

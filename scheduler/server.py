@@ -154,6 +154,7 @@ class SchedulerServer:
         # GETs whose H2D is dispatched to ranks that publish its landing in their progress tables: a landing
         # wait is answered for them at once, and the client returns when every rank's table says so.
         self._landing: set[TaskKey] = set()
+        self._layer_major: set[TaskKey] = set()  # launched with layerwise=True: their H2D copies layer by layer
         self._spin_ns = cache.busy_poll_us * 1000
         self._running = False
         self._stop_requested = False  # a SIGTERM before serve_forever began still stops it
@@ -569,7 +570,10 @@ class SchedulerServer:
                     batch.append((key, frame_array(arrays[i], np.int64, "slot_mapping")))
                 except ProtocolError as e:
                     self._fail_unstarted(key, str(e))
+        if msg.layerwise:
+            self._layer_major.update(key for key, _ in batch)
         self._launch_together(batch)
+        self._layer_major.intersection_update(self._launched)  # (those that could not be launched)
 
     def _launch_together(self, batch: list[tuple[TaskKey, Any]]) -> None:
         """Launch each task (one that cannot be launched fails alone), then dispatch all their ready ops
@@ -775,6 +779,7 @@ class SchedulerServer:
         assert set(self._matched) | self._launched <= set(tasks), "a matched or launched key left the control plane"
         assert not set(self._matched) & self._launched, "a task is both unlaunched and launched"
         assert self._landing <= self._launched, "a landing task that is not running"
+        assert self._layer_major <= self._launched, "a layer-wise task that is not running"
         assert all(live.get(w.session.session_id) is w.session for w in self._waits), "a wait of a gone session"
         assert all(r.session_id in live for r in self._registrations.values()), "a registration of a gone session"
         self._results.check_invariants()
@@ -842,6 +847,7 @@ class SchedulerServer:
 
     def _remember(self, key: TaskKey, engine: KVResponse, full: KVResponse, task_type: TaskType | None = None) -> None:
         self._landing.discard(key)
+        self._layer_major.discard(key)
         self._results.put(key, engine, full)
         self.telemetry.on_final(key, engine, full, task_type)
 
@@ -894,7 +900,8 @@ class SchedulerServer:
             if hoptrace.ENABLED:
                 for key in op.task_keys:
                     hoptrace.mark("server_dispatched", task_of(key))
-            failure = self.supervisor.dispatch(op)
+            layer_major = op.op_type is OpType.H2D and not self._layer_major.isdisjoint(op.task_keys)
+            failure = self.supervisor.dispatch(op, layer_major)
             if failure is not None:
                 pending += self._complete_one(failure)
             elif op.op_type is OpType.H2D and self.supervisor.publishes_landing(op):
@@ -949,6 +956,7 @@ class SchedulerServer:
         num_results = self._results.drop_session(session)
         self._waits = [w for w in self._waits if w.session is not session]
         self._landing = {k for k in self._landing if not session.owns(k)}
+        self._layer_major = {k for k in self._layer_major if not session.owns(k)}
         log_fn = log.warning if dead else log.info
         log_fn("session %d (client %d, %s, pid %d) ended: %s; dropped %d tasks and %d results", session.session_id,
                session.client_id, session.role, session.pid, reason, len(keys), num_results)

@@ -97,6 +97,7 @@ class WorkerHandle:
 class _Fanout:
     remaining: set[str]
     error: str = ""
+    layer_major: bool = False  # sent as ExecuteOpMsg.layer_major
 
 
 _REGISTER_HINT = ("; register the engine's KV buffers first: KVManager.register_kv_buffers(kv_tensors, layout) "
@@ -327,8 +328,9 @@ class WorkerSupervisor:
         return bool(targets) and all(t in self.workers and self.workers[t].spec.get("registration", {})
                                      .get("layer_progress") for t in targets)
 
-    def dispatch(self, op: TransferOp) -> OpResult | None:
-        """Send ``op`` to its worker(s). Returns an immediate failure if nobody can run it."""
+    def dispatch(self, op: TransferOp, layer_major: bool = False) -> OpResult | None:
+        """Send ``op`` to its worker(s) (``layer_major``: an H2D to copy layer by layer). Returns an immediate
+        failure if nobody can run it."""
         targets = self.targets(op)
         missing = [t for t in targets if t not in self.workers]
         if not targets or missing:
@@ -340,7 +342,7 @@ class WorkerSupervisor:
         down = [self.workers[t].down_reason for t in targets if self.workers[t].down_reason]
         if down:
             return op.op_id, down[0]
-        self._fanouts[op.op_id] = _Fanout(remaining=set(targets))
+        self._fanouts[op.op_id] = _Fanout(remaining=set(targets), layer_major=layer_major)
         for worker_id in targets:
             handle = self.workers[worker_id]
             if handle.ready:
@@ -355,8 +357,10 @@ class WorkerSupervisor:
         if op.block_hashes is not None:
             arrays.append(op.block_hashes)
         # The engine's own task id (its session's part of the key): a layer-wise GET's progress slot.
+        fan = self._fanouts.get(op.op_id)
         msg = ExecuteOpMsg(op_id=op.op_id, op_type=int(op.op_type), task_id=task_of(op.task_key),
-                           task_ids=[task_of(m.task_key) for m in op.members])
+                           task_ids=[task_of(m.task_key) for m in op.members],
+                           layer_major=fan is not None and fan.layer_major)
         frames = SERVER_TO_WORKER.encode(msg, arrays)
         self._sock.send_multipart([handle.routing_id, *frames], copy=False)
         handle.in_flight.add(op.op_id)

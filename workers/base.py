@@ -59,13 +59,14 @@ MAX_BATCH = 256
 class Op:
     """One op as a worker sees it."""
 
-    __slots__ = ("block_hashes", "corrupt_at", "dst_ids", "op_id", "op_type", "received", "src_ids", "task_id",
-                 "task_ids")
+    __slots__ = ("block_hashes", "corrupt_at", "dst_ids", "layer_major", "op_id", "op_type", "received", "src_ids",
+                 "task_id", "task_ids")
 
     def __init__(self, op_id: int, op_type: OpType, src_ids: npt.NDArray[np.int64], dst_ids: npt.NDArray[np.int64],
                  block_hashes: npt.NDArray[np.uint64] | None, task_id: int = -1,
-                 task_ids: tuple[int, ...] = ()) -> None:
+                 task_ids: tuple[int, ...] = (), layer_major: bool = False) -> None:
         self.op_id, self.op_type, self.task_id = op_id, op_type, task_id
+        self.layer_major = layer_major  # an H2D some engine waits for layer by layer
         self.task_ids = task_ids or (task_id,)  # a batched op: every task it moves blocks for
         self.src_ids, self.dst_ids, self.block_hashes = src_ids, dst_ids, block_hashes
         self.received = time.monotonic()
@@ -233,7 +234,7 @@ class Worker(abc.ABC):
         hashes = frame_array(arrays[2], np.uint64, "block_hashes") if len(arrays) > 2 else None
         if hoptrace.ENABLED:
             hoptrace.mark("worker_received", msg.task_id)
-        return Op(msg.op_id, OpType(msg.op_type), src, dst, hashes, msg.task_id, tuple(msg.task_ids))
+        return Op(msg.op_id, OpType(msg.op_type), src, dst, hashes, msg.task_id, tuple(msg.task_ids), msg.layer_major)
 
     def _execute_safely(self, batch: list[Op]) -> list[str]:
         try:

@@ -112,8 +112,8 @@ class DeviceWorker(Worker):
         self.shard_offsets = self.layout.pool_piece_offsets(
             block_first.shard_chunk_offsets(block_first.shard_of_rank(self.tp_rank)))
         self.backend: CopyBackend
-        # Layer-wise GET: the rank's engine registered a progress table; every H2D of at least
-        # LAYER_MAJOR_MIN_BLOCKS copies layer-major, a smaller one whole; both publish their landing.
+        # Layer-wise GET: the rank's engine registered a progress table; an H2D of a layer-wise launch
+        # (at least LAYER_MAJOR_MIN_BLOCKS) copies layer-major, any other whole; both publish their landing.
         self.layer_progress: LayerProgress | None = None
         if reg.get("layer_progress"):
             _check_owner(reg["layer_progress"])  # the worker writes into it: our own user's segments only
@@ -153,7 +153,7 @@ class DeviceWorker(Worker):
         if progress is None or not any(op.op_type is OpType.H2D for op in ops):
             return self._start_whole(ops)
         layered = [i for i, op in enumerate(ops)
-                   if op.op_type is OpType.H2D and op.src_ids.size >= LAYER_MAJOR_MIN_BLOCKS]
+                   if op.op_type is OpType.H2D and op.layer_major and op.src_ids.size >= LAYER_MAJOR_MIN_BLOCKS]
         whole = [i for i in range(len(ops)) if i not in layered]
         finishers = []
         if layered:

@@ -93,6 +93,7 @@ class LaunchMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
     The tasks' ready device ops go out together, as one batched op per direction and worker."""
 
     task_ids: list[int]
+    layerwise: bool = False  # GETs: copy layer by layer (the engine waits per layer); else whole, faster
 
 
 class CancelMsg(ClientMsg, frozen=True, tag=True, kw_only=True):

@@ -67,6 +67,7 @@ class ExecuteOpMsg(ServerToWorker, frozen=True, tag=True, kw_only=True):
     op_type: int
     task_id: int = -1
     task_ids: list[int] = []
+    layer_major: bool = False  # H2D of a layer-wise launch: copy (and publish) layer by layer
 
 
 class HelloAcceptedMsg(ServerToWorker, frozen=True, tag=True, kw_only=True):

@@ -26,7 +26,7 @@ from flexkv.layout import LayoutKind
 from flexkv.types import KVResponse, TaskStatus
 from flexkv.workers.layerwise_copy import LAYER_MAJOR_MIN_BLOCKS
 from tests.runtime.kvtest import T, block_bytes, host_buffers, poison, slots_for, tokens
-from tests.runtime.test_layerwise import DEVICES, _Engine
+from tests.runtime.test_layerwise import DEVICES, _Engine, host_layout
 from tests.runtime.test_layerwise import MODEL as LW_MODEL
 
 pytestmark = pytest.mark.timeout(120)
@@ -205,3 +205,46 @@ def test_landing_gets_on_every_kind_of_rank_restore_exact_bytes(device: str) -> 
     finally:
         kvm.shutdown()
         eng.close()
+
+
+def test_only_a_layer_wise_launch_copies_layer_major(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The flag travels launch -> server -> worker: an engine-side lane (the device worker in this process)
+    copies a layer-wise GET of LAYER_MAJOR_MIN_BLOCKS layer by layer, the same GET launched plainly whole."""
+    import torch
+
+    from flexkv.client import KVTPClient
+    from flexkv.workers import device_worker
+
+    calls: list[int] = []
+    real = device_worker.start_layer_major
+
+    def counting(worker, ops, progress):  # type: ignore[no-untyped-def]
+        calls.append(len(ops))
+        return real(worker, ops, progress)
+    monkeypatch.setattr(device_worker, "start_layer_major", counting)
+    kvm = KVManager(LW_MODEL, CacheConfig(tokens_per_block=T, num_cpu_blocks=128))
+    kvm.start()
+    n = LAYER_MAJOR_MIN_BLOCKS
+    lay = host_layout(2 * n + 4)
+    tensors = [torch.zeros(lay.tensor_shape(i), dtype=torch.float16) for i in range(lay.num_tensors)]
+    tp = KVTPClient(kvm.server_address)
+    try:
+        tp.register(tensors, lay, engine_side=True, layerwise=True)
+        toks = tokens(n * T, seed=70)
+        for t in tensors:
+            t[: n * T].view(torch.int16).copy_(torch.arange(n * T * t[0].numel(), dtype=torch.int32)
+                                              .view(t[: n * T].shape).to(torch.int16))
+        tid = kvm.put_async(toks, slots_for(list(range(n)), len(toks)))
+        assert kvm.wait(tid, timeout=30)[tid].status is TaskStatus.SUCCESS
+        for layerwise in (False, True):
+            for t in tensors:
+                t[n * T: 2 * n * T].view(torch.uint8).fill_(0xAB)
+            tid, _ = kvm.get_match(toks)
+            kvm.launch(tid, slots_for(list(range(n, 2 * n)), len(toks)), layerwise=layerwise)
+            assert tp.wait_layer(tid, LW_MODEL.num_layers - 1, timeout=30).status is TaskStatus.SUCCESS
+            assert kvm.wait(tid, timeout=30)[tid].status is TaskStatus.SUCCESS
+            assert all(torch.equal(t[: n * T], t[n * T: 2 * n * T]) for t in tensors)
+            assert len(calls) == int(layerwise), (layerwise, calls)
+    finally:
+        tp.close()
+        kvm.shutdown()

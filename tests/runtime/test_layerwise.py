@@ -27,7 +27,7 @@ from flexkv.shm import SharedPool, make_pool_name
 from flexkv.types import InvalidRequest, OpType, TaskStatus
 from flexkv.workers.base import Op
 from flexkv.workers.device_worker import HostCopyBackend
-from flexkv.workers.layerwise_copy import start_layer_major
+from flexkv.workers.layerwise_copy import LAYER_MAJOR_MIN_BLOCKS, start_layer_major
 from tests.runtime.kvtest import T, host_buffers, poison, slots_for, tokens
 
 pytestmark = pytest.mark.timeout(120)
@@ -205,14 +205,15 @@ def _put(kvm: KVManager, toks: np.ndarray, blocks: list[int]) -> None:
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_every_layer_wait_returns_with_that_layers_bytes_in_place(device: str) -> None:
-    kvm, eng = _serve(CacheConfig(tokens_per_block=T, num_cpu_blocks=64), device)
+    kvm, eng = _serve(CacheConfig(tokens_per_block=T, num_cpu_blocks=64), device, num_blocks=40)
     try:
-        toks = tokens(8 * T, seed=1)
-        src = list(range(8))
+        n = LAYER_MAJOR_MIN_BLOCKS  # (a smaller GET copies whole: every layer lands at once)
+        toks = tokens(n * T, seed=1)
+        src = list(range(n))
         _put(kvm, toks, src)
         want = {(s, layer): eng.layer_bytes(s, layer) for s in src for layer in range(MODEL.num_layers)}
         for round_ in range(3):
-            dst = list(range(16 + round_, 24 + round_))
+            dst = list(range(20 + round_, 20 + n + round_))
             eng.poison(dst)
             tid, mask = kvm.get_match(toks)
             assert mask.all()
@@ -367,9 +368,9 @@ def test_a_tp_client_waits_for_its_own_rank_layer_by_layer() -> None:
         want = {(s, layer): eng.layer_bytes(s, layer) for s in src for layer in range(MODEL.num_layers)}
         eng.poison(dst)
         tid, _ = kvm.get_match(toks)
+        kvm.launch(tid, slots_for(dst, len(toks)), layerwise=True)  # copied layer by layer for the rank's waits
         with pytest.raises(InvalidRequest, match="every TP rank"):
-            kvm.launch(tid, slots_for(dst, len(toks)), layerwise=True)  # this manager cannot watch the rank
-        kvm.launch(tid, slots_for(dst, len(toks)))
+            kvm.wait_layer(tid, 0)  # this manager cannot watch the rank
         for layer in range(MODEL.num_layers):
             assert tp.wait_layer(tid, layer, timeout=30).status is TaskStatus.SUCCESS
             assert all(eng.layer_bytes(d, layer) == want[s, layer] for s, d in zip(src, dst, strict=True))
