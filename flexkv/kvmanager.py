@@ -535,15 +535,15 @@ class KVManager:
         check_layer_index(layer_index, self.model_config.num_layers)
         tables = self._layer_tables()
 
-        def final_status() -> KVResponse | None:
-            resp = self._wait(task_id, 0.0, completely=False, forget=False)[task_id]
+        def final_status() -> KVResponse | None:  # (the server's word only: the tables are read here already)
+            resp = self._wait(task_id, 0.0, completely=False, forget=False, landing=False)[task_id]
             return None if resp.status in (TaskStatus.UNREADY, TaskStatus.TIMEOUT) else resp
 
         resp = wait_for_layer(tables, task_id, layer_index, timeout, final_status)
         if resp.status is TaskStatus.FAILED and not resp.error.startswith("layer-wise"):
             return resp
         if resp.status is TaskStatus.FAILED:  # a worker said so; the server has (or soon has) the reason
-            final = self._wait(task_id, min(5.0, timeout), completely=False, forget=False)[task_id]
+            final = self._wait(task_id, min(5.0, timeout), completely=False, forget=False, landing=False)[task_id]
             if final.status is TaskStatus.FAILED:
                 return final
         return resp
@@ -568,14 +568,14 @@ class KVManager:
         return self._wait(task_ids, timeout, completely, forget=True)
 
     def _wait(self, task_ids: int | Sequence[int], timeout: float, completely: bool,
-              forget: bool) -> dict[int, KVResponse]:
+              forget: bool, landing: bool = True) -> dict[int, KVResponse]:
         ids = [task_ids] if isinstance(task_ids, int) else list(task_ids)
         deadline = time.monotonic() + _check_timeout(timeout)
         out: dict[int, KVResponse] = {}
         pending = ids
         while True:  # one WaitMsg waits at most MAX_WAIT_S; longer waits take several
             step = min(cm.MAX_WAIT_S, max(0.0, deadline - time.monotonic()))
-            out.update(self._wait_once(pending, step, completely, forget))
+            out.update(self._wait_once(pending, step, completely, forget, landing))
             pending = [tid for tid in pending if out[tid].status is TaskStatus.TIMEOUT]
             if not pending or time.monotonic() >= deadline:
                 return {tid: out[tid] for tid in ids}
