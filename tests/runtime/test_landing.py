@@ -248,3 +248,39 @@ def test_only_a_layer_wise_launch_copies_layer_major(monkeypatch: pytest.MonkeyP
     finally:
         tp.close()
         kvm.shutdown()
+
+
+@pytest.mark.parametrize("both_ranks", [True, False])
+def test_two_ranks_land_only_when_both_landed(both_ranks: bool) -> None:
+    """TP=2: a GET's wait ends from the tables only when every rank has one (and then only once both ranks'
+    words say landed); with one rank registered plainly the server answers when final, as before."""
+    from tests.runtime.kvtest import small_cache, small_model
+
+    model = small_model(tp_size=2)
+    kvm = KVManager(model, small_cache(num_cpu_blocks=64))
+    kvm.start()
+    ranks = [host_buffers(model, LayoutKind.VLLM_KV_FIRST, 32, seed=80 + r) for r in range(2)]
+    try:
+        for r, bufs in enumerate(ranks):
+            kvm.register_kv_buffers(bufs, bufs.layout, tp_rank=r, layerwise=both_ranks or r == 0)
+        kvm.wait_ready(60)
+        toks = tokens(6 * T, seed=81)
+        src, dst = list(range(6)), list(range(10, 16))
+        tid = kvm.put_async(toks, slots_for(src, len(toks)))
+        assert kvm.wait(tid, timeout=30)[tid].status is TaskStatus.SUCCESS
+        for _ in range(5):
+            for bufs in ranks:
+                poison(bufs, dst)
+            tid = kvm.get_async(toks, slots_for(dst, len(toks)))
+            assert kvm.wait(tid, timeout=30)[tid].status is TaskStatus.SUCCESS
+            for bufs in ranks:  # each rank's shard of every block, on both ranks
+                assert all(block_bytes(bufs, s) == block_bytes(bufs, d) for s, d in zip(src, dst, strict=True))
+        if both_ranks:
+            assert kvm.num_waits_landed >= 3
+        else:
+            assert kvm.num_waits_landed == 0, "a rank without a table: the server answers"
+        kvm.check_invariants()
+    finally:
+        kvm.shutdown()
+        for bufs in ranks:
+            bufs.close()
