@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from flexkv.layerwise import LayerProgress
+from flexkv.layerwise import MAX_TASK_ID, LayerProgress
 from flexkv.types import OpType
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ LAYER_MAJOR_MIN_BLOCKS = 16
 def publish_task_words(progress: LayerProgress, op: Op, num_layers: int, failed: bool = False) -> None:
     """Store ``num_layers`` landed (or ``failed``) in the word of every task ``op`` moves blocks for."""
     for task_id in op.task_ids:  # a batched op: each of its tasks' words
-        if task_id > 0:
+        if 0 < task_id <= MAX_TASK_ID:  # (a larger id has no word: its waiters ask the server)
             progress.store(task_id, num_layers, failed)
 
 

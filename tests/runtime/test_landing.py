@@ -284,3 +284,26 @@ def test_two_ranks_land_only_when_both_landed(both_ranks: bool) -> None:
         kvm.shutdown()
         for bufs in ranks:
             bufs.close()
+
+
+def test_task_ids_beyond_the_word_wait_through_the_server() -> None:
+    """A manager whose ids do not fit a progress word (``first_task_id`` near the microsecond clock, as the
+    SGLang link picks) still restores: the worker stores no word for such a task, its waits ask the server."""
+    kvm = KVManager(MODEL, CacheConfig(tokens_per_block=T, num_cpu_blocks=128), first_task_id=1 << 50)
+    kvm.start()
+    bufs = host_buffers(MODEL, LayoutKind.VLLM_KV_FIRST, 32, seed=90)
+    try:
+        kvm.register_kv_buffers(bufs, bufs.layout, layerwise=True)
+        toks = tokens(4 * T, seed=91)
+        src, dst = [0, 1, 2, 3], [8, 9, 10, 11]
+        tid = kvm.put_async(toks, slots_for(src, len(toks)))
+        assert kvm.wait(tid, timeout=30)[tid].status is TaskStatus.SUCCESS
+        poison(bufs, dst)
+        tid = kvm.get_async(toks, slots_for(dst, len(toks)))
+        assert kvm.wait(tid, timeout=30)[tid].status is TaskStatus.SUCCESS
+        assert all(block_bytes(bufs, s) == block_bytes(bufs, d) for s, d in zip(src, dst, strict=True))
+        assert kvm.num_waits_landed == 0
+        kvm.check_invariants()
+    finally:
+        kvm.shutdown()
+        bufs.close()
