@@ -82,7 +82,9 @@ def main() -> None:
     kvm.start()
     try:
         device_id = torch.device(args.device).index or 0
-        kvm.register_kv_buffers(pool.register_with(), pool.layout, device_id=device_id, layerwise=args.layerwise)
+        # A progress table either way: restores end from it (docs/layerwise.md); --layerwise also copies them
+        # layer by layer so the forward starts before the restore is done.
+        kvm.register_kv_buffers(pool.register_with(), pool.layout, device_id=device_id, layerwise=True)
         engine = HFPagedEngine(model, pool, kvm, layerwise=args.layerwise, cost_check=not args.no_cost_check)
         plain = HFPagedEngine(model, pool, None)
         gen = torch.Generator().manual_seed(0)
