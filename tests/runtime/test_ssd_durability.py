@@ -79,13 +79,16 @@ def flip_byte(path: str, offset: int) -> None:
         os.close(fd)
 
 
-def test_corrupt_ssd_blocks_are_a_miss_never_promoted_or_served_again(tmp_path: Path) -> None:
+@pytest.mark.parametrize("landing", [False, True])
+def test_corrupt_ssd_blocks_are_a_miss_never_promoted_or_served_again(tmp_path: Path, landing: bool) -> None:
+    """``landing``: the rank has a progress table, so each get's wait ends from it (docs/layerwise.md): the
+    server's early answer must carry the mask the corrupt block shrank, and only the verified bytes land."""
     cache = ssd_cache(tmp_path)
     kvm = KVManager(MODEL, cache)
     kvm.start()
     bufs = host_buffers(MODEL, LayoutKind.VLLM_KV_FIRST, num_blocks=48, seed=3)
     try:
-        kvm.register_kv_buffers(bufs, bufs.layout)
+        kvm.register_kv_buffers(bufs, bufs.layout, layerwise=landing)
         prompt = tokens(8 * T, seed=1)
         put(kvm, prompt, list(range(8)))
         put(kvm, tokens(8 * T, seed=2), list(range(8, 16)))  # pushes the prompt out of the 8-block CPU pool
@@ -121,6 +124,7 @@ def test_corrupt_ssd_blocks_are_a_miss_never_promoted_or_served_again(tmp_path: 
         assert promised == 8 and mask.all()
         assert all(block_bytes(bufs, d) == block_bytes(bufs, s) for s, d in zip(range(8), dst, strict=True))
         kvm.check_invariants()
+        assert (kvm.num_waits_landed > 0) == landing
     finally:
         kvm.shutdown()
         bufs.close()
