@@ -167,9 +167,11 @@ class KVTPClient:
         their own, so they overlap the engine's kernels instead of time-slicing the GPU with a worker
         process's context (a worker process's GET ran 3x slower while the engine computed, H200).
 
-        ``layerwise``: this rank's worker copies every GET layer by layer and publishes each layer's
-        arrival in a progress table this client creates (and removes at :meth:`close`); wait for a
-        layer with :meth:`wait_layer` (or ``KVManager.wait_layer``). See docs/layerwise.md."""
+        ``layerwise``: this rank's worker publishes each GET's landing in a progress table this client
+        creates (and removes at :meth:`close`): layer by layer for a GET launched with ``layerwise=True``
+        (copied layer-major; wait for a layer with :meth:`wait_layer` or ``KVManager.wait_layer``), all
+        layers at once for any other. A manager that registered every rank this way ends GET waits from
+        the tables. See docs/layerwise.md."""
         tensors: Sequence[Any] = kv_tensors.arrays if isinstance(kv_tensors, HostKVBuffers) else list(kv_tensors)
         if not tensors:
             raise InvalidRequest("register: no KV tensors given")

@@ -275,8 +275,11 @@ class KVManager:
                             tp_rank: int = 0, device_id: int = 0, *, layerwise: bool = False,
                             engine_side: bool = False) -> KVCacheLayout:
         """Register KV buffers from this process (single-process engines; no separate TP client).
-        ``layerwise``: GETs into them land layer by layer (see :meth:`wait_layer`). ``engine_side``: this
-        rank's device worker runs as a thread of this process (see ``KVTPClient.register``)."""
+        ``layerwise``: the rank publishes each GET's landing in a progress table: GETs launched with
+        ``layerwise=True`` land layer by layer (see :meth:`wait_layer`), and once every rank is registered
+        so, :meth:`wait` on a GET ends from the tables instead of the server's reply (docs/layerwise.md).
+        ``engine_side``: this rank's device worker runs as a thread of this process (see
+        ``KVTPClient.register``)."""
         tp = KVTPClient(self.server_address, self.dp_client_id, tp_rank, device_id)
         self._tp_clients.append(tp)
         return tp.register(kv_tensors, layout, layerwise=layerwise, engine_side=engine_side)

@@ -167,7 +167,7 @@ class DeviceWorker(Worker):
             for idx, fin in finishers:
                 for i, err in zip(idx, fin(), strict=True):
                     errors[i] = err
-            for i in whole:  # a small H2D landed whole (or failed): every layer's wait and the GET's wait see it
+            for i in whole:  # an H2D copied whole landed (or failed): every layer's wait and the GET's wait see it
                 if ops[i].op_type is OpType.H2D:
                     publish_task_words(progress, ops[i], 0 if errors[i] else num_layers, failed=bool(errors[i]))
             return errors
