@@ -53,8 +53,10 @@ def block_fill(toks: np.ndarray, block: int, nbytes: int) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, nbytes, dtype=np.uint8)
 
 
-def client_main(address: str, cache_json: str, client_id: int, seed: int, stop: Any, out: Any) -> None:
-    """One engine: a KVManager with host KV buffers, random puts and gets until ``stop`` is set."""
+def client_main(address: str, cache_json: str, client_id: int, seed: int, stop: Any, out: Any,
+                landing: bool = False) -> None:
+    """One engine: a KVManager with host KV buffers, random puts and gets until ``stop`` is set (``landing``:
+    buffers registered with a progress table, so every get's wait ends from it; docs/layerwise.md)."""
     from flexkv.client import allocate_host_kv_buffers
     from flexkv.common.config import configs_from_json
     from flexkv.kvmanager import KVManager
@@ -66,7 +68,7 @@ def client_main(address: str, cache_json: str, client_id: int, seed: int, stop: 
     layout = _rank_layout(model)
     bufs = allocate_host_kv_buffers(layout, model.dtype, tag="soak")
     try:
-        kvm.register_kv_buffers(bufs, bufs.layout)
+        kvm.register_kv_buffers(bufs, bufs.layout, layerwise=landing)
         kvm.wait_ready(60)
         rng = np.random.default_rng(seed)
         samples: dict[str, list[float]] = {"get": [], "put": []}
@@ -223,11 +225,12 @@ def run(args: argparse.Namespace) -> int:
                                        configs_to_json(model, cache), "--address", address], stdout=log, stderr=log)
             redis_text = f"on port {redis_port}" if redis_port else "off"
             print(f"soak: {args.minutes} min, {args.clients} clients, CPU {args.cpu_blocks} + SSD {args.ssd_blocks} "
-                  f"blocks of {model.block_bytes(T) >> 10} KiB, redis {redis_text}", flush=True)
+                  f"blocks of {model.block_bytes(T) >> 10} KiB, redis {redis_text}, get waits "
+                  f"{'from the progress table' if args.landing else 'through the server'}", flush=True)
             ctx = mp.get_context("spawn")
             stop, out = ctx.Event(), ctx.Queue()
             cfg = configs_to_json(model, cache)
-            procs = [ctx.Process(target=client_main, args=(address, cfg, i, 7 + i, stop, out))
+            procs = [ctx.Process(target=client_main, args=(address, cfg, i, 7 + i, stop, out, args.landing))
                      for i in range(args.clients)]
             for p in procs:
                 p.start()
@@ -317,6 +320,8 @@ def main() -> int:
     parser.add_argument("--cpu-blocks", type=int, default=256, help="CPU tier blocks (small: SSD gets traffic)")
     parser.add_argument("--ssd-blocks", type=int, default=2048)
     parser.add_argument("--no-redis", action="store_true", help="never start a redis-server")
+    parser.add_argument("--landing", action="store_true",
+                        help="register each client's buffers with a progress table: get waits end from it")
     return run(parser.parse_args())
 
 
