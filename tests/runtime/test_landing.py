@@ -26,7 +26,7 @@ from flexkv.layout import LayoutKind
 from flexkv.types import KVResponse, TaskStatus
 from flexkv.workers.layerwise_copy import LAYER_MAJOR_MIN_BLOCKS
 from tests.runtime.kvtest import T, block_bytes, host_buffers, poison, slots_for, tokens
-from tests.runtime.test_layerwise import DEVICES, _Engine, host_layout
+from tests.runtime.test_layerwise import DEVICES, _Engine, _put, host_layout
 from tests.runtime.test_layerwise import MODEL as LW_MODEL
 
 pytestmark = pytest.mark.timeout(120)
@@ -35,16 +35,21 @@ MODEL = ModelConfig(num_layers=4, num_kv_heads=2, head_size=16, dtype="float16")
 
 
 class _Stack:
-    def __init__(self, layerwise: bool = True, num_blocks: int = 64) -> None:
-        self.kvm = KVManager(MODEL, CacheConfig(tokens_per_block=T, num_cpu_blocks=128))
+    def __init__(self, layerwise: bool = True, num_blocks: int = 64, first_task_id: int = 1) -> None:
+        self.kvm = KVManager(MODEL, CacheConfig(tokens_per_block=T, num_cpu_blocks=128), first_task_id=first_task_id)
         self.kvm.start()
         self.bufs = host_buffers(MODEL, LayoutKind.VLLM_KV_FIRST, num_blocks, seed=21)
         self.kvm.register_kv_buffers(self.bufs, self.bufs.layout, layerwise=layerwise)
         self.kvm.wait_ready(60)
 
     def put(self, toks: np.ndarray, blocks: list[int]) -> None:
-        tid = self.kvm.put_async(toks, slots_for(blocks, len(toks)))
-        assert self.kvm.wait(tid, timeout=30)[tid].status is TaskStatus.SUCCESS
+        _put(self.kvm, toks, blocks)
+
+    def get(self, toks: np.ndarray, dst: list[int], completely: bool = False) -> KVResponse:
+        """get_async of ``toks`` into ``dst``, poisoned first, and its wait."""
+        poison(self.bufs, dst)
+        tid = self.kvm.get_async(toks, slots_for(dst, len(toks)))
+        return self.kvm.wait(tid, timeout=30, completely=completely)[tid]
 
     def worker_pid(self) -> int:
         stats = self.kvm._query("stats")
@@ -73,9 +78,7 @@ def test_get_waits_complete_from_the_tables_with_exact_bytes(stack: _Stack) -> N
     before = stack.kvm.num_waits_landed
     for round_ in range(20):
         dst = [10 + 4 * (round_ % 5) + i for i in range(4)]
-        poison(stack.bufs, dst)
-        tid = stack.kvm.get_async(toks, slots_for(dst, len(toks)))
-        res = stack.kvm.wait(tid, timeout=30)[tid]
+        res = stack.get(toks, dst)
         assert res.status is TaskStatus.SUCCESS, res
         assert res.return_mask is not None and res.return_mask.all()
         assert stack.exact(src, dst), f"round {round_}: SUCCESS before the bytes were in place"
@@ -83,9 +86,7 @@ def test_get_waits_complete_from_the_tables_with_exact_bytes(stack: _Stack) -> N
     assert stack.kvm.num_waits_landed - before >= 15, "the waits completed from the tables"
     # A partly cached prompt: the mask the landing reply carries is the task's own.
     longer = np.concatenate([toks, tokens(2 * T, seed=9)])
-    poison(stack.bufs, [40, 41, 42, 43, 44, 45])
-    tid = stack.kvm.get_async(longer, slots_for([40, 41, 42, 43, 44, 45], len(longer)))
-    res = stack.kvm.wait(tid, timeout=30)[tid]
+    res = stack.get(longer, [40, 41, 42, 43, 44, 45])
     assert res.status is TaskStatus.SUCCESS and res.return_mask is not None
     assert res.return_mask[:4 * T].all() and not res.return_mask[4 * T:].any()
     assert stack.exact(src, [40, 41, 42, 43])
@@ -156,9 +157,7 @@ def test_without_tables_and_with_completely_the_server_answers() -> None:
     try:
         toks = tokens(4 * T, seed=4)
         s.put(toks, [0, 1, 2, 3])
-        poison(s.bufs, [8, 9, 10, 11])
-        tid = s.kvm.get_async(toks, slots_for([8, 9, 10, 11], len(toks)))
-        assert s.kvm.wait(tid, timeout=30)[tid].status is TaskStatus.SUCCESS
+        assert s.get(toks, [8, 9, 10, 11]).status is TaskStatus.SUCCESS
         assert s.exact([0, 1, 2, 3], [8, 9, 10, 11])
         assert s.kvm.num_waits_landed == 0
     finally:
@@ -167,9 +166,7 @@ def test_without_tables_and_with_completely_the_server_answers() -> None:
     try:
         toks = tokens(4 * T, seed=5)
         s.put(toks, [0, 1, 2, 3])
-        poison(s.bufs, [8, 9, 10, 11])
-        tid = s.kvm.get_async(toks, slots_for([8, 9, 10, 11], len(toks)))
-        assert s.kvm.wait(tid, timeout=30, completely=True)[tid].status is TaskStatus.SUCCESS
+        assert s.get(toks, [8, 9, 10, 11], completely=True).status is TaskStatus.SUCCESS
         assert s.exact([0, 1, 2, 3], [8, 9, 10, 11])
         assert s.kvm.num_waits_landed == 0, "completely=True waits for every op: the server answers"
     finally:
@@ -188,8 +185,7 @@ def test_landing_gets_on_every_kind_of_rank_restore_exact_bytes(device: str) -> 
         for n in (2, LAYER_MAJOR_MIN_BLOCKS):
             toks = tokens(n * T, seed=60 + n)
             src, dst = list(range(n)), list(range(32, 32 + n))
-            tid = kvm.put_async(toks, slots_for(src, len(toks)))
-            assert kvm.wait(tid, timeout=30)[tid].status is TaskStatus.SUCCESS
+            _put(kvm, toks, src)
             want = [eng.layer_bytes(s, layer) for s in src for layer in range(LW_MODEL.num_layers)]
             for _ in range(3):
                 eng.poison(dst)
@@ -234,8 +230,7 @@ def test_only_a_layer_wise_launch_copies_layer_major(monkeypatch: pytest.MonkeyP
         for t in tensors:
             t[: n * T].view(torch.int16).copy_(torch.arange(n * T * t[0].numel(), dtype=torch.int32)
                                               .view(t[: n * T].shape).to(torch.int16))
-        tid = kvm.put_async(toks, slots_for(list(range(n)), len(toks)))
-        assert kvm.wait(tid, timeout=30)[tid].status is TaskStatus.SUCCESS
+        _put(kvm, toks, list(range(n)))
         for layerwise in (False, True):
             for t in tensors:
                 t[n * T: 2 * n * T].view(torch.uint8).fill_(0xAB)
@@ -266,8 +261,7 @@ def test_two_ranks_land_only_when_both_landed(both_ranks: bool) -> None:
         kvm.wait_ready(60)
         toks = tokens(6 * T, seed=81)
         src, dst = list(range(6)), list(range(10, 16))
-        tid = kvm.put_async(toks, slots_for(src, len(toks)))
-        assert kvm.wait(tid, timeout=30)[tid].status is TaskStatus.SUCCESS
+        _put(kvm, toks, src)
         for _ in range(5):
             for bufs in ranks:
                 poison(bufs, dst)
@@ -289,21 +283,13 @@ def test_two_ranks_land_only_when_both_landed(both_ranks: bool) -> None:
 def test_task_ids_beyond_the_word_wait_through_the_server() -> None:
     """A manager whose ids do not fit a progress word (``first_task_id`` near the microsecond clock, as the
     SGLang link picks) still restores: the worker stores no word for such a task, its waits ask the server."""
-    kvm = KVManager(MODEL, CacheConfig(tokens_per_block=T, num_cpu_blocks=128), first_task_id=1 << 50)
-    kvm.start()
-    bufs = host_buffers(MODEL, LayoutKind.VLLM_KV_FIRST, 32, seed=90)
+    s = _Stack(first_task_id=1 << 50)
     try:
-        kvm.register_kv_buffers(bufs, bufs.layout, layerwise=True)
         toks = tokens(4 * T, seed=91)
-        src, dst = [0, 1, 2, 3], [8, 9, 10, 11]
-        tid = kvm.put_async(toks, slots_for(src, len(toks)))
-        assert kvm.wait(tid, timeout=30)[tid].status is TaskStatus.SUCCESS
-        poison(bufs, dst)
-        tid = kvm.get_async(toks, slots_for(dst, len(toks)))
-        assert kvm.wait(tid, timeout=30)[tid].status is TaskStatus.SUCCESS
-        assert all(block_bytes(bufs, s) == block_bytes(bufs, d) for s, d in zip(src, dst, strict=True))
-        assert kvm.num_waits_landed == 0
-        kvm.check_invariants()
+        s.put(toks, [0, 1, 2, 3])
+        assert s.get(toks, [8, 9, 10, 11]).status is TaskStatus.SUCCESS
+        assert s.exact([0, 1, 2, 3], [8, 9, 10, 11])
+        assert s.kvm.num_waits_landed == 0
+        s.kvm.check_invariants()
     finally:
-        kvm.shutdown()
-        bufs.close()
+        s.close()
