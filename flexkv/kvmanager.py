@@ -44,7 +44,6 @@ log = logging.getLogger("flexkv")
 IntArrayLike = Any  # numpy array or torch tensor
 
 
-LANDING_STATUS_EVERY_S = 0.005  # a landing wait asks the server this often whether the task failed meanwhile
 SESSION_TASK_BITS = 32  # a session's task ids: its base, then up to 2**32 ids
 _SESSION_BASES = (1 << 16) - 1  # bases 1 .. 65535 << 32: ids stay below 2**48 (flexkv.layerwise.MAX_TASK_ID)
 
@@ -516,12 +515,13 @@ class KVManager:
         return int(self._query("reset")["cancelled"])
 
     def _layer_tables(self) -> list[LayerProgress]:
-        tables = {tp.tp_rank: tp.layer_progress for tp in self._tp_clients if tp.layer_progress is not None}
-        if sorted(tables) != list(range(self.model_config.tp_size)):
+        tables = self._landing_tables()
+        if tables is None:
+            have = sorted(tp.tp_rank for tp in self._tp_clients if tp.layer_progress is not None)
             raise InvalidRequest("layer-wise GET needs every TP rank registered through this KVManager with "
-                                 f"layerwise=True (have ranks {sorted(tables)} of {self.model_config.tp_size}); "
+                                 f"layerwise=True (have ranks {have} of {self.model_config.tp_size}); "
                                  "ranks in other processes wait with KVTPClient.wait_layer")
-        return list(tables.values())
+        return tables
 
     def wait_layer(self, task_id: int, layer_index: int, timeout: float = 20.0) -> KVResponse:
         """Block until layer ``layer_index`` of GET ``task_id`` (launched with ``layerwise=True``) is in
@@ -626,39 +626,29 @@ class KVManager:
     def _await_landing(self, tables: list[LayerProgress], watch: dict[int, npt.NDArray[np.bool_] | None],
                        deadline: float, forget: bool) -> dict[int, KVResponse]:
         """SUCCESS for each GET of ``watch`` (task id -> its final mask, from the server) once every rank's
-        table says all its layers landed: the worker stores that only after the bytes are in the engine's
-        memory. A rank's word saying "failed", and every LANDING_STATUS_EVERY_S anyway (a worker that died
-        writes nothing), hand the task back to the server, whose answer stands; TIMEOUT at ``deadline``."""
-        num_layers = self.model_config.num_layers
+        table says its last layer landed (:func:`wait_for_layer`: the worker stores that only after the bytes
+        are in the engine's memory). A rank's word saying "failed" (other ranks may still copy), the server's
+        final status (polled: a worker that died writes nothing) and ``deadline`` end it with the server's
+        own answer. The tasks land in parallel, so waiting for them one after the other costs nothing."""
+        last = self.model_config.num_layers - 1
         out: dict[int, KVResponse] = {}
-        next_status, nap = time.monotonic() + LANDING_STATUS_EVERY_S, 0.0
-        while watch:
-            failed = []
-            for tid in list(watch):
-                states = [t.read(tid) for t in tables]
-                if any(s is not None and s.failed for s in states):
-                    failed.append(tid)
-                elif all(s is not None and s.num_layers_landed >= num_layers for s in states):
-                    out[tid] = KVResponse(TaskStatus.SUCCESS, tid, watch.pop(tid), "")
-                    self.num_waits_landed += 1
-                    if hoptrace.ENABLED:
-                        hoptrace.mark("client_landed", tid)
-                    if forget:
-                        self._forget(tid)
-            now = time.monotonic()
-            if watch and (failed or now >= next_status or now >= deadline):
-                # A failed rank reports to the server at once: give it a moment to say why.
-                wait_s = min(5.0, max(0.0, deadline - now)) if failed else 0.0
-                for tid, resp in self._wait_once(failed or list(watch), wait_s, False, forget, landing=False).items():
-                    if resp.status not in (TaskStatus.UNREADY, TaskStatus.TIMEOUT) or now >= deadline:
-                        out[tid] = resp if resp.status is not TaskStatus.UNREADY else resp._replace(
-                            status=TaskStatus.TIMEOUT)
-                        watch.pop(tid)
-                next_status = time.monotonic() + LANDING_STATUS_EVERY_S
-                continue
-            if watch:
-                time.sleep(nap)
-                nap = min(2e-4, nap + 2e-5)  # spin first (a small GET lands within microseconds), then nap
+        for tid, mask in watch.items():
+            def final_status(tid: int = tid) -> KVResponse | None:
+                resp = self._wait_once([tid], 0.0, False, forget, landing=False)[tid]
+                return None if resp.status in (TaskStatus.UNREADY, TaskStatus.TIMEOUT) else resp
+
+            resp = wait_for_layer(tables, tid, last, max(0.0, deadline - time.monotonic()), final_status)
+            if resp.status is TaskStatus.SUCCESS and resp.return_mask is None:  # (not the server's SUCCESS)
+                resp = resp._replace(return_mask=mask)
+                self.num_waits_landed += 1
+                if hoptrace.ENABLED:
+                    hoptrace.mark("client_landed", tid)
+                if forget:
+                    self._forget(tid)
+            elif resp.status in (TaskStatus.FAILED, TaskStatus.TIMEOUT) and resp.return_mask is None:
+                # a rank's word said failed, or the deadline passed: the server's answer stands
+                resp = self._wait_once([tid], max(0.0, deadline - time.monotonic()), False, forget, landing=False)[tid]
+            out[tid] = resp
         return out
 
     def try_wait(self, task_ids: int | Sequence[int], completely: bool = False) -> dict[int, KVResponse]:
