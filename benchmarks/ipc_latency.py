@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
+import shutil
 import socket
 import tempfile
 import time
@@ -121,8 +122,7 @@ def run_zmq(rounds: int, idle_us: int, spin: bool) -> np.ndarray:
         child.join(10)
         sock.close(0)
         ctx.term()
-        os.unlink(f"{tmp}/echo.sock") if os.path.exists(f"{tmp}/echo.sock") else None
-        os.rmdir(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def run_unix(rounds: int, idle_us: int, spin: bool) -> np.ndarray:
