@@ -103,12 +103,16 @@ class Stack:
         self.kvms[0].wait_ready(300)
         # Part 1 measures the restore path itself: every match is restored (no cost check).
         self.layerwise = HFPagedEngine(s.model, self.pools[0], self.kvms[0], layerwise=True, cost_check=False)
+        # the same with the 16-token suffix as one CUDA graph per layer (flexkv_sdpa only: it takes no mask)
+        self.graphed = HFPagedEngine(s.model, self.pools[0], self.kvms[0], layerwise=True, cost_check=False,
+                                     cuda_graphs=True) if s.model.config._attn_implementation == "flexkv_sdpa" else None
         self.plain = HFPagedEngine(s.model, self.pools[-1], self.kvms[-1], layerwise=False, cost_check=False)
         self.recompute = HFPagedEngine(s.model, self.pools[-1], None)
 
     def close(self) -> None:
-        for eng in (self.layerwise, self.plain, self.recompute):
-            eng.close()
+        for eng in (self.layerwise, self.plain, self.recompute, self.graphed):
+            if eng is not None:
+                eng.close()
         for kvm in reversed(self.kvms):
             kvm.shutdown()
         for pool in self.pools:
@@ -240,6 +244,8 @@ class LengthRow:
     under_load_ms: dict[str, float] = dataclasses.field(default_factory=dict)  # load kind -> last layer landed
     profiles: dict[str, dict[str, float]] = dataclasses.field(default_factory=dict)  # case -> phase -> s
     restore_landing_ms: float = 0.0  # the restore alone into DP 0's pages: its wait ends from the progress table
+    cached_graphs_ms: float = 0.0  # layer-wise with the suffix as CUDA graphs (0: not run)
+    graph_logits_diff: float = 0.0  # max |logits| difference, graphs vs the model's forward, same prompt
 
 
 def profiled(engine: HFPagedEngine, tokens: torch.Tensor) -> dict[str, float]:
@@ -273,8 +279,21 @@ def measure_length(stack: Stack, length: int, seed: int) -> LengthRow:
         st = ttft(stack.layerwise, prompt)
         assert not st.fallback and st.num_restored_tokens == restored, st
         cached_lw.append(st.ttft_s)
+    cached_graphs, graph_diff = [], 0.0
+    if stack.graphed is not None:
+        logits_eager = stack.layerwise.prefill(prompt)
+        stack.layerwise.finish_put(logits_eager[3])
+        warm = stack.graphed.prefill(prompt)  # captures this shape's graphs
+        stack.graphed.finish_put(warm[3])
+        graph_diff = float((warm[0] - logits_eager[0]).abs().max())
+        for _ in range(s.repeats):
+            st = ttft(stack.graphed, prompt)
+            assert not st.fallback and st.num_restored_tokens == restored, st
+            cached_graphs.append(st.ttft_s)
     profiles = {"cached": profiled(stack.plain, prompt), "cached, layer-wise": profiled(stack.layerwise, prompt),
                 "recompute": profiled(stack.recompute, prompt)}
+    if stack.graphed is not None:
+        profiles["cached, layer-wise, graphs"] = profiled(stack.graphed, prompt)
     whole = prompt[: (length - 1) // t * t]
     restores = [restore_s(stack, whole) for _ in range(s.repeats)]
     restores_landing = [restore_s(stack, whole, dp=0) for _ in range(s.repeats)]
@@ -313,18 +332,24 @@ def measure_length(stack: Stack, length: int, seed: int) -> LengthRow:
         say(f"{length}: {frac:.0%} cached: plain {fractions[-1][1]:.1f} ms, layer-wise {fractions[-1][2]:.1f} ms")
     return LengthRow(length, 1e3 * median(recompute), 1e3 * median(cached), restored, 1e3 * median(restores),
                      nbytes, 1e3 * ceiling, fractions, 1e3 * median(cached_lw), [1e3 * x for x in landing], under_load,
-                     profiles, restore_landing_ms=1e3 * median(restores_landing))
+                     profiles, restore_landing_ms=1e3 * median(restores_landing),
+                     cached_graphs_ms=1e3 * median(cached_graphs) if cached_graphs else 0.0,
+                     graph_logits_diff=graph_diff)
 
 
 def print_part1(rows: list[LengthRow], s: Setup) -> None:
     goals = {8192: 10.0, 32768: 14.0}
     print("\n== TTFT, whole prompt but its last block cached (recompute / cached = speedup), whole and layer-wise")
+    print("   (graphs: layer-wise with the suffix as one CUDA graph per layer; diff: max |logits| against the "
+          "model's forward, same prompt)")
     print(f"{'tokens':>7} {'recompute ms':>12} {'cached ms':>10} {'speedup':>8} {'layer-wise ms':>13} {'speedup':>8} "
-          f"{'goal':>6}")
+          f"{'graphs ms':>9} {'speedup':>8} {'diff':>8} {'goal':>6}")
     for r in rows:
         goal = goals.get(r.length)
+        graphs = (f"{r.cached_graphs_ms:>9.1f} {r.recompute_ms / r.cached_graphs_ms:>7.1f}x "
+                  f"{r.graph_logits_diff:>8.2g}") if r.cached_graphs_ms else f"{'-':>9} {'-':>8} {'-':>8}"
         print(f"{r.length:>7} {r.recompute_ms:>12.1f} {r.cached_ms:>10.1f} {r.recompute_ms / r.cached_ms:>7.1f}x "
-              f"{r.cached_lw_ms:>13.1f} {r.recompute_ms / r.cached_lw_ms:>7.1f}x "
+              f"{r.cached_lw_ms:>13.1f} {r.recompute_ms / r.cached_lw_ms:>7.1f}x {graphs} "
               f"{(f'{goal:.0f}x') if goal else '-':>6}")
     what = "pinned H2D" if s.device.type == "cuda" else "memcpy"
     print(f"\n== restore alone (get_match + launch + wait) vs the same bytes at the {what} ceiling (goal <= 1.15x)")

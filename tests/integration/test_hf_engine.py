@@ -331,21 +331,30 @@ def _cuda_why() -> str:
 
 
 @pytest.mark.skipif(bool(_cuda_why()), reason=_cuda_why() or "-")
-@pytest.mark.parametrize(("attn", "engine_side"), [("sdpa", False), ("flexkv_sdpa", False), ("flexkv_sdpa", True)],
-                         ids=["sdpa", "flexkv_sdpa", "flexkv_sdpa-lane"])
+@pytest.mark.parametrize(("attn", "engine_side", "graphs"),
+                         [("sdpa", False, False), ("flexkv_sdpa", False, False), ("flexkv_sdpa", True, False),
+                          ("flexkv_sdpa", False, True), ("flexkv_sdpa", True, True)],
+                         ids=["sdpa", "flexkv_sdpa", "flexkv_sdpa-lane", "graphs", "graphs-lane"])
 @pytest.mark.parametrize("layerwise", [False, True], ids=["whole", "layerwise"])
 def test_on_cuda_restores_are_bit_exact_and_the_conversation_unchanged(stacks: list[Stack], layerwise: bool,
-                                                                       attn: str, engine_side: bool) -> None:
+                                                                       attn: str, engine_side: bool,
+                                                                       graphs: bool) -> None:
     """The GPU path: pages are CUDA tensors the GPU worker opens by IPC, or copied by an engine-side lane in
-    this process (gpu_e2e_check.sh layerwise)."""
+    this process (gpu_e2e_check.sh layerwise); ``graphs``: the suffix runs as captured CUDA graphs, and so
+    does the reference's (the same forwards)."""
     s = Stack(torch.bfloat16, attn, device="cuda", engine_side=engine_side)
     stacks.append(s)
-    with_kv = converse(s.engine(layerwise=layerwise), 4, seed=3)
-    without = converse(s.engine(use_flexkv=False), 4, seed=3, same_split_as=with_kv)
+    with_kv = converse(s.engine(layerwise=layerwise, cuda_graphs=graphs), 4, seed=3)
+    without = converse(s.engine(use_flexkv=False, cuda_graphs=graphs), 4, seed=3, same_split_as=with_kv)
     assert with_kv.outs == without.outs
     assert all(torch.equal(a, b) for a, b in zip(with_kv.logits, without.logits, strict=True))
+    for turn, (a_kv, b_kv) in enumerate(zip(with_kv.kv, without.kv, strict=True)):
+        for i, ((ka, va), (kb, vb)) in enumerate(zip(a_kv, b_kv, strict=True)):
+            assert torch.equal(ka, kb) and torch.equal(va, vb), f"turn {turn} layer {i}: K/V differ"
     for prev, st in itertools.pairwise(with_kv.stats):
         assert st.num_restored_tokens == prev.num_prompt_tokens // T * T and not st.fallback, st
+    if graphs:
+        assert s.engines[0].graphs is not None and s.engines[0].graphs.num_captured == 3  # turns 2-4: 3 shapes
     eng = s.engine(layerwise=layerwise)
     first = prompt(6 * T + 3, seed=1)
     _, cache, _, put = eng.prefill(first)
@@ -410,3 +419,67 @@ def test_pool_pages_read_back_what_was_written_consecutive_or_not() -> None:
             pool.write_layer(0, [1, 2], torch.zeros(1, 2, T, 8), torch.zeros(1, 2, T, 8))
     finally:
         pool.close()
+
+
+@pytest.mark.parametrize("layerwise", [True, False], ids=["layerwise", "whole"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=["fp32", "bf16"])
+def test_the_per_layer_graph_loop_computes_exactly_what_the_model_forward_does(
+        stacks: list[Stack], dtype: torch.dtype, layerwise: bool) -> None:
+    """``cuda_graphs=True`` walks the decoder layers itself (captured on CUDA, eagerly here): the same
+    K/V, logits and tokens, bit for bit, as the engine running ``model.forward``, on two servers given the
+    same conversation; and its own no-flexkv reference (reuse through the same loop) agrees too."""
+    plain, graphed = Stack(dtype, "flexkv_sdpa"), Stack(dtype, "flexkv_sdpa")
+    stacks += [plain, graphed]
+    a = converse(plain.engine(layerwise=layerwise), 4, seed=3)
+    eng = graphed.engine(layerwise=layerwise, cuda_graphs=True)
+    g = converse(eng, 4, seed=3)
+    assert [st.num_restored_tokens for st in g.stats] == [st.num_restored_tokens for st in a.stats]
+    assert g.stats[1].num_restored_tokens > 0 and not any(st.fallback for st in g.stats)
+    assert eng.graphs is not None and len(eng.graphs) == 3 and eng.graphs.num_captured == 0  # no capture off CUDA
+    assert g.outs == a.outs
+    assert all(torch.equal(x, y) for x, y in zip(g.logits, a.logits, strict=True))
+    for k, (a_kv, g_kv) in enumerate(zip(a.kv, g.kv, strict=True)):
+        for i, ((ka, va), (kg, vg)) in enumerate(zip(a_kv, g_kv, strict=True)):
+            assert torch.equal(ka, kg) and torch.equal(va, vg), f"turn {k} layer {i}: K/V differ"
+    ref = converse(graphed.engine(use_flexkv=False, cuda_graphs=True), 4, seed=3, same_split_as=g)
+    assert ref.outs == g.outs and all(torch.equal(x, y) for x, y in zip(ref.logits, g.logits, strict=True))
+    graphed.kvm.check_invariants()
+
+
+def test_a_suffix_longer_than_the_graph_limit_runs_the_model_forward(stacks: list[Stack]) -> None:
+    s = Stack(torch.float32, "flexkv_sdpa")
+    stacks.append(s)
+    eng = s.engine(cuda_graphs=True, graph_max_suffix_tokens=8)
+    first = prompt(6 * T + 3, seed=1)
+    eng.finish_put(eng.prefill(first)[3])
+    for extra, shapes in ((5, 1), (20, 1)):  # a 5-token suffix is graphed; a 20-token one is not
+        _, _, st, put = eng.prefill(torch.cat([first[:6 * T], prompt(extra, seed=extra)]))
+        eng.finish_put(put)
+        assert st.num_restored_tokens == 6 * T and not st.fallback
+        assert eng.graphs is not None and len(eng.graphs) == shapes
+
+
+def test_cuda_graphs_need_a_llama_like_model_with_flexkv_sdpa(stacks: list[Stack]) -> None:
+    s = Stack(torch.float32, "sdpa")
+    stacks.append(s)
+    with pytest.raises(ValueError, match="flexkv_sdpa"):
+        s.engine(cuda_graphs=True)
+    from flexkv.integration.hf.graphs import llama_parts
+
+    with pytest.raises(ValueError, match="not Llama-like"):
+        llama_parts(torch.nn.Linear(2, 2))
+
+
+def test_the_graph_cache_keeps_the_last_shapes() -> None:
+    from flexkv.integration.hf.graphs import GraphCache
+
+    model = random_model(tiny_llama_config("flexkv_sdpa"), torch.float32)
+    cache = GraphCache(model, capture=False, size=2)
+    first = cache.get(8, 4)
+    assert cache.get(8, 4) is first and len(cache) == 1
+    cache.get(12, 4)
+    cache.get(8, 4)  # most recent again
+    cache.get(16, 2)  # drops (12, 4)
+    assert len(cache) == 2 and cache.get(8, 4) is first
+    with pytest.raises(ValueError, match="size"):
+        GraphCache(model, capture=False, size=0)

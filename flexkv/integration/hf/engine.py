@@ -28,13 +28,14 @@ import inspect
 import itertools
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
 from transformers import DynamicCache
 
 from flexkv.integration.hf.cost import CostCheck, CostDecision, RestoreChoice
+from flexkv.integration.hf.graphs import KV, GraphCache, SuffixGraphs
 from flexkv.integration.hf.pool import PagedKVPool
 from flexkv.kvmanager import KVManager
 from flexkv.types import FlexKVError, TaskStatus
@@ -141,12 +142,17 @@ class HFPagedEngine:
     ``layerwise=True``). ``put_completely``: a turn ends once its blocks also reached SSD/remote.
     ``cost_check`` (on by default; a :class:`CostCheck` to configure it, False to restore whatever
     flexkv matched): restore only what is faster to load than to recompute (flexkv.integration.hf.cost).
+    ``cuda_graphs``: a suffix of at most ``graph_max_suffix_tokens`` after a restored prefix runs one
+    CUDA graph per decoder layer (flexkv.integration.hf.graphs; Llama-like models with ``flexkv_sdpa``),
+    captured the first time a (prefix, suffix) shape is seen and kept for the last ``graph_shapes``
+    shapes; on the CPU the same per-layer loop runs uncaptured.
     Single-threaded: one request at a time.
     """
 
     def __init__(self, model: torch.nn.Module, pool: PagedKVPool, kvm: KVManager | None = None, *,
                  namespace: Sequence[str] | None = None, layerwise: bool = False, wait_timeout_s: float = 60.0,
-                 put_completely: bool = False, profile: bool = False, cost_check: bool | CostCheck = True) -> None:
+                 put_completely: bool = False, profile: bool = False, cost_check: bool | CostCheck = True,
+                 cuda_graphs: bool = False, graph_max_suffix_tokens: int = 256, graph_shapes: int = 4) -> None:
         self.model = model.eval()
         self.config: Any = getattr(model, "config")  # noqa: B009 - a PreTrainedModel's config
         self.pool, self.kvm = pool, kvm
@@ -163,6 +169,8 @@ class HFPagedEngine:
         self._hooks = [layer.register_forward_pre_hook(self._hook_for(i))
                        for i, layer in enumerate(decoder_layers(model))]
         self.num_quarantined_pages = 0
+        self.graph_max_suffix_tokens = graph_max_suffix_tokens
+        self.graphs = GraphCache(model, pool.device.type == "cuda", graph_shapes) if cuda_graphs else None
 
     def close(self) -> None:
         for h in self._hooks:
@@ -190,6 +198,12 @@ class HFPagedEngine:
         """Put layer ``layer`` of the restored prefix into ``cache`` (waiting for it when layer-wise)."""
         if layer in restore.filled:
             return
+        key, value = self._landed(restore, layer)
+        set_layer_kv(cache, layer, key, value)
+        restore.filled.add(layer)
+
+    def _landed(self, restore: _Restore, layer: int) -> KV:
+        """Layer ``layer`` of the restored prefix, read from its pages (once it landed, when layer-wise)."""
         if restore.layerwise:
             assert self.kvm is not None
             t0 = time.perf_counter()
@@ -198,9 +212,44 @@ class HFPagedEngine:
             restore.last_landed = time.perf_counter()
             if resp.status is not TaskStatus.SUCCESS:
                 raise RestoreFailed(f"layer {layer}: {resp.status.name} {resp.error}".strip())
-        key, value = self.pool.read_layer(layer, restore.index, restore.num_tokens)
-        set_layer_kv(cache, layer, key, value)
-        restore.filled.add(layer)
+        return self.pool.read_layer(layer, restore.index, restore.num_tokens)
+
+    def _graphs_for(self, prefix: int, suffix: int) -> SuffixGraphs | None:
+        """The CUDA graphs of this shape (captured now if new), or None: off, no prefix, too long a suffix."""
+        if self.graphs is None or prefix == 0 or not 0 < suffix <= self.graph_max_suffix_tokens:
+            return None
+        return self.graphs.get(prefix, suffix)
+
+    def _forward_graphed(self, graphs: SuffixGraphs, token_ids: torch.Tensor, prefix_kv: Callable[[int], KV],
+                         cache: DynamicCache) -> tuple[torch.Tensor, Callable[[], None]]:
+        """``_forward`` of the suffix through ``graphs``: the last position's logits, and a function that
+        puts every layer's K/V into ``cache`` (copies of the graphs' static outputs: call it once the logits
+        are read, it is off the time to the first token)."""
+        parts = graphs.parts
+        hidden, kvs = graphs.run(parts.embed(token_ids.to(self.pool.device).unsqueeze(0)), prefix_kv)
+        logits = parts.lm_head(parts.norm(hidden)[:, -1:, :])[0, -1].float()
+
+        def finish() -> None:
+            for layer, (key, value) in enumerate(kvs):
+                if graphs.capture:  # the next run of these graphs overwrites them
+                    key, value = key.clone(), value.clone()
+                set_layer_kv(cache, layer, key, value)
+        return logits, finish
+
+    def _prefix_source(self, restore: _Restore | None, reuse: tuple[DynamicCache, int] | None) -> Callable[[int], KV]:
+        """Layer i's prefix K/V for a graphed forward: from the restore (waiting for it when layer-wise),
+        or the first ``n`` tokens of the reused cache."""
+        if restore is not None:
+            return lambda layer: self._landed(restore, layer)
+        assert reuse is not None
+        earlier, num_tokens = reuse
+
+        def reused(layer: int) -> KV:
+            key, value = layer_kv(earlier, layer)
+            if key.shape[2] < num_tokens:
+                raise ValueError(f"reuse of {num_tokens} tokens from a cache of {key.shape[2]}")
+            return key[:, :, :num_tokens], value[:, :, :num_tokens]
+        return reused
 
     @torch.inference_mode()
     def calibrate_cost(self, max_tokens: int, repeats: int = 2) -> None:
@@ -273,14 +322,20 @@ class HFPagedEngine:
         self._phase(phases, "match", t0)
         cache = DynamicCache(config=self.config)
         sampled = False  # the prefill forward alone is a cost-check sample, unless a restore failed
+        finish: Callable[[], None] | None = None  # a graphed forward's cache, filled after the first token
         try:
+            start = restore.num_tokens if restore is not None else reuse[1] if reuse is not None else 0
+            graphs = self._graphs_for(start, n - start)
             if restore is not None:
-                self._begin_restore(restore, cache, phases)
-            start = restore.num_tokens if restore is not None else 0
-            if reuse is not None:
+                self._begin_restore(restore, cache, phases, fill=graphs is None)
+            if reuse is not None and graphs is None:
                 start = self._reuse(reuse[0], reuse[1], cache)
             t1 = time.perf_counter()
-            logits = self._forward(tokens[start:], cache, start)
+            if graphs is None:
+                logits = self._forward(tokens[start:], cache, start)
+            else:
+                logits, finish = self._forward_graphed(graphs, tokens[start:], self._prefix_source(restore, reuse),
+                                                       cache)
             self._phase(phases, "forward", t1)
             if restore is not None:
                 self._end_restore(restore)
@@ -301,6 +356,8 @@ class HFPagedEngine:
             self._active = None
         _ = float(logits[0])  # the first token exists once its logits do (synchronizes a GPU)
         t_end = time.perf_counter()
+        if finish is not None:
+            finish()
         ttft = t_end - t0
         num_restored = restore.num_tokens if restore is not None else 0
         wait_s = restore.wait_s if restore else 0.0
@@ -392,7 +449,10 @@ class HFPagedEngine:
                                                                       decision.estimates_s))
         return _Matched(again.task_id, again.mask, info.num_tokens, decision)
 
-    def _begin_restore(self, restore: _Restore, cache: DynamicCache, phases: dict[str, float]) -> None:
+    def _begin_restore(self, restore: _Restore, cache: DynamicCache, phases: dict[str, float],
+                       fill: bool = True) -> None:
+        """Wait for a whole restore and put it into ``cache``; or, layer-wise, arm the layer hooks. ``fill``
+        False (a graphed forward reads the layers itself): only the whole restore's wait."""
         if not restore.layerwise:
             assert self.kvm is not None
             t0 = time.perf_counter()
@@ -401,10 +461,14 @@ class HFPagedEngine:
             self._phase(phases, "restore_wait", t0)
             if restore.final is not TaskStatus.SUCCESS:
                 raise RestoreFailed(restore.final.name)
+            if not fill:
+                return
             t1 = time.perf_counter()
             for layer in range(self.num_layers):
                 self._fill(restore, cache, layer)
             self._phase(phases, "fill", t1)
+            return
+        if not fill:
             return
         t0 = time.perf_counter()
         self._fill(restore, cache, 0)  # the model reads the cache length off layer 0 before it runs
