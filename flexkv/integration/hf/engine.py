@@ -218,7 +218,13 @@ class HFPagedEngine:
         """The CUDA graphs of this shape (captured now if new), or None: off, no prefix, too long a suffix."""
         if self.graphs is None or prefix == 0 or not 0 < suffix <= self.graph_max_suffix_tokens:
             return None
-        return self.graphs.get(prefix, suffix)
+        try:
+            return self.graphs.get(prefix, suffix)
+        except RuntimeError as e:  # a capture CUDA refused (torch.AcceleratorError is one): the forward from now on
+            log.warning("CUDA graphs turned off: capturing a %d-token suffix after %d cached tokens failed: %s",
+                        suffix, prefix, e)
+            self.graphs = None
+            return None
 
     def _forward_graphed(self, graphs: SuffixGraphs, token_ids: torch.Tensor, prefix_kv: Callable[[int], KV],
                          cache: DynamicCache) -> tuple[torch.Tensor, Callable[[], None]]:

@@ -134,7 +134,8 @@ class SuffixGraphs:
         for i, (k, v) in enumerate(self.prefix_kv):
             cache = _prefix_cache(self.config, i, k, v)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=pool):
+            # thread_local: an engine-side lane's thread keeps syncing its copy events while this captures
+            with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
                 out = _layer_forward(self.parts, i, hidden, cache, self.position_ids, self.rope)
             self.graphs.append(graph)
             self.outputs.append(out)
