@@ -285,6 +285,7 @@ def measure_length(stack: Stack, length: int, seed: int) -> LengthRow:
         stack.layerwise.finish_put(logits_eager[3])
         warm = stack.graphed.prefill(prompt)  # captures this shape's graphs
         stack.graphed.finish_put(warm[3])
+        assert stack.graphed.graphs is not None, "the engine turned CUDA graphs off (its warning says why)"
         graph_diff = float((warm[0] - logits_eager[0]).abs().max())
         for _ in range(s.repeats):
             st = ttft(stack.graphed, prompt)
