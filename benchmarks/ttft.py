@@ -298,8 +298,9 @@ def measure_length(stack: Stack, length: int, seed: int) -> LengthRow:
                 out.append(st.ttft_s)
     profiles = {"cached": profiled(stack.plain, prompt), "cached, layer-wise": profiled(stack.layerwise, prompt),
                 "recompute": profiled(stack.recompute, prompt)}
-    if stack.graphed is not None:
+    if stack.graphed is not None and stack.graphed_whole is not None:
         profiles["cached, layer-wise, graphs"] = profiled(stack.graphed, prompt)
+        profiles["cached, whole, graphs"] = profiled(stack.graphed_whole, prompt)
     whole = prompt[: (length - 1) // t * t]
     restores = [restore_s(stack, whole) for _ in range(s.repeats)]
     restores_landing = [restore_s(stack, whole, dp=0) for _ in range(s.repeats)]
