@@ -6,18 +6,20 @@ layer captured as a CUDA graph is one launch, so the suffix's compute stops bein
 a layer-wise restore's last layer is, by itself, about the time to the first token.
 
 :class:`SuffixGraphs` holds what one shape (``prefix`` cached tokens, ``suffix`` new ones) needs: per
-layer a static ``[1, kv_heads, prefix, head_dim]`` K and V the restored prefix is copied into, the
-graph, and its outputs (the layer's hidden states and its concatenated K/V). :meth:`SuffixGraphs.run`
-takes the embedded suffix and a function giving layer i's prefix K/V (which may wait for the layer to
-land), copies, replays layer by layer, and returns the last hidden states and every layer's K/V.
+layer its K/V buffers and its graph. :meth:`SuffixGraphs.run` takes the embedded suffix and a function
+giving layer i's prefix K/V (which may wait for the layer to land), copies the prefix in and replays
+layer by layer, and returns the last hidden states and every layer's K/V.
 
 The loop is the model's own: ``embed_tokens``, ``rotary_emb``, every decoder layer with the same
 arguments ``LlamaModel.forward`` passes, ``norm`` and ``lm_head`` (a Llama-like model: Llama, Mistral,
 Qwen2 and the like). The attention must be ``flexkv_sdpa``: it takes no mask, so the layers need no
 mask built per call. Without CUDA (the CPU tests) the same loop runs eagerly, uncaptured.
 
-Outputs are static: the next :meth:`run` of the same shape overwrites them. The engine copies them into
-the request's own cache once the first token's logits exist (after the time to first token).
+Each layer attends over a :class:`StaticLayerCache`: K/V buffers of ``prefix + suffix`` tokens, the
+prefix copied in before the layer runs and the suffix's K/V written behind it inside the graph (the
+values a DynamicCache's concatenation gives, in memory that stays put). Outputs are static: the next
+:meth:`run` of the same shape overwrites them, so the engine copies them into the request's own cache
+once the first token's logits exist (after the time to first token).
 """
 
 from __future__ import annotations
@@ -29,7 +31,6 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from flexkv.integration.hf.attention import NAME as PREFIX_SDPA
 
@@ -68,100 +69,111 @@ def llama_parts(model: torch.nn.Module) -> LlamaParts:
                       "cache" if "cache" in params else "past_key_values")
 
 
-def _prefix_cache(config: Any, layer: int, key: torch.Tensor, value: torch.Tensor) -> DynamicCache:
-    """A cache whose layer ``layer`` holds ``key``/``value`` (made outside a capture: it allocates)."""
-    from flexkv.integration.hf.engine import set_layer_kv  # (the engine imports this module)
+class StaticLayerCache:
+    """The cache a decoder layer's attention sees in a graphed forward: one K and one V buffer of
+    ``prefix + suffix`` tokens (``[1, kv_heads, tokens, head_dim]``), the prefix copied in before the layer
+    runs; ``update`` writes the suffix's K/V behind it in place and returns the buffers: the values
+    ``DynamicCache.update``'s concatenation gives, in memory that stays put for a graph to replay.
 
-    cache = DynamicCache(config=config)
-    set_layer_kv(cache, layer, key, value)
-    return cache
+    Only ``update`` is provided: what Llama-like attention calls on its cache."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, prefix: int) -> None:
+        self.keys, self.values, self.prefix = keys, values, prefix
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *_args: Any,
+               **_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys[:, :, self.prefix:].copy_(key_states)
+        self.values[:, :, self.prefix:].copy_(value_states)
+        return self.keys, self.values
 
 
-def _layer_forward(parts: LlamaParts, layer: int, hidden: torch.Tensor, cache: DynamicCache,
-                   position_ids: torch.Tensor, rope: KV) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Decoder layer ``layer`` with the arguments ``LlamaModel.forward`` gives it; its hidden states out and
-    the layer's K/V after it (the cache's prefix + the new tokens)."""
-    from flexkv.integration.hf.engine import layer_kv
-
-    out = parts.layers[layer](hidden, attention_mask=None, position_ids=position_ids, use_cache=True,
-                              position_embeddings=rope, **{parts.cache_keyword: cache})
-    k, v = layer_kv(cache, layer)
-    return out, k, v
+def _layer_forward(parts: LlamaParts, layer: int, hidden: torch.Tensor, cache: StaticLayerCache,
+                   position_ids: torch.Tensor, rope: KV) -> torch.Tensor:
+    """Decoder layer ``layer`` with the arguments ``LlamaModel.forward`` gives it; its hidden states out
+    (the layer's K/V are then ``cache``'s buffers)."""
+    out: torch.Tensor = parts.layers[layer](hidden, attention_mask=None, position_ids=position_ids, use_cache=True,
+                                            position_embeddings=rope, **{parts.cache_keyword: cache})
+    return out
 
 
 class SuffixGraphs:
     """The decoder layers of ``model`` for a ``suffix``-token prefill after ``prefix`` cached tokens.
 
-    ``capture`` (CUDA only): each layer is captured once here (after one warm-up pass on zeros); else
-    :meth:`run` calls the layers eagerly, the same computation."""
+    ``capture`` (CUDA only): the K/V buffers are allocated once and each layer is captured here (after
+    one warm-up pass on zeros); else :meth:`run` calls the layers eagerly over fresh buffers, the same
+    computation."""
 
     def __init__(self, model: torch.nn.Module, prefix: int, suffix: int, capture: bool) -> None:
+        from flexkv.integration.hf.models import kv_shape
+
         if prefix < 1 or suffix < 1:
             raise ValueError(f"SuffixGraphs needs prefix >= 1 and suffix >= 1 tokens, got {prefix} and {suffix}")
         self.parts = llama_parts(model)
         self.config: Any = getattr(model, "config")  # noqa: B009 - a PreTrainedModel's config
         self.prefix, self.suffix, self.capture = prefix, suffix, capture
         weight = next(model.parameters())
-        device, dtype = weight.device, weight.dtype
-        hidden_size = int(self.config.hidden_size)
-        self.position_ids = torch.arange(prefix, prefix + suffix, device=device).unsqueeze(0)
-        self.hidden_in = torch.zeros(1, suffix, hidden_size, dtype=dtype, device=device)
+        self.device, self.dtype = weight.device, weight.dtype
+        _, self.kv_heads, self.head_dim = kv_shape(self.config)
+        self.position_ids = torch.arange(prefix, prefix + suffix, device=self.device).unsqueeze(0)
+        self.hidden_in = torch.zeros(1, suffix, int(self.config.hidden_size), dtype=self.dtype, device=self.device)
         rope = self.parts.rotary(self.hidden_in, position_ids=self.position_ids)
         self.rope: KV = (rope[0], rope[1])  # the same positions every run: computed once
         self.graphs: list[torch.cuda.CUDAGraph] = []
-        self.prefix_kv: list[KV] = []
-        self.outputs: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.caches: list[StaticLayerCache] = []
+        self.hidden_out: list[torch.Tensor] = []
         if capture:
-            self._capture(device, dtype)
+            self._capture()
 
-    def _capture(self, device: torch.device, dtype: torch.dtype) -> None:
-        from flexkv.integration.hf.models import kv_shape
+    def _new_cache(self) -> StaticLayerCache:
+        shape = (1, self.kv_heads, self.prefix + self.suffix, self.head_dim)
+        return StaticLayerCache(torch.zeros(shape, dtype=self.dtype, device=self.device),
+                                torch.zeros(shape, dtype=self.dtype, device=self.device), self.prefix)
 
-        _, heads, head_dim = kv_shape(self.config)
-        self.prefix_kv = [(torch.zeros(1, heads, self.prefix, head_dim, dtype=dtype, device=device),
-                           torch.zeros(1, heads, self.prefix, head_dim, dtype=dtype, device=device))
-                          for _ in self.parts.layers]
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
+    def _capture(self) -> None:
+        self.caches = [self._new_cache() for _ in self.parts.layers]
+        current = torch.cuda.current_stream(self.device)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(current)
         with torch.cuda.stream(side):  # warm-up: libraries pick and initialize their kernels outside capture
             hidden = self.hidden_in
-            for i, (k, v) in enumerate(self.prefix_kv):
-                cache = _prefix_cache(self.config, i, k, v)
-                hidden = _layer_forward(self.parts, i, hidden, cache, self.position_ids, self.rope)[0]
-        torch.cuda.current_stream(device).wait_stream(side)
+            for i, cache in enumerate(self.caches):
+                hidden = _layer_forward(self.parts, i, hidden, cache, self.position_ids, self.rope)
+        current.wait_stream(side)
         pool = torch.cuda.graph_pool_handle()  # one memory pool: the graphs always replay in capture order
         hidden = self.hidden_in
-        for i, (k, v) in enumerate(self.prefix_kv):
-            cache = _prefix_cache(self.config, i, k, v)
+        for i, cache in enumerate(self.caches):
             graph = torch.cuda.CUDAGraph()
             # thread_local: an engine-side lane's thread keeps syncing its copy events while this captures
             with torch.cuda.graph(graph, pool=pool, capture_error_mode="thread_local"):
-                out = _layer_forward(self.parts, i, hidden, cache, self.position_ids, self.rope)
+                hidden = _layer_forward(self.parts, i, hidden, cache, self.position_ids, self.rope)
             self.graphs.append(graph)
-            self.outputs.append(out)
-            hidden = out[0]
+            self.hidden_out.append(hidden)
 
     def run(self, embedded: torch.Tensor, prefix_kv: Callable[[int], KV]) -> tuple[torch.Tensor, list[KV]]:
-        """The last layer's hidden states for ``embedded`` (``[1, suffix, hidden]``) and each layer's K/V,
-        layer i's prefix taken from ``prefix_kv(i)`` just before layer i runs (static when captured)."""
+        """The last layer's hidden states for ``embedded`` (``[1, suffix, hidden]``) and each layer's K/V
+        (prefix + suffix), layer i's prefix copied from ``prefix_kv(i)`` just before layer i runs. Captured,
+        both are the static buffers the next run overwrites."""
         if embedded.shape[1] != self.suffix:
             raise ValueError(f"these graphs take {self.suffix} tokens, got {embedded.shape[1]}")
-        if not self.capture:
-            hidden, kvs = embedded, []
-            for i in range(len(self.parts.layers)):
-                cache = _prefix_cache(self.config, i, *prefix_kv(i))
-                hidden, k, v = _layer_forward(self.parts, i, hidden, cache, self.position_ids, self.rope)
-                kvs.append((k, v))
-            return hidden, kvs
-        self.hidden_in.copy_(embedded)
-        for i, graph in enumerate(self.graphs):
+        hidden = embedded
+        if self.capture:
+            self.hidden_in.copy_(embedded)
+        for i in range(len(self.parts.layers)):
             key, value = prefix_kv(i)
-            if key.shape[2] != self.prefix:
+            if key.shape[2] != self.prefix or value.shape[2] != self.prefix:
                 raise ValueError(f"layer {i}: a prefix of {key.shape[2]} tokens, these graphs take {self.prefix}")
-            self.prefix_kv[i][0].copy_(key)
-            self.prefix_kv[i][1].copy_(value)
-            graph.replay()
-        return self.outputs[-1][0], [(k, v) for _, k, v in self.outputs]
+            cache = self.caches[i] if self.capture else self._new_cache()
+            cache.keys[:, :, :self.prefix].copy_(key)
+            cache.values[:, :, :self.prefix].copy_(value)
+            if self.capture:
+                self.graphs[i].replay()
+            else:
+                hidden = _layer_forward(self.parts, i, hidden, cache, self.position_ids, self.rope)
+                self.caches.append(cache)
+        out = [(c.keys, c.values) for c in self.caches]
+        if not self.capture:
+            self.caches = []
+        return (self.hidden_out[-1] if self.capture else hidden), out
 
 
 class GraphCache:
