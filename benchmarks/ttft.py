@@ -283,7 +283,9 @@ def measure_length(stack: Stack, length: int, seed: int) -> LengthRow:
         st = ttft(stack.layerwise, prompt)
         assert not st.fallback and st.num_restored_tokens == restored, st
         cached_lw.append(st.ttft_s)
-    cached_graphs, cached_graphs_whole, graph_diff = [], [], 0.0
+    cached_graphs: list[float] = []
+    cached_graphs_whole: list[float] = []
+    graph_diff = 0.0
     if stack.graphed is not None and stack.graphed_whole is not None:
         logits_eager = stack.layerwise.prefill(prompt)
         stack.layerwise.finish_put(logits_eager[3])
