@@ -75,6 +75,7 @@ class _Restore:
     num_tokens: int
     layerwise: bool
     index: torch.Tensor | slice  # the pages as PagedKVPool.page_index finds them
+    rows: torch.Tensor | slice | None = None  # their tokens as PagedKVPool.row_index finds them (graphs), once made
     filled: set[int] = dataclasses.field(default_factory=set)
     wait_s: float = 0.0
     final: TaskStatus | None = None  # once a wait returned it
@@ -204,6 +205,18 @@ class HFPagedEngine:
 
     def _landed(self, restore: _Restore, layer: int) -> KV:
         """Layer ``layer`` of the restored prefix, read from its pages (once it landed, when layer-wise)."""
+        self._await_layer(restore, layer)
+        return self.pool.read_layer(layer, restore.index, restore.num_tokens)
+
+    def _landed_rows(self, restore: _Restore, layer: int) -> KV:
+        """:meth:`_landed` in the pool's row layout ``[tokens, kv_heads, head_dim]`` (a graphed forward's input)."""
+        self._await_layer(restore, layer)
+        if restore.rows is None:
+            restore.rows = self.pool.row_index(restore.pages, restore.num_tokens)
+        return self.pool.read_rows(layer, restore.rows)
+
+    def _await_layer(self, restore: _Restore, layer: int) -> None:
+        """Return once layer ``layer`` of a layer-wise restore landed; RestoreFailed if it cannot."""
         if restore.layerwise:
             assert self.kvm is not None
             t0 = time.perf_counter()
@@ -212,7 +225,6 @@ class HFPagedEngine:
             restore.last_landed = time.perf_counter()
             if resp.status is not TaskStatus.SUCCESS:
                 raise RestoreFailed(f"layer {layer}: {resp.status.name} {resp.error}".strip())
-        return self.pool.read_layer(layer, restore.index, restore.num_tokens)
 
     def _graphs_for(self, prefix: int, suffix: int) -> SuffixGraphs | None:
         """The CUDA graphs of this shape (captured now if new), or None: off, no prefix, too long a suffix."""
@@ -226,13 +238,13 @@ class HFPagedEngine:
             self.graphs = None
             return None
 
-    def _forward_graphed(self, graphs: SuffixGraphs, token_ids: torch.Tensor, prefix_kv: Callable[[int], KV],
+    def _forward_graphed(self, graphs: SuffixGraphs, token_ids: torch.Tensor, prefix_rows: Callable[[int], KV],
                          cache: DynamicCache) -> tuple[torch.Tensor, Callable[[], None]]:
         """``_forward`` of the suffix through ``graphs``: the last position's logits, and a function that
         puts every layer's K/V into ``cache`` (copies of the graphs' static outputs: call it once the logits
         are read, it is off the time to the first token)."""
         parts = graphs.parts
-        hidden, kvs = graphs.run(parts.embed(token_ids.to(self.pool.device).unsqueeze(0)), prefix_kv)
+        hidden, kvs = graphs.run(parts.embed(token_ids.to(self.pool.device).unsqueeze(0)), prefix_rows)
         logits = parts.lm_head(parts.norm(hidden)[:, -1:, :])[0, -1].float()
 
         def finish() -> None:
@@ -243,10 +255,10 @@ class HFPagedEngine:
         return logits, finish
 
     def _prefix_source(self, restore: _Restore | None, reuse: tuple[DynamicCache, int] | None) -> Callable[[int], KV]:
-        """Layer i's prefix K/V for a graphed forward: from the restore (waiting for it when layer-wise),
-        or the first ``n`` tokens of the reused cache."""
+        """Layer i's prefix K/V for a graphed forward, ``[tokens, kv_heads, head_dim]``: from the restore's
+        pages (waiting for the layer when layer-wise), or the first ``n`` tokens of the reused cache."""
         if restore is not None:
-            return lambda layer: self._landed(restore, layer)
+            return lambda layer: self._landed_rows(restore, layer)
         assert reuse is not None
         earlier, num_tokens = reuse
 
@@ -254,7 +266,7 @@ class HFPagedEngine:
             key, value = layer_kv(earlier, layer)
             if key.shape[2] < num_tokens:
                 raise ValueError(f"reuse of {num_tokens} tokens from a cache of {key.shape[2]}")
-            return key[:, :, :num_tokens], value[:, :, :num_tokens]
+            return key[0, :, :num_tokens].permute(1, 0, 2), value[0, :, :num_tokens].permute(1, 0, 2)
         return reused
 
     @torch.inference_mode()

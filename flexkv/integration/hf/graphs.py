@@ -79,6 +79,8 @@ class StaticLayerCache:
 
     def __init__(self, keys: torch.Tensor, values: torch.Tensor, prefix: int) -> None:
         self.keys, self.values, self.prefix = keys, values, prefix
+        # the prefix as ``[tokens, kv_heads, head_dim]`` views: rows of the paged pool copy in with one op
+        self.prefix_rows = (keys[0, :, :prefix].permute(1, 0, 2), values[0, :, :prefix].permute(1, 0, 2))
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *_args: Any,
                **_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
@@ -149,22 +151,23 @@ class SuffixGraphs:
             self.graphs.append(graph)
             self.hidden_out.append(hidden)
 
-    def run(self, embedded: torch.Tensor, prefix_kv: Callable[[int], KV]) -> tuple[torch.Tensor, list[KV]]:
+    def run(self, embedded: torch.Tensor, prefix_rows: Callable[[int], KV]) -> tuple[torch.Tensor, list[KV]]:
         """The last layer's hidden states for ``embedded`` (``[1, suffix, hidden]``) and each layer's K/V
-        (prefix + suffix), layer i's prefix copied from ``prefix_kv(i)`` just before layer i runs. Captured,
-        both are the static buffers the next run overwrites."""
+        (``[1, kv_heads, prefix + suffix, head_dim]``), layer i's prefix copied from ``prefix_rows(i)``
+        (``[prefix, kv_heads, head_dim]``, the paged pool's layout) just before layer i runs. Captured, both
+        are the static buffers the next run overwrites."""
         if embedded.shape[1] != self.suffix:
             raise ValueError(f"these graphs take {self.suffix} tokens, got {embedded.shape[1]}")
         hidden = embedded
         if self.capture:
             self.hidden_in.copy_(embedded)
         for i in range(len(self.parts.layers)):
-            key, value = prefix_kv(i)
-            if key.shape[2] != self.prefix or value.shape[2] != self.prefix:
-                raise ValueError(f"layer {i}: a prefix of {key.shape[2]} tokens, these graphs take {self.prefix}")
+            key, value = prefix_rows(i)
+            if key.shape[0] != self.prefix or value.shape[0] != self.prefix:
+                raise ValueError(f"layer {i}: a prefix of {key.shape[0]} tokens, these graphs take {self.prefix}")
             cache = self.caches[i] if self.capture else self._new_cache()
-            cache.keys[:, :, :self.prefix].copy_(key)
-            cache.values[:, :, :self.prefix].copy_(value)
+            cache.prefix_rows[0].copy_(key)
+            cache.prefix_rows[1].copy_(value)
             if self.capture:
                 self.graphs[i].replay()
             else:

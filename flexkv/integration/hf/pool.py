@@ -111,6 +111,28 @@ class PagedKVPool:
             out.append(gathered.view(1, heads, -1, dim)[:, :, :num_tokens].contiguous())
         return out[0], out[1]
 
+    def row_index(self, pages: Sequence[int], num_tokens: int) -> torch.Tensor | slice:
+        """How :meth:`read_rows` finds the first ``num_tokens`` tokens of ``pages``: one slice of rows for
+        consecutive pages, else a token index on the pool's device (make it once per request)."""
+        if not 0 <= num_tokens <= len(pages) * self.tokens_per_page:
+            raise ValueError(f"{num_tokens} tokens are not within {len(pages)} pages of {self.tokens_per_page}")
+        ref = self.page_index(pages)
+        if isinstance(ref, slice):
+            start = ref.start * self.tokens_per_page
+            return slice(start, start + num_tokens)
+        t = self.tokens_per_page
+        rows = (ref.unsqueeze(1) * t + torch.arange(t, device=ref.device)).flatten()[:num_tokens]
+        return rows
+
+    def read_rows(self, layer: int, rows: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of layer ``layer`` at ``rows`` (:meth:`row_index`) in the pool's own layout, ``[tokens,
+        kv_heads, head_dim]``: a view for a slice, one gather otherwise. The fewest tensor operations a layer
+        can be read with (a graphed forward copies them into its buffers at once)."""
+        k, v = self.tensors[2 * layer], self.tensors[2 * layer + 1]
+        if isinstance(rows, slice):
+            return k[rows], v[rows]
+        return k.index_select(0, rows), v.index_select(0, rows)
+
     def write_layer(self, layer: int, pages: Sequence[int] | torch.Tensor | slice, key: torch.Tensor,
                     value: torch.Tensor) -> None:
         """Store ``[1, kv_heads, len(pages) * T, head_dim]`` K and V into ``pages`` (whole pages only)."""
