@@ -19,6 +19,8 @@
 #   layerwise layer-wise GET on CUDA (per-layer events, bytes exact at every layer wait, failures wake
 #             every waiter) and the HF engine on CUDA (bit-exact restores, conversations unchanged), its
 #             CPU tests too, and benchmarks/hf_numerics.py (this host's CPU: numerics vs wrong KV)
+#   hf        (not in the default list) the HF engine tests alone (part of layerwise): CUDA restores, CUDA
+#             graphs of the suffix, bit-exact against the engine without flexkv
 #   ttft      benchmarks/ttft.py: TTFT of the HF engine, Llama-3-8B shape (not in the default list: ~3-5 min;
 #             $TTFT_ARGS is passed on, e.g. "--skip-replay")
 # Prints PASS/FAIL per step; with $OUT set, each step's whole output is kept in $OUT/<step>.log.
@@ -110,6 +112,8 @@ for part in "${parts[@]}"; do
       tests/runtime/test_layerwise.py tests/runtime/test_landing.py tests/integration/test_hf_engine.py
     step 300 "hf_numerics (this host CPU)" \
       python3 benchmarks/hf_numerics.py ;;
+  hf)
+    step 300 "pytest HF engine (CUDA, graphs included, and CPU)" "${PYTEST[@]}" tests/integration/test_hf_engine.py ;;
   ttft)
     trace=(); [ -f .devinc/traces/conversation_trace.jsonl ] && trace=(--trace .devinc/traces/conversation_trace.jsonl)
     step "${TTFT_LIMIT_S:-590}" "ttft (HF engine, Llama-3-8B shape)" python3 benchmarks/ttft.py "${trace[@]}" ${TTFT_ARGS:-} ;;
