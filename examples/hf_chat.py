@@ -71,6 +71,9 @@ def main() -> None:
     ap.add_argument("--cpu-blocks", type=int, default=2048)
     ap.add_argument("--layerwise", action="store_true", help="restore layer by layer (compute during the restore)")
     ap.add_argument("--no-cost-check", action="store_true", help="restore every match, even when recomputing is faster")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="a short suffix after a restored prefix runs one CUDA graph per layer (needs --attn "
+                         "flexkv_sdpa; on the CPU the same per-layer loop runs uncaptured)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING)
     dtype = getattr(torch, args.dtype)
@@ -85,7 +88,8 @@ def main() -> None:
         # A progress table either way: restores end from it (docs/layerwise.md); --layerwise also copies them
         # layer by layer so the forward starts before the restore is done.
         kvm.register_kv_buffers(pool.register_with(), pool.layout, device_id=device_id, layerwise=True)
-        engine = HFPagedEngine(model, pool, kvm, layerwise=args.layerwise, cost_check=not args.no_cost_check)
+        engine = HFPagedEngine(model, pool, kvm, layerwise=args.layerwise, cost_check=not args.no_cost_check,
+                               cuda_graphs=args.cuda_graphs)
         plain = HFPagedEngine(model, pool, None)
         gen = torch.Generator().manual_seed(0)
         conv = torch.empty(0, dtype=torch.long)
