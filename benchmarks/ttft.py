@@ -106,9 +106,9 @@ class Stack:
         # the same with the 16-token suffix as one CUDA graph per layer (flexkv_sdpa only: it takes no mask)
         graphs = s.model.config._attn_implementation == "flexkv_sdpa"
         self.graphed = HFPagedEngine(s.model, self.pools[0], self.kvms[0], layerwise=True, cost_check=False,
-                                     cuda_graphs=True) if graphs else None
+                                     cuda_graphs=True, graph_capture_after=1) if graphs else None
         self.graphed_whole = HFPagedEngine(s.model, self.pools[-1], self.kvms[-1], layerwise=False, cost_check=False,
-                                           cuda_graphs=True) if graphs else None
+                                           cuda_graphs=True, graph_capture_after=1) if graphs else None
         self.plain = HFPagedEngine(s.model, self.pools[-1], self.kvms[-1], layerwise=False, cost_check=False)
         self.recompute = HFPagedEngine(s.model, self.pools[-1], None)
 

@@ -344,8 +344,9 @@ def test_on_cuda_restores_are_bit_exact_and_the_conversation_unchanged(stacks: l
     does the reference's (the same forwards)."""
     s = Stack(torch.bfloat16, attn, device="cuda", engine_side=engine_side)
     stacks.append(s)
-    with_kv = converse(s.engine(layerwise=layerwise, cuda_graphs=graphs), 4, seed=3)
-    without = converse(s.engine(use_flexkv=False, cuda_graphs=graphs), 4, seed=3, same_split_as=with_kv)
+    with_kv = converse(s.engine(layerwise=layerwise, cuda_graphs=graphs, graph_capture_after=1), 4, seed=3)
+    without = converse(s.engine(use_flexkv=False, cuda_graphs=graphs, graph_capture_after=1), 4, seed=3,
+                       same_split_as=with_kv)
     assert with_kv.outs == without.outs
     assert all(torch.equal(a, b) for a, b in zip(with_kv.logits, without.logits, strict=True))
     for turn, (a_kv, b_kv) in enumerate(zip(with_kv.kv, without.kv, strict=True)):
@@ -490,3 +491,25 @@ def test_the_graph_cache_keeps_the_last_shapes() -> None:
     assert len(cache) == 2 and cache.get(8, 4) is first
     with pytest.raises(ValueError, match="size"):
         GraphCache(model, capture=False, size=0)
+    with pytest.raises(ValueError, match="capture_after"):
+        GraphCache(model, capture=False, capture_after=0)
+
+
+def test_a_shape_is_captured_only_once_it_repeats(monkeypatch: pytest.MonkeyPatch) -> None:
+    """capture_after=2: the first time a shape is asked for there are no graphs (the engine runs the model's
+    forward), the second time they are captured; a conversation, each turn a new shape, never captures."""
+    from flexkv.integration.hf import graphs as g
+
+    made: list[tuple[int, int]] = []
+
+    class Recorded(g.SuffixGraphs):
+        def __init__(self, model: torch.nn.Module, prefix: int, suffix: int, capture: bool) -> None:
+            made.append((prefix, suffix))
+            super().__init__(model, prefix, suffix, capture=False)  # (no CUDA here: the loop, uncaptured)
+
+    monkeypatch.setattr(g, "SuffixGraphs", Recorded)
+    model = random_model(tiny_llama_config("flexkv_sdpa"), torch.float32)
+    cache = g.GraphCache(model, capture=True, size=2, capture_after=2)
+    assert [cache.get(8 * k, 4) for k in range(1, 6)] == [None] * 5 and made == []
+    assert cache.get(8, 4) is not None and made == [(8, 4)] and cache.num_captured == 1
+    assert cache.get(8, 4) is cache.get(8, 4) and made == [(8, 4)]

@@ -145,15 +145,17 @@ class HFPagedEngine:
     flexkv matched): restore only what is faster to load than to recompute (flexkv.integration.hf.cost).
     ``cuda_graphs``: a suffix of at most ``graph_max_suffix_tokens`` after a restored prefix runs one
     CUDA graph per decoder layer (flexkv.integration.hf.graphs; Llama-like models with ``flexkv_sdpa``),
-    captured the first time a (prefix, suffix) shape is seen and kept for the last ``graph_shapes``
-    shapes; on the CPU the same per-layer loop runs uncaptured.
+    captured the ``graph_capture_after``-th time a (prefix, suffix) shape is seen (the model's forward
+    before: one-off shapes never pay a capture) and kept for the last ``graph_shapes`` shapes; on the CPU
+    the same per-layer loop runs uncaptured, every time.
     Single-threaded: one request at a time.
     """
 
     def __init__(self, model: torch.nn.Module, pool: PagedKVPool, kvm: KVManager | None = None, *,
                  namespace: Sequence[str] | None = None, layerwise: bool = False, wait_timeout_s: float = 60.0,
                  put_completely: bool = False, profile: bool = False, cost_check: bool | CostCheck = True,
-                 cuda_graphs: bool = False, graph_max_suffix_tokens: int = 256, graph_shapes: int = 4) -> None:
+                 cuda_graphs: bool = False, graph_max_suffix_tokens: int = 256, graph_shapes: int = 4,
+                 graph_capture_after: int = 2) -> None:
         self.model = model.eval()
         self.config: Any = getattr(model, "config")  # noqa: B009 - a PreTrainedModel's config
         self.pool, self.kvm = pool, kvm
@@ -171,7 +173,8 @@ class HFPagedEngine:
                        for i, layer in enumerate(decoder_layers(model))]
         self.num_quarantined_pages = 0
         self.graph_max_suffix_tokens = graph_max_suffix_tokens
-        self.graphs = GraphCache(model, pool.device.type == "cuda", graph_shapes) if cuda_graphs else None
+        self.graphs = GraphCache(model, pool.device.type == "cuda", graph_shapes,
+                                 graph_capture_after) if cuda_graphs else None
 
     def close(self) -> None:
         for h in self._hooks:
@@ -227,7 +230,8 @@ class HFPagedEngine:
                 raise RestoreFailed(f"layer {layer}: {resp.status.name} {resp.error}".strip())
 
     def _graphs_for(self, prefix: int, suffix: int) -> SuffixGraphs | None:
-        """The CUDA graphs of this shape (captured now if new), or None: off, no prefix, too long a suffix."""
+        """The CUDA graphs of this shape (captured now if its time came), or None: off, no prefix, too long a
+        suffix, a shape not seen often enough yet."""
         if self.graphs is None or prefix == 0 or not 0 < suffix <= self.graph_max_suffix_tokens:
             return None
         try:

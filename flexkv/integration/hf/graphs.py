@@ -181,22 +181,39 @@ class SuffixGraphs:
 
 class GraphCache:
     """The :class:`SuffixGraphs` of the last ``size`` shapes (prefix, suffix) a model ran, least recently
-    used dropped first (its memory with it)."""
+    used dropped first (its memory with it).
 
-    def __init__(self, model: torch.nn.Module, capture: bool, size: int = 4) -> None:
+    A capture costs a warm-up pass and the capture itself, and a conversation gives every turn a new
+    shape: with ``capture_after`` = n, a shape is captured the n-th time it is asked for (of the last
+    ``_SEEN`` shapes asked for); :meth:`get` returns None before, and the engine runs the model's forward.
+    Uncaptured (no CUDA) there is nothing to save: every shape is run at once."""
+
+    _SEEN = 256
+
+    def __init__(self, model: torch.nn.Module, capture: bool, size: int = 4, capture_after: int = 2) -> None:
         if size < 1:
             raise ValueError(f"GraphCache size must be >= 1, got {size}")
+        if capture_after < 1:
+            raise ValueError(f"GraphCache capture_after must be >= 1, got {capture_after}")
         llama_parts(model)  # fail at construction, not at the first restore
-        self.model, self.capture, self.size = model, capture, size
+        self.model, self.capture, self.size, self.capture_after = model, capture, size, capture_after
         self._shapes: collections.OrderedDict[tuple[int, int], SuffixGraphs] = collections.OrderedDict()
+        self._seen: collections.OrderedDict[tuple[int, int], int] = collections.OrderedDict()  # shape -> times
         self.num_captured = 0
 
-    def get(self, prefix: int, suffix: int) -> SuffixGraphs:
+    def get(self, prefix: int, suffix: int) -> SuffixGraphs | None:
         key = (prefix, suffix)
         graphs = self._shapes.get(key)
         if graphs is not None:
             self._shapes.move_to_end(key)
             return graphs
+        if self.capture:
+            times = self._seen.pop(key, 0) + 1
+            if times < self.capture_after:
+                self._seen[key] = times
+                while len(self._seen) > self._SEEN:
+                    self._seen.popitem(last=False)
+                return None
         while len(self._shapes) >= self.size:
             self._shapes.popitem(last=False)
         graphs = SuffixGraphs(self.model, prefix, suffix, self.capture)
