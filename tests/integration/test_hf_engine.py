@@ -279,12 +279,14 @@ def test_two_namespaces_with_the_same_prompt_never_share_blocks(stacks: list[Sta
     s.kvm.check_invariants()
 
 
+@pytest.mark.parametrize("graphs", [False, True], ids=["forward", "graphs"])
 @pytest.mark.parametrize("layerwise", [False, True])
 def test_a_failed_restore_is_recomputed_and_the_output_is_unchanged(stacks: list[Stack], tmp_path: Path,
-                                                                     layerwise: bool) -> None:
-    s = Stack(torch.float32, cache=_ssd_cache(tmp_path, num_cpu_blocks=16))
+                                                                     layerwise: bool, graphs: bool) -> None:
+    s = Stack(torch.float32, "flexkv_sdpa" if graphs else "sdpa", cache=_ssd_cache(tmp_path, num_cpu_blocks=16))
     stacks.append(s)
-    eng, ref = s.engine(layerwise=layerwise, put_completely=True), s.engine(use_flexkv=False)
+    eng = s.engine(layerwise=layerwise, put_completely=True, cuda_graphs=graphs)
+    ref = s.engine(use_flexkv=False)
     p = prompt(12 * T + 2, seed=5)
     eng.generate(p, 4)
     eng.generate(prompt(14 * T + 1, seed=6), 4)  # evicts p's blocks from the CPU tier to SSD
