@@ -31,6 +31,7 @@ from flexkv.integration.hf import (
     random_model,
     tiny_llama_config,
 )
+from flexkv.integration.hf.cost import CostCheck
 from flexkv.integration.hf.engine import cache_keyword, layer_kv
 from flexkv.integration.hf.models import kv_shape
 from flexkv.kvmanager import KVManager
@@ -459,7 +460,7 @@ def test_the_per_layer_graph_loop_computes_exactly_what_the_model_forward_does(
 def test_a_suffix_longer_than_the_graph_limit_runs_the_model_forward(stacks: list[Stack]) -> None:
     s = Stack(torch.float32, "flexkv_sdpa")
     stacks.append(s)
-    eng = s.engine(cuda_graphs=True, graph_max_suffix_tokens=8)
+    eng = s.engine(cuda_graphs=True, graph_max_suffix_tokens=8, cost_check=CostCheck())
     first = prompt(6 * T + 3, seed=1)
     eng.finish_put(eng.prefill(first)[3])
     for extra, shapes in ((5, 1), (20, 1)):  # a 5-token suffix is graphed; a 20-token one is not
@@ -467,6 +468,8 @@ def test_a_suffix_longer_than_the_graph_limit_runs_the_model_forward(stacks: lis
         eng.finish_put(put)
         assert st.num_restored_tokens == 6 * T and not st.fallback
         assert eng.graphs is not None and len(eng.graphs) == shapes
+    # the cost check learns from the model's forwards only (a recompute is never graphed): 2 of the 3
+    assert eng.cost_check is not None and eng.cost_check.model.num_samples == 2
 
 
 def test_cuda_graphs_need_a_llama_like_model_with_flexkv_sdpa(stacks: list[Stack]) -> None:

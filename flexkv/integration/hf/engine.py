@@ -343,7 +343,7 @@ class HFPagedEngine:
         restore, fallback, matched = self._start_restore(tokens)
         self._phase(phases, "match", t0)
         cache = DynamicCache(config=self.config)
-        sampled = False  # the prefill forward alone is a cost-check sample, unless a restore failed
+        sampled = False  # the prefill forward alone is a cost-check sample, unless a restore failed or it was graphed
         finish: Callable[[], None] | None = None  # a graphed forward's cache, filled after the first token
         try:
             start = restore.num_tokens if restore is not None else reuse[1] if reuse is not None else 0
@@ -361,7 +361,7 @@ class HFPagedEngine:
             self._phase(phases, "forward", t1)
             if restore is not None:
                 self._end_restore(restore)
-            sampled = True
+            sampled = graphs is None  # a recompute would not be graphed: graphed forwards teach the check nothing
         except RestoreFailed as e:
             assert restore is not None
             fallback = f"restore failed: {e}"
