@@ -116,9 +116,11 @@ def make_backend(address: str, pool: HostPool, tp_rank: int = 0, tp_size: int = 
 
 
 @contextlib.contextmanager
-def flexkv_server(address: str, model: ModelConfig, num_cpu_blocks: int = 256) -> Iterator[list[Any]]:
-    """A flexkv server process at ``address``; the yielded list holds it (tests may replace it)."""
-    procs = [launch_server(model, address, num_cpu_blocks)]
+def flexkv_server(address: str, model: ModelConfig, num_cpu_blocks: int = 256,
+                  cache: CacheConfig | None = None) -> Iterator[list[Any]]:
+    """A flexkv server process at ``address`` (``cache``: its whole cache config instead); the yielded list
+    holds it (tests may replace it)."""
+    procs = [launch_server(model, address, num_cpu_blocks, cache)]
     try:
         yield procs
     finally:
@@ -126,8 +128,8 @@ def flexkv_server(address: str, model: ModelConfig, num_cpu_blocks: int = 256) -
             stop_server(proc)
 
 
-def launch_server(model: ModelConfig, address: str, num_cpu_blocks: int = 256) -> Any:
-    proc = start_server(model, CacheConfig(tokens_per_block=P, num_cpu_blocks=num_cpu_blocks), address)
+def launch_server(model: ModelConfig, address: str, num_cpu_blocks: int = 256, cache: CacheConfig | None = None) -> Any:
+    proc = start_server(model, cache or CacheConfig(tokens_per_block=P, num_cpu_blocks=num_cpu_blocks), address)
     OUR_PIDS.add(proc.pid)  # type: ignore[attr-defined]
     return proc
 

@@ -14,7 +14,9 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
@@ -299,6 +301,65 @@ def test_a_failed_restore_is_recomputed_and_the_output_is_unchanged(stacks: list
     assert out == ref.generate(longer, 16)[0]
     assert st.num_restored_tokens == 0 and "restore failed" in st.fallback, st
     assert s.pool.num_free_pages == NUM_PAGES, "the failed task's pages came back"
+    s.kvm.check_invariants()
+
+
+def _flip_ssd_block(cache: CacheConfig, model_config: Any, block_hash: int) -> None:
+    """Flip one byte in the middle of the SSD slot holding ``block_hash`` (its checksum no longer matches)."""
+    from flexkv.common.config import kv_fingerprint
+    from flexkv.ssd_journal import journal_path, scan
+    from flexkv.workers.ssd_store import SSDLayout
+
+    found = scan(journal_path(cache.ssd_cache_dir[0]), kv_fingerprint(model_config, T), None, cache.num_ssd_blocks)
+    rows = np.flatnonzero(found.records["block_hash"] == np.uint64(block_hash))
+    assert rows.size == 1, "every block written has one journal record"
+    block = model_config.block_bytes(T)
+    slot = (block + 4095) // 4096 * 4096
+    layout = SSDLayout(1, cache.num_ssd_blocks, block, slot, cache.ssd_max_file_bytes // slot)
+    _, f, off = layout.locate(found.records["ssd_id"][rows].astype(np.int64))
+    path = os.path.join(cache.ssd_cache_dir[0], f"flexkv_ssd_{int(f[0]):04d}.data")
+    fd = os.open(path, os.O_RDWR)
+    try:
+        at = int(off[0]) + block // 2
+        os.pwrite(fd, bytes([os.pread(fd, 1, at)[0] ^ 0x5A]), at)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("graphs", [False, True], ids=["forward", "graphs"])
+@pytest.mark.parametrize("layerwise", [False, True], ids=["whole", "layerwise"])
+def test_a_restore_that_delivers_less_than_it_matched_never_feeds_the_model_the_rest(
+        stacks: list[Stack], tmp_path: Path, layerwise: bool, graphs: bool) -> None:
+    """A GET can end SUCCESS with a shorter mask than its match promised (a corrupt SSD block and what
+    follows it are a miss, as is a key the remote store evicted). The pages past the delivered prefix
+    were never written: the engine must not compute with them (poisoned here), nor store them back."""
+    from flexkv.native.hasher import hash_blocks
+
+    cache = _ssd_cache(tmp_path, num_cpu_blocks=16)
+    s = Stack(torch.float32, "flexkv_sdpa", cache=cache)
+    stacks.append(s)
+    eng = s.engine(layerwise=layerwise, put_completely=True, cuda_graphs=graphs)
+    ref = s.engine(use_flexkv=False)
+    p = prompt(12 * T + 2, seed=5)
+    eng.generate(p, 4)  # 12 blocks to CPU and SSD
+    eng.generate(prompt(16 * T + 1, seed=6), 4)  # fills the 16-block CPU tier: p is on SSD only
+    hashes = hash_blocks(p[:12 * T].numpy(), T)
+    for i in range(6, 12):
+        _flip_ssd_block(cache, flexkv_model_config(s.config, s.dtype), int(hashes[i]))
+    for t in s.pool.tensors:
+        t.fill_(float("nan"))  # pages the restore does not write hold NaN
+    longer = torch.cat([p, prompt(7, seed=7)])
+    out, st = eng.generate(longer, 16)
+    assert out == ref.generate(longer, 16)[0], st
+    assert st.num_restored_tokens in (0, 6 * T), st  # the verified prefix, or nothing (recomputed)
+    assert s.kvm.stats()["ssd_corrupt_blocks"] == 1
+    # what the turn stored back is the model's own KV: the whole prompt now restores, bit-exact
+    for t in s.pool.tensors:
+        t.fill_(float("nan"))
+    again, st2 = eng.generate(longer, 16)
+    assert again == out and st2.num_restored_tokens == len(longer) // T * T and not st2.fallback, st2
+    assert s.pool.num_free_pages == NUM_PAGES
     s.kvm.check_invariants()
 
 

@@ -38,7 +38,7 @@ from flexkv.integration.hf.cost import CostCheck, CostDecision, RestoreChoice
 from flexkv.integration.hf.graphs import KV, GraphCache, SuffixGraphs
 from flexkv.integration.hf.pool import PagedKVPool
 from flexkv.kvmanager import KVManager
-from flexkv.types import FlexKVError, TaskStatus
+from flexkv.types import FlexKVError, KVResponse, TaskStatus
 
 log = logging.getLogger("flexkv.hf")
 
@@ -98,6 +98,11 @@ class PendingPut:
 
     task_id: int
     pages: list[int]
+
+
+def _delivered(resp: KVResponse) -> int:
+    """Tokens a finished GET loaded: its return mask is a prefix of the matched tokens."""
+    return int(resp.return_mask.sum()) if resp.return_mask is not None else 0
 
 
 class RestoreFailed(Exception):
@@ -346,6 +351,8 @@ class HFPagedEngine:
         sampled = False  # the prefill forward alone is a cost-check sample, unless a restore failed or it was graphed
         finish: Callable[[], None] | None = None  # a graphed forward's cache, filled after the first token
         try:
+            if restore is not None and not restore.layerwise:
+                self._wait_whole(restore, phases)  # (may shrink it to what it delivered)
             start = restore.num_tokens if restore is not None else reuse[1] if reuse is not None else 0
             graphs = self._graphs_for(start, n - start)
             if restore is not None:
@@ -471,18 +478,35 @@ class HFPagedEngine:
                                                                       decision.estimates_s))
         return _Matched(again.task_id, again.mask, info.num_tokens, decision)
 
+    def _wait_whole(self, restore: _Restore, phases: dict[str, float]) -> None:
+        """Wait for a whole (not layer-wise) restore; RestoreFailed unless it delivered something. A GET may
+        end SUCCESS with less than its match promised (a corrupt SSD block and the rest of the prompt are a
+        miss, as is a key the remote store evicted): the restore shrinks to the delivered prefix, and the
+        pages past it, which no copy wrote, go back to the pool (they must feed neither the model nor a put)."""
+        t0 = time.perf_counter()
+        resp = self._wait_response(restore.task_id)
+        restore.final = resp.status
+        restore.wait_s = time.perf_counter() - t0
+        self._phase(phases, "restore_wait", t0)
+        if resp.status is not TaskStatus.SUCCESS:
+            raise RestoreFailed(resp.status.name)
+        delivered = _delivered(resp)
+        if delivered >= restore.num_tokens:
+            return
+        if delivered == 0:
+            raise RestoreFailed(f"it delivered none of the {restore.num_tokens} tokens it matched")
+        log.warning("flexkv restore of task %d delivered %d of the %d tokens it matched; using those", restore.task_id,
+                    delivered, restore.num_tokens)
+        keep = delivered // self.tokens_per_block
+        self.pool.free(restore.pages[keep:])  # the task is final: nothing writes them any more
+        restore.pages, restore.num_tokens = restore.pages[:keep], delivered
+        restore.index, restore.rows = self.pool.page_index(restore.pages), None
+
     def _begin_restore(self, restore: _Restore, cache: DynamicCache, phases: dict[str, float],
                        fill: bool = True) -> None:
-        """Wait for a whole restore and put it into ``cache``; or, layer-wise, arm the layer hooks. ``fill``
-        False (a graphed forward reads the layers itself): only the whole restore's wait."""
+        """Put a whole restore (waited for: :meth:`_wait_whole`) into ``cache``; or, layer-wise, arm the layer
+        hooks. ``fill`` False: nothing (a graphed forward reads the layers itself)."""
         if not restore.layerwise:
-            assert self.kvm is not None
-            t0 = time.perf_counter()
-            restore.final = self._wait(restore.task_id)
-            restore.wait_s = time.perf_counter() - t0
-            self._phase(phases, "restore_wait", t0)
-            if restore.final is not TaskStatus.SUCCESS:
-                raise RestoreFailed(restore.final.name)
             if not fill:
                 return
             t1 = time.perf_counter()
@@ -498,19 +522,28 @@ class HFPagedEngine:
         self._active = (restore, cache)  # the hooks fill layers 1.. as the forward reaches them
 
     def _end_restore(self, restore: _Restore) -> None:
-        """After the forward used every layer: end the task (its status is SUCCESS by then)."""
+        """After the forward used every layer: end the task. Its layers all landed, yet its result decides: a
+        GET that delivered less than it matched (see :meth:`_wait_whole`) landed only those blocks' layers,
+        and the forward read unwritten pages past them, so it is thrown away and the prompt recomputed."""
         if restore.layerwise:
-            restore.final = self._wait(restore.task_id)
-            if restore.final is not TaskStatus.SUCCESS:  # cannot happen once every layer landed; never trust it
-                raise RestoreFailed(f"final status {restore.final.name} after every layer landed")
+            resp = self._wait_response(restore.task_id)
+            restore.final = resp.status
+            if resp.status is not TaskStatus.SUCCESS:  # cannot happen once every layer landed; never trust it
+                raise RestoreFailed(f"final status {resp.status.name} after every layer landed")
+            if _delivered(resp) < restore.num_tokens:
+                raise RestoreFailed(f"it delivered {_delivered(resp)} of the {restore.num_tokens} tokens it matched")
 
     def _wait(self, task_id: int, completely: bool = False) -> TaskStatus:
+        return self._wait_response(task_id, completely).status
+
+    def _wait_response(self, task_id: int, completely: bool = False) -> KVResponse:
+        """The task's final response; TIMEOUT when the wait itself failed (server gone, deadline)."""
         assert self.kvm is not None
         try:
-            return self.kvm.wait(task_id, timeout=self.wait_timeout_s, completely=completely)[task_id].status
+            return self.kvm.wait(task_id, timeout=self.wait_timeout_s, completely=completely)[task_id]
         except FlexKVError as e:
             log.warning("flexkv wait for task %d failed: %s", task_id, e)
-            return TaskStatus.TIMEOUT
+            return KVResponse(TaskStatus.TIMEOUT, task_id, None, str(e))
 
     def _abandon(self, restore: _Restore) -> None:
         """Give up on a restore; its pages come back only once the task can no longer write them."""

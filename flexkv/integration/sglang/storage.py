@@ -24,10 +24,18 @@ from flexkv.integration.sglang.host_pool import HostPoolView, StagingPages, desc
 from flexkv.integration.sglang.link import ServerLink
 from flexkv.integration.sglang.settings import BackendSettings
 from flexkv.kvmanager import KVManager, hash_page_keys
-from flexkv.types import FlexKVError, TaskStatus
+from flexkv.types import FlexKVError, KVResponse, TaskStatus
 
 log = logging.getLogger("flexkv.sglang")
 STAGING_PAGES = 16  # per direction, generic interface only (SGLang's batches are split into these)
+
+
+def _loaded_end(resp: KVResponse, page_size: int) -> int:
+    """The page a finished GET's loaded run ends at (its return mask marks the loaded tokens; 0: none)."""
+    mask = resp.return_mask
+    if mask is None or not mask.any():
+        return 0
+    return (int(np.flatnonzero(mask)[-1]) + 1) // page_size
 
 
 class FlexKVHiCacheStorage(HiCacheStorage):
@@ -176,6 +184,12 @@ class FlexKVHiCacheStorage(HiCacheStorage):
             log.info("flexkv %s of %d pages: %s %s", "get" if is_get else "put", end - begin, resp.status.name,
                      resp.error)
             return 0
+        if is_get:  # a GET may load less than it matched (a corrupt SSD block, a key the store evicted)
+            loaded = _loaded_end(resp, self._view.page_size if self._view is not None else 1)
+            if loaded < end:
+                log.warning("flexkv get loaded pages [%d, %d) of the [%d, %d) it matched; the rest are misses",
+                            begin, max(loaded, begin), begin, end)
+            return max(loaded - first, 0)
         return end - first
 
     # -- generic interface (SGLang copies pages through tensors) --------------------------------
