@@ -579,3 +579,31 @@ def test_a_shape_is_captured_only_once_it_repeats(monkeypatch: pytest.MonkeyPatc
     assert [cache.get(8 * k, 4) for k in range(1, 6)] == [None] * 5 and made == []
     assert cache.get(8, 4) is not None and made == [(8, 4)] and cache.num_captured == 1
     assert cache.get(8, 4) is cache.get(8, 4) and made == [(8, 4)]
+
+
+def test_a_graphed_run_that_fails_midway_leaves_nothing_for_the_next() -> None:
+    """A layer's prefix that cannot be had (a layer-wise restore failing at layer 1) ends the run; the next
+    run of the same shape gives exactly what a fresh set of graphs gives (no K/V of the failed run kept)."""
+    from flexkv.integration.hf.graphs import SuffixGraphs
+
+    config = tiny_llama_config("flexkv_sdpa")
+    model = random_model(config, torch.float32)
+    layers, heads, head_dim = kv_shape(config)
+    gen = torch.Generator().manual_seed(4)
+    prefix = [(torch.randn(12, heads, head_dim, generator=gen), torch.randn(12, heads, head_dim, generator=gen))
+              for _ in range(layers)]
+    embedded = torch.randn(1, 3, config.hidden_size, generator=gen)
+
+    def failing(layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer == 1:
+            raise RuntimeError("layer 1 did not land")
+        return prefix[layer]
+
+    graphs = SuffixGraphs(model, 12, 3, capture=False)
+    with torch.inference_mode():
+        with pytest.raises(RuntimeError, match="did not land"):
+            graphs.run(embedded, failing)
+        hidden, kvs = graphs.run(embedded, lambda layer: prefix[layer])
+        ref_hidden, ref_kvs = SuffixGraphs(model, 12, 3, capture=False).run(embedded, lambda layer: prefix[layer])
+    assert torch.equal(hidden, ref_hidden) and len(kvs) == layers
+    assert all(torch.equal(k, rk) and torch.equal(v, rv) for (k, v), (rk, rv) in zip(kvs, ref_kvs, strict=True))

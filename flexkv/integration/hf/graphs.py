@@ -161,22 +161,18 @@ class SuffixGraphs:
         hidden = embedded
         if self.capture:
             self.hidden_in.copy_(embedded)
-        for i in range(len(self.parts.layers)):
+        caches = self.caches if self.capture else [self._new_cache() for _ in self.parts.layers]  # (fresh: a run
+        for i, cache in enumerate(caches):  # that raised midway leaves nothing behind for the next)
             key, value = prefix_rows(i)
             if key.shape[0] != self.prefix or value.shape[0] != self.prefix:
                 raise ValueError(f"layer {i}: a prefix of {key.shape[0]} tokens, these graphs take {self.prefix}")
-            cache = self.caches[i] if self.capture else self._new_cache()
             cache.prefix_rows[0].copy_(key)
             cache.prefix_rows[1].copy_(value)
             if self.capture:
                 self.graphs[i].replay()
             else:
                 hidden = _layer_forward(self.parts, i, hidden, cache, self.position_ids, self.rope)
-                self.caches.append(cache)
-        out = [(c.keys, c.values) for c in self.caches]
-        if not self.capture:
-            self.caches = []
-        return (self.hidden_out[-1] if self.capture else hidden), out
+        return (self.hidden_out[-1] if self.capture else hidden), [(c.keys, c.values) for c in caches]
 
 
 class GraphCache:
