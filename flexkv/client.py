@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import os
 import threading
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,7 @@ class HostKVBuffers:
     arrays: list[np.ndarray]
     layout: KVCacheLayout
     dtype: DType
+    creator_pid: int = dataclasses.field(default_factory=os.getpid)  # (a forked child never removes them)
 
     @property
     def offsets(self) -> list[int]:
@@ -66,6 +68,17 @@ class HostKVBuffers:
 
 _LIVE: list[HostKVBuffers] = []
 _LOCK = threading.Lock()
+
+
+@atexit.register
+def _remove_unclosed_buffers() -> None:
+    """At interpreter exit, remove the segments of buffers nobody closed: a name in /dev/shm outlives its
+    process otherwise. (Registered first, so it runs after every manager's and lane's own exit handler: a
+    library-mode server has stopped by then; processes that mapped a segment keep their mapping.)"""
+    with _LOCK:
+        live = [b for b in _LIVE if b.creator_pid == os.getpid()]
+    for bufs in live:
+        bufs.close()
 
 
 def allocate_host_kv_buffers(layout: KVCacheLayout, dtype: DType | str, tag: str = "kv") -> HostKVBuffers:

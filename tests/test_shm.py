@@ -315,3 +315,19 @@ def test_a_forked_child_never_unlinks_its_parents_pool() -> None:
         _, status = os.waitpid(pid, 0)
         assert os.waitstatus_to_exitcode(status) == 0
         assert pool.is_creator and pool.name in list_flexkv_segments()
+
+
+def test_engine_buffers_never_closed_leave_no_segment_once_their_process_exits() -> None:
+    """allocate_host_kv_buffers in a process that exits without close(): its segment is removed at exit."""
+    import subprocess
+    import sys
+
+    code = ("from flexkv.client import allocate_host_kv_buffers\n"
+            "from flexkv.layout import KVCacheLayout, LayoutKind\n"
+            "layout = KVCacheLayout(LayoutKind.VLLM_KV_FIRST, 2, 8, 16, 2, 16, 2)\n"
+            "bufs = allocate_host_kv_buffers(layout, 'float16', tag='exit')\n"
+            "print(bufs.segment.name, flush=True)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True)
+    name = out.stdout.strip().lstrip("/")
+    assert name.startswith("flexkv-exit-"), out
+    assert not os.path.exists(f"/dev/shm/{name}"), f"{name} outlived its process"
