@@ -374,7 +374,7 @@ class HFPagedEngine:
             fallback = f"restore failed: {e}"
             log.warning("flexkv restore of task %d unusable (%s); recomputing", restore.task_id, e)
             self._abandon(restore)
-            restore, cache = None, DynamicCache(config=self.config)
+            restore, cache, finish = None, DynamicCache(config=self.config), None  # (a graphed run's K/V: dropped)
             logits = self._forward(tokens, cache, 0)
         except BaseException:
             if restore is not None:  # e.g. out of memory mid-forward: end the task, then free its pages
