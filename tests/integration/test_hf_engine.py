@@ -14,9 +14,7 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
-import numpy as np
 import pytest
 import torch
 
@@ -40,7 +38,7 @@ from flexkv.kvmanager import KVManager
 from flexkv.native import cudacopy
 from flexkv.shm import list_flexkv_segments
 from flexkv.types import TaskStatus
-from tests.runtime.kvtest import start_server
+from tests.runtime.kvtest import flip_byte, ssd_slot, start_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -304,29 +302,6 @@ def test_a_failed_restore_is_recomputed_and_the_output_is_unchanged(stacks: list
     s.kvm.check_invariants()
 
 
-def _flip_ssd_block(cache: CacheConfig, model_config: Any, block_hash: int) -> None:
-    """Flip one byte in the middle of the SSD slot holding ``block_hash`` (its checksum no longer matches)."""
-    from flexkv.common.config import kv_fingerprint
-    from flexkv.ssd_journal import journal_path, scan
-    from flexkv.workers.ssd_store import SSDLayout
-
-    found = scan(journal_path(cache.ssd_cache_dir[0]), kv_fingerprint(model_config, T), None, cache.num_ssd_blocks)
-    rows = np.flatnonzero(found.records["block_hash"] == np.uint64(block_hash))
-    assert rows.size == 1, "every block written has one journal record"
-    block = model_config.block_bytes(T)
-    slot = (block + 4095) // 4096 * 4096
-    layout = SSDLayout(1, cache.num_ssd_blocks, block, slot, cache.ssd_max_file_bytes // slot)
-    _, f, off = layout.locate(found.records["ssd_id"][rows].astype(np.int64))
-    path = os.path.join(cache.ssd_cache_dir[0], f"flexkv_ssd_{int(f[0]):04d}.data")
-    fd = os.open(path, os.O_RDWR)
-    try:
-        at = int(off[0]) + block // 2
-        os.pwrite(fd, bytes([os.pread(fd, 1, at)[0] ^ 0x5A]), at)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 @pytest.mark.parametrize("graphs", [False, True], ids=["forward", "graphs"])
 @pytest.mark.parametrize("layerwise", [False, True], ids=["whole", "layerwise"])
 def test_a_restore_that_delivers_less_than_it_matched_never_feeds_the_model_the_rest(
@@ -345,8 +320,9 @@ def test_a_restore_that_delivers_less_than_it_matched_never_feeds_the_model_the_
     eng.generate(p, 4)  # 12 blocks to CPU and SSD
     eng.generate(prompt(16 * T + 1, seed=6), 4)  # fills the 16-block CPU tier: p is on SSD only
     hashes = hash_blocks(p[:12 * T].numpy(), T)
-    for i in range(6, 12):
-        _flip_ssd_block(cache, flexkv_model_config(s.config, s.dtype), int(hashes[i]))
+    for i in range(6, 12):  # one byte in the middle of each: their checksums no longer match
+        path, off = ssd_slot(cache, flexkv_model_config(s.config, s.dtype), int(hashes[i]))
+        flip_byte(path, off + flexkv_model_config(s.config, s.dtype).block_bytes(T) // 2)
     for t in s.pool.tensors:
         t.fill_(float("nan"))  # pages the restore does not write hold NaN
     longer = torch.cat([p, prompt(7, seed=7)])

@@ -38,6 +38,7 @@ from tests.integration.sglang_pool import (
     server_model,
     stop_server,
 )
+from tests.runtime.kvtest import flip_byte, ssd_slot
 
 pytestmark = pytest.mark.timeout(240)
 CTX = mp.get_context("spawn")
@@ -206,12 +207,6 @@ def test_pages_evicted_from_flexkv_show_as_misses(tmp_path: Path) -> None:
 def test_a_get_that_loads_less_than_it_matched_reports_only_the_pages_it_loaded(tmp_path: Path) -> None:
     """A GET ends SUCCESS with a shorter mask when a block read back from SSD fails its checksum (it and the
     rest of the chain are a miss): SGLang must be told only the pages that reached its host pool."""
-    import numpy as np
-
-    from flexkv.common.config import kv_fingerprint
-    from flexkv.ssd_journal import journal_path, scan
-    from flexkv.workers.ssd_store import SSDLayout
-
     address = f"ipc://{tmp_path}/server.sock"
     (tmp_path / "nvme0").mkdir()
     cache = CacheConfig(tokens_per_block=P, num_cpu_blocks=8, enable_ssd=True, num_ssd_blocks=64,
@@ -227,20 +222,9 @@ def test_a_get_that_loads_less_than_it_matched_reports_only_the_pages_it_loaded(
             assert backend.batch_set_v1(new, host_indices([4, 5, 6, 7, 8, 9]), info([])) == [True] * 6
             time.sleep(0.5)
             block_keys, _ = backend._block_keys(old, info([]))
-            model = server_model()
-            found = scan(journal_path(cache.ssd_cache_dir[0]), kv_fingerprint(model, P), None, cache.num_ssd_blocks)
-            block = model.block_bytes(P)
-            slot = (block + 4095) // 4096 * 4096
-            layout = SSDLayout(1, cache.num_ssd_blocks, block, slot, cache.ssd_max_file_bytes // slot)
             for key in block_keys[2:]:  # pages 2 and 3 no longer match their checksums
-                rows = np.flatnonzero(found.records["block_hash"] == key)
-                assert rows.size == 1
-                _, f, off = layout.locate(found.records["ssd_id"][rows].astype(np.int64))
-                with open(tmp_path / "nvme0" / f"flexkv_ssd_{int(f[0]):04d}.data", "r+b") as fh:
-                    fh.seek(int(off[0]) + block // 2)
-                    byte = fh.read(1)[0]
-                    fh.seek(int(off[0]) + block // 2)
-                    fh.write(bytes([byte ^ 0x5A]))
+                path, off = ssd_slot(cache, server_model(), int(key), P)
+                flip_byte(path, off + server_model().block_bytes(P) // 2)
             pool.poison([20, 21, 22, 23])
             got = backend.batch_get_v1(old, host_indices([20, 21, 22, 23]), info([]))
             assert got == [True, True, False, False]

@@ -123,3 +123,35 @@ def serving(model: ModelConfig, cache: CacheConfig, kind: LayoutKind, num_blocks
     finally:
         kvm.shutdown()
         bufs.close()
+
+
+def ssd_slot(cache: CacheConfig, model: ModelConfig, block_hash: int, tokens_per_block: int = T) -> tuple[str, int]:
+    """(data file, byte offset) of the SSD slot holding ``block_hash``, found in the tier's journal."""
+    import os
+
+    from flexkv.common.config import kv_fingerprint
+    from flexkv.ssd_journal import journal_path, scan
+    from flexkv.workers.ssd_store import SLOT_ALIGN, SSDLayout
+
+    found = scan(journal_path(cache.ssd_cache_dir[0]), kv_fingerprint(model, tokens_per_block), None,
+                 cache.num_ssd_blocks)
+    rows = np.flatnonzero(found.records["block_hash"] == np.uint64(block_hash))
+    assert rows.size == 1, "every block written has one journal record"
+    block = model.block_bytes(tokens_per_block)
+    slot = -(-block // SLOT_ALIGN) * SLOT_ALIGN
+    layout = SSDLayout(len(cache.ssd_cache_dir), cache.num_ssd_blocks, block, slot, cache.ssd_max_file_bytes // slot)
+    d, f, off = layout.locate(found.records["ssd_id"][rows].astype(np.int64))
+    return os.path.join(cache.ssd_cache_dir[int(d[0])], f"flexkv_ssd_{int(f[0]):04d}.data"), int(off[0])
+
+
+def flip_byte(path: str, offset: int) -> None:
+    """Corrupt one byte on disk (its block then fails its checksum)."""
+    import os
+
+    fd = os.open(path, os.O_RDWR)
+    try:
+        byte = os.pread(fd, 1, offset)
+        os.pwrite(fd, bytes([byte[0] ^ 0x5A]), offset)
+        os.fsync(fd)
+    finally:
+        os.close(fd)

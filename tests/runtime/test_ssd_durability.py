@@ -23,10 +23,19 @@ from flexkv.common.config import CacheConfig, ModelConfig, configs_to_json, kv_f
 from flexkv.kvmanager import KVManager
 from flexkv.layout import LayoutKind
 from flexkv.native.hasher import hash_blocks
-from flexkv.ssd_journal import HEADER_BYTES, RECORD, RECORD_BYTES, journal_path, scan
+from flexkv.ssd_journal import HEADER_BYTES, RECORD, RECORD_BYTES, journal_path
 from flexkv.types import TaskStatus
-from flexkv.workers.ssd_store import SSDLayout
-from tests.runtime.kvtest import T, block_bytes, host_buffers, poison, slots_for, start_server, tokens
+from tests.runtime.kvtest import (
+    T,
+    block_bytes,
+    flip_byte,
+    host_buffers,
+    poison,
+    slots_for,
+    ssd_slot,
+    start_server,
+    tokens,
+)
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -60,23 +69,7 @@ def get(kvm: KVManager, toks: np.ndarray, dst: list[int]) -> tuple[int, np.ndarr
 
 def slot_of(cache: CacheConfig, block_hash: int) -> tuple[str, int]:
     """(data file, offset) of the SSD slot holding ``block_hash``, from the journal."""
-    found = scan(journal_path(cache.ssd_cache_dir[0]), kv_fingerprint(MODEL, T), None, cache.num_ssd_blocks)
-    rows = np.flatnonzero(found.records["block_hash"] == np.uint64(block_hash))
-    assert rows.size == 1, "every block written has one journal record"
-    slot = (BLOCK + 4095) // 4096 * 4096
-    layout = SSDLayout(len(cache.ssd_cache_dir), cache.num_ssd_blocks, BLOCK, slot, cache.ssd_max_file_bytes // slot)
-    d, f, off = layout.locate(found.records["ssd_id"][rows].astype(np.int64))
-    return os.path.join(cache.ssd_cache_dir[int(d[0])], f"flexkv_ssd_{int(f[0]):04d}.data"), int(off[0])
-
-
-def flip_byte(path: str, offset: int) -> None:
-    fd = os.open(path, os.O_RDWR)
-    try:
-        byte = os.pread(fd, 1, offset)
-        os.pwrite(fd, bytes([byte[0] ^ 0x5A]), offset)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    return ssd_slot(cache, MODEL, block_hash)
 
 
 @pytest.mark.parametrize("landing", [False, True])
