@@ -36,7 +36,7 @@ from transformers import DynamicCache
 
 from flexkv.integration.hf.cost import CostCheck, CostDecision, RestoreChoice
 from flexkv.integration.hf.graphs import KV, GraphCache, SuffixGraphs
-from flexkv.integration.hf.pool import PagedKVPool
+from flexkv.integration.hf.pool import PagedKVPool, cache_layout
 from flexkv.kvmanager import KVManager
 from flexkv.types import FlexKVError, KVResponse, TaskStatus
 
@@ -74,8 +74,7 @@ class _Restore:
     pages: list[int]
     num_tokens: int
     layerwise: bool
-    index: torch.Tensor | slice  # the pages as PagedKVPool.page_index finds them
-    rows: torch.Tensor | slice | None = None  # their tokens as PagedKVPool.row_index finds them (graphs), once made
+    rows: torch.Tensor | slice  # the restored tokens in the pages, as PagedKVPool.row_index finds them
     filled: set[int] = dataclasses.field(default_factory=set)
     wait_s: float = 0.0
     final: TaskStatus | None = None  # once a wait returned it
@@ -212,15 +211,13 @@ class HFPagedEngine:
         restore.filled.add(layer)
 
     def _landed(self, restore: _Restore, layer: int) -> KV:
-        """Layer ``layer`` of the restored prefix, read from its pages (once it landed, when layer-wise)."""
-        self._await_layer(restore, layer)
-        return self.pool.read_layer(layer, restore.index, restore.num_tokens)
+        """Layer ``layer`` of the restored prefix, read from its pages (once it landed, when layer-wise), in
+        the cache's layout."""
+        return cache_layout(self._landed_rows(restore, layer))
 
     def _landed_rows(self, restore: _Restore, layer: int) -> KV:
         """:meth:`_landed` in the pool's row layout ``[tokens, kv_heads, head_dim]`` (a graphed forward's input)."""
         self._await_layer(restore, layer)
-        if restore.rows is None:
-            restore.rows = self.pool.row_index(restore.pages, restore.num_tokens)
         return self.pool.read_rows(layer, restore.rows)
 
     def _await_layer(self, restore: _Restore, layer: int) -> None:
@@ -448,7 +445,7 @@ class HFPagedEngine:
             self.kvm.cancel(task_id)
             self.pool.free(pages)
             return None, f"launch: {e}", matched
-        return _Restore(task_id, pages, num, self.layerwise, self.pool.page_index(pages)), "", matched
+        return _Restore(task_id, pages, num, self.layerwise, self.pool.row_index(pages, num)), "", matched
 
     def _match(self, tokens: torch.Tensor, limit: int) -> _Matched:
         """get_match of ``tokens[:limit]``, weighed by the cost check (when on): what to restore.
@@ -500,7 +497,7 @@ class HFPagedEngine:
         keep = delivered // self.tokens_per_block
         self.pool.free(restore.pages[keep:])  # the task is final: nothing writes them any more
         restore.pages, restore.num_tokens = restore.pages[:keep], delivered
-        restore.index, restore.rows = self.pool.page_index(restore.pages), None
+        restore.rows = self.pool.row_index(restore.pages, delivered)
 
     def _begin_restore(self, restore: _Restore, cache: DynamicCache, phases: dict[str, float],
                        fill: bool = True) -> None:

@@ -21,6 +21,12 @@ from flexkv.layout import KVCacheLayout, LayoutKind
 from flexkv.types import DType
 
 
+def cache_layout(rows: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V rows ``[tokens, kv_heads, head_dim]`` (the pool's layout) seen as a cache layer's
+    ``[1, kv_heads, tokens, head_dim]``: views, no copy (the layer's first forward concatenates them)."""
+    return rows[0].permute(1, 0, 2).unsqueeze(0), rows[1].permute(1, 0, 2).unsqueeze(0)
+
+
 class PagedKVPool:
     """Pages of KV for ``num_layers`` layers; ``alloc``/``free`` hand out page ids (one owner thread)."""
 
@@ -79,7 +85,7 @@ class PagedKVPool:
         return t.view(self.num_pages, self.tokens_per_page, *t.shape[1:])
 
     def page_index(self, pages: Sequence[int]) -> torch.Tensor | slice:
-        """How :meth:`read_layer` and :meth:`write_layer` find ``pages`` fastest: consecutive pages as a
+        """How :meth:`row_index` and :meth:`write_layer` find ``pages`` fastest: consecutive pages as a
         slice (read as a view, no copy), any others as an index tensor on the pool's device. Make it once
         per request: building the tensor on a GPU is a host -> device copy behind the queued work."""
         ids = list(pages)
@@ -89,27 +95,6 @@ class PagedKVPool:
         if self.device.type != "cuda":
             return idx
         return idx.pin_memory().to(self.device, non_blocking=True)
-
-    def read_layer(self, layer: int, pages: Sequence[int] | torch.Tensor | slice,
-                   num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """K and V of the first ``num_tokens`` tokens in ``pages`` as ``[1, kv_heads, num_tokens, head_dim]``.
-
-        Consecutive pages give views of the pool (valid until the pages are written again: the HF engine's
-        cache concatenates them into its own tensor at the layer's first forward). Other pages are read
-        with one gather per tensor: the page view ``[pages, T, heads, dim]`` is read head-major, so the
-        selected pages land as ``[heads, pages, T, dim]``, the cache's layout already."""
-        ref = pages if isinstance(pages, (torch.Tensor, slice)) else self.page_index(pages)
-        out = []
-        for kv in (0, 1):
-            view = self._page_view(layer, kv)
-            if isinstance(ref, slice):
-                rows = view[ref].flatten(0, 1)[:num_tokens]
-                out.append(rows.permute(1, 0, 2).unsqueeze(0))
-                continue
-            gathered = view.permute(2, 0, 1, 3).index_select(1, ref)
-            heads, _, _, dim = gathered.shape
-            out.append(gathered.view(1, heads, -1, dim)[:, :, :num_tokens].contiguous())
-        return out[0], out[1]
 
     def row_index(self, pages: Sequence[int], num_tokens: int) -> torch.Tensor | slice:
         """How :meth:`read_rows` finds the first ``num_tokens`` tokens of ``pages``: one slice of rows for
@@ -126,12 +111,17 @@ class PagedKVPool:
 
     def read_rows(self, layer: int, rows: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V of layer ``layer`` at ``rows`` (:meth:`row_index`) in the pool's own layout, ``[tokens,
-        kv_heads, head_dim]``: a view for a slice, one gather otherwise. The fewest tensor operations a layer
-        can be read with (a graphed forward copies them into its buffers at once)."""
+        kv_heads, head_dim]``: views of the pool for a slice (valid until the pages are written again), one
+        gather per tensor otherwise."""
         k, v = self.tensors[2 * layer], self.tensors[2 * layer + 1]
         if isinstance(rows, slice):
             return k[rows], v[rows]
         return k.index_select(0, rows), v.index_select(0, rows)
+
+    def read_layer(self, layer: int, pages: Sequence[int], num_tokens: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V of the first ``num_tokens`` tokens in ``pages`` as ``[1, kv_heads, num_tokens, head_dim]``
+        (:meth:`read_rows`, seen in the cache's layout: :func:`cache_layout`)."""
+        return cache_layout(self.read_rows(layer, self.row_index(pages, num_tokens)))
 
     def write_layer(self, layer: int, pages: Sequence[int] | torch.Tensor | slice, key: torch.Tensor,
                     value: torch.Tensor) -> None:
