@@ -18,9 +18,12 @@
 #             metrics off vs on: control_latency.py --metrics and throughput.py --metrics (host buffers)
 #   layerwise layer-wise GET on CUDA (per-layer events, bytes exact at every layer wait, failures wake
 #             every waiter) and the HF engine on CUDA (bit-exact restores, conversations unchanged), its
-#             CPU tests too, and benchmarks/hf_numerics.py (this host's CPU: numerics vs wrong KV)
+#             CPU tests too
+#   numerics  benchmarks/hf_numerics.py (this host's CPU: numerics vs wrong KV)
 #   hf        (not in the default list) the HF engine tests alone (part of layerwise): CUDA restores, CUDA
 #             graphs of the suffix, bit-exact against the engine without flexkv
+#   timeline  (not in the default list) benchmarks/restore_timeline.py at 2K, 8K and 32K: where each layer-wise
+#             restore's time goes, restore by restore, lane and worker process ($TIMELINE_ARGS passed on)
 #   ttft      benchmarks/ttft.py: TTFT of the HF engine, Llama-3-8B shape (not in the default list: ~3-5 min;
 #             $TTFT_ARGS is passed on, e.g. "--skip-replay")
 # Prints PASS/FAIL per step; with $OUT set, each step's whole output is kept in $OUT/<step>.log.
@@ -30,9 +33,10 @@
 # BATCH ABI test runs under their libcudart too (FLEXKV_TEST_CUDARTS).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
+[ -n "${OUT:-}" ] && mkdir -p "$OUT"
 say() { printf '[gpu_e2e %s] %s\n' "$(date +%T)" "$*"; }
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(stack transfer example tests engine layerwise)
+[ ${#parts[@]} -eq 0 ] && parts=(stack transfer example tests engine layerwise numerics)
 python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH="$PWD:/tmp/site"
 ln -sfn ../scheduler flexkv/scheduler && ln -sfn ../workers flexkv/workers   # what the install's package_dir does
@@ -109,11 +113,16 @@ for part in "${parts[@]}"; do
       --engine-blocks 256 --cpu-blocks 300 --rounds 8 --warmup-rounds 2 ;;
   layerwise)
     step 300 "pytest layer-wise GET + HF engine (CUDA and CPU)" "${PYTEST[@]}" \
-      tests/runtime/test_layerwise.py tests/runtime/test_landing.py tests/integration/test_hf_engine.py
+      tests/runtime/test_layerwise.py tests/runtime/test_landing.py tests/integration/test_hf_engine.py ;;
+  numerics)
     step 300 "hf_numerics (this host CPU)" \
       python3 benchmarks/hf_numerics.py ;;
   hf)
     step 300 "pytest HF engine (CUDA, graphs included, and CPU)" "${PYTEST[@]}" tests/integration/test_hf_engine.py ;;
+  timeline)
+    for tokens in ${TIMELINE_TOKENS:-2048 8192 32768}; do
+      step 240 "restore_timeline $tokens" python3 benchmarks/restore_timeline.py --tokens $tokens ${TIMELINE_ARGS:-}
+    done ;;
   ttft)
     trace=(); [ -f .devinc/traces/conversation_trace.jsonl ] && trace=(--trace .devinc/traces/conversation_trace.jsonl)
     step "${TTFT_LIMIT_S:-590}" "ttft (HF engine, Llama-3-8B shape)" python3 benchmarks/ttft.py "${trace[@]}" ${TTFT_ARGS:-} ;;

@@ -107,17 +107,33 @@ class LayerProgress:
             self._segment.unlink()
 
 
-def layer_tables(table: ChunkTable, pool_chunk_offsets: npt.NDArray[np.uint64],
-                 kv_dim: int) -> list[tuple[ChunkTable, npt.NDArray[np.uint64]]]:
-    """Per layer, the engine chunk table and pool chunk offsets of that layer's chunks only (chunk
-    ``(layer, kv)`` is entry ``layer * kv_dim + kv`` of both), for copying one layer at a time."""
-    num_layers = table.bases.size // kv_dim
-    out = []
-    for layer in range(num_layers):
-        sel = slice(layer * kv_dim, (layer + 1) * kv_dim)
-        out.append((ChunkTable(np.ascontiguousarray(table.bases[sel]), table.block_stride, table.chunk_bytes,
-                               table.num_blocks), np.ascontiguousarray(pool_chunk_offsets[sel])))
-    return out
+def layer_span_table(table: ChunkTable, pool_chunk_offsets: npt.NDArray[np.uint64], kv_dim: int, first: int,
+                     count: int) -> tuple[ChunkTable, npt.NDArray[np.uint64]]:
+    """The engine chunk table and pool chunk offsets of layers ``[first, first + count)`` only (chunk
+    ``(layer, kv)`` is entry ``layer * kv_dim + kv`` of both), for copying a span of layers at a time."""
+    sel = slice(first * kv_dim, (first + count) * kv_dim)
+    return (ChunkTable(np.ascontiguousarray(table.bases[sel]), table.block_stride, table.chunk_bytes,
+                       table.num_blocks), np.ascontiguousarray(pool_chunk_offsets[sel]))
+
+
+def layer_groups(num_layers: int, group: int) -> list[tuple[int, int]]:
+    """``(first, count)`` spans covering ``num_layers`` layers, copied one span per call: spans of ``group``
+    layers, then the last ``group`` layers in halving spans (..., 2, 1, 1), so the engine's last layers
+    wait for little more than their own bytes. ``group=1``: one layer per span."""
+    group = max(1, min(group, num_layers))
+    tail: list[int] = []
+    left = group
+    while left > 1:
+        tail.append(left // 2)
+        left -= left // 2
+    tail.append(left)
+    head = num_layers - group
+    sizes = ([head % group] if head % group else []) + [group] * (head // group) + tail
+    spans, first = [], 0
+    for size in sizes:
+        spans.append((first, size))
+        first += size
+    return spans
 
 
 def check_layer_index(layer_index: object, num_layers: int) -> None:

@@ -458,6 +458,8 @@ class SchedulerServer:
             raise _invalid(f"task id {task_id} is already in use in this session")
 
     def _on_match(self, identity: bytes, msg: cm.GetMatchMsg, arrays: list[memoryview]) -> None:
+        if hoptrace.ENABLED:
+            hoptrace.mark("server_match", msg.task_id)
         key = self._sessions[identity].key(msg.task_id)
         is_get = not isinstance(msg, cm.PutMatchMsg)
         if msg.num_tokens >= 0:  # the client hashed its tokens
@@ -556,6 +558,9 @@ class SchedulerServer:
     def _on_launch(self, identity: bytes, msg: cm.LaunchMsg, arrays: list[memoryview]) -> None:
         """Launch the tasks together: their ready device ops go out as one batched op per direction."""
         session = self._sessions[identity]
+        if hoptrace.ENABLED:
+            for tid in msg.task_ids:
+                hoptrace.mark("server_launch", tid)
         keys = [session.key(tid) for tid in msg.task_ids]  # all in range, or nothing happens
         batch: list[tuple[TaskKey, Any]] = []
         for i, key in enumerate(keys):

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
-from flexkv.layerwise import LayerProgress, layer_tables
+from flexkv.layerwise import LayerProgress, layer_span_table
 from flexkv.layout import BlockFirstLayout, ChunkTable, KVCacheLayout
 from flexkv.native import hostcopy
 from flexkv.shm import SHM_DIR, SharedPool
@@ -40,10 +40,15 @@ class CopyBackend(abc.ABC):
 
     copies_synchronously = False  # True: copy() returns once the bytes are in place
 
-    def copy_layer(self, op_type: OpType, engine_ids: npt.NDArray[np.int64], pool_ids: npt.NDArray[np.int64],
-                   layer: int) -> None:
-        """Like copy() for one layer's chunks only (layer-wise GET, ``workers/layerwise_copy.py``)."""
+    def copy_layers(self, op_type: OpType, engine_ids: npt.NDArray[np.int64], pool_ids: npt.NDArray[np.int64],
+                    first: int, count: int) -> None:
+        """Like copy() for the chunks of layers ``[first, first + count)`` only (layer-wise GET,
+        ``workers/layerwise_copy.py``)."""
         raise NotImplementedError(f"{type(self).__name__} cannot copy layer by layer")
+
+    # How many layers a layer-major copy moves per call (workers/layerwise_copy.py): 1 unless one call
+    # per layer would cost the backend more than that layer's bytes.
+    layers_per_call = 1
 
     @abc.abstractmethod
     def mark(self, op_type: OpType) -> Callable[[], None]:
@@ -76,7 +81,7 @@ class HostCopyBackend(CopyBackend):
         # Every rank's worker copies at once: share the cores instead of oversubscribing them.
         ranks = worker.model.tp_size * worker.model.dp_size
         self._threads = max(1, min(4, (os.cpu_count() or 2) // ranks))
-        self._layers = layer_tables(self._table, worker.shard_offsets, layout.kv_dim)
+        self._kv_dim = layout.kv_dim
 
     copies_synchronously = True
 
@@ -86,9 +91,10 @@ class HostCopyBackend(CopyBackend):
                              w.pool_block_bytes, w.shard_offsets, w.pool_num_blocks, engine_ids, pool_ids,
                              num_threads=self._threads)
 
-    def copy_layer(self, op_type: OpType, engine_ids: npt.NDArray[np.int64], pool_ids: npt.NDArray[np.int64],
-                   layer: int) -> None:
-        w, (table, offsets) = self._worker, self._layers[layer]
+    def copy_layers(self, op_type: OpType, engine_ids: npt.NDArray[np.int64], pool_ids: npt.NDArray[np.int64],
+                    first: int, count: int) -> None:
+        w = self._worker
+        table, offsets = layer_span_table(self._table, w.shard_offsets, self._kv_dim, first, count)
         hostcopy.copy_blocks(hostcopy.CopyDirection.from_op(op_type), table, w.pool.address, w.pool_block_bytes,
                              offsets, w.pool_num_blocks, engine_ids, pool_ids, num_threads=self._threads)
 

@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from flexkv.cuda_ipc import CudaIpcEventHandle, CudaIpcHandle, open_event, open_handle
-from flexkv.layerwise import layer_tables
+from flexkv.layerwise import layer_span_table
 from flexkv.layout import ChunkTable, KVCacheLayout
 from flexkv.native import cudacopy
 from flexkv.native.cudacopy import CopyPath, CudaCopyEngine, prepare_copy
@@ -40,6 +40,12 @@ log = logging.getLogger("flexkv.worker")
 # Device staging per direction for the STAGED path. It comes out of the engine's GPU memory: 32 MiB
 # per direction was within 1-3 points of 128 MiB through the worker on an H200 (docs/benchmarks.md).
 STAGING_BYTES = int(os.environ.get("FLEXKV_STAGING_MIB", "32")) << 20
+# A layer-major H2D moves each block's layers of one call as one DMA piece. Enqueueing a piece costs the
+# host about 1.2 us (H200 host, STAGED), as long as 64 KiB take at the pinned rate: one layer of
+# Llama-3-8B at 16 tokens a block (K and V, 64 KiB) per call left the enqueue as slow as the copy, so a
+# layer-wise 8K restore landed its last layer at 23-33 ms against 22 ms whole (restore_timeline.py).
+# Calls of at least this many bytes per block keep the host well ahead of the copy engine.
+LAYER_PIECE_BYTES = 256 << 10
 
 
 class CudaCopyBackend(CopyBackend):
@@ -65,7 +71,10 @@ class CudaCopyBackend(CopyBackend):
                     self._closers.append(closer)
                     ptrs.append(ptr)
             self._table = layout.chunk_table(ptrs)
-            self._layers = layer_tables(self._table, worker.shard_offsets, layout.kv_dim)
+            self._kv_dim = layout.kv_dim
+            self._spans: dict[tuple[int, int], tuple[ChunkTable, npt.NDArray[np.uint64]]] = {}
+            layer_bytes = layout.kv_dim * layout.chunk_bytes
+            self.layers_per_call = max(1, min(layout.num_layers, -(-LAYER_PIECE_BYTES // layer_bytes)))
             pool = worker.pool
             with Progress(f"{worker.worker_id}: cudaHostRegister CPU pool", pool.nbytes) as progress:
                 self._engines[OpType.H2D].register_host(pool.address, pool.nbytes,
@@ -114,10 +123,16 @@ class CudaCopyBackend(CopyBackend):
                                            w.shard_offsets, w.pool_num_blocks, engine_ids, pool_ids,
                                            wait_event=wait)
 
-    def copy_layer(self, op_type: OpType, engine_ids: npt.NDArray[np.int64], pool_ids: npt.NDArray[np.int64],
-                   layer: int) -> None:
-        """Enqueue one layer's chunks (layer-wise GET); :meth:`mark` after it fires once they landed."""
-        w, (table, offsets) = self._worker, self._layers[layer]
+    def copy_layers(self, op_type: OpType, engine_ids: npt.NDArray[np.int64], pool_ids: npt.NDArray[np.int64],
+                    first: int, count: int) -> None:
+        """Enqueue the chunks of layers ``[first, first + count)`` (layer-wise GET); :meth:`mark` after it
+        fires once they landed."""
+        w = self._worker
+        span = self._spans.get((first, count))
+        if span is None:
+            span = self._spans[first, count] = layer_span_table(self._table, w.shard_offsets, self._kv_dim, first,
+                                                                count)
+        table, offsets = span
         wait = self._kv_written if op_type is OpType.D2H else None
         self._engines[op_type].copy_blocks(op_type, table, w.pool.address, w.pool_block_bytes, offsets,
                                            w.pool_num_blocks, engine_ids, pool_ids, wait_event=wait)

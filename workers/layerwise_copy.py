@@ -16,7 +16,8 @@ import threading
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from flexkv.layerwise import MAX_TASK_ID, LayerProgress
+from flexkv import hoptrace
+from flexkv.layerwise import MAX_TASK_ID, LayerProgress, layer_groups
 from flexkv.types import OpType
 
 if TYPE_CHECKING:
@@ -52,6 +53,8 @@ def start_layer_major(worker: DeviceWorker, ops: list[Op], progress: LayerProgre
 
     def publish(i: int, num_layers: int, failed: bool = False) -> None:
         publish_task_words(progress, ops[i], num_layers, failed)
+        if hoptrace.ENABLED and num_layers:
+            hoptrace.mark(f"pub{num_layers - 1}", ops[i].task_id)
 
     def fail(i: int, e: Exception) -> None:
         with lock:
@@ -82,19 +85,23 @@ def start_layer_major(worker: DeviceWorker, ops: list[Op], progress: LayerProgre
         thread = threading.Thread(target=publisher, name=f"layers-{worker.worker_id}", daemon=True)
         thread.start()
     try:
-        for layer in range(worker.layout.num_layers):
+        for first, count in layer_groups(worker.layout.num_layers, backend.layers_per_call):
+            last = first + count - 1
             for i in list(live):
                 try:
-                    backend.copy_layer(OpType.H2D, ops[i].dst_ids, ops[i].src_ids, layer)
+                    backend.copy_layers(OpType.H2D, ops[i].dst_ids, ops[i].src_ids, first, count)
                 except Exception as e:  # noqa: BLE001 - reported per op
                     live.remove(i)
                     fail(i, e)
+            if hoptrace.ENABLED:
+                for i in live:
+                    hoptrace.mark(f"enq{last}", ops[i].task_id)
             if backend.copies_synchronously:
                 for i in live:
-                    publish(i, layer + 1)
+                    publish(i, last + 1)
             elif live:
                 try:
-                    marks.put((layer, list(live), backend.mark(OpType.H2D)))
+                    marks.put((last, list(live), backend.mark(OpType.H2D)))
                 except Exception as e:  # noqa: BLE001 - nothing more can be waited for
                     for i in live:
                         fail(i, e)

@@ -20,7 +20,7 @@ import pytest
 from flexkv.client import HostKVBuffers, KVTPClient
 from flexkv.common.config import CacheConfig, ModelConfig
 from flexkv.kvmanager import KVManager
-from flexkv.layerwise import NUM_SLOTS, LayerProgress, LayerState, pack, unpack
+from flexkv.layerwise import NUM_SLOTS, LayerProgress, LayerState, layer_groups, pack, unpack
 from flexkv.layout import BlockFirstLayout, KVCacheLayout, LayoutKind
 from flexkv.native import cudacopy
 from flexkv.shm import SharedPool, make_pool_name
@@ -86,13 +86,15 @@ class _Recording(LayerProgress):
         self.seen.append((task_id, LayerState(num_layers_landed, failed), exact))
 
 
-def test_the_worker_copies_layer_major_and_publishes_each_layer_after_its_bytes() -> None:
+@pytest.mark.parametrize("layers_per_call", [1, 4])
+def test_the_worker_copies_layer_major_and_publishes_each_layer_after_its_bytes(layers_per_call: int) -> None:
     bf = BlockFirstLayout(MODEL, T)
     pool = SharedPool.create(make_pool_name("test"), 16 * bf.block_bytes)
     bufs = host_buffers(MODEL, LAYOUT, 8, seed=3)
     table = LayerProgress.create("test")
     try:
         rank = _Rank(pool, bufs)
+        rank.backend.layers_per_call = layers_per_call  # the CUDA backend's spans of several layers a call
         pool.buffer[:] = np.random.default_rng(4).integers(0, 256, pool.nbytes, dtype=np.uint8)
         src, dst = [5, 9, 2], [1, 6, 3]
         want = {}
@@ -106,7 +108,9 @@ def test_the_worker_copies_layer_major_and_publishes_each_layer_after_its_bytes(
         op = Op(1, OpType.H2D, np.array(src, dtype=np.int64), np.array(dst, dtype=np.int64), None, task_id=42)
         errors = start_layer_major(rank, [op], rec)()  # type: ignore[arg-type]
         assert errors == [""]
-        assert [s.num_layers_landed for _, s, _ in rec.seen] == list(range(MODEL.num_layers + 1))
+        spans = layer_groups(MODEL.num_layers, layers_per_call)
+        assert [s.num_layers_landed for _, s, _ in rec.seen] == [0] + [first + count for first, count in spans]
+        assert layers_per_call == 1 or len(spans) < MODEL.num_layers
         for _, state, exact in rec.seen:
             n = state.num_layers_landed
             assert exact == [layer < n for layer in range(MODEL.num_layers)], \
@@ -454,3 +458,15 @@ def test_a_later_manager_session_reusing_task_ids_never_reads_an_earlier_session
         tp.close()
         host.shutdown()
         eng.close()
+
+
+@pytest.mark.parametrize("num_layers", [1, 2, 5, 6, 32, 33, 80])
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+def test_layer_groups_cover_every_layer_once_in_order_and_end_one_layer_at_a_time(num_layers: int, group: int) -> None:
+    spans = layer_groups(num_layers, group)
+    covered = [layer for first, count in spans for layer in range(first, first + count)]
+    assert covered == list(range(num_layers))
+    assert all(1 <= count <= group for _, count in spans)
+    assert spans[-1][1] == 1, "the last layer is its own call: the engine's last layer waits for its bytes only"
+    if num_layers >= 2 * group:
+        assert len(spans) <= num_layers // group + group, spans

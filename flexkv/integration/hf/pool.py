@@ -69,7 +69,11 @@ class PagedKVPool:
         """``num_pages`` free page ids; ValueError when there are fewer."""
         if not self.can_allocate(num_pages):
             raise ValueError(f"{num_pages} pages wanted, {len(self._free)} free")
-        return [self._free.pop() for _ in range(num_pages)]
+        if num_pages <= 0:
+            return []
+        taken = self._free[-num_pages:][::-1]  # the order pop() would give, without a call per page
+        del self._free[-num_pages:]
+        return taken
 
     def free(self, pages: Sequence[int]) -> None:
         self._free.extend(reversed(pages))
@@ -77,8 +81,10 @@ class PagedKVPool:
     def slot_mapping(self, pages: Sequence[int], num_tokens: int) -> npt.NDArray[np.int64]:
         """Token-level slots of the first ``num_tokens`` tokens held in ``pages`` (page p, token j: p*T + j)."""
         t = self.tokens_per_page
-        i = np.arange(num_tokens, dtype=np.int64)
-        return np.asarray(pages, dtype=np.int64)[i // t] * t + i % t
+        if num_tokens > len(pages) * t:
+            raise ValueError(f"{num_tokens} tokens do not fit in {len(pages)} pages of {t}")
+        rows = np.asarray(pages, dtype=np.int64)[:, None] * t + np.arange(t, dtype=np.int64)
+        return rows.reshape(-1)[:num_tokens]
 
     def _page_view(self, layer: int, kv: int) -> torch.Tensor:
         t = self.tensors[2 * layer + kv]
