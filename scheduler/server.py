@@ -168,6 +168,7 @@ class SchedulerServer:
             cm.GetMatchMsg: self._on_match,
             cm.PutMatchMsg: self._on_match,
             cm.GetMatchInfoMsg: self._on_match,
+            cm.GetMatchLaunchMsg: self._on_match_launch,
             cm.GetAsyncMsg: self._on_async,
             cm.PutAsyncMsg: self._on_async,
             cm.GetAsyncBatchMsg: self._on_async_batch,
@@ -458,6 +459,30 @@ class SchedulerServer:
             raise _invalid(f"task id {task_id} is already in use in this session")
 
     def _on_match(self, identity: bytes, msg: cm.GetMatchMsg, arrays: list[memoryview]) -> None:
+        _, reply, frames = self._matched_reply(identity, msg, arrays)
+        self._reply(identity, reply, frames)
+
+    def _on_match_launch(self, identity: bytes, msg: cm.GetMatchLaunchMsg, arrays: list[memoryview]) -> None:
+        """get_match, then launch at once into the last frame's slots (when something matched), then reply:
+        the copy starts before the client has its mask."""
+        if not arrays:
+            raise ProtocolError("GetMatchLaunchMsg: expected a slot_mapping frame after the match's frames")
+        key, reply, frames = self._matched_reply(identity, msg, arrays[:-1])
+        if frames or reply.mask_end > reply.mask_begin:  # (a frame: a mask of several runs)
+            try:
+                slots = frame_array(arrays[-1], np.int64, "slot_mapping")
+            except ProtocolError as e:
+                self._fail_unstarted(key, str(e))
+            else:
+                if msg.layerwise:
+                    self._layer_major.add(key)
+                self._launch_together([(key, slots)])
+                self._layer_major.intersection_update(self._launched)
+        self._reply(identity, reply, frames)
+
+    def _matched_reply(self, identity: bytes, msg: cm.GetMatchMsg,
+                       arrays: list[memoryview]) -> tuple[TaskKey, cm.MatchReplyMsg, list[Any]]:
+        """Match ``msg``'s task; its key, the reply and the reply's frames."""
         if hoptrace.ENABLED:
             hoptrace.mark("server_match", msg.task_id)
         key = self._sessions[identity].key(msg.task_id)
@@ -481,7 +506,7 @@ class SchedulerServer:
             reply = cm.MatchInfoReplyMsg(req_id=msg.req_id, task_id=msg.task_id, num_tokens=n, mask_begin=begin,
                                          mask_end=end, tier_blocks=list(self.control.tier_split(key)),
                                          read_bps=self.read_rates.as_list())
-        self._reply(identity, reply, [frame] if frame is not None else [])
+        return key, reply, [frame] if frame is not None else []
 
     def _match(self, key: TaskKey, task_id: int, is_get: bool, tokens: Any, mask: Any, ns: bytes) -> np.ndarray:
         self._check_new_key(key, task_id)

@@ -255,7 +255,7 @@ def _trace_line(key: TaskKey, kind: str, rec: _TaskRecord | None, engine: KVResp
 
 
 REQUEST_NAMES: dict[type, str] = {cm.HelloMsg: "hello", cm.GetMatchMsg: "get_match", cm.PutMatchMsg: "put_match",
-                                   cm.GetMatchInfoMsg: "get_match_info",
+                                   cm.GetMatchInfoMsg: "get_match_info", cm.GetMatchLaunchMsg: "get_match_launch",
                                    cm.GetAsyncMsg: "get_async", cm.PutAsyncMsg: "put_async",
                                    cm.GetAsyncBatchMsg: "get_async_many", cm.PutAsyncBatchMsg: "put_async_many",
                                    cm.LaunchMsg: "launch",

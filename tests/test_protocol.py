@@ -28,6 +28,7 @@ SAMPLES: list[tuple[Codec[typing.Any], msgspec.Struct]] = [
     (CLIENT_REQUESTS, cm.GetMatchMsg(client_id=0, req_id=1, task_id=7, namespace=["lora", "t1"], has_mask=True)),
     (CLIENT_REQUESTS, cm.PutMatchMsg(client_id=0, req_id=1, task_id=8)),
     (CLIENT_REQUESTS, cm.GetMatchInfoMsg(client_id=0, req_id=1, task_id=12, num_tokens=64)),
+    (CLIENT_REQUESTS, cm.GetMatchLaunchMsg(client_id=0, req_id=1, task_id=13, num_tokens=64, layerwise=True)),
     (CLIENT_REQUESTS, cm.GetAsyncMsg(client_id=0, task_id=9, namespace=None)),
     (CLIENT_REQUESTS, cm.PutAsyncMsg(client_id=0, task_id=10, has_mask=True)),
     (CLIENT_REQUESTS, cm.GetAsyncBatchMsg(client_id=0, task_ids=[12, 13], has_masks=[False, True],

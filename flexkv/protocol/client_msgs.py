@@ -53,6 +53,16 @@ class GetMatchInfoMsg(GetMatchMsg, frozen=True, tag=True, kw_only=True):
     over the tiers and each tier's read rate, so the engine can weigh loading against recomputing."""
 
 
+class GetMatchLaunchMsg(GetMatchMsg, frozen=True, tag=True, kw_only=True):
+    """A GetMatchMsg that also launches the task, when its match is not empty, into the slots of one more
+    frame after the others: slot_mapping (int64), one slot per token of the match (as LaunchMsg's full
+    form). The task's ops go to the workers before the reply (a MatchReplyMsg) is sent, so a GET's copy
+    starts one client round trip sooner than with get_match then launch. An empty match is only matched:
+    the client cancels it as after get_match."""
+
+    layerwise: bool = False  # as LaunchMsg.layerwise
+
+
 class GetAsyncMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
     """Match + launch, no reply. Frames: token_ids, slot_mapping (int64), token_mask if ``has_mask``."""
 
@@ -154,8 +164,9 @@ class QueryMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
 MAX_WAIT_S = 3600.0  # longest single WaitMsg; KVManager.wait(timeout=inf) waits in steps of this
 
 ClientRequest = (
-    HelloMsg | GetMatchMsg | PutMatchMsg | GetMatchInfoMsg | GetAsyncMsg | PutAsyncMsg | GetAsyncBatchMsg
-    | PutAsyncBatchMsg | PrefetchMsg | LaunchMsg | CancelMsg | WaitMsg | RegisterKVMsg | ByeMsg | QueryMsg
+    HelloMsg | GetMatchMsg | PutMatchMsg | GetMatchInfoMsg | GetMatchLaunchMsg | GetAsyncMsg | PutAsyncMsg
+    | GetAsyncBatchMsg | PutAsyncBatchMsg | PrefetchMsg | LaunchMsg | CancelMsg | WaitMsg | RegisterKVMsg | ByeMsg
+    | QueryMsg
 )
 
 

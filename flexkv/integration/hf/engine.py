@@ -3,7 +3,9 @@
 One request at a time, greedy decoding. A prompt's life (``generate``):
 
 1. ``get_match`` on the prompt's whole blocks (never the last token: one token is always computed so
-   there are logits), ``launch`` into free pages of the :class:`PagedKVPool`;
+   there are logits), ``launch`` into free pages of the :class:`PagedKVPool` (without the cost check, both
+   in one round trip: ``get_match_launch`` into pages for every whole block, the unmatched ones freed
+   when the reply comes);
 2. the restored prefix goes into a fresh ``DynamicCache`` (``[1, kv_heads, tokens, head_dim]`` per
    layer): after ``wait``, or, with ``layerwise``, layer by layer: a pre-hook on decoder layer i calls
    ``KVManager.wait_layer(task, i)`` and fills layer i just before it runs, so the suffix computes
@@ -38,6 +40,7 @@ from flexkv.integration.hf.cost import CostCheck, CostDecision, RestoreChoice
 from flexkv.integration.hf.graphs import KV, GraphCache, SuffixGraphs
 from flexkv.integration.hf.pool import PagedKVPool, cache_layout
 from flexkv.kvmanager import KVManager
+from flexkv.transport import ServerUnavailable
 from flexkv.types import FlexKVError, KVResponse, TaskStatus
 
 log = logging.getLogger("flexkv.hf")
@@ -89,6 +92,7 @@ class _Matched:
     mask: Any
     num_matched_tokens: int
     decision: CostDecision | None
+    pages: list[int] | None = None  # get_match_launch: the pages it was launched into (one per block matched)
 
 
 @dataclasses.dataclass
@@ -431,6 +435,17 @@ class HFPagedEngine:
             return None, "", matched
         task_id, mask = matched.task_id, matched.mask
         num = int(mask.sum())
+        if matched.pages is not None:  # launched with the match (unless nothing matched)
+            if num == 0:
+                self.kvm.cancel(task_id)
+                self.pool.free(matched.pages)
+                return None, "", matched
+            if not mask[:num].all():  # (never for a GET without a token mask) it runs: free its pages after
+                self._release(matched.pages, self._wait(task_id))
+                return None, "mask is not a prefix", matched
+            pages = matched.pages[: num // t]
+            self.pool.free(matched.pages[num // t:])  # no copy writes them: the task moves matched blocks only
+            return _Restore(task_id, pages, num, self.layerwise, self.pool.row_index(pages, num)), "", matched
         if num == 0 or not mask[:num].all():
             self.kvm.cancel(task_id)
             return None, "" if num == 0 else "mask is not a prefix", matched
@@ -456,8 +471,21 @@ class HFPagedEngine:
         it is cancelled too and the prompt recomputed. ``RECOMPUTE``: cancelled, nothing restored."""
         assert self.kvm is not None
         if self.cost_check is None:
-            task_id, mask = self.kvm.get_match(tokens[:limit].numpy(), namespace=self.namespace)
-            return _Matched(task_id, mask, int(mask.sum()), None)
+            t = self.tokens_per_block
+            if not self.pool.can_allocate(limit // t):  # match first, then find pages for what matched
+                task_id, mask = self.kvm.get_match(tokens[:limit].numpy(), namespace=self.namespace)
+                return _Matched(task_id, mask, int(mask.sum()), None)
+            pages = self.pool.allocate(limit // t)
+            try:
+                task_id, mask = self.kvm.get_match_launch(tokens[:limit].numpy(), self.pool.slot_mapping(pages, limit),
+                                                          namespace=self.namespace, layerwise=self.layerwise)
+            except ServerUnavailable:
+                self._release(pages, TaskStatus.UNREADY)  # no reply: it may have launched into them
+                raise
+            except BaseException:
+                self.pool.free(pages)  # the server refused it before any launch
+                raise
+            return _Matched(task_id, mask, int(mask.sum()), None, pages)
         info = self.kvm.get_match_info(tokens[:limit].numpy(), namespace=self.namespace)
         if info.num_tokens == 0:
             return _Matched(info.task_id, info.mask, 0, None)
