@@ -62,22 +62,38 @@ def ceiling_ms(nbytes: int, device: torch.device, repeats: int = 5) -> float:
     return 1e3 * best
 
 
+# name, layer-wise, get_match_launch
+CASES = (("layer-wise restores, get_match then launch", True, False),
+         ("whole restores, get_match then launch", False, False),
+         ("layer-wise restores, get_match_launch", True, True),
+         ("whole restores, get_match_launch", False, True))
+
+
 @dataclasses.dataclass
 class Run:
     marks: dict[str, float]  # name -> ms since get_match was called
 
 
-def restore_once(kvm: KVManager, pool: PagedKVPool, tokens: np.ndarray, layers: int, layerwise: bool) -> Run:
+def restore_once(kvm: KVManager, pool: PagedKVPool, tokens: np.ndarray, layers: int, layerwise: bool,
+                 merged: bool) -> Run:
+    """One restore of ``tokens`` (all cached): get_match then launch, or (``merged``) get_match_launch."""
     t = pool.tokens_per_page
     t0 = time.monotonic_ns()
-    tid, mask = kvm.get_match(tokens)
-    t1 = time.monotonic_ns()
-    num = int(mask.sum())
+    if merged:
+        pages = pool.allocate(tokens.size // t)
+        tid, mask = kvm.get_match_launch(tokens, pool.slot_mapping(pages, tokens.size), layerwise=layerwise)
+        t1 = t2 = time.monotonic_ns()
+        num = int(mask.sum())
+    else:
+        tid, mask = kvm.get_match(tokens)
+        t1 = time.monotonic_ns()
+        num = int(mask.sum())
+        pages = pool.allocate(num // t)
     if num != tokens.size // t * t:
         raise RuntimeError(f"{num} of {tokens.size} tokens matched: the prompt is not cached")
-    pages = pool.allocate(num // t)
-    kvm.launch(tid, pool.slot_mapping(pages, num), layerwise=layerwise)
-    t2 = time.monotonic_ns()
+    if not merged:
+        kvm.launch(tid, pool.slot_mapping(pages, num), layerwise=layerwise)
+        t2 = time.monotonic_ns()
     waits = {}
     try:
         if layerwise:
@@ -179,27 +195,28 @@ def main() -> None:
             if kvm.wait(tid, timeout=120)[tid].status is not TaskStatus.SUCCESS:
                 raise RuntimeError("the put failed")
             pool.free(pages)
-            for _ in range(3):  # warm-up
-                restore_once(kvm, pool, tokens, layers, True)
-            lw = [restore_once(kvm, pool, tokens, layers, True) for _ in range(args.repeats)]
-            whole = [restore_once(kvm, pool, tokens, layers, False) for _ in range(args.repeats)]
+            for merged in (False, True, False):  # warm-up
+                restore_once(kvm, pool, tokens, layers, True, merged)
+            cases = {}
+            for name, layerwise, merged in CASES:
+                cases[name] = [restore_once(kvm, pool, tokens, layers, layerwise, merged)
+                               for _ in range(args.repeats)]
         finally:
             kvm.shutdown()  # the server and its workers write their marks as they exit
             pool.close()
-        attach_hops(lw + whole, trace_dir)
+        attach_hops([r for runs in cases.values() for r in runs], trace_dir)
         hoptrace.disable()
         for f in os.listdir(trace_dir):
             os.unlink(os.path.join(trace_dir, f))
         os.rmdir(trace_dir)
         ceiling = ceiling_ms(nbytes, device)
-        show(f"{copies}: layer-wise restores of {args.tokens} tokens", lw, layers)
-        show(f"{copies}: whole restores of the same blocks", whole, layers)
-        last = [r.marks[f"wait{layers - 1}"] for r in lw]
-        plain = [r.marks["waited"] for r in whole]
-        say(f"{copies}: last layer p50 {statistics.median(last):.2f} ms (min {min(last):.2f}, max {max(last):.2f}); "
-            f"whole p50 {statistics.median(plain):.2f} ms (min {min(plain):.2f}, max {max(plain):.2f}); pinned "
-            f"ceiling {ceiling:.2f} ms: layer-wise {statistics.median(last) / ceiling:.2f}x, whole "
-            f"{statistics.median(plain) / ceiling:.2f}x")
+        for name, runs in cases.items():
+            show(f"{copies}: {name} of {args.tokens} tokens", runs, layers)
+        for name, runs in cases.items():
+            end = [r.marks.get(f"wait{layers - 1}", r.marks["waited"]) for r in runs]
+            say(f"{copies}, {name}: {'last layer' if name.startswith('layer') else 'done'} p50 "
+                f"{statistics.median(end):.2f} ms (min {min(end):.2f}, max {max(end):.2f}); pinned ceiling "
+                f"{ceiling:.2f} ms: {statistics.median(end) / ceiling:.2f}x")
 
 
 if __name__ == "__main__":

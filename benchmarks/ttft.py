@@ -130,15 +130,15 @@ def ttft(engine: HFPagedEngine, tokens: torch.Tensor) -> Any:
 
 
 def restore_s(stack: Stack, tokens: torch.Tensor, dp: int = -1) -> float:
-    """get_match + launch + wait of the cached whole blocks of ``tokens`` into DP 1's pages (plain ops), or
-    with ``dp=0`` into DP 0's (a rank with a progress table: the wait ends when its table says every layer
-    landed, without the worker -> server -> client round; docs/layerwise.md)."""
+    """get_match_launch + wait (the engine's restore without its cost check) of the cached whole blocks of
+    ``tokens`` into DP 1's pages (plain ops), or with ``dp=0`` into DP 0's (a rank with a progress table: the
+    wait ends when its table says every layer landed, without the worker -> server -> client round;
+    docs/layerwise.md)."""
     kvm, pool, t = stack.kvms[dp], stack.pools[dp], stack.s.tokens_per_block
     t0 = time.perf_counter()
-    tid, mask = kvm.get_match(tokens.numpy())
+    pages = pool.allocate(tokens.numel() // t)
+    tid, mask = kvm.get_match_launch(tokens.numpy(), pool.slot_mapping(pages, tokens.numel() // t * t))
     num = int(mask.sum())
-    pages = pool.allocate(num // t)
-    kvm.launch(tid, pool.slot_mapping(pages, num))
     status = kvm.wait(tid, timeout=120)[tid].status
     elapsed = time.perf_counter() - t0
     pool.free(pages)
@@ -149,13 +149,12 @@ def restore_s(stack: Stack, tokens: torch.Tensor, dp: int = -1) -> float:
 
 def layer_landing_s(stack: Stack, tokens: torch.Tensor) -> list[float]:
     """A layer-wise restore of the cached whole blocks of ``tokens`` into DP 0's pages: seconds from
-    get_match to each layer's ``wait_layer`` returning."""
+    get_match_launch to each layer's ``wait_layer`` returning."""
     kvm, pool, t = stack.kvms[0], stack.pools[0], stack.s.tokens_per_block
     t0 = time.perf_counter()
-    tid, mask = kvm.get_match(tokens.numpy())
-    num = int(mask.sum())
-    pages = pool.allocate(num // t)
-    kvm.launch(tid, pool.slot_mapping(pages, num), layerwise=True)
+    pages = pool.allocate(tokens.numel() // t)
+    tid, mask = kvm.get_match_launch(tokens.numpy(), pool.slot_mapping(pages, tokens.numel() // t * t),
+                                     layerwise=True)
     landed = []
     try:
         for layer in range(stack.layerwise.num_layers):
