@@ -1,12 +1,13 @@
 """Layer-major H2D for a device worker whose rank registered a layer progress table.
 
-Runs in the device worker process (its H2D lane). Every H2D op of the batch copies layer 0 of all
-its blocks, then layer 1, ...; after each layer the op's word in the table (:mod:`flexkv.layerwise`)
-says how many layers are in the engine's memory (a batched op of several tasks: each task's word).
-Host buffers copy synchronously, so the word is stored as soon as a layer's memcpy returned; CUDA
-buffers record an event per layer and a publisher thread stores the word once that layer's event
-completed, while later layers are still being enqueued. A failure stores ``failed`` for every op it
-touches, so every waiter wakes with it, and the op reports the error as usual.
+Runs in the device worker process (its H2D lane). Every H2D op of the batch copies the first span of
+layers of all its blocks, then the next, ... (``flexkv.layerwise.layer_groups``: one layer per span for
+host buffers, ``backend.layers_per_call`` on CUDA); after each span the op's word in the table
+(:mod:`flexkv.layerwise`) says how many layers are in the engine's memory (a batched op of several
+tasks: each task's word). Host buffers copy synchronously, so the word is stored as soon as a span's
+memcpy returned; CUDA buffers record an event per span and a publisher thread stores the word once that
+span's event completed, while later spans are still being enqueued. A failure stores ``failed`` for
+every op it touches, so every waiter wakes with it, and the op reports the error as usual.
 """
 
 from __future__ import annotations
