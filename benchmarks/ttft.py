@@ -155,6 +155,11 @@ def layer_landing_s(stack: Stack, tokens: torch.Tensor) -> list[float]:
     pages = pool.allocate(tokens.numel() // t)
     tid, mask = kvm.get_match_launch(tokens.numpy(), pool.slot_mapping(pages, tokens.numel() // t * t),
                                      layerwise=True)
+    if not mask.all():
+        kvm.cancel(tid)  # (nothing launched unless something matched; a launched task ignores the cancel)
+        kvm.wait(tid, timeout=120)
+        pool.free(pages)
+        raise RuntimeError(f"layer-wise restore of {tokens.numel()} tokens: only {int(mask.sum())} matched")
     landed = []
     try:
         for layer in range(stack.layerwise.num_layers):
