@@ -113,7 +113,8 @@ for part in "${parts[@]}"; do
       --engine-blocks 256 --cpu-blocks 300 --rounds 8 --warmup-rounds 2 ;;
   layerwise)
     step 300 "pytest layer-wise GET + HF engine (CUDA and CPU)" "${PYTEST[@]}" \
-      tests/runtime/test_layerwise.py tests/runtime/test_landing.py tests/integration/test_hf_engine.py ;;
+      tests/runtime/test_layerwise.py tests/runtime/test_landing.py tests/runtime/test_match_launch.py \
+      tests/integration/test_hf_engine.py ;;
   numerics)
     step 300 "hf_numerics (this host CPU)" \
       python3 benchmarks/hf_numerics.py ;;
