@@ -139,6 +139,8 @@ def restore_s(stack: Stack, tokens: torch.Tensor, dp: int = -1) -> float:
     pages = pool.allocate(tokens.numel() // t)
     tid, mask = kvm.get_match_launch(tokens.numpy(), pool.slot_mapping(pages, tokens.numel() // t * t))
     num = int(mask.sum())
+    if num == 0:
+        kvm.cancel(tid)  # an empty match is not launched
     status = kvm.wait(tid, timeout=120)[tid].status
     elapsed = time.perf_counter() - t0
     pool.free(pages)
