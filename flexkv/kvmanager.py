@@ -370,8 +370,8 @@ class KVManager:
         return self._match(cm.PutMatchMsg, token_ids, token_mask, namespace)
 
     # -- key-based tasks (engines that hash their own pages) ------------------------------------
-    def _match_keys(self, cls: type[cm.GetMatchMsg], block_keys: npt.NDArray[np.uint64],
-                    first_block: int) -> tuple[int, int, int]:
+    def _match_keys(self, cls: type[cm.GetMatchMsg], block_keys: npt.NDArray[np.uint64], first_block: int,
+                    slots: npt.NDArray[np.int64] | None = None, **fields: Any) -> tuple[int, int, int]:
         keys = np.ascontiguousarray(block_keys)
         if keys.dtype != np.uint64 or keys.ndim != 1:
             raise InvalidRequest(f"block_keys must be a 1-D uint64 array (see hash_page_keys), got {keys.dtype} "
@@ -384,14 +384,25 @@ class KVManager:
         if first_block:
             mask = np.zeros(num_tokens, dtype=np.bool_)
             mask[first_block * t:] = True
+        if slots is not None and slots.shape[0] != num_tokens - first_block * t:
+            raise InvalidRequest(f"slot_mapping has {slots.shape[0]} slots; the blocks from first_block {first_block} "
+                                 f"on need {num_tokens - first_block * t} (one per token)")
         task_id = self._new_task_id()
-        arrays: list[Any] = [keys] + ([mask] if mask is not None else [])
-        reply, _ = self._c.request(lambda rid: cls(client_id=self.dp_client_id, req_id=rid, task_id=task_id,
-                                                   has_mask=mask is not None, num_tokens=num_tokens), arrays)
+        arrays: list[Any] = [keys] + ([mask] if mask is not None else []) + ([slots] if slots is not None else [])
+        if slots is not None:
+            self._launched[task_id] = xxhash.xxh3_64_intdigest(slots.tobytes())  # a later launch() of them: a no-op
+        try:
+            reply, _ = self._c.request(lambda rid: cls(client_id=self.dp_client_id, req_id=rid, task_id=task_id,
+                                                       has_mask=mask is not None, num_tokens=num_tokens, **fields),
+                                       arrays)
+        except BaseException:
+            self._forget(task_id)
+            raise
         assert isinstance(reply, cm.MatchReplyMsg)
         if reply.mask_begin < 0:  # the server's mask is always one run of whole blocks
             raise FlexKVError("key match: the server returned a mask that is not one run of blocks")
         if reply.mask_end <= reply.mask_begin:
+            self._forget(task_id)  # (not launched either)
             return task_id, first_block, first_block
         return task_id, reply.mask_begin // t, reply.mask_end // t
 
@@ -402,6 +413,15 @@ class KVManager:
         Returns ``(task_id, begin, end)``: blocks ``[begin, end)`` will be loaded (``begin == end``: none).
         Launch it with a compact slot mapping of the blocks from ``first_block`` on, or cancel it."""
         return self._match_keys(cm.GetMatchMsg, block_keys, first_block)
+
+    def get_match_keys_launch(self, block_keys: npt.NDArray[np.uint64], slot_mapping: IntArrayLike,
+                              first_block: int = 0) -> tuple[int, int, int]:
+        """:meth:`get_match_keys` and :meth:`launch` in one round trip (as :meth:`get_match_launch`): the
+        server launches the GET into ``slot_mapping`` (compact: one slot per token of the blocks from
+        ``first_block`` on, the form launch takes after get_match_keys) as soon as it matched. Returns
+        ``(task_id, begin, end)``; ``begin == end``: nothing matched and nothing was launched (cancel it)."""
+        slots = _int64("slot_mapping", slot_mapping)
+        return self._match_keys(cm.GetMatchLaunchMsg, block_keys, first_block, slots)
 
     def put_match_keys(self, block_keys: npt.NDArray[np.uint64], first_block: int = 0) -> tuple[int, int, int]:
         """Reserve a PUT of the blocks of ``block_keys`` from ``first_block`` on that flexkv lacks; like

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from flexkv.kvmanager import KVManager
+from flexkv.kvmanager import KVManager, hash_page_keys
 from flexkv.layout import LayoutKind
 from flexkv.types import InvalidRequest, TaskStatus
 from tests.runtime.kvtest import (
@@ -121,3 +121,29 @@ def test_a_layerwise_match_launch_lands_every_layer_exactly_when_its_wait_return
     finally:
         kvm.shutdown()
         bufs.close()
+
+
+def test_a_key_match_launched_at_once_loads_the_pages_after_first_block_byte_exact() -> None:
+    """The key-based form (the SGLang backend's batch_get): compact slots from ``first_block`` on."""
+    with serving(small_model(), small_cache(), LayoutKind.SGLANG, 48, seed=6) as (kvm, bufs):
+        keys = hash_page_keys([f"page-{i}" for i in range(8)])
+        tid, begin, end = kvm.put_match_keys(keys)
+        assert (begin, end) == (0, 8)
+        kvm.launch(tid, slots_for(list(range(8)), 8 * T))
+        assert kvm.wait(tid)[tid].status is TaskStatus.SUCCESS
+
+        more = hash_page_keys([f"page-{i}" for i in range(10)])  # 8 cached, 2 not
+        dst = list(range(30, 37))  # pages for blocks 3..9: first_block 3
+        poison(bufs, dst)
+        tid, begin, end = kvm.get_match_keys_launch(more, slots_for(dst, 7 * T), first_block=3)
+        assert (begin, end) == (3, 8)
+        assert kvm.wait(tid)[tid].status is TaskStatus.SUCCESS
+        for s, d in zip(range(3, 8), dst[:5], strict=True):
+            assert block_bytes(bufs, d) == block_bytes(bufs, s), f"block {s} -> {d} differs"
+        assert all(set(block_bytes(bufs, d)) == {0xAB} for d in dst[5:]), "pages of uncached blocks were written"
+        with pytest.raises(InvalidRequest, match="one per token"):
+            kvm.get_match_keys_launch(more, slots_for(list(range(30, 38)), 8 * T), first_block=3)
+        tid, begin, end = kvm.get_match_keys_launch(hash_page_keys(["other"]), slots_for([40], T))
+        assert begin == end == 0
+        kvm.cancel(tid)
+        kvm.check_invariants()

@@ -169,14 +169,17 @@ class FlexKVHiCacheStorage(HiCacheStorage):
               slots: npt.NDArray[np.int64]) -> int:
         """Run one GET or PUT; the number of leading pages (from ``first``) cached in the host pool
         (GET) or in flexkv (PUT) afterwards. Raises on a timeout (the link closes, stopping copies)."""
-        match = m.get_match_keys if is_get else m.put_match_keys
-        task_id, begin, end = match(block_keys, first)
+        if is_get:  # matched and launched in one round trip: the pages are known before the match
+            task_id, begin, end = m.get_match_keys_launch(block_keys, slots, first)
+        else:
+            task_id, begin, end = m.put_match_keys(block_keys, first)
         if end == begin:
             m.cancel(task_id)
             if is_get:
                 return 0
             return m.count_cached_keys(block_keys, first)  # cached already (or its prefix is not)
-        m.launch(task_id, slots)
+        if not is_get:
+            m.launch(task_id, slots)
         resp = m.wait(task_id, timeout=self.settings.timeout_s)[task_id]
         if resp.status is TaskStatus.TIMEOUT:
             raise FlexKVError(f"task {task_id} still running after {self.settings.timeout_s} s")
