@@ -25,6 +25,7 @@ import time
 
 import numpy as np
 import torch
+from ttft import ceiling_s  # the same pinned host -> device ceiling ttft.py measures (this directory)
 
 from flexkv import hoptrace
 from flexkv.common.config import CacheConfig
@@ -37,29 +38,6 @@ from flexkv.types import TaskStatus
 
 def say(msg: str) -> None:
     print(f"[restore_timeline {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def ceiling_ms(nbytes: int, device: torch.device, repeats: int = 5) -> float:
-    """The fastest contiguous pinned host -> device copy of ``nbytes`` (a memcpy on the CPU)."""
-    if device.type != "cuda":
-        src = torch.empty(nbytes, dtype=torch.uint8)
-        dst = torch.empty_like(src)
-        best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            best = min(best, time.perf_counter() - t0)
-        return 1e3 * best
-    src = torch.empty(nbytes, dtype=torch.uint8, pin_memory=True)
-    dst = torch.empty(nbytes, dtype=torch.uint8, device=device)
-    best = float("inf")
-    for _ in range(repeats):
-        torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        dst.copy_(src, non_blocking=True)
-        torch.cuda.synchronize(device)
-        best = min(best, time.perf_counter() - t0)
-    return 1e3 * best
 
 
 # name, layer-wise, get_match_launch
@@ -209,7 +187,7 @@ def main() -> None:
         for f in os.listdir(trace_dir):
             os.unlink(os.path.join(trace_dir, f))
         os.rmdir(trace_dir)
-        ceiling = ceiling_ms(nbytes, device)
+        ceiling = 1e3 * ceiling_s(nbytes, device, repeats=5)
         for name, runs in cases.items():
             show(f"{copies}: {name} of {args.tokens} tokens", runs, layers)
         for name, runs in cases.items():

@@ -20,8 +20,8 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import numpy as np
 import numpy.typing as npt
@@ -42,6 +42,7 @@ from flexkv.types import CACHE_TIERS, FlexKVError, InvalidRequest, KVResponse, M
 log = logging.getLogger("flexkv")
 
 IntArrayLike = Any  # numpy array or torch tensor
+R = TypeVar("R")
 
 
 SESSION_TASK_BITS = 32  # a session's task ids: its base, then up to 2**32 ids
@@ -67,6 +68,11 @@ def _int64(name: str, value: IntArrayLike) -> npt.NDArray[np.int64]:
     if value.dtype not in (np.int64, np.int32):
         raise InvalidRequest(f"{name} must be int64 (or int32), got {value.dtype}")
     return np.ascontiguousarray(value, dtype=np.int64)
+
+
+def _slots_digest(slots: npt.NDArray[np.int64]) -> int:
+    """What a task was launched with, to tell a repeated launch (a no-op) from a conflicting one."""
+    return xxhash.xxh3_64_intdigest(slots.tobytes())
 
 
 def _mask(value: IntArrayLike | None, num_tokens: int) -> npt.NDArray[np.bool_] | None:
@@ -304,8 +310,6 @@ class KVManager:
         ns = encode_namespace(_namespace(namespace))
         hashes = hash_blocks(tokens, self._tokens_per_block, ns)
         arrays: list[Any] = [hashes] + ([mask] if mask is not None else []) + ([slots] if slots is not None else [])
-        if slots is not None:
-            self._launched[task_id] = xxhash.xxh3_64_intdigest(slots.tobytes())  # a later launch() of them: a no-op
         reply, frames = conn.request(lambda rid: cls(client_id=self.dp_client_id, req_id=rid, task_id=task_id,
                                                      has_mask=mask is not None, num_tokens=tokens.shape[0], **fields),
                                         arrays)
@@ -335,17 +339,29 @@ class KVManager:
         if layerwise and self._tp_clients:
             self._layer_tables()  # raises unless every rank registered here has a progress table
         task_id = self._new_task_id()
+        _, mask, _ = self._matched_launch(
+            task_id, slots, layerwise,
+            lambda: self._match_reply(cm.GetMatchLaunchMsg, token_ids, token_mask, namespace, slots, task_id,
+                                      layerwise=layerwise),
+            lambda reply: bool(reply[1].any()))
+        return task_id, mask
+
+    def _matched_launch(self, task_id: int, slots: npt.NDArray[np.int64], layerwise: bool, request: Callable[[], R],
+                        launched: Callable[[R], bool]) -> R:
+        """Send a match that also launches ``task_id`` into ``slots`` (``request``), remembering the launch
+        as :meth:`launch` does (a later launch of the same slots is a no-op; ``wait_layer`` knows a layer-wise
+        task) unless the request failed or, by ``launched`` of its result, the server launched nothing."""
+        self._launched[task_id] = _slots_digest(slots)
         if layerwise:
             self._layerwise.add(task_id)
         try:
-            _, mask, _ = self._match_reply(cm.GetMatchLaunchMsg, token_ids, token_mask, namespace, slots, task_id,
-                                           layerwise=layerwise)
+            result = request()
         except BaseException:
             self._forget(task_id)
             raise
-        if not mask.any():  # not launched: nothing of it to remember
+        if not launched(result):
             self._forget(task_id)
-        return task_id, mask
+        return result
 
     def get_match_info(self, token_ids: IntArrayLike, token_mask: IntArrayLike | None = None,
                        namespace: Sequence[str] | None = None) -> MatchInfo:
@@ -371,7 +387,7 @@ class KVManager:
 
     # -- key-based tasks (engines that hash their own pages) ------------------------------------
     def _match_keys(self, cls: type[cm.GetMatchMsg], block_keys: npt.NDArray[np.uint64], first_block: int,
-                    slots: npt.NDArray[np.int64] | None = None, **fields: Any) -> tuple[int, int, int]:
+                    slots: npt.NDArray[np.int64] | None = None, task_id: int | None = None) -> tuple[int, int, int]:
         keys = np.ascontiguousarray(block_keys)
         if keys.dtype != np.uint64 or keys.ndim != 1:
             raise InvalidRequest(f"block_keys must be a 1-D uint64 array (see hash_page_keys), got {keys.dtype} "
@@ -387,24 +403,16 @@ class KVManager:
         if slots is not None and slots.shape[0] != num_tokens - first_block * t:
             raise InvalidRequest(f"slot_mapping has {slots.shape[0]} slots; the blocks from first_block {first_block} "
                                  f"on need {num_tokens - first_block * t} (one per token)")
-        task_id = self._new_task_id()
+        tid = self._new_task_id() if task_id is None else task_id
         arrays: list[Any] = [keys] + ([mask] if mask is not None else []) + ([slots] if slots is not None else [])
-        if slots is not None:
-            self._launched[task_id] = xxhash.xxh3_64_intdigest(slots.tobytes())  # a later launch() of them: a no-op
-        try:
-            reply, _ = self._c.request(lambda rid: cls(client_id=self.dp_client_id, req_id=rid, task_id=task_id,
-                                                       has_mask=mask is not None, num_tokens=num_tokens, **fields),
-                                       arrays)
-        except BaseException:
-            self._forget(task_id)
-            raise
+        reply, _ = self._c.request(lambda rid: cls(client_id=self.dp_client_id, req_id=rid, task_id=tid,
+                                                   has_mask=mask is not None, num_tokens=num_tokens), arrays)
         assert isinstance(reply, cm.MatchReplyMsg)
         if reply.mask_begin < 0:  # the server's mask is always one run of whole blocks
             raise FlexKVError("key match: the server returned a mask that is not one run of blocks")
         if reply.mask_end <= reply.mask_begin:
-            self._forget(task_id)  # (not launched either)
-            return task_id, first_block, first_block
-        return task_id, reply.mask_begin // t, reply.mask_end // t
+            return tid, first_block, first_block
+        return tid, reply.mask_begin // t, reply.mask_end // t
 
     def get_match_keys(self, block_keys: npt.NDArray[np.uint64], first_block: int = 0) -> tuple[int, int, int]:
         """Reserve a GET of the blocks named by ``block_keys`` (:func:`hash_page_keys` of the chain from the
@@ -421,7 +429,11 @@ class KVManager:
         ``first_block`` on, the form launch takes after get_match_keys) as soon as it matched. Returns
         ``(task_id, begin, end)``; ``begin == end``: nothing matched and nothing was launched (cancel it)."""
         slots = _int64("slot_mapping", slot_mapping)
-        return self._match_keys(cm.GetMatchLaunchMsg, block_keys, first_block, slots)
+        task_id = self._new_task_id()
+        return self._matched_launch(task_id, slots, False,
+                                    lambda: self._match_keys(cm.GetMatchLaunchMsg, block_keys, first_block, slots,
+                                                             task_id),
+                                    lambda got: got[2] > got[1])
 
     def put_match_keys(self, block_keys: npt.NDArray[np.uint64], first_block: int = 0) -> tuple[int, int, int]:
         """Reserve a PUT of the blocks of ``block_keys`` from ``first_block`` on that flexkv lacks; like
@@ -471,7 +483,7 @@ class KVManager:
         if isinstance(task_id, bool) or not issued:
             raise InvalidRequest(f"launch: task id {task_id!r} was not returned by get_match/put_match of this "
                                  "KVManager session")
-        digest = xxhash.xxh3_64_intdigest(slots.tobytes())
+        digest = _slots_digest(slots)
         old = self._launched.get(task_id)
         if old is None:
             self._launched[task_id] = digest
@@ -486,7 +498,7 @@ class KVManager:
         slots = _int64("slot_mapping", slot_mapping)
         mask = _mask(token_mask, tokens.shape[0])
         task_id = self._new_task_id()
-        self._launched[task_id] = xxhash.xxh3_64_intdigest(slots.tobytes())
+        self._launched[task_id] = _slots_digest(slots)
         arrays: list[Any] = [tokens, slots] + ([mask] if mask is not None else [])
         ns = _namespace(namespace)
         if hoptrace.ENABLED:
@@ -523,7 +535,7 @@ class KVManager:
             arrays += [tokens, slots] + ([mask] if mask is not None else [])
             has_masks.append(mask is not None)
             ns_out.append(_namespace(ns))
-            digests.append(xxhash.xxh3_64_intdigest(slots.tobytes()))
+            digests.append(_slots_digest(slots))
         task_ids = [self._new_task_id() for _ in range(num)]
         self._launched.update(zip(task_ids, digests, strict=True))
         if task_ids:

@@ -474,10 +474,7 @@ class SchedulerServer:
             except ProtocolError as e:
                 self._fail_unstarted(key, str(e))
             else:
-                if msg.layerwise:
-                    self._layer_major.add(key)
-                self._launch_together([(key, slots)])
-                self._layer_major.intersection_update(self._launched)
+                self._launch_together([(key, slots)], msg.layerwise)
         self._reply(identity, reply, frames)
 
     def _matched_reply(self, identity: bytes, msg: cm.GetMatchMsg,
@@ -600,14 +597,13 @@ class SchedulerServer:
                     batch.append((key, frame_array(arrays[i], np.int64, "slot_mapping")))
                 except ProtocolError as e:
                     self._fail_unstarted(key, str(e))
-        if msg.layerwise:
-            self._layer_major.update(key for key, _ in batch)
-        self._launch_together(batch)
-        self._layer_major.intersection_update(self._launched)  # (those that could not be launched)
+        self._launch_together(batch, msg.layerwise)
 
-    def _launch_together(self, batch: list[tuple[TaskKey, Any]]) -> None:
+    def _launch_together(self, batch: list[tuple[TaskKey, Any]], layerwise: bool = False) -> None:
         """Launch each task (one that cannot be launched fails alone), then dispatch all their ready ops
-        at once, so each direction's device ops become one batched op."""
+        at once, so each direction's device ops become one batched op; ``layerwise`` GETs copy layer-major."""
+        if layerwise:
+            self._layer_major.update(key for key, _ in batch)
         ops: list[TransferOp] = []
         for key, slots in batch:
             try:
@@ -615,6 +611,8 @@ class SchedulerServer:
             except FlexKVError as e:
                 self._fail_unstarted(key, str(e))
         self._dispatch(ops)
+        if layerwise:
+            self._layer_major.intersection_update(self._launched)  # (those that could not be launched)
         self._retire([key for key, _ in batch])  # tasks with nothing to move are already done
 
     def _launch(self, key: TaskKey, slots: Any) -> list[TransferOp]:

@@ -356,6 +356,9 @@ def test_an_unreachable_server_means_recompute_not_an_error(stacks: list[Stack],
             out, st = eng.generate(longer, 8)
             assert out == ref.generate(longer, 8)[0]
             assert st.num_restored_tokens == 0 and "get_match" in st.fallback, st
+            # get_match_launch got no reply: the server may still launch into the pages it was given, so they
+            # are never handed out again; nor are the turn's put pages, whose wait timed out too
+            assert eng.num_quarantined_pages == 2 * (len(longer) // T)
         finally:
             os.kill(server.pid, signal.SIGCONT)  # type: ignore[attr-defined]
         s.close()

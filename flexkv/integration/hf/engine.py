@@ -435,31 +435,28 @@ class HFPagedEngine:
             return None, "", matched
         task_id, mask = matched.task_id, matched.mask
         num = int(mask.sum())
-        if matched.pages is not None:  # launched with the match (unless nothing matched)
-            if num == 0:
+        launched = matched.pages is not None and num > 0  # get_match_launch launched it (unless nothing matched)
+        if num == 0 or not mask[:num].all():
+            if launched:  # (never for a GET without a token mask) it runs: its pages come back after it
+                self._release(matched.pages or [], self._wait(task_id))
+            else:
                 self.kvm.cancel(task_id)
-                self.pool.free(matched.pages)
-                return None, "", matched
-            if not mask[:num].all():  # (never for a GET without a token mask) it runs: free its pages after
-                self._release(matched.pages, self._wait(task_id))
-                return None, "mask is not a prefix", matched
+                self.pool.free(matched.pages or [])
+            return None, "" if num == 0 else "mask is not a prefix", matched
+        if matched.pages is not None:
             pages = matched.pages[: num // t]
             self.pool.free(matched.pages[num // t:])  # no copy writes them: the task moves matched blocks only
-            return _Restore(task_id, pages, num, self.layerwise, self.pool.row_index(pages, num)), "", matched
-        if num == 0 or not mask[:num].all():
-            self.kvm.cancel(task_id)
-            return None, "" if num == 0 else "mask is not a prefix", matched
-        num_pages = num // t
-        if not self.pool.can_allocate(num_pages):
-            self.kvm.cancel(task_id)
-            return None, "no free pages", matched
-        pages = self.pool.allocate(num_pages)
-        try:
-            self.kvm.launch(task_id, self.pool.slot_mapping(pages, num), layerwise=self.layerwise)
-        except FlexKVError as e:
-            self.kvm.cancel(task_id)
-            self.pool.free(pages)
-            return None, f"launch: {e}", matched
+        else:
+            if not self.pool.can_allocate(num // t):
+                self.kvm.cancel(task_id)
+                return None, "no free pages", matched
+            pages = self.pool.allocate(num // t)
+            try:
+                self.kvm.launch(task_id, self.pool.slot_mapping(pages, num), layerwise=self.layerwise)
+            except FlexKVError as e:
+                self.kvm.cancel(task_id)
+                self.pool.free(pages)
+                return None, f"launch: {e}", matched
         return _Restore(task_id, pages, num, self.layerwise, self.pool.row_index(pages, num)), "", matched
 
     def _match(self, tokens: torch.Tensor, limit: int) -> _Matched:
