@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import atexit
 import dataclasses
+import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -18,15 +19,18 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from flexkv.fence import KVFence
 from flexkv.layerwise import LayerProgress, check_layer_index, wait_for_layer
 from flexkv.layout import KVCacheLayout, LayoutKind, tensor_addresses
 from flexkv.protocol import client_msgs as cm
 from flexkv.shm import SharedPool, make_pool_name
 from flexkv.transport import ServerConnection
-from flexkv.types import DType, InvalidRequest, KVResponse
+from flexkv.types import DType, FlexKVError, InvalidRequest, KVResponse
 
 if TYPE_CHECKING:
     from flexkv.workers.engine_lane import EngineLane
+
+log = logging.getLogger("flexkv.client")
 
 _NUMPY_DTYPES = {DType.FLOAT16: np.float16, DType.FLOAT32: np.float32, DType.UINT8: np.uint8}
 _PAGE = 4096
@@ -161,6 +165,7 @@ class KVTPClient:
         self._event_handle = b""
         self._lane: EngineLane | None = None  # register(..., engine_side=True)
         self.layer_progress: LayerProgress | None = None  # register(..., layerwise=True)
+        self._fence: KVFence | None = None  # made by register; sealed by seal() / close()
         self._num_layers = 0
 
     def register(self, kv_tensors: Sequence[Any] | HostKVBuffers, layout: KVCacheLayout | LayoutKind | str,
@@ -202,6 +207,23 @@ class KVTPClient:
             if self.layer_progress is None:
                 self.layer_progress = LayerProgress.create("layers")
             progress["layer_progress"] = self.layer_progress.name
+        fresh = self._fence is None or self._fence.sealed
+        if fresh:
+            if self._fence is not None:
+                self._fence.close()
+            self._fence = KVFence.create()
+        assert self._fence is not None
+        progress["fence"] = self._fence.name
+        try:
+            return self._register_rank(tensors, lay, timeout_s, use_event, engine_side, progress)
+        except BaseException:
+            if fresh:  # (a worker the server may have started meanwhile finds no fence: it copies nothing)
+                self._fence.close()
+                self._fence = None
+            raise
+
+    def _register_rank(self, tensors: Sequence[Any], lay: KVCacheLayout, timeout_s: float, use_event: bool,
+                       engine_side: bool, progress: dict[str, Any]) -> KVCacheLayout:
         fields: dict[str, Any] = {}
         if engine_side:
             if use_event:
@@ -294,15 +316,31 @@ class KVTPClient:
             stream = torch.cuda.current_stream(self.device_id)
         cudacopy.event_record(self._event, int(getattr(stream, "cuda_stream", stream)))
 
+    def seal(self, timeout_s: float = 10.0) -> None:
+        """From now on no flexkv process reads or writes this rank's KV memory, whatever its server does
+        later: the batch of copies running now ends first, every later copy fails (its task FAILED).
+        Call it before handing blocks that a launched task may still touch back to the engine's own
+        allocator when the server stopped answering; :meth:`close` calls it first. A device worker that
+        holds the fence past ``timeout_s`` (stopped or hung mid-copy) is killed. See flexkv/fence.py."""
+        if self._fence is not None:
+            self._fence.seal(timeout_s)
+
     def close(self) -> None:
-        """Stop this rank's engine-side lane (if any; the server then treats the rank as gone) and
-        disconnect."""
+        """Seal this rank's KV memory (:meth:`seal`), stop its engine-side lane (if any; the server then
+        treats the rank as gone) and disconnect."""
+        try:
+            self.seal()
+        except FlexKVError as e:
+            log.error("flexkv: rank %d: %s", self.tp_rank, e)
         self._stop_lane()
         self._keep = []
         self._conn.close()
         if self.layer_progress is not None:
             self.layer_progress.close()
             self.layer_progress = None
+        if self._fence is not None:
+            self._fence.close()
+            self._fence = None
         if self._event is not None:
             from flexkv.native import cudacopy
 

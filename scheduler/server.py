@@ -87,6 +87,7 @@ class _Registration:
 
     session_id: int
     host_segment: str | None
+    fence: str | None = None
 
 
 def default_runtime_dir() -> str:
@@ -698,8 +699,9 @@ class SchedulerServer:
             raise _invalid("register: neither a host segment nor CUDA handles given (nor engine_side)")
         if msg.cuda_event and (not msg.cuda_handles or len(msg.cuda_event) != 64):
             raise _invalid("register: cuda_event needs CUDA tensors and a 64-byte cudaIpcEventHandle_t")
-        if msg.layer_progress is not None and not _is_segment_name(msg.layer_progress):
-            raise _invalid(f"register: layer_progress {msg.layer_progress!r} is not a flexkv shared-memory name")
+        for what, name in (("layer_progress", msg.layer_progress), ("fence", msg.fence)):
+            if name is not None and not _is_segment_name(name):
+                raise _invalid(f"register: {what} {name!r} is not a flexkv shared-memory name")
         reg["cuda_handles"] = [h.hex() for h in msg.cuda_handles]
         reg["cuda_event"] = msg.cuda_event.hex()
         key = (msg.client_id, msg.tp_rank)
@@ -709,7 +711,7 @@ class SchedulerServer:
             raise _invalid(f"register: dp {key[0]} rank {key[1]} is registered by another live connection "
                            f"(session {owner.session_id}); only that connection may replace it, or anyone "
                            "after it is gone")
-        self._registrations[key] = _Registration(session.session_id, msg.host_segment)
+        self._registrations[key] = _Registration(session.session_id, msg.host_segment, msg.fence)
         worker_id = device_worker_id(msg.client_id, msg.tp_rank)
         spec = {"kind": "device", "dp_client_id": msg.client_id, "tp_rank": msg.tp_rank, "registration": reg}
         if msg.engine_side:
@@ -744,8 +746,10 @@ class SchedulerServer:
         log.warning("engine-side lane %s is gone (%s)", worker_id, reason)
         dp, rank = handle.spec["dp_client_id"], handle.spec["tp_rank"]
         self._registered.discard((dp, rank))
-        self._registrations.pop((dp, rank), None)  # the rank is free to register again
+        reg = self._registrations.pop((dp, rank), None)  # the rank is free to register again
         self._complete(self.supervisor.remove(worker_id, reason))
+        if reg is not None and reg.fence and unlink_if_creator_dead(reg.fence):
+            log.info("removed KV fence %s of a dead engine", reg.fence)
 
     def _on_query(self, identity: bytes, msg: cm.QueryMsg, _: list[memoryview]) -> None:
         info: dict[str, int | float | str | bool]
@@ -996,6 +1000,8 @@ class SchedulerServer:
             self._complete(self.supervisor.remove(device_worker_id(*rank_key), f"its TP client {reason}"))
             if dead and reg.host_segment and unlink_if_creator_dead(reg.host_segment):
                 log.warning("removed host KV segment %s of dead client pid %d", reg.host_segment, session.pid)
+            if dead and reg.fence and unlink_if_creator_dead(reg.fence):
+                log.info("removed KV fence %s of dead client pid %d", reg.fence, session.pid)
 
     # -- shutdown -------------------------------------------------------------------------------
     def close(self) -> None:
@@ -1037,7 +1043,7 @@ def _is_segment_name(name: str) -> bool:
 
 
 _REG_FIELDS = ("num_layers", "num_blocks", "tokens_per_block", "num_heads", "head_size", "itemsize",
-               "host_segment", "tensor_offsets", "device_id", "layer_progress")
+               "host_segment", "tensor_offsets", "device_id", "layer_progress", "fence")
 
 
 def _invalid(msg: str) -> FlexKVError:

@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from flexkv.fence import FenceSealed, KVFence
 from flexkv.layerwise import LayerProgress, layer_span_table
 from flexkv.layout import BlockFirstLayout, ChunkTable, KVCacheLayout
 from flexkv.native import hostcopy
@@ -124,6 +125,11 @@ class DeviceWorker(Worker):
         if reg.get("layer_progress"):
             _check_owner(reg["layer_progress"])  # the worker writes into it: our own user's segments only
             self.layer_progress = LayerProgress.attach(reg["layer_progress"])
+        # The engine's fence (flexkv/fence.py): every batch of copies holds it; once sealed, none runs.
+        self.fence: KVFence | None = None
+        if reg.get("fence"):
+            _check_owner(reg["fence"])
+            self.fence = KVFence.attach(reg["fence"])
         if reg.get("cuda_handles") or reg.get("engine_cuda"):
             from flexkv.workers.gpu_backend import CudaCopyBackend
 
@@ -154,7 +160,37 @@ class DeviceWorker(Worker):
 
     def start(self, ops: list[Op]) -> Callable[[], list[str]]:
         """Start every op's copy; the returned function waits once per direction. The lane starts
-        the next batch meanwhile, so the GPU streams stay busy while ops keep arriving."""
+        the next batch meanwhile, so the GPU streams stay busy while ops keep arriving. The batch
+        holds the engine's fence from before its first copy until ``finish`` saw the last complete."""
+        if self.fence is None:
+            return self._start(ops)
+        try:
+            held = self.fence.hold()
+        except FenceSealed as e:
+            errors = [self._error(op.op_type, e) for op in ops]
+            self._publish_failed(ops)
+            return lambda: errors
+        try:
+            finish = self._start(ops)
+        except BaseException:
+            KVFence.release(held)
+            raise
+
+        def finish_and_release() -> list[str]:
+            try:
+                return finish()
+            finally:
+                KVFence.release(held)
+        return finish_and_release
+
+    def _publish_failed(self, ops: list[Op]) -> None:
+        """Layer waits of GETs that will not run end now (FAILED), not at their timeout."""
+        if self.layer_progress is not None:
+            for op in ops:
+                if op.op_type is OpType.H2D:
+                    publish_task_words(self.layer_progress, op, 0, failed=True)
+
+    def _start(self, ops: list[Op]) -> Callable[[], list[str]]:
         progress = self.layer_progress
         if progress is None or not any(op.op_type is OpType.H2D for op in ops):
             return self._start_whole(ops)
@@ -212,6 +248,8 @@ class DeviceWorker(Worker):
         self.backend.close()
         if self.layer_progress is not None:
             self.layer_progress.close()
+        if self.fence is not None:
+            self.fence.close()
         super().close()
 
 

@@ -144,6 +144,7 @@ class RegisterKVMsg(ClientMsg, frozen=True, tag=True, kw_only=True):
     cuda_event: bytes = b""  # cudaIpcEventHandle_t of the rank's "KV written" event; D2H copies wait on it
     engine_side: bool = False  # the engine runs the device worker itself (DESIGN §7b); the reply has its spec
     layer_progress: str | None = None  # shared-memory segment of the rank's layer progress table (flexkv.layerwise)
+    fence: str | None = None  # shared-memory segment of the rank's KV fence (flexkv.fence): sealed, no copy runs
 
 
 class ByeMsg(ClientMsg, frozen=True, tag=True, kw_only=True):

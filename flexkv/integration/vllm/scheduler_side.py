@@ -187,7 +187,8 @@ class SchedulerSide:
         self.report.finished_saves.add(req_id)
 
     def _fail_everything(self) -> None:
-        """The server is gone: no byte of ours can move any more; give vLLM back every block."""
+        """The server is gone: give vLLM back every block. Every rank seals its KV memory on this step's
+        ``server_lost`` before it reports them (worker_side.py), so no byte of ours moves afterwards."""
         for req_id, load in self.loading.items():
             self.report.load_done(req_id, load.block_ids)
         self.loading.clear()

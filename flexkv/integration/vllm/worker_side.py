@@ -66,7 +66,8 @@ class WorkerSide:
         self._seen = meta
         if meta.server_lost and not self._lost:
             self._lost = True
-            self.close()  # the lane stops before vLLM is told to recompute into the blocks it wrote
+            self.close()  # sealed (flexkv/fence.py), lane stopped: no flexkv copy touches these blocks again
+            # (not even one a stalled server dispatches when it resumes) before vLLM recomputes into them
         elif meta.server_address and self.client is None and self._kv_caches is not None and not self._lost:
             try:
                 self._register(meta.server_address)
