@@ -11,7 +11,8 @@
 #   smallops  (not in the default list) the small-op line of gpu_transfer.py --stack with busy_poll_us 0,
 #             200 and 1000 (issue 17 §3: a 4-block get/put p50 <= 0.35 ms), and small_ops.py on host buffers
 #   ipc       (not in the default list) benchmarks/ipc_latency.py (one round trip between two processes by
-#             mechanism: the floor under a hop) back to back and idle, and small_ops.py --breakdown
+#             mechanism: the floor under a hop) back to back and idle, cold_path.py (the server's work for
+#             one small get, hot and after idling), and small_ops.py --breakdown
 #   landing   (not in the default list) gpu_transfer.py --stack T=16 with the rank registered layer-wise
 #             through the manager (GET waits end from its progress table), and small_ops.py both ways
 #   ops       (not in the default list; needs a prometheus_client wheel in .whl/) `flexkv check --gpu`, and
@@ -85,11 +86,12 @@ for part in "${parts[@]}"; do
         --tokens-per-block 16 --num-blocks 256 --repeats 1 --busy-poll-us $spin
     done
     step 120 "small_ops host buffers" python3 benchmarks/small_ops.py --iters 300 --busy-poll-us 0 200 1000
-    step 120 "small_ops breakdown" python3 benchmarks/small_ops.py --iters 300 --breakdown ;;
+    step 120 "small_ops breakdown" python3 benchmarks/small_ops.py --iters 300 --breakdown --landing off ;;
   ipc)
     step 120 "ipc_latency back to back" python3 benchmarks/ipc_latency.py --iters 5000
     step 120 "ipc_latency idle 1 ms" python3 benchmarks/ipc_latency.py --iters 2000 --idle-us 1000
-    step 120 "small_ops breakdown" python3 benchmarks/small_ops.py --iters 300 --breakdown ;;
+    step 120 "cold_path" python3 benchmarks/cold_path.py --iters 400
+    step 120 "small_ops breakdown" python3 benchmarks/small_ops.py --iters 300 --breakdown --landing on ;;
   landing)
     step 240 "gpu_transfer --stack T=16 --landing" python3 benchmarks/gpu_transfer.py --stack --tokens-per-block 16 \
       --landing
