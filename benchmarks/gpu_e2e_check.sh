@@ -18,8 +18,8 @@
 #   ops       (not in the default list; needs a prometheus_client wheel in .whl/) `flexkv check --gpu`, and
 #             metrics off vs on: control_latency.py --metrics and throughput.py --metrics (host buffers)
 #   layerwise layer-wise GET on CUDA (per-layer events, bytes exact at every layer wait, failures wake
-#             every waiter) and the HF engine on CUDA (bit-exact restores, conversations unchanged), its
-#             CPU tests too
+#             every waiter), the KV fence on CUDA memory, and the HF engine on CUDA (bit-exact restores,
+#             conversations unchanged), its CPU tests too
 #   numerics  benchmarks/hf_numerics.py (this host's CPU: numerics vs wrong KV)
 #   hf        (not in the default list) the HF engine tests alone (part of layerwise): CUDA restores, CUDA
 #             graphs of the suffix, bit-exact against the engine without flexkv
@@ -116,7 +116,7 @@ for part in "${parts[@]}"; do
   layerwise)
     step 300 "pytest layer-wise GET + HF engine (CUDA and CPU)" "${PYTEST[@]}" \
       tests/runtime/test_layerwise.py tests/runtime/test_landing.py tests/runtime/test_match_launch.py \
-      tests/integration/test_hf_engine.py ;;
+      tests/runtime/test_fence.py tests/integration/test_hf_engine.py ;;
   numerics)
     step 300 "hf_numerics (this host CPU)" \
       python3 benchmarks/hf_numerics.py ;;

@@ -23,7 +23,18 @@ from flexkv.kvmanager import KVManager
 from flexkv.layout import KVCacheLayout, LayoutKind
 from flexkv.shm import SHM_DIR
 from flexkv.types import TaskStatus
-from tests.runtime.kvtest import T, block_bytes, host_buffers, poison, slots_for, small_cache, small_model, tokens
+from tests.runtime.kvtest import (
+    T,
+    block_bytes,
+    host_buffers,
+    poison,
+    rank_layout,
+    slots_for,
+    small_cache,
+    small_model,
+    tokens,
+)
+from tests.runtime.test_layerwise import NO_CUDA_WHY
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -222,3 +233,43 @@ def test_a_worker_stopped_mid_copy_is_killed_by_the_seal_so_nothing_follows(rank
     tid2 = r.kvm.get_async(toks[: 4 * BIG_T], np.arange(4 * BIG_T) + BIG_BLOCKS * BIG_T)
     assert r.kvm.wait(tid2, timeout=60)[tid2].status is TaskStatus.FAILED
     r.kvm.check_invariants()
+
+
+@pytest.mark.skipif(bool(NO_CUDA_WHY), reason=NO_CUDA_WHY or "-")
+def test_a_cuda_worker_runs_no_copy_into_a_sealed_rank() -> None:
+    """The same stalled-server launch, with the engine's KV in CUDA memory (opened by the worker process
+    through CUDA IPC): the copy is refused; the GPU blocks keep their poison."""
+    import torch
+
+    model, cache = small_model(), small_cache()
+    layout = rank_layout(model, LayoutKind.VLLM_KV_FIRST, 32)
+    kv = [torch.randn(layout.tensor_shape(i), device="cuda").to(torch.float16) for i in range(layout.num_tensors)]
+    torch.cuda.synchronize()
+    kvm = KVManager(model, cache, request_timeout_s=5.0)
+    kvm.start()
+    client = KVTPClient(kvm.server_address)
+    try:
+        client.register(kv, layout)
+        kvm.wait_ready(60)
+        toks = tokens(6 * T, seed=9)
+        put = kvm.put_async(toks, slots_for(list(range(6)), len(toks)))
+        assert kvm.wait(put, timeout=30)[put].status is TaskStatus.SUCCESS
+        tid, mask = kvm.get_match(toks)
+        assert int(mask.sum()) == 6 * T
+        for t in kv:
+            t[:, 10:16] = 7.0
+        torch.cuda.synchronize()
+        assert kvm._proc is not None
+        os.kill(kvm._proc.pid, signal.SIGSTOP)
+        try:
+            kvm.launch(tid, slots_for(list(range(10, 16)), len(toks)))
+            client.seal(timeout_s=5.0)
+        finally:
+            _resume(kvm._proc.pid)
+        res = kvm.wait(tid, timeout=30)[tid]
+        assert res.status is TaskStatus.FAILED and "sealed" in res.error, res
+        torch.cuda.synchronize()
+        assert all(bool((t[:, 10:16] == 7.0).all()) for t in kv), "GPU blocks were written after the seal"
+    finally:
+        client.close()
+        kvm.shutdown()
