@@ -368,6 +368,33 @@ def test_an_unreachable_server_means_recompute_not_an_error(stacks: list[Stack],
         assert server.wait(20) == 0  # type: ignore[attr-defined]
 
 
+def test_a_launch_whose_reply_the_engine_never_read_leaves_its_pages_quarantined(stacks: list[Stack]) -> None:
+    """get_match_launch reached the server (it matched and launched) but the engine stopped listening
+    before it had the reply (here: an exception raised right after the real call returns, as a
+    KeyboardInterrupt would be): the pages it offered may be written, so they are never handed out."""
+    s = Stack(torch.float32)
+    stacks.append(s)
+    eng, ref = s.engine(), s.engine(use_flexkv=False)
+    p = prompt(8 * T + 1, seed=21)
+    eng.generate(p, 4)
+    real = s.kvm.get_match_launch
+
+    def launched_then_interrupted(*args: object, **kw: object) -> object:
+        real(*args, **kw)  # type: ignore[arg-type]
+        raise KeyboardInterrupt
+
+    s.kvm.get_match_launch = launched_then_interrupted  # type: ignore[method-assign,assignment]
+    longer = torch.cat([p, prompt(6, seed=22)])
+    free = s.pool.num_free_pages
+    with pytest.raises(KeyboardInterrupt):
+        eng.generate(longer, 4)
+    assert eng.num_quarantined_pages == len(longer) // T
+    assert s.pool.num_free_pages == free - len(longer) // T
+    s.kvm.get_match_launch = real  # type: ignore[method-assign]
+    out, st = eng.generate(longer, 8)  # later turns run on other pages, with the right output
+    assert out == ref.generate(longer, 8)[0] and st.num_restored_tokens > 0, st
+
+
 def _cuda_why() -> str:
     ok, why = cudacopy.cuda_available()
     return "" if ok and torch.cuda.is_available() else f"no CUDA here: {why or 'torch has no CUDA'}"

@@ -40,8 +40,7 @@ from flexkv.integration.hf.cost import CostCheck, CostDecision, RestoreChoice
 from flexkv.integration.hf.graphs import KV, GraphCache, SuffixGraphs
 from flexkv.integration.hf.pool import PagedKVPool, cache_layout
 from flexkv.kvmanager import KVManager
-from flexkv.transport import ServerUnavailable
-from flexkv.types import FlexKVError, KVResponse, TaskStatus
+from flexkv.types import CapacityError, ConfigError, FlexKVError, InvalidRequest, KVResponse, TaskStatus
 
 log = logging.getLogger("flexkv.hf")
 
@@ -476,11 +475,11 @@ class HFPagedEngine:
             try:
                 task_id, mask = self.kvm.get_match_launch(tokens[:limit].numpy(), self.pool.slot_mapping(pages, limit),
                                                           namespace=self.namespace, layerwise=self.layerwise)
-            except ServerUnavailable:
-                self._release(pages, TaskStatus.UNREADY)  # no reply: it may have launched into them
-                raise
-            except BaseException:
+            except (InvalidRequest, CapacityError, ConfigError):
                 self.pool.free(pages)  # the server refused it before any launch
+                raise
+            except BaseException:  # no answer (ServerUnavailable), or we stopped listening: it may have
+                self._release(pages, TaskStatus.UNREADY)  # launched into them, so they are never handed out
                 raise
             return _Matched(task_id, mask, int(mask.sum()), None, pages)
         info = self.kvm.get_match_info(tokens[:limit].numpy(), namespace=self.namespace)
