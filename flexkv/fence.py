@@ -69,11 +69,7 @@ class KVFence:
     @classmethod
     def attach(cls, name: str) -> KVFence:
         """Map the fence an engine created and record this process as its worker."""
-        segment = SharedPool.attach(name)
-        if segment.nbytes < _NUM_WORDS * 8:
-            segment.close()
-            raise ValueError(f"fence segment {name!r} holds {segment.nbytes} bytes, need {_NUM_WORDS * 8}")
-        fence = cls(segment)
+        fence = cls(SharedPool.attach_at_least(name, _NUM_WORDS * 8, "fence"))
         fence._words[_WORKER_PID] = np.uint64(os.getpid())
         return fence
 

@@ -289,6 +289,14 @@ class KVManager:
         self._tp_clients.append(tp)
         return tp.register(kv_tensors, layout, layerwise=layerwise, engine_side=engine_side)
 
+    def seal_kv_buffers(self, timeout_s: float = 10.0) -> None:
+        """Seal every rank this manager registered (``KVTPClient.seal``): the copies running now end, and
+        from then on no flexkv process reads or writes those KV buffers, whatever the server does later
+        (a stalled server that resumes included). For an engine that hands pages of launched tasks back
+        to its own allocator after the server stopped answering. Registering again makes a new fence."""
+        for tp in self._tp_clients:
+            tp.seal(timeout_s)
+
     # -- tasks ----------------------------------------------------------------------------------
     def _match(self, cls: type[cm.GetMatchMsg], token_ids: IntArrayLike, token_mask: IntArrayLike | None,
                namespace: Sequence[str] | None) -> tuple[int, npt.NDArray[np.bool_]]:

@@ -76,11 +76,7 @@ class LayerProgress:
     @classmethod
     def attach(cls, name: str) -> LayerProgress:
         """Map the table an engine created; FileNotFoundError if there is none, ValueError if too small."""
-        segment = SharedPool.attach(name)
-        if segment.nbytes < NUM_SLOTS * 8:
-            segment.close()
-            raise ValueError(f"layer progress segment {name!r} holds {segment.nbytes} bytes, need {NUM_SLOTS * 8}")
-        return cls(segment)
+        return cls(SharedPool.attach_at_least(name, NUM_SLOTS * 8, "layer progress"))
 
     @property
     def name(self) -> str:

@@ -151,6 +151,15 @@ class SharedPool:
         return pool
 
     @classmethod
+    def attach_at_least(cls, name: str, nbytes: int, what: str) -> SharedPool:
+        """:meth:`attach`, and ValueError naming ``what`` if the segment holds fewer than ``nbytes``."""
+        segment = cls.attach(name)
+        if segment.nbytes < nbytes:
+            segment.close()
+            raise ValueError(f"{what} segment {name!r} holds {segment.nbytes} bytes, need {nbytes}")
+        return segment
+
+    @classmethod
     def attach(cls, name: str) -> SharedPool:
         """Map an existing pool created by :meth:`create` (any process). Raises FileNotFoundError
         if there is none, :class:`PoolInUseError` if the segment is not a (finished) flexkv pool."""

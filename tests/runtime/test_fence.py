@@ -151,6 +151,27 @@ def test_a_layerwise_get_refused_by_the_seal_wakes_its_layer_waiters_at_once(ran
         assert set(block_bytes(r.bufs, d)) == {0xAB}
 
 
+def test_a_manager_seals_the_ranks_it_registered() -> None:
+    bufs = _bufs(32)
+    kvm = KVManager(small_model(), small_cache())
+    try:
+        kvm.start()
+        kvm.register_kv_buffers(bufs, bufs.layout)
+        kvm.wait_ready(30)
+        toks = tokens(4 * T, seed=11)
+        put = kvm.put_async(toks, slots_for(list(range(4)), len(toks)))
+        assert kvm.wait(put, timeout=30)[put].status is TaskStatus.SUCCESS
+        kvm.seal_kv_buffers()
+        poison(bufs, list(range(8, 12)))
+        tid = kvm.get_async(toks, slots_for(list(range(8, 12)), len(toks)))
+        res = kvm.wait(tid, timeout=30)[tid]
+        assert res.status is TaskStatus.FAILED and "sealed" in res.error, res
+        assert all(set(block_bytes(bufs, d)) == {0xAB} for d in range(8, 12))
+    finally:
+        kvm.shutdown()
+        bufs.close()
+
+
 # Big enough that one get's host copy takes tens of milliseconds, so the seal meets it running.
 BIG = ModelConfig(num_layers=32, num_kv_heads=8, head_size=128, dtype="float16")
 BIG_T = 16
