@@ -39,7 +39,7 @@ import time
 import numpy as np
 import numpy.typing as npt
 
-from flexkv.shm import SHM_DIR, SharedPool, make_pool_name
+from flexkv.shm import SHM_DIR, SharedPool, make_pool_name, process_exited
 from flexkv.types import FlexKVError
 
 log = logging.getLogger("flexkv.fence")
@@ -79,7 +79,7 @@ class KVFence:
 
     @property
     def sealed(self) -> bool:
-        return bool(self._words[_SEALED]) if not self._segment.closed else True
+        return bool(self._words[_SEALED])  # (a closed fence's words are all ones: sealed)
 
     # -- worker --------------------------------------------------------------------------------
     def hold(self) -> int:
@@ -137,19 +137,14 @@ class KVFence:
         if self._segment.closed:
             return
         creator = self._segment.is_creator
-        if creator:
-            try:
+        try:
+            if creator:
                 self.seal()
-            finally:
-                self._close_segment(creator)
-        else:
-            self._close_segment(creator)
-
-    def _close_segment(self, creator: bool) -> None:
-        self._words = np.ones(_NUM_WORDS, dtype=np.uint64)  # (a closed fence reads as sealed)
-        self._segment.close()
-        if creator:
-            self._segment.unlink()
+        finally:
+            self._words = np.ones(_NUM_WORDS, dtype=np.uint64)  # (a closed fence reads as sealed)
+            self._segment.close()
+            if creator:
+                self._segment.unlink()
 
 
 def _lock_exclusive(fd: int, timeout_s: float) -> bool:
@@ -175,19 +170,14 @@ def _is_flexkv_worker(pid: int) -> bool:
 
 
 def _wait_exited(pid: int, timeout_s: float) -> bool:
-    """Whether ``pid`` has exited (gone, or a zombie: its files, its CUDA context with them, are closed)."""
+    """Whether ``pid`` exits within ``timeout_s`` (a zombie counts: its files, its CUDA context with them,
+    are closed)."""
     deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            with open(f"/proc/{pid}/stat", "rb") as f:
-                state = f.read().rpartition(b")")[2].split()[0]
-        except (OSError, IndexError):
-            return True
-        if state in (b"Z", b"X"):
-            return True
+    while not process_exited(pid):
         if time.monotonic() >= deadline:
             return False
         time.sleep(_POLL_S)
+    return True
 
 
 def _kill(pid: int) -> None:

@@ -390,6 +390,11 @@ def _start_ticks(pid: int) -> int | None:
     return None if fields[0] == b"Z" else int(fields[19])
 
 
+def process_exited(pid: int) -> bool:
+    """Whether ``pid`` has exited on this host: gone, or a zombie (its memory and files are released)."""
+    return _start_ticks(pid) is None
+
+
 def _process_alive(pid: int, start_ticks: int) -> bool:
     if pid <= 0:
         return False
