@@ -997,7 +997,8 @@ class SchedulerServer:
                 continue
             del self._registrations[rank_key]
             self._registered.discard(rank_key)
-            self._complete(self.supervisor.remove(device_worker_id(*rank_key), f"its TP client {reason}"))
+            stop_reason = f"its TP client's session ended: {reason}"
+            self._complete(self.supervisor.remove(device_worker_id(*rank_key), stop_reason))
             if dead and reg.host_segment and unlink_if_creator_dead(reg.host_segment):
                 log.warning("removed host KV segment %s of dead client pid %d", reg.host_segment, session.pid)
             if dead and reg.fence and unlink_if_creator_dead(reg.fence):
