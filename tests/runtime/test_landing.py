@@ -32,6 +32,9 @@ from tests.runtime.test_layerwise import MODEL as LW_MODEL
 pytestmark = pytest.mark.timeout(120)
 
 MODEL = ModelConfig(num_layers=4, num_kv_heads=2, head_size=16, dtype="float16")
+# Whether a wait ends from the tables is a race (the client's WaitMsg against the worker's report):
+# tests that need some to have landed repeat their round, bytes checked every time, up to this many.
+MAX_ROUNDS = 200
 
 
 class _Stack:
@@ -76,13 +79,16 @@ def test_get_waits_complete_from_the_tables_with_exact_bytes(stack: _Stack) -> N
     src = [0, 1, 2, 3]
     stack.put(toks, src)
     before = stack.kvm.num_waits_landed
-    for round_ in range(20):
+    # A wait that reaches the server after the worker's report is answered final, as before: rare on an
+    # idle machine, 55% of rounds with a busy loop beside the suite. Go on until 15 waits have landed.
+    for round_ in range(MAX_ROUNDS):
         dst = [10 + 4 * (round_ % 5) + i for i in range(4)]
         res = stack.get(toks, dst)
         assert res.status is TaskStatus.SUCCESS, res
         assert res.return_mask is not None and res.return_mask.all()
         assert stack.exact(src, dst), f"round {round_}: SUCCESS before the bytes were in place"
-    # (a wait that reaches the server after the worker's report is answered final, as before: rare)
+        if round_ >= 19 and stack.kvm.num_waits_landed - before >= 15:
+            break
     assert stack.kvm.num_waits_landed - before >= 15, "the waits completed from the tables"
     # A partly cached prompt: the mask the landing reply carries is the task's own.
     longer = np.concatenate([toks, tokens(2 * T, seed=9)])
@@ -187,7 +193,8 @@ def test_landing_gets_on_every_kind_of_rank_restore_exact_bytes(device: str) -> 
             src, dst = list(range(n)), list(range(32, 32 + n))
             _put(kvm, toks, src)
             want = [eng.layer_bytes(s, layer) for s in src for layer in range(LW_MODEL.num_layers)]
-            for _ in range(3):
+            landed_here = kvm.num_waits_landed
+            for round_ in range(MAX_ROUNDS):
                 eng.poison(dst)
                 before = kvm.num_waits_landed
                 tid = kvm.get_async(toks, slots_for(dst, len(toks)))
@@ -196,7 +203,9 @@ def test_landing_gets_on_every_kind_of_rank_restore_exact_bytes(device: str) -> 
                 assert [eng.layer_bytes(d, layer) for d in dst for layer in range(LW_MODEL.num_layers)] == want
                 landed = kvm.num_waits_landed - before
                 assert landed in (0, 1)
-        assert kvm.num_waits_landed > 0
+                if round_ >= 2 and kvm.num_waits_landed > landed_here:
+                    break
+            assert kvm.num_waits_landed > landed_here, f"no wait of a {n}-block get ended from the tables"
         kvm.check_invariants()
     finally:
         kvm.shutdown()
@@ -262,13 +271,15 @@ def test_two_ranks_land_only_when_both_landed(both_ranks: bool) -> None:
         toks = tokens(6 * T, seed=81)
         src, dst = list(range(6)), list(range(10, 16))
         _put(kvm, toks, src)
-        for _ in range(5):
+        for round_ in range(MAX_ROUNDS):
             for bufs in ranks:
                 poison(bufs, dst)
             tid = kvm.get_async(toks, slots_for(dst, len(toks)))
             assert kvm.wait(tid, timeout=30)[tid].status is TaskStatus.SUCCESS
             for bufs in ranks:  # each rank's shard of every block, on both ranks
                 assert all(block_bytes(bufs, s) == block_bytes(bufs, d) for s, d in zip(src, dst, strict=True))
+            if round_ >= 4 and (not both_ranks or kvm.num_waits_landed >= 3):
+                break
         if both_ranks:
             assert kvm.num_waits_landed >= 3
         else:
