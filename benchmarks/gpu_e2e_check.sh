@@ -42,13 +42,15 @@ python3 -m pip install -q --upgrade --no-index --no-deps --no-compile --no-cache
 export PYTHONPATH="$PWD:/tmp/site"
 ln -sfn ../scheduler flexkv/scheduler && ln -sfn ../workers flexkv/workers   # what the install's package_dir does
 trap 'rm -f flexkv/scheduler flexkv/workers' EXIT
-# liburing (headers + .so from Debian's liburing-dev/liburing2, unpacked into .devinc/uring) gives the SSD
-# tier there too; without it the io_uring module is skipped and SSD tests skip.
-skip=uring
+# liburing (headers + .so from Debian's liburing-dev/liburing2, unpacked into .devinc/uring, the links
+# replaced by copies) gives the SSD tier there too; without it the io_uring module is skipped, and the
+# exported FLEXKV_SKIP_EXTENSIONS makes the SSD tests skip with that reason (tests/runtime/kvtest.py).
+export FLEXKV_SKIP_EXTENSIONS=uring
 if [ -f .devinc/uring/liburing.h ]; then
-  skip=""; export LDFLAGS="-L$PWD/.devinc/uring/lib ${LDFLAGS:-}" LD_LIBRARY_PATH="$PWD/.devinc/uring/lib:${LD_LIBRARY_PATH:-}"
+  FLEXKV_SKIP_EXTENSIONS=""
+  export LDFLAGS="-L$PWD/.devinc/uring/lib ${LDFLAGS:-}" LD_LIBRARY_PATH="$PWD/.devinc/uring/lib:${LD_LIBRARY_PATH:-}"
 fi
-CFLAGS="-I$PWD/.devinc -I$PWD/.devinc/uring ${CFLAGS:-}" FLEXKV_SKIP_EXTENSIONS=$skip python3 setup.py -q build_ext --inplace \
+CFLAGS="-I$PWD/.devinc -I$PWD/.devinc/uring ${CFLAGS:-}" python3 setup.py -q build_ext --inplace \
   > /tmp/build.log 2>&1 || { tail -30 /tmp/build.log; exit 1; }
 extra=()
 for whl in .devinc/cudart/*.whl; do

@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import zmq
 
-from flexkv import hoptrace, security
+from flexkv import hoptrace, native, security
 from flexkv.common.config import CacheConfig, ModelConfig, RemoteConfig, configs_to_json, kv_fingerprint
 from flexkv.layout import BlockFirstLayout, KVCacheLayout
 from flexkv.native.hasher import encode_namespace
@@ -279,6 +279,8 @@ class SchedulerServer:
             for d in self.cache.ssd_cache_dir:
                 if not os.path.isdir(d) or not os.access(d, os.W_OK | os.X_OK):
                     raise ConfigError(f"ssd_cache_dir: {d!r} is not a writable directory")
+            if not native.built("uring"):  # (else the SSD worker dies at start on an import error)
+                raise ConfigError(f"enable_ssd: {native.URING_MISSING}")
             self.supervisor.spawn("ssd-0", {"kind": "ssd", "op_types": [int(OpType.DISK2H), int(OpType.H2DISK)]})
         if self.cache.enable_remote:
             ops = [int(OpType.REMOTE2H), int(OpType.H2REMOTE)]

@@ -75,6 +75,11 @@ def _gpu_names() -> str:
 
 
 def check_io_uring(required: bool) -> Check:
+    from flexkv import native
+
+    if not native.built("uring"):
+        return Check("io_uring", False, "the io_uring extension is not built",
+                     native.URING_FIX, required)
     from flexkv.native.uring import UringEngine
 
     try:

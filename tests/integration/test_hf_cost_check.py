@@ -27,6 +27,7 @@ from flexkv.integration.hf.engine import layer_kv
 from flexkv.integration.hf.models import kv_shape
 from flexkv.kvmanager import KVManager
 from flexkv.shm import list_flexkv_segments
+from tests.runtime.kvtest import needs_ssd_tier
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -48,6 +49,7 @@ class Stack:
     """A library-mode server with an SSD tier, the engine's pool registered, and a reference pool."""
 
     def __init__(self, tmp_path: Path, ssd_read_gbps: float) -> None:
+        needs_ssd_tier()
         d = tmp_path / "nvme0"
         d.mkdir(parents=True, exist_ok=True)
         self.cache = CacheConfig(tokens_per_block=T, num_cpu_blocks=CPU_BLOCKS, enable_ssd=True, num_ssd_blocks=256,

@@ -38,7 +38,7 @@ from flexkv.kvmanager import KVManager
 from flexkv.native import cudacopy
 from flexkv.shm import list_flexkv_segments
 from flexkv.types import TaskStatus
-from tests.runtime.kvtest import flip_byte, ssd_slot, start_server
+from tests.runtime.kvtest import flip_byte, needs_ssd_tier, ssd_slot, start_server
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -226,6 +226,7 @@ def test_a_four_turn_conversation_is_token_identical_with_and_without_flexkv(
 
 
 def _ssd_cache(tmp_path: Path, num_cpu_blocks: int) -> CacheConfig:
+    needs_ssd_tier()
     d = tmp_path / "nvme0"
     d.mkdir(exist_ok=True)
     return CacheConfig(tokens_per_block=T, num_cpu_blocks=num_cpu_blocks, enable_ssd=True, num_ssd_blocks=512,

@@ -38,7 +38,7 @@ from tests.integration.sglang_pool import (
     server_model,
     stop_server,
 )
-from tests.runtime.kvtest import flip_byte, ssd_slot
+from tests.runtime.kvtest import flip_byte, needs_ssd_tier, ssd_slot
 
 pytestmark = pytest.mark.timeout(240)
 CTX = mp.get_context("spawn")
@@ -207,6 +207,7 @@ def test_pages_evicted_from_flexkv_show_as_misses(tmp_path: Path) -> None:
 def test_a_get_that_loads_less_than_it_matched_reports_only_the_pages_it_loaded(tmp_path: Path) -> None:
     """A GET ends SUCCESS with a shorter mask when a block read back from SSD fails its checksum (it and the
     rest of the chain are a miss): SGLang must be told only the pages that reached its host pool."""
+    needs_ssd_tier()
     address = f"ipc://{tmp_path}/server.sock"
     (tmp_path / "nvme0").mkdir()
     cache = CacheConfig(tokens_per_block=P, num_cpu_blocks=8, enable_ssd=True, num_ssd_blocks=64,

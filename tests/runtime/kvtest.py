@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
+import pytest
 
+from flexkv import native
 from flexkv.client import HostKVBuffers, allocate_host_kv_buffers
 from flexkv.common.config import CacheConfig, ModelConfig
 from flexkv.layout import KVCacheLayout, LayoutKind
@@ -26,6 +29,16 @@ def small_model(tp_size: int = 1, use_mla: bool = False, dp_size: int = 1) -> Mo
 
 def small_cache(num_cpu_blocks: int = 64, **kw: object) -> CacheConfig:
     return CacheConfig(tokens_per_block=T, num_cpu_blocks=num_cpu_blocks, **kw)  # type: ignore[arg-type]
+
+
+def needs_ssd_tier() -> None:
+    """Call first in a test that starts a server with an SSD tier. Where the build skipped the io_uring
+    extension on purpose (``FLEXKV_SKIP_EXTENSIONS=uring``, as ``benchmarks/gpu_e2e_check.sh`` does on a
+    machine without liburing) the test skips, saying so; anywhere else a missing extension fails it."""
+    skipped = {n.strip() for n in os.environ.get("FLEXKV_SKIP_EXTENSIONS", "").split(",")}
+    if "uring" in skipped and not native.built("uring"):
+        pytest.skip("the SSD tier needs the io_uring extension, which this build skipped "
+                    "(FLEXKV_SKIP_EXTENSIONS=uring)")
 
 
 def rank_layout(model: ModelConfig, kind: LayoutKind, num_blocks: int) -> KVCacheLayout:

@@ -29,7 +29,7 @@ from flexkv.types import InvalidRequest, OpType, TaskStatus
 from flexkv.workers.base import Op
 from flexkv.workers.device_worker import HostCopyBackend
 from flexkv.workers.layerwise_copy import LAYER_MAJOR_MIN_BLOCKS, start_layer_major
-from tests.runtime.kvtest import T, host_buffers, poison, slots_for, tokens
+from tests.runtime.kvtest import T, host_buffers, needs_ssd_tier, poison, slots_for, tokens
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -315,6 +315,7 @@ def test_a_failed_copy_wakes_every_layer_waiter_with_the_error(device: str) -> N
 
 
 def test_a_get_failing_before_its_copy_wakes_every_layer_waiter(tmp_path: Path) -> None:
+    needs_ssd_tier()
     dirs = [tmp_path / "nvme0"]
     dirs[0].mkdir()
     cache = CacheConfig(tokens_per_block=T, num_cpu_blocks=8, enable_ssd=True, num_ssd_blocks=64,

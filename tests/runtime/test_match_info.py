@@ -15,7 +15,7 @@ from flexkv.common.config import CacheConfig, ModelConfig
 from flexkv.kvmanager import KVManager
 from flexkv.layout import LayoutKind
 from flexkv.types import Medium, TaskStatus
-from tests.runtime.kvtest import T, block_bytes, host_buffers, poison, slots_for, tokens
+from tests.runtime.kvtest import T, block_bytes, host_buffers, needs_ssd_tier, poison, slots_for, tokens
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -26,6 +26,7 @@ BB = 4096
 
 
 def cache(tmp_path: Path, **kw: object) -> CacheConfig:
+    needs_ssd_tier()
     d = tmp_path / "nvme0"
     d.mkdir(exist_ok=True)
     return CacheConfig(tokens_per_block=T, num_cpu_blocks=CPU_BLOCKS, enable_ssd=True, num_ssd_blocks=256,

@@ -30,6 +30,7 @@ from tests.runtime.kvtest import (
     block_bytes,
     flip_byte,
     host_buffers,
+    needs_ssd_tier,
     poison,
     slots_for,
     ssd_slot,
@@ -45,6 +46,7 @@ BLOCK = MODEL.block_bytes(T)
 
 
 def ssd_cache(tmp_path: Path, num_cpu_blocks: int = 8) -> CacheConfig:
+    needs_ssd_tier()
     dirs = [tmp_path / "nvme0", tmp_path / "nvme1"]
     for d in dirs:
         d.mkdir(exist_ok=True)

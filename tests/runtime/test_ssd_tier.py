@@ -14,8 +14,8 @@ from flexkv.client import HostKVBuffers
 from flexkv.common.config import CacheConfig, ModelConfig
 from flexkv.kvmanager import KVManager
 from flexkv.layout import LayoutKind
-from flexkv.types import FlexKVError, TaskStatus
-from tests.runtime.kvtest import T, block_bytes, host_buffers, poison, slots_for, tokens
+from flexkv.types import ConfigError, FlexKVError, TaskStatus
+from tests.runtime.kvtest import T, block_bytes, host_buffers, needs_ssd_tier, poison, slots_for, tokens
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -24,6 +24,7 @@ MODEL = ModelConfig(num_layers=4, num_kv_heads=4, head_size=16, dtype="float16")
 
 
 def ssd_cache(tmp_path: Path, num_cpu_blocks: int = 16) -> CacheConfig:
+    needs_ssd_tier()
     dirs = [tmp_path / "nvme0", tmp_path / "nvme1"]
     for d in dirs:
         d.mkdir(exist_ok=True)
@@ -121,3 +122,25 @@ def test_a_missing_ssd_directory_is_a_clear_error_at_start(tmp_path: Path) -> No
     with pytest.raises(FlexKVError, match=r"does-not-exist.* is not a writable directory"):
         kvm.start()
     kvm.shutdown()
+
+
+def test_an_ssd_tier_without_the_io_uring_extension_is_a_clear_error_at_start(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A build that skipped the io_uring extension (no liburing) must not start an SSD worker that dies on
+    an import error: the server refuses to start, naming the extension and the fix, and leaves nothing."""
+    from flexkv import native
+    from flexkv.cli.check import check_io_uring
+    from flexkv.scheduler.server import SchedulerServer
+    from flexkv.shm import list_flexkv_segments
+
+    monkeypatch.setattr(native, "built", lambda name: name != "uring")
+    segments = set(list_flexkv_segments())
+    (tmp_path / "nvme0").mkdir()
+    cache = CacheConfig(tokens_per_block=T, num_cpu_blocks=8, enable_ssd=True, num_ssd_blocks=8,
+                        ssd_cache_dir=(str(tmp_path / "nvme0"),))
+    with pytest.raises(ConfigError, match=r"enable_ssd: .*io_uring extension .* not built.*liburing-dev"):
+        SchedulerServer(MODEL, cache, f"ipc://{tmp_path}/server.sock")
+    assert set(list_flexkv_segments()) == segments, "the refused server left its CPU pool behind"
+    assert not os.listdir(tmp_path / "nvme0"), "nothing was written to the SSD directory"
+    line = check_io_uring(required=True).line()
+    assert line.startswith("missing") and "not built -- fix: install liburing" in line, line
