@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import os
 import shutil
@@ -45,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from flexkv import native
 from flexkv.common.config import CacheConfig
 from flexkv.integration.hf import HFPagedEngine, PagedKVPool, flexkv_model_config, llama3_8b_config, random_model
 from flexkv.integration.hf.cost import RestoreChoice
@@ -545,10 +545,6 @@ def setup(args: argparse.Namespace) -> Setup:
     return Setup(device, dtype, args.tokens_per_block, args.lengths, args.repeats, model, config.vocab_size)
 
 
-def ssd_available() -> bool:
-    return importlib.util.find_spec("flexkv.native._uring") is not None
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="a tiny random Llama on the CPU (checks the script)")
@@ -603,8 +599,9 @@ def main() -> None:
         max_prompt = args.max_prompt or (1024 if tiny else 32768)
         cpu = int((args.replay_cpu_gb or (0.003 if tiny else 6.0)) * 2**30)
         ssd = int((args.replay_ssd_gb or (1.0 if tiny else 24.0)) * 2**30)
-        if args.ssd_dir is not None or not ssd_available():
-            replay(s, requests, max_prompt, cpu, args.ssd_dir if ssd_available() else None, ssd)
+        ssd_built = native.built("uring")
+        if args.ssd_dir is not None or not ssd_built:
+            replay(s, requests, max_prompt, cpu, args.ssd_dir if ssd_built else None, ssd)
         else:
             with tempfile.TemporaryDirectory(prefix="flexkv-ttft-ssd-", dir="/tmp") as d:
                 replay(s, requests, max_prompt, cpu, d, ssd)

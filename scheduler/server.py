@@ -994,12 +994,12 @@ class SchedulerServer:
         log_fn = log.warning if dead else log.info
         log_fn("session %d (client %d, %s, pid %d) ended: %s; dropped %d tasks and %d results", session.session_id,
                session.client_id, session.role, session.pid, reason, len(keys), num_results)
+        stop_reason = f"its TP client's session ended: {reason}"
         for rank_key, reg in list(self._registrations.items()):
             if reg.session_id != session.session_id:
                 continue
             del self._registrations[rank_key]
             self._registered.discard(rank_key)
-            stop_reason = f"its TP client's session ended: {reason}"
             self._complete(self.supervisor.remove(device_worker_id(*rank_key), stop_reason))
             if dead and reg.host_segment and unlink_if_creator_dead(reg.host_segment):
                 log.warning("removed host KV segment %s of dead client pid %d", reg.host_segment, session.pid)
